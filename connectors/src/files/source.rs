@@ -1,0 +1,237 @@
+//! Directory sources: every file that appears under LOCATION is read once, in name order.
+//!
+//! Position (recorded in each commit): `{"file": NAME, "offset": BYTES, "complete": BOOL}` —
+//! every file whose name sorts before NAME is done, and NAME is done up to OFFSET (all of it when
+//! `complete`). On restart the source resumes exactly there, so no file is read twice and none is
+//! skipped, provided producers follow the contract below.
+//!
+//! Producer contract: a file appears complete (write it elsewhere, or under a name starting with
+//! `.` or `_`, then rename it into place), and new files sort after the ones already there (e.g.
+//! a timestamp or sequence prefix). Names starting with `.` or `_` are ignored.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sluice_engine::dead_letter::{DeadLetter, Stage};
+use sluice_engine::decode::{Format, RecordDecoder, csv_records, lines};
+use sluice_engine::source::{Chunk, Source, SourceContext};
+use sluice_engine::{EngineError, Result};
+
+use super::config::{DirFormat, DirSourceConfig, READ_CHUNK_BYTES};
+
+/// Where a directory source is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePosition {
+    /// The file being read, or the last one read.
+    pub file: String,
+    /// Bytes of it consumed.
+    pub offset: u64,
+    /// Whether it is finished.
+    pub complete: bool,
+}
+
+/// A directory source feeding one pipeline.
+pub struct DirSource {
+    /// The source table's name.
+    pub source: String,
+    /// Settings.
+    pub config: DirSourceConfig,
+    /// NDJSON or CSV.
+    pub format: DirFormat,
+    /// Decodes records into the declared schema.
+    pub decoder: RecordDecoder,
+}
+
+/// Names of the files to read after `pos`, in order.
+fn pending(dir: &Path, pos: Option<&FilePosition>) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let rd =
+        std::fs::read_dir(dir).map_err(EngineError::io(format!("listing {}", dir.display())))?;
+    for entry in rd {
+        let entry = entry.map_err(EngineError::io(format!("listing {}", dir.display())))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            continue;
+        }
+        let after = match pos {
+            None => true,
+            Some(p) => name.as_str() > p.file.as_str() || (name == p.file && !p.complete),
+        };
+        if after {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Reads from `offset` up to about `max` bytes ending at a line end (or the end of the file).
+/// Returns the bytes and whether the end of the file was reached.
+fn read_lines_from(path: &Path, offset: u64, max: usize) -> Result<(Vec<u8>, bool)> {
+    let ctx = || format!("reading {}", path.display());
+    let mut f = std::fs::File::open(path).map_err(EngineError::io(ctx()))?;
+    let len = f.metadata().map_err(EngineError::io(ctx()))?.len();
+    f.seek(SeekFrom::Start(offset))
+        .map_err(EngineError::io(ctx()))?;
+    let mut buf = Vec::new();
+    let mut eof = false;
+    loop {
+        let want = max.max(1);
+        let before = buf.len();
+        (&mut f)
+            .take(want as u64)
+            .read_to_end(&mut buf)
+            .map_err(EngineError::io(ctx()))?;
+        if buf.len() - before < want || offset + buf.len() as u64 >= len {
+            eof = true;
+            break;
+        }
+        if let Some(nl) = buf.iter().rposition(|b| *b == b'\n') {
+            buf.truncate(nl + 1);
+            break;
+        }
+        // A line longer than `max`: keep reading until it ends.
+    }
+    Ok((buf, eof))
+}
+
+impl DirSource {
+    /// Reads `name` from `offset`, sending chunks; returns false when the pipeline is gone.
+    async fn read_file(&self, ctx: &SourceContext, name: &str, mut offset: u64) -> Result<bool> {
+        let path = self.config.dir.join(name);
+        loop {
+            let (path2, decoder, format, config, source, file) = (
+                path.clone(),
+                self.decoder.clone(),
+                self.format,
+                self.config.clone(),
+                self.source.clone(),
+                name.to_string(),
+            );
+            let start = offset;
+            let chunk = tokio::task::spawn_blocking(move || -> Result<(Chunk, u64, bool)> {
+                let (buf, eof) = match format {
+                    DirFormat::Ndjson => read_lines_from(&path2, start, READ_CHUNK_BYTES)?,
+                    DirFormat::Csv => (std::fs::read(&path2).map_err(EngineError::io(format!("reading {}", path2.display())))?, true),
+                };
+                let end = start + buf.len() as u64;
+                let (ranges, contiguous) = match format {
+                    DirFormat::Ndjson => (lines(&buf), true),
+                    DirFormat::Csv => {
+                        let mut r = csv_records(&buf, config.delimiter);
+                        if config.has_header && !r.is_empty() {
+                            r.remove(0);
+                        }
+                        (r, false)
+                    }
+                };
+                let decoded = decoder.decode(&buf, &ranges, contiguous)?;
+                let dead_letters = decoded
+                    .rejected
+                    .iter()
+                    .map(|r| DeadLetter {
+                        source: source.clone(),
+                        position: json!({ "file": file, "offset": start + ranges[r.index].start as u64 }),
+                        stage: Stage::Decode,
+                        error: r.error.clone(),
+                        raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
+                    })
+                    .collect();
+                let position = FilePosition { file: file.clone(), offset: end, complete: eof };
+                let chunk = Chunk {
+                    batch: decoded.batch,
+                    dead_letters,
+                    position: Some(serde_json::to_value(&position).map_err(|e| EngineError::Internal(e.to_string()))?),
+                    bytes: buf.len(),
+                };
+                Ok((chunk, end, eof))
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("file reader task failed: {e}")))??;
+            let (chunk, end, eof) = chunk;
+            if ctx.tx.send(chunk).await.is_err() {
+                return Ok(false);
+            }
+            offset = end;
+            if eof {
+                return Ok(true);
+            }
+            if *ctx.shutdown.borrow() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for DirSource {
+    async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<()> {
+        let dir: PathBuf = self.config.dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+        let mut pos: Option<FilePosition> = match &ctx.start {
+            Some(v) => {
+                Some(
+                    serde_json::from_value(v.clone()).map_err(|e| EngineError::CommitLog {
+                        path: dir.display().to_string(),
+                        message: format!(
+                            "recorded position {v} is not a directory-source position: {e}"
+                        ),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        ctx.mark_started();
+        loop {
+            if *ctx.shutdown.borrow() {
+                return Ok(());
+            }
+            let names = pending(&dir, pos.as_ref())?;
+            if names.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = ctx.shutdown.changed() => {}
+                }
+                continue;
+            }
+            for name in names {
+                let offset = match &pos {
+                    Some(p) if p.file == name => p.offset,
+                    _ => 0,
+                };
+                if !self.read_file(&ctx, &name, offset).await? {
+                    return Ok(());
+                }
+                let len = std::fs::metadata(dir.join(&name))
+                    .map(|m| m.len())
+                    .unwrap_or(offset);
+                pos = Some(FilePosition {
+                    file: name,
+                    offset: len,
+                    complete: true,
+                });
+                if *ctx.shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The decoder format of a directory format.
+pub fn decoder_format(format: DirFormat, config: &DirSourceConfig) -> Format {
+    match format {
+        DirFormat::Ndjson => Format::Json,
+        DirFormat::Csv => Format::Csv {
+            delimiter: config.delimiter,
+        },
+    }
+}

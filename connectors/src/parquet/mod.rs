@@ -1,0 +1,54 @@
+//! `STORED AS PARQUET` sinks: hive-partitioned Parquet on an object store (local disk by
+//! default), committed through the table's Sluice commit log.
+
+pub mod config;
+pub mod sink;
+
+use std::sync::Arc;
+
+use sluice_engine::registry::SinkFactory;
+use sluice_engine::sink::Sink;
+use sluice_engine::store::TableStore;
+use sluice_engine::{EngineError, Result};
+use sluice_sql::{ConnectorSpec, Role, SinkDef};
+
+use config::ParquetSinkConfig;
+use sink::ParquetSink;
+
+/// Makes Parquet sinks.
+#[derive(Debug, Default)]
+pub struct ParquetSinkFactory;
+
+impl SinkFactory for ParquetSinkFactory {
+    fn spec(&self) -> ConnectorSpec {
+        ConnectorSpec {
+            name: "PARQUET".into(),
+            role: Role::Sink,
+            options: config::option_specs(),
+            check: Some(Arc::new(|opts, location| {
+                ParquetSinkConfig::from_options(opts)?;
+                if location.contains("://") && !location.starts_with("file://") {
+                    return Err(sluice_sql::OptionError {
+                        key: "LOCATION".into(),
+                        message: format!(
+                            "unsupported location '{location}': use a local path or a file:// URL"
+                        ),
+                    });
+                }
+                Ok(())
+            })),
+        }
+    }
+
+    fn create(&self, def: &SinkDef) -> Result<Arc<dyn Sink>> {
+        let config = ParquetSinkConfig::from_options(&def.options)
+            .map_err(|e| EngineError::config(e.message, None::<String>))?;
+        let table = TableStore::open(&def.location)?;
+        Ok(Arc::new(ParquetSink::new(
+            table,
+            def.schema.clone(),
+            &def.partition_by,
+            &config,
+        )?))
+    }
+}

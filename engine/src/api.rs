@@ -1,0 +1,60 @@
+//! The server's management endpoints: `GET /healthz`, `GET /readyz`, `GET /metrics`
+//! (Prometheus) and `GET /v1/pipelines`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::pipeline::{PipelineStatus, StatusHandle};
+
+/// What the management endpoints read.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Every pipeline's status.
+    pub statuses: Arc<Vec<StatusHandle>>,
+    /// True once every pipeline has recovered and its source runs.
+    pub ready: Arc<AtomicBool>,
+    /// Renders metrics.
+    pub metrics: PrometheusHandle,
+}
+
+/// The management router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/pipelines", get(pipelines))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn pipelines(State(s): State<ApiState>) -> Json<Vec<PipelineStatus>> {
+    Json(
+        s.statuses
+            .iter()
+            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect(),
+    )
+}

@@ -1,0 +1,201 @@
+//! The micro-batcher: gathers chunks until the batch is full by rows or bytes, or its interval
+//! has passed since the first chunk arrived, whichever comes first.
+
+use std::time::Duration;
+
+use sluice_sql::{OptionError, OptionSpec, Options, parse_bytes, parse_duration};
+use tokio::time::Instant;
+
+use crate::source::Chunk;
+
+/// Default `batch.max_rows`.
+pub const DEFAULT_BATCH_MAX_ROWS: usize = 100_000;
+/// Default `batch.max_bytes` (raw input bytes).
+pub const DEFAULT_BATCH_MAX_BYTES: u64 = 32 << 20;
+/// Default `batch.interval`.
+pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When a micro-batch closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Close once this many records are buffered.
+    pub max_rows: usize,
+    /// Close once this many raw bytes are buffered.
+    pub max_bytes: u64,
+    /// Close this long after the batch's first chunk arrived.
+    pub interval: Duration,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_rows: DEFAULT_BATCH_MAX_ROWS,
+            max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            interval: DEFAULT_BATCH_INTERVAL,
+        }
+    }
+}
+
+impl BatchPolicy {
+    /// The OPTIONS keys every source accepts for batching.
+    pub fn option_specs() -> Vec<OptionSpec> {
+        vec![
+            OptionSpec {
+                key: "batch.max_rows",
+                doc: "close a micro-batch at this many records (default 100000)",
+            },
+            OptionSpec {
+                key: "batch.max_bytes",
+                doc: "close a micro-batch at this many raw bytes, e.g. '32MB' (default 32MB)",
+            },
+            OptionSpec {
+                key: "batch.interval",
+                doc: "close a micro-batch this long after its first record, e.g. '500ms' (default 1s)",
+            },
+        ]
+    }
+
+    /// Reads the batching options of a source.
+    pub fn from_options(options: &Options) -> Result<Self, OptionError> {
+        let mut p = BatchPolicy::default();
+        if let Some(v) = options.get("batch.max_rows") {
+            p.max_rows = v
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| OptionError {
+                    key: "batch.max_rows".into(),
+                    message: format!("batch.max_rows must be a positive integer, got '{v}'"),
+                })?;
+        }
+        if let Some(v) = options.get("batch.max_bytes") {
+            p.max_bytes = parse_bytes(v)
+                .filter(|n| *n > 0)
+                .ok_or_else(|| OptionError {
+                    key: "batch.max_bytes".into(),
+                    message: format!("batch.max_bytes must be a size such as '32MB', got '{v}'"),
+                })?;
+        }
+        if let Some(v) = options.get("batch.interval") {
+            p.interval = parse_duration(v)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| OptionError {
+                    key: "batch.interval".into(),
+                    message: format!(
+                        "batch.interval must be a duration such as '500ms' or '2s', got '{v}'"
+                    ),
+                })?;
+        }
+        Ok(p)
+    }
+}
+
+/// The open micro-batch.
+#[derive(Debug)]
+pub struct Batcher {
+    policy: BatchPolicy,
+    chunks: Vec<Chunk>,
+    rows: usize,
+    bytes: u64,
+    opened: Option<Instant>,
+}
+
+impl Batcher {
+    /// An empty batcher.
+    pub fn new(policy: BatchPolicy) -> Self {
+        Batcher {
+            policy,
+            chunks: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            opened: None,
+        }
+    }
+
+    /// Adds a chunk; returns true when the batch is now full and should close.
+    pub fn push(&mut self, chunk: Chunk) -> bool {
+        self.opened.get_or_insert_with(Instant::now);
+        self.rows += chunk.received();
+        self.bytes += chunk.bytes as u64;
+        self.chunks.push(chunk);
+        self.is_full()
+    }
+
+    /// True when rows or bytes reached their limit.
+    pub fn is_full(&self) -> bool {
+        self.rows >= self.policy.max_rows || self.bytes >= self.policy.max_bytes
+    }
+
+    /// When the open batch closes by time (`None` when empty).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.opened.map(|t| t + self.policy.interval)
+    }
+
+    /// Records buffered.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// True when nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Closes the batch, returning its chunks.
+    pub fn take(&mut self) -> Vec<Chunk> {
+        self.rows = 0;
+        self.bytes = 0;
+        self.opened = None;
+        std::mem::take(&mut self.chunks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::Schema;
+    use arrow::record_batch::RecordBatch;
+    use std::sync::Arc;
+
+    fn chunk(bytes: usize) -> Chunk {
+        let batch = RecordBatch::new_empty(Arc::new(Schema::empty()));
+        Chunk {
+            batch,
+            dead_letters: vec![],
+            position: None,
+            bytes,
+        }
+    }
+
+    #[test]
+    fn closes_on_bytes_and_reports_deadline() {
+        let mut b = Batcher::new(BatchPolicy {
+            max_rows: 10,
+            max_bytes: 100,
+            interval: Duration::from_millis(50),
+        });
+        assert!(b.deadline().is_none());
+        assert!(!b.push(chunk(60)));
+        assert!(b.deadline().is_some());
+        assert!(b.push(chunk(60)));
+        assert_eq!(b.take().len(), 2);
+        assert!(b.is_empty() && b.deadline().is_none());
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = Options::new();
+        o.insert("batch.interval".into(), "soon".into());
+        assert_eq!(
+            BatchPolicy::from_options(&o).unwrap_err().key,
+            "batch.interval"
+        );
+        o.insert("batch.interval".into(), "250ms".into());
+        o.insert("batch.max_bytes".into(), "1MB".into());
+        let p = BatchPolicy::from_options(&o).unwrap();
+        assert_eq!(
+            (p.interval, p.max_bytes),
+            (Duration::from_millis(250), 1 << 20)
+        );
+    }
+}

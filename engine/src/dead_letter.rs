@@ -1,0 +1,52 @@
+//! Dead letters: records that could not become output, kept with where they came from, the
+//! stage that refused them and why, so they can be inspected and replayed.
+
+use serde::{Deserialize, Serialize};
+
+/// The stage of the pipeline that refused a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The record is not valid JSON / CSV, or does not fit the declared types.
+    Decode,
+    /// The pipeline's SELECT failed on the record (a cast, a division, a function error).
+    Transform,
+}
+
+impl Stage {
+    /// The stage's name as used in metrics labels and files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Transform => "transform",
+        }
+    }
+}
+
+/// One refused record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The source table it came from.
+    pub source: String,
+    /// Where in the source (file and line, request and index, ...).
+    pub position: serde_json::Value,
+    /// Which stage refused it.
+    pub stage: Stage,
+    /// Why.
+    pub error: String,
+    /// The record as received (UTF-8; invalid bytes replaced).
+    pub raw: String,
+}
+
+/// Encodes dead letters as NDJSON.
+pub fn to_ndjson(letters: &[DeadLetter]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in letters {
+        // Serializing plain strings and JSON values cannot fail.
+        if let Ok(line) = serde_json::to_vec(l) {
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+        }
+    }
+    out
+}

@@ -1,0 +1,85 @@
+//! The engine's error type. Kinds are kept apart because they are handled apart: configuration
+//! errors stop a pipeline at start with a hint, bad data goes to dead letters, transient I/O is
+//! retried, and `Internal` is a bug.
+
+/// Errors of the Sluice runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The pipeline definition or a setting is wrong (never retried).
+    #[error("{message}{}", .hint.as_ref().map(|h| format!("\nhelp: {h}")).unwrap_or_default())]
+    Config {
+        /// What is wrong.
+        message: String,
+        /// What to do about it.
+        hint: Option<String>,
+    },
+    /// A pipeline file failed to compile.
+    #[error(transparent)]
+    Sql(#[from] sluice_sql::SqlError),
+    /// Input that cannot be decoded as a whole (a body that is not JSON at all).
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// An object store call failed (transient ones are retried by the caller).
+    #[error("object store error while {context}: {source}")]
+    Store {
+        /// What Sluice was doing.
+        context: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A local file operation failed.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What Sluice was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// DataFusion failed to plan or run a batch.
+    #[error("query execution failed: {0}")]
+    Execution(#[from] datafusion::error::DataFusionError),
+    /// Arrow failed to build or convert arrays.
+    #[error("arrow error: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// The commit log holds something this version cannot accept.
+    #[error("commit log at {path}: {message}")]
+    CommitLog {
+        /// The entry's path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The runtime is shutting down or a channel closed.
+    #[error("pipeline {0} stopped")]
+    Stopped(String),
+    /// A bug in Sluice.
+    #[error("internal error (a bug in sluice, please report it): {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// A configuration error with a hint.
+    pub fn config(message: impl Into<String>, hint: impl Into<Option<String>>) -> Self {
+        EngineError::Config {
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    /// Wraps an object store error with what was being done.
+    pub fn store(context: impl Into<String>) -> impl FnOnce(object_store::Error) -> Self {
+        let context = context.into();
+        move |source| EngineError::Store { context, source }
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| EngineError::Io { context, source }
+    }
+}
+
+/// The engine's result type.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,0 +1,43 @@
+//! `sluice-engine` is the Sluice runtime: it turns a compiled pipeline program into running
+//! micro-batch loops. It defines the [`Source`](source::Source) and [`Sink`](sink::Sink) traits and
+//! knows no concrete connector; connectors register factories in a [`Registry`](registry::Registry).
+//!
+//! Data flow per pipeline: source → [`Chunk`](source::Chunk)s (decoded with
+//! [`decode::RecordDecoder`], bad records as dead letters) → [`batcher::Batcher`] →
+//! [`exec::BatchPlan`] (the pipeline's DataFusion plan) → sink staging → one
+//! [`commit::CommitLog`] entry per epoch.
+//!
+//! Invariants:
+//! - every record received ends as an output row, a dead letter, or a row removed by the
+//!   pipeline's own WHERE (counted in the commit entry);
+//! - a sink table's readable content is exactly what its commit log names;
+//! - a pipeline resumes its source from the positions in its newest commit.
+//!
+//! ```
+//! use sluice_engine::decode::{Format, RecordDecoder, lines};
+//! use arrow::datatypes::{DataType, Field, Schema};
+//! use std::sync::Arc;
+//! let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+//! let buf = b"{\"id\": 1}\nnot json\n{\"id\": 3}\n";
+//! let out = RecordDecoder::new(Format::Json, schema).decode(buf, &lines(buf), true).unwrap();
+//! assert_eq!(out.batch.num_rows(), 2);
+//! assert_eq!(out.rejected[0].index, 1);
+//! ```
+
+pub mod api;
+pub mod batcher;
+pub mod commit;
+pub mod dead_letter;
+pub mod decode;
+pub mod error;
+pub mod exec;
+pub mod pipeline;
+pub mod registry;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod store;
+pub mod table;
+pub mod telemetry;
+
+pub use error::{EngineError, Result};

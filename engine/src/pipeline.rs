@@ -1,0 +1,331 @@
+//! One running pipeline: receives chunks from its source, closes micro-batches by the
+//! [`BatchPolicy`], runs the plan, stages the output through the sink, and commits one log entry
+//! per epoch (files, dead letters, source positions, counts).
+//!
+//! A record that makes the plan fail is found by bisection and dead-lettered at the `transform`
+//! stage, so one bad value never blocks the batch. Transient store failures are retried with
+//! capped exponential back-off; the batch is kept in memory meanwhile and the bounded channel
+//! pushes back on the source.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::batcher::{BatchPolicy, Batcher};
+use crate::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
+use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
+use crate::error::{EngineError, Result};
+use crate::exec::BatchPlan;
+use crate::sink::Sink;
+use crate::source::Chunk;
+
+/// First back-off delay after a failed commit.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(200);
+/// Longest back-off delay.
+pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
+/// Attempts before the pipeline gives up and turns failed.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 8;
+
+/// The life-cycle state of a pipeline, as shown by `GET /v1/pipelines`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineState {
+    /// Recovering its table and starting its source.
+    #[default]
+    Starting,
+    /// Taking input and committing.
+    Running,
+    /// A commit failed; retrying with back-off.
+    Retrying,
+    /// Gave up after repeated failures; see `last_error`.
+    Failed,
+    /// Drained and stopped.
+    Stopped,
+}
+
+/// What `GET /v1/pipelines` shows about a pipeline.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PipelineStatus {
+    /// Pipeline (sink) name.
+    pub name: String,
+    /// Source table.
+    pub source: String,
+    /// Sink LOCATION.
+    pub sink_location: String,
+    /// Life-cycle state.
+    pub state: PipelineState,
+    /// Newest committed epoch.
+    pub last_epoch: Option<u64>,
+    /// When it was committed (UTC, RFC 3339).
+    pub last_commit_at: Option<String>,
+    /// Records received since start.
+    pub events_received: u64,
+    /// Rows written since start.
+    pub events_written: u64,
+    /// Records dead-lettered since start.
+    pub events_dead_lettered: u64,
+    /// Records in the open micro-batch.
+    pub buffered_records: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Shared, updatable status of one pipeline.
+pub type StatusHandle = Arc<Mutex<PipelineStatus>>;
+
+/// Updates a status under its lock (a poisoned lock is recovered: status is informational).
+pub fn update(status: &StatusHandle, f: impl FnOnce(&mut PipelineStatus)) {
+    let mut guard = status.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut guard);
+}
+
+/// Everything a running pipeline owns.
+pub struct PipelineTask {
+    /// Pipeline (sink) name.
+    pub name: String,
+    /// Source table name.
+    pub source: String,
+    /// The bound plan.
+    pub plan: BatchPlan,
+    /// The sink.
+    pub sink: Arc<dyn Sink>,
+    /// The sink's commit log.
+    pub log: CommitLog,
+    /// When batches close.
+    pub policy: BatchPolicy,
+    /// The next epoch to commit.
+    pub next_epoch: u64,
+    /// Source positions as of the newest commit.
+    pub positions: BTreeMap<String, serde_json::Value>,
+    /// The table schema recorded in each entry.
+    pub schema: TableSchema,
+    /// Shared status.
+    pub status: StatusHandle,
+}
+
+impl PipelineTask {
+    /// Runs until the source side closes the channel, then commits what is buffered.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Chunk>) -> Result<()> {
+        update(&self.status, |s| s.state = PipelineState::Running);
+        let mut batcher = Batcher::new(self.policy);
+        loop {
+            let deadline = batcher.deadline();
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(chunk) => {
+                        let n = chunk.received() as u64;
+                        metrics::counter!("sluice_events_received_total", "pipeline" => self.name.clone()).increment(n);
+                        let full = batcher.push(chunk);
+                        let rows = batcher.rows() as u64;
+                        update(&self.status, |s| { s.events_received += n; s.buffered_records = rows; });
+                        if full {
+                            self.flush(&mut batcher).await?;
+                        }
+                    }
+                    None => {
+                        if !batcher.is_empty() {
+                            self.flush(&mut batcher).await?;
+                        }
+                        update(&self.status, |s| s.state = PipelineState::Stopped);
+                        return Ok(());
+                    }
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => self.flush(&mut batcher).await?,
+            }
+        }
+    }
+
+    /// Commits the open batch, retrying transient failures with back-off.
+    async fn flush(&mut self, batcher: &mut Batcher) -> Result<()> {
+        let chunks = batcher.take();
+        let mut delay = DEFAULT_RETRY_INITIAL;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.commit_epoch(&chunks).await {
+                Ok(()) => {
+                    update(&self.status, |s| {
+                        s.state = PipelineState::Running;
+                        s.buffered_records = 0;
+                    });
+                    return Ok(());
+                }
+                Err(e) => {
+                    let retriable = matches!(e, EngineError::Store { .. } | EngineError::Io { .. });
+                    tracing::error!(pipeline = %self.name, epoch = self.next_epoch, attempt, error = %e, "commit failed");
+                    metrics::counter!("sluice_commit_retries_total", "pipeline" => self.name.clone()).increment(1);
+                    let msg = e.to_string();
+                    if !retriable || attempt >= DEFAULT_RETRY_ATTEMPTS {
+                        update(&self.status, |s| {
+                            s.state = PipelineState::Failed;
+                            s.last_error = Some(msg);
+                        });
+                        return Err(e);
+                    }
+                    update(&self.status, |s| {
+                        s.state = PipelineState::Retrying;
+                        s.last_error = Some(msg);
+                    });
+                    // Back-off between attempts of a failed commit (not test synchronisation).
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(DEFAULT_RETRY_MAX_DELAY);
+                }
+            }
+        }
+    }
+
+    /// Runs, stages and commits one epoch.
+    async fn commit_epoch(&mut self, chunks: &[Chunk]) -> Result<()> {
+        let started = Instant::now();
+        let epoch = self.next_epoch;
+        let mut dead: Vec<DeadLetter> = chunks
+            .iter()
+            .flat_map(|c| c.dead_letters.iter().cloned())
+            .collect();
+        let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
+        let schema = self.plan_input_schema(chunks);
+        let input = arrow::compute::concat_batches(&schema, chunks.iter().map(|c| &c.batch))?;
+        let decoded = input.num_rows() as u64;
+        let decode_dead = dead.len() as u64;
+        let output = self.transform(input, &mut dead).await?;
+        let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+
+        let files = self
+            .sink
+            .stage(&self.log, &self.name, epoch, output)
+            .await?;
+        let mut dead_letters = Vec::new();
+        if !dead.is_empty() {
+            let date = chrono::Utc::now().format("%Y-%m-%d");
+            let path = format!("_sluice/dead_letter/{date}/{epoch:020}.ndjson");
+            self.log.stage(epoch, &path, to_ndjson(&dead)).await?;
+            dead_letters.push(DeadLetterFile {
+                path,
+                records: dead.len() as u64,
+            });
+        }
+        let mut positions = self.positions.clone();
+        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
+            positions.insert(self.source.clone(), p);
+        }
+        let entry = CommitEntry {
+            version: LOG_VERSION,
+            epoch,
+            pipeline: self.name.clone(),
+            committed_at: chrono::Utc::now().to_rfc3339(),
+            add: files,
+            remove: vec![],
+            dead_letters,
+            sources: positions.clone(),
+            counts: Counts {
+                received,
+                decoded,
+                dead_lettered: dead.len() as u64,
+                output: written,
+            },
+            schema: self.schema.clone(),
+        };
+        self.log.commit(&entry).await?;
+        self.next_epoch += 1;
+        self.positions = positions;
+
+        let name = self.name.clone();
+        metrics::counter!("sluice_events_written_total", "pipeline" => name.clone())
+            .increment(written);
+        metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "decode", "reason" => "dead_letter")
+            .increment(decode_dead);
+        metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "transform", "reason" => "dead_letter")
+            .increment(dead.len() as u64 - decode_dead);
+        metrics::counter!("sluice_commits_total", "pipeline" => name.clone()).increment(1);
+        metrics::histogram!("sluice_batch_duration_seconds", "pipeline" => name.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_batch_records", "pipeline" => name).record(received as f64);
+        let at = entry.committed_at.clone();
+        let dl = dead.len() as u64;
+        update(&self.status, |s| {
+            s.last_epoch = Some(epoch);
+            s.last_commit_at = Some(at);
+            s.events_written += written;
+            s.events_dead_lettered += dl;
+        });
+        tracing::debug!(pipeline = %self.name, epoch, received, written, dead_lettered = dl, "committed");
+        Ok(())
+    }
+
+    fn plan_input_schema(&self, chunks: &[Chunk]) -> arrow::datatypes::SchemaRef {
+        chunks
+            .first()
+            .map(|c| c.batch.schema())
+            .unwrap_or_else(|| self.plan.input_schema().clone())
+    }
+
+    /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters them.
+    async fn transform(
+        &self,
+        input: RecordBatch,
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<Vec<RecordBatch>> {
+        match self.plan.execute(input.clone()).await {
+            Ok(out) => return Ok(out),
+            Err(e) if input.num_rows() == 0 => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(pipeline = %self.name, error = %e, "batch failed in the plan; isolating bad rows")
+            }
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![(0usize, input.num_rows())];
+        while let Some((offset, len)) = stack.pop() {
+            let part = input.slice(offset, len);
+            match self.plan.execute(part.clone()).await {
+                Ok(b) => out.push((offset, b)),
+                Err(e) if len == 1 => dead.push(DeadLetter {
+                    source: self.source.clone(),
+                    position: serde_json::json!({ "epoch": self.next_epoch, "row": offset }),
+                    stage: Stage::Transform,
+                    error: e.strip_backtrace(),
+                    raw: row_json(&part),
+                }),
+                Err(_) => {
+                    let half = len / 2;
+                    stack.push((offset + half, len - half));
+                    stack.push((offset, half));
+                }
+            }
+        }
+        // A plan failing on an empty batch fails on everything: not a data problem.
+        out.sort_by_key(|(o, _)| *o);
+        Ok(out.into_iter().flat_map(|(_, b)| b).collect())
+    }
+}
+
+/// The row(s) of `batch` as NDJSON text.
+fn row_json(batch: &RecordBatch) -> String {
+    let mut buf = Vec::new();
+    let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+    if w.write(batch).is_err() || w.finish().is_err() {
+        return String::new();
+    }
+    drop(w);
+    String::from_utf8_lossy(&buf).trim_end().to_string()
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Full jitter on a back-off delay: a uniform pick in [delay/2, delay].
+fn jitter(delay: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64;
+    let half = delay / 2;
+    half + Duration::from_nanos(nanos % (half.as_nanos() as u64 + 1))
+}

@@ -1,0 +1,253 @@
+//! The micro-batch server: compiles pipeline files, recovers each pipeline's sink, starts its
+//! source and batch loop, and serves the HTTP listener (management endpoints plus connector
+//! routes). Shutdown stops intake, lets every pipeline flush and commit, then returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use datafusion::prelude::SessionContext;
+use sluice_sql::{PipelineText, Program};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::api::{self, ApiState};
+use crate::batcher::BatchPolicy;
+use crate::commit::{ColumnSpec, CommitLog, TableSchema};
+use crate::error::{EngineError, Result};
+use crate::exec::BatchPlan;
+use crate::pipeline::{PipelineStatus, PipelineTask, StatusHandle, update};
+use crate::registry::Registry;
+use crate::source::SourceContext;
+use crate::telemetry;
+
+/// Chunks a pipeline's channel holds before its source is pushed back on.
+pub const CHUNK_CHANNEL_CAPACITY: usize = 64;
+
+/// Compiles pipeline files against the registry's connectors.
+pub async fn compile(
+    files: &[PipelineText],
+    registry: &Registry,
+) -> Result<(SessionContext, Program)> {
+    let ctx = sluice_sql::session();
+    let program = sluice_sql::compile(&ctx, &registry.catalog(), files).await?;
+    Ok((ctx, program))
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: Arc<watch::Sender<bool>>,
+    tasks: JoinSet<(String, Result<()>)>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Asks a running server to stop (cloneable, for signal handlers).
+#[derive(Clone)]
+pub struct ShutdownTrigger(Arc<watch::Sender<bool>>);
+
+impl ShutdownTrigger {
+    /// Starts the drain: stop intake, flush, commit, exit.
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Server {
+    /// The address the listener is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A handle that stops the server.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        ShutdownTrigger(self.shutdown.clone())
+    }
+
+    /// Waits until every pipeline has drained and the listener has closed. Returns the first
+    /// pipeline error, if any (the others are logged).
+    pub async fn wait(mut self) -> Result<()> {
+        let mut first: Option<EngineError> = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((name, Err(e))) => {
+                    tracing::error!(pipeline = %name, error = %e, "pipeline stopped with an error");
+                    first.get_or_insert(e);
+                }
+                Err(e) => {
+                    first.get_or_insert(EngineError::Internal(format!(
+                        "pipeline task panicked: {e}"
+                    )));
+                }
+            }
+        }
+        // Every pipeline is done: make sure the listener stops even if no signal came.
+        let _ = self.shutdown.send(true);
+        match self.http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first.get_or_insert(EngineError::io("serving HTTP")(e));
+            }
+            Err(e) => {
+                first.get_or_insert(EngineError::Internal(format!("HTTP task panicked: {e}")));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Compiles `files`, recovers and starts every pipeline, and serves HTTP on `listen`.
+pub async fn start(
+    files: &[PipelineText],
+    registry: &Registry,
+    listen: SocketAddr,
+) -> Result<Server> {
+    let metrics = telemetry::prometheus();
+    let (ctx, program) = compile(files, registry).await?;
+    if program.pipelines.is_empty() {
+        return Err(EngineError::config(
+            "the pipeline files define no pipeline",
+            Some("add an INSERT INTO <sink> SELECT ... FROM <source> statement".to_string()),
+        ));
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = Arc::new(shutdown_tx);
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut statuses: Vec<StatusHandle> = Vec::new();
+    let mut tasks = JoinSet::new();
+    let mut started = Vec::new();
+
+    for def in &program.pipelines {
+        let (source_def, sink_def) = match (
+            program.sources.get(&def.source),
+            program.sinks.get(&def.name),
+        ) {
+            (Some(a), Some(b)) => (a, b),
+            _ => {
+                return Err(EngineError::Internal(format!(
+                    "pipeline {} lost its source or sink",
+                    def.name
+                )));
+            }
+        };
+        let status: StatusHandle = Arc::new(std::sync::Mutex::new(PipelineStatus {
+            name: def.name.clone(),
+            source: def.source.clone(),
+            sink_location: sink_def.location.clone(),
+            ..Default::default()
+        }));
+        statuses.push(status.clone());
+
+        let sink_factory = registry.sink(&sink_def.connector).ok_or_else(|| {
+            EngineError::Internal(format!("no sink factory for {}", sink_def.connector))
+        })?;
+        let source_factory = registry.source(&source_def.connector).ok_or_else(|| {
+            EngineError::Internal(format!("no source factory for {}", source_def.connector))
+        })?;
+        let sink = sink_factory.create(sink_def)?;
+        let log = CommitLog::new(sink.table().clone());
+        let recovered = log.recover().await?;
+        if recovered.orphans_removed + recovered.moves_completed > 0 {
+            tracing::info!(pipeline = %def.name, orphans = recovered.orphans_removed, finished = recovered.moves_completed, "recovered sink table");
+        }
+        let positions = recovered
+            .last
+            .as_ref()
+            .map(|e| e.sources.clone())
+            .unwrap_or_default();
+        if let Some(last) = &recovered.last {
+            update(&status, |s| {
+                s.last_epoch = Some(last.epoch);
+                s.last_commit_at = Some(last.committed_at.clone());
+            });
+        }
+        let plan = BatchPlan::new(&ctx, def, source_def.schema.clone())?;
+        let policy = BatchPolicy::from_options(&source_def.options)
+            .map_err(|e| EngineError::config(e.message, None::<String>))?;
+        let schema = TableSchema {
+            columns: plan
+                .output_schema()
+                .fields()
+                .iter()
+                .map(|f| ColumnSpec {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                    nullable: f.is_nullable(),
+                })
+                .collect(),
+            partition_by: sink_def.partition_by.clone(),
+        };
+        let (tx, rx) = mpsc::channel(CHUNK_CHANNEL_CAPACITY);
+        let source = source_factory.create(source_def, &def.name)?;
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        started.push(started_rx);
+        let sctx = SourceContext {
+            pipeline: def.name.clone(),
+            source: def.source.clone(),
+            start: positions.get(&def.source).cloned(),
+            tx,
+            shutdown: shutdown_rx.clone(),
+            started: Some(started_tx),
+        };
+        let source_status = status.clone();
+        let source_name = def.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = source.run(sctx).await {
+                tracing::error!(pipeline = %source_name, error = %e, "source stopped with an error");
+                update(&source_status, |s| s.last_error = Some(e.to_string()));
+            }
+        });
+        let task = PipelineTask {
+            name: def.name.clone(),
+            source: def.source.clone(),
+            plan,
+            sink,
+            log,
+            policy,
+            next_epoch: recovered.next_epoch(),
+            positions,
+            schema,
+            status,
+        };
+        let name = def.name.clone();
+        tasks.spawn(async move { (name, task.run(rx).await) });
+    }
+
+    let mut app = api::router(ApiState {
+        statuses: Arc::new(statuses),
+        ready: ready.clone(),
+        metrics,
+    });
+    for f in registry.sources() {
+        if let Some(r) = f.routes() {
+            app = app.merge(r);
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(EngineError::io(format!("binding {listen}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(EngineError::io("reading the bound address"))?;
+    let mut stop = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    for s in started {
+        // A source that failed to start drops its sender; its error is in the pipeline status.
+        let _ = s.await;
+    }
+    ready.store(true, Ordering::Release);
+    tracing::info!(%addr, pipelines = program.pipelines.len(), "sluice is running");
+    Ok(Server {
+        addr,
+        shutdown,
+        tasks,
+        http,
+    })
+}

@@ -1,0 +1,31 @@
+//! The sink side of a pipeline: the [`Sink`] trait a connector implements to turn a batch's
+//! output into staged files of its table.
+
+use arrow::record_batch::RecordBatch;
+
+use crate::commit::{CommitLog, FileAction};
+use crate::error::Result;
+use crate::store::TableStore;
+
+/// A table a pipeline commits to.
+///
+/// Implementors MUST:
+/// - write every file through [`CommitLog::stage`] for the given epoch, never at its target
+///   (the commit moves it there);
+/// - derive file names from the pipeline, the epoch and the partition only (never from the
+///   clock), so re-running an epoch rewrites the same names;
+/// - return one [`FileAction`] per staged file, with table-relative target paths.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// The table's store.
+    fn table(&self) -> &TableStore;
+
+    /// Stages the output of one epoch.
+    async fn stage(
+        &self,
+        log: &CommitLog,
+        pipeline: &str,
+        epoch: u64,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<FileAction>>;
+}

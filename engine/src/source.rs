@@ -1,0 +1,71 @@
+//! The source side of a pipeline: what a connector hands the engine ([`Chunk`]) and the
+//! [`Source`] trait it implements.
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::dead_letter::DeadLetter;
+use crate::error::Result;
+
+/// A group of decoded records from one source, with the source position after them.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The records that decoded, in the source's declared schema.
+    pub batch: RecordBatch,
+    /// The records that did not.
+    pub dead_letters: Vec<DeadLetter>,
+    /// The source position after this chunk, recorded in the commit that covers it (`None` for
+    /// sources without replayable positions).
+    pub position: Option<serde_json::Value>,
+    /// Raw bytes received, for batching by size.
+    pub bytes: usize,
+}
+
+impl Chunk {
+    /// Records received: decoded plus dead-lettered.
+    pub fn received(&self) -> usize {
+        self.batch.num_rows() + self.dead_letters.len()
+    }
+}
+
+/// What a running source gets from the engine.
+#[derive(Debug)]
+pub struct SourceContext {
+    /// The pipeline this source instance feeds.
+    pub pipeline: String,
+    /// The source table's name.
+    pub source: String,
+    /// The position recorded by the last commit, if any: resume after it.
+    pub start: Option<serde_json::Value>,
+    /// Where chunks go. Bounded: a full channel is back-pressure.
+    pub tx: mpsc::Sender<Chunk>,
+    /// Becomes `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Fired by [`SourceContext::mark_started`].
+    pub started: Option<oneshot::Sender<()>>,
+}
+
+impl SourceContext {
+    /// Tells the runtime the source has resumed and takes input; the server reports ready only
+    /// when every source has done so (or stopped).
+    pub fn mark_started(&mut self) {
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A running source for one pipeline.
+///
+/// Implementors MUST:
+/// - call [`SourceContext::mark_started`] once it takes input;
+/// - resume strictly after `ctx.start` (no record before it is sent again, none after it skipped);
+/// - attach to each chunk the position after its last record, when positions exist;
+/// - return promptly once `ctx.shutdown` turns `true`, dropping `ctx.tx` so the pipeline can
+///   flush and commit what it has;
+/// - never panic on bad input: undecodable records become [`DeadLetter`]s in the chunk.
+#[async_trait::async_trait]
+pub trait Source: Send {
+    /// Runs until shutdown.
+    async fn run(self: Box<Self>, ctx: SourceContext) -> Result<()>;
+}

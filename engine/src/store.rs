@@ -1,0 +1,96 @@
+//! Where a table lives: an object store and the table's root inside it, plus the fixed layout
+//! of DESIGN §4 (`_sluice/log`, `_sluice/staging`, `_sluice/dead_letter`).
+
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+
+use crate::error::{EngineError, Result};
+
+/// A table's object store and root path.
+#[derive(Debug, Clone)]
+pub struct TableStore {
+    /// The store holding the table.
+    pub store: Arc<dyn ObjectStore>,
+    /// The table's root inside the store (empty for a store rooted at the table).
+    pub root: Path,
+    /// The LOCATION the table was opened from, for messages.
+    pub location: String,
+}
+
+impl TableStore {
+    /// Opens the table at `location`: a local path (absolute or relative to the working
+    /// directory) or a `file://` URL. The directory is created when missing.
+    pub fn open(location: &str) -> Result<Self> {
+        let local = if let Some(rest) = location.strip_prefix("file://") {
+            rest.to_string()
+        } else if location.contains("://") {
+            let scheme = location.split("://").next().unwrap_or_default();
+            return Err(EngineError::config(
+                format!("unsupported location scheme \"{scheme}://\" in '{location}'"),
+                Some("use a local path or a file:// URL".to_string()),
+            ));
+        } else {
+            location.to_string()
+        };
+        std::fs::create_dir_all(&local)
+            .map_err(EngineError::io(format!("creating table directory {local}")))?;
+        let store = LocalFileSystem::new_with_prefix(&local)
+            .map_err(EngineError::store(format!("opening {local}")))?
+            .with_automatic_cleanup(true);
+        Ok(TableStore {
+            store: Arc::new(store),
+            root: Path::default(),
+            location: location.to_string(),
+        })
+    }
+
+    /// A store already built (tests, custom stores), rooted at `root`.
+    pub fn from_store(
+        store: Arc<dyn ObjectStore>,
+        root: Path,
+        location: impl Into<String>,
+    ) -> Self {
+        TableStore {
+            store,
+            root,
+            location: location.into(),
+        }
+    }
+
+    /// The absolute path of a table-relative path (`a/b/c`).
+    pub fn path(&self, relative: &str) -> Path {
+        relative
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .fold(self.root.clone(), |p, part| p.join(part))
+    }
+
+    /// The table-relative form of an absolute path.
+    pub fn relative(&self, path: &Path) -> String {
+        match path.prefix_match(&self.root) {
+            Some(parts) => parts
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => path.to_string(),
+        }
+    }
+
+    /// `_sluice/log/`.
+    pub fn log_dir(&self) -> Path {
+        self.path("_sluice/log")
+    }
+
+    /// `_sluice/staging/`.
+    pub fn staging_dir(&self) -> Path {
+        self.path("_sluice/staging")
+    }
+
+    /// Where the file that will be committed at `target` (table-relative) is staged in `epoch`.
+    pub fn staged(&self, epoch: u64, target: &str) -> Path {
+        self.path(&format!("_sluice/staging/{epoch:020}/{target}"))
+    }
+}

@@ -1,0 +1,948 @@
+//! Compiles pipeline files into a [`Program`]: sources, sinks, static tables and one logical plan
+//! per pipeline, every error located in its file.
+//!
+//! The passes:
+//! 1. tokenize and parse every file with DataFusion's `DFParser` (spans are file-absolute);
+//! 2. classify statements: `CREATE UNBOUNDED EXTERNAL TABLE` = source, `CREATE EXTERNAL TABLE`
+//!    named by an `INSERT INTO` = sink, any other `CREATE EXTERNAL TABLE` = static table,
+//!    `INSERT INTO sink SELECT ...` = pipeline; anything else is rejected;
+//! 3. check each source and sink against the [`ConnectorCatalog`] (name, option keys, values);
+//! 4. register static tables (DataFusion's own formats) and sources (schema only) in the session;
+//! 5. plan each pipeline's SELECT once with DataFusion, check it reads exactly one source and
+//!    only stateless operators over it, and cast its output to the sink's declared columns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{Column, DataFusionError, SchemaError};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::logical_expr::{DdlStatement, Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::{CreateExternalTable, DFParser, Statement as DFStatement};
+use datafusion::sql::planner::object_name_to_table_reference;
+use datafusion::sql::sqlparser::ast::{
+    ObjectName, SetExpr, Statement as SQLStatement, TableObject, Value,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Location, Span};
+
+use crate::catalog::{ConnectorCatalog, Options, Role};
+use crate::error::{SourceLocation, SqlError, nearest};
+use crate::text::{PipelineText, StatementTokens, strip_position};
+
+/// An unbounded source table.
+#[derive(Debug, Clone)]
+pub struct SourceDef {
+    /// Table name (normalized: lower case unless quoted).
+    pub name: String,
+    /// `STORED AS` connector name, upper case.
+    pub connector: String,
+    /// LOCATION, after `${NAME}` substitution.
+    pub location: String,
+    /// The declared columns.
+    pub schema: SchemaRef,
+    /// OPTIONS, after `${NAME}` substitution.
+    pub options: Options,
+    /// Where the table is defined.
+    pub defined_at: Option<SourceLocation>,
+}
+
+/// A sink table: where a pipeline's output is committed.
+#[derive(Debug, Clone)]
+pub struct SinkDef {
+    /// Table name.
+    pub name: String,
+    /// `STORED AS` connector name, upper case.
+    pub connector: String,
+    /// LOCATION, after `${NAME}` substitution.
+    pub location: String,
+    /// `PARTITIONED BY` columns, in order.
+    pub partition_by: Vec<String>,
+    /// The columns written: the declared ones, or the pipeline's SELECT output.
+    pub schema: SchemaRef,
+    /// OPTIONS, after `${NAME}` substitution.
+    pub options: Options,
+    /// Where the table is defined.
+    pub defined_at: Option<SourceLocation>,
+}
+
+/// One pipeline: `INSERT INTO sink SELECT ... FROM source ...`, named after its sink.
+#[derive(Debug, Clone)]
+pub struct PipelineDef {
+    /// The pipeline's name (its sink's name).
+    pub name: String,
+    /// The one unbounded source it reads.
+    pub source: String,
+    /// The logical plan of the SELECT, with the output cast to the sink's columns. The source
+    /// appears as a `TableScan` named after it; the engine binds it to each micro-batch.
+    pub plan: LogicalPlan,
+    /// Where the INSERT is.
+    pub defined_at: Option<SourceLocation>,
+}
+
+/// Everything a set of pipeline files defines.
+#[derive(Debug, Clone, Default)]
+pub struct Program {
+    /// Sources by name.
+    pub sources: BTreeMap<String, SourceDef>,
+    /// Sinks by name.
+    pub sinks: BTreeMap<String, SinkDef>,
+    /// Static tables registered in the session, by name.
+    pub static_tables: Vec<String>,
+    /// Pipelines in file order.
+    pub pipelines: Vec<PipelineDef>,
+}
+
+impl Program {
+    /// The optimized plan of a pipeline in `EXPLAIN` form.
+    pub fn explain(
+        &self,
+        ctx: &SessionContext,
+        pipeline: &PipelineDef,
+    ) -> Result<String, SqlError> {
+        let optimized = ctx.state().optimize(&pipeline.plan).map_err(|e| {
+            SqlError::Internal(format!("optimizing pipeline {}: {e}", pipeline.name))
+        })?;
+        Ok(optimized.display_indent().to_string())
+    }
+}
+
+/// Compiles pipeline files against a session and a connector catalog. Static tables and sources
+/// are registered in `ctx` (sources as schema-only tables).
+pub async fn compile(
+    ctx: &SessionContext,
+    catalog: &ConnectorCatalog,
+    files: &[PipelineText],
+) -> Result<Program, SqlError> {
+    let mut stmts = Vec::new();
+    for text in files {
+        stmts.extend(parse_file(text)?);
+    }
+    Compiler {
+        ctx,
+        catalog,
+        program: Program::default(),
+        defined: BTreeMap::new(),
+    }
+    .run(stmts)
+    .await
+}
+
+/// A parsed statement with the file and tokens it came from.
+struct Parsed<'a> {
+    text: &'a PipelineText,
+    tokens: StatementTokens<'a>,
+    stmt: DFStatement,
+}
+
+fn parse_file(text: &PipelineText) -> Result<Vec<Parsed<'_>>, SqlError> {
+    let statements =
+        DFParser::parse_sql_with_dialect(&text.text, &GenericDialect {}).map_err(|e| {
+            let msg = strip_position(
+                &e.strip_backtrace()
+                    .replace("SQL error: ParserError(\"", "")
+                    .replace("sql parser error: ", ""),
+            );
+            let at = e
+                .diagnostic()
+                .and_then(|d| d.span)
+                .and_then(|s| text.locate(to_sp(s)))
+                .or_else(|| text.locate_message(&e.to_string()));
+            let hint = msg
+                .strip_prefix("Expected: ")
+                .map(|rest| format!("expected {}", rest.split(", found").next().unwrap_or(rest)));
+            SqlError::invalid(msg.clone(), at, hint)
+        })?;
+    let tokens = text.statements();
+    if tokens.len() != statements.len() {
+        return Err(SqlError::Internal(format!(
+            "{}: {} statements parsed but {} found by the tokenizer",
+            text.file,
+            statements.len(),
+            tokens.len()
+        )));
+    }
+    Ok(statements
+        .into_iter()
+        .zip(tokens)
+        .map(|(stmt, tokens)| Parsed { text, tokens, stmt })
+        .collect())
+}
+
+fn to_sp(s: datafusion::common::Span) -> Span {
+    Span::new(
+        Location::new(s.start.line, s.start.column),
+        Location::new(s.end.line, s.end.column),
+    )
+}
+
+struct Compiler<'a> {
+    ctx: &'a SessionContext,
+    catalog: &'a ConnectorCatalog,
+    program: Program,
+    /// Every table name defined so far, with where.
+    defined: BTreeMap<String, Option<SourceLocation>>,
+}
+
+fn err_at(
+    p: &Parsed<'_>,
+    span: Option<Span>,
+    message: impl Into<String>,
+    hint: Option<String>,
+) -> SqlError {
+    let at = span
+        .and_then(|s| p.text.locate(s))
+        .or_else(|| p.text.locate(p.tokens.first_span()));
+    SqlError::invalid(message, at, hint)
+}
+
+impl<'a> Compiler<'a> {
+    async fn run(mut self, stmts: Vec<Parsed<'_>>) -> Result<Program, SqlError> {
+        // Pass 1: which tables are INSERT targets.
+        let mut sink_names = BTreeSet::new();
+        for p in &stmts {
+            if let Some((name, _)) = insert_target(p)? {
+                sink_names.insert(name);
+            }
+        }
+        // Pass 2: tables, in file order.
+        let mut inserts = Vec::new();
+        for p in &stmts {
+            match &p.stmt {
+                DFStatement::CreateExternalTable(c) => {
+                    let name = self.table_name(p, &c.name)?;
+                    if let Some(prev) = self.defined.get(&name) {
+                        let hint = prev
+                            .as_ref()
+                            .map(|l| format!("\"{name}\" is first defined at {l}"));
+                        return Err(err_at(
+                            p,
+                            p.tokens.after_keyword(Keyword::TABLE),
+                            format!("table \"{name}\" is defined twice"),
+                            hint,
+                        ));
+                    }
+                    let at = p.text.locate(
+                        p.tokens
+                            .after_keyword(Keyword::TABLE)
+                            .unwrap_or(p.tokens.first_span()),
+                    );
+                    if c.unbounded {
+                        self.source(p, c, &name).await?;
+                    } else if sink_names.contains(&name) {
+                        self.sink(p, c, &name).await?;
+                    } else {
+                        self.static_table(p, c, &name).await?;
+                    }
+                    self.defined.insert(name, at);
+                }
+                DFStatement::Statement(s) if matches!(**s, SQLStatement::Insert(_)) => {
+                    inserts.push(p)
+                }
+                _ => {
+                    return Err(err_at(
+                        p,
+                        None,
+                        "this statement is not allowed in a pipeline file",
+                        Some("a pipeline file holds CREATE [UNBOUNDED] EXTERNAL TABLE and INSERT INTO <sink> SELECT ... statements".into()),
+                    ));
+                }
+            }
+        }
+        // Pass 3: pipelines.
+        for p in inserts {
+            self.pipeline(p).await?;
+        }
+        Ok(self.program)
+    }
+
+    fn table_name(&self, p: &Parsed<'_>, name: &ObjectName) -> Result<String, SqlError> {
+        let r = object_name_to_table_reference(name.clone(), true)
+            .map_err(|e| err_at(p, None, e.strip_backtrace(), None))?;
+        if r.schema().is_some() {
+            return Err(err_at(
+                p,
+                None,
+                format!("table name \"{r}\" must not be qualified"),
+                Some(format!("write just \"{}\"", r.table())),
+            ));
+        }
+        Ok(r.table().to_string())
+    }
+
+    /// Converts OPTIONS to strings, substituting `${NAME}`, and checks keys against the connector.
+    fn options(&self, p: &Parsed<'_>, c: &CreateExternalTable) -> Result<Options, SqlError> {
+        let mut out = Options::new();
+        for (k, v) in &c.options {
+            let raw = match v.clone() {
+                Value::Number(n, _) => n.to_string(),
+                Value::Boolean(b) => b.to_string(),
+                other => other
+                    .clone()
+                    .into_string()
+                    .unwrap_or_else(|| other.to_string()),
+            };
+            let value = substitute_env(&raw).map_err(|m| {
+                err_at(
+                    p,
+                    p.tokens.option_value(k),
+                    m,
+                    Some("export the variable before starting sluice".into()),
+                )
+            })?;
+            if out.insert(k.clone(), value).is_some() {
+                return Err(err_at(
+                    p,
+                    p.tokens.option_key(k),
+                    format!("option '{k}' is given twice"),
+                    None,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn location(&self, p: &Parsed<'_>, c: &CreateExternalTable) -> Result<String, SqlError> {
+        let span = p.tokens.after_keyword(Keyword::LOCATION);
+        if c.locations.len() != 1 {
+            return Err(err_at(
+                p,
+                span,
+                "a source or sink takes exactly one LOCATION",
+                None,
+            ));
+        }
+        substitute_env(&c.locations[0]).map_err(|m| {
+            err_at(
+                p,
+                span,
+                m,
+                Some("export the variable before starting sluice".into()),
+            )
+        })
+    }
+
+    /// Validates the connector name, option keys and option values for a source or sink.
+    fn check_connector(
+        &self,
+        p: &Parsed<'_>,
+        c: &CreateExternalTable,
+        role: Role,
+        options: &Options,
+        location: &str,
+    ) -> Result<String, SqlError> {
+        let stored = p.tokens.after_keyword(Keyword::STORED).and_then(|_| {
+            // the token after STORED AS
+            let i = p.tokens.tokens.iter().position(|t| {
+                t.span
+                    == p.tokens
+                        .after_keyword(Keyword::STORED)
+                        .unwrap_or(Span::empty())
+            })?;
+            p.tokens.tokens.get(i + 1).map(|t| t.span)
+        });
+        let what = if role == Role::Source {
+            "source"
+        } else {
+            "sink"
+        };
+        let Some(spec) = self.catalog.get(role, &c.file_type) else {
+            let names = self.catalog.names(role);
+            let mut hint = format!("known {what} connectors: {}", names.join(", "));
+            if let Some(n) = nearest(&c.file_type, names.iter().copied()) {
+                hint = format!("did you mean {n}? ({hint})");
+            }
+            if role == Role::Source && self.catalog.get(Role::Sink, &c.file_type).is_some() {
+                hint = format!(
+                    "{} is a sink format; a source needs an unbounded connector ({})",
+                    c.file_type,
+                    names.join(", ")
+                );
+            }
+            if role == Role::Sink && self.catalog.get(Role::Source, &c.file_type).is_some() {
+                hint = format!(
+                    "{} is a source connector; pipelines write to {}",
+                    c.file_type,
+                    names.join(", ")
+                );
+            }
+            return Err(err_at(
+                p,
+                stored,
+                format!("unknown {what} connector \"{}\"", c.file_type),
+                Some(hint),
+            ));
+        };
+        for key in options.keys() {
+            if !spec.options.iter().any(|o| o.key == key) {
+                let keys: Vec<&str> = spec.options.iter().map(|o| o.key).collect();
+                let hint = match nearest(key, keys.iter().copied()) {
+                    Some(n) => format!("did you mean '{n}'?"),
+                    None => format!("{} accepts: {}", spec.name, keys.join(", ")),
+                };
+                return Err(err_at(
+                    p,
+                    p.tokens.option_key(key),
+                    format!("unknown option '{key}' for {} {what}", spec.name),
+                    Some(hint),
+                ));
+            }
+        }
+        if let Some(check) = &spec.check {
+            check(options, location).map_err(|e| {
+                let span = if e.key == "LOCATION" {
+                    p.tokens.after_keyword(Keyword::LOCATION)
+                } else {
+                    p.tokens.option_value(&e.key)
+                };
+                err_at(p, span, e.message, None)
+            })?;
+        }
+        Ok(spec.name.clone())
+    }
+
+    /// The Arrow schema of declared columns, as DataFusion maps SQL types.
+    async fn declared_schema(
+        &self,
+        p: &Parsed<'_>,
+        c: &CreateExternalTable,
+    ) -> Result<SchemaRef, SqlError> {
+        let mut c = c.clone();
+        c.options.clear();
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(DFStatement::CreateExternalTable(c))
+            .await
+            .map_err(|e| self.df_error(p, e))?;
+        match plan {
+            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) => {
+                Ok(Arc::new(cmd.schema.as_arrow().clone()))
+            }
+            other => Err(SqlError::Internal(format!(
+                "CREATE EXTERNAL TABLE planned as {}",
+                other.display()
+            ))),
+        }
+    }
+
+    async fn source(
+        &mut self,
+        p: &Parsed<'_>,
+        c: &CreateExternalTable,
+        name: &str,
+    ) -> Result<(), SqlError> {
+        let options = self.options(p, c)?;
+        let location = self.location(p, c)?;
+        let connector = self.check_connector(p, c, Role::Source, &options, &location)?;
+        if c.columns.is_empty() {
+            return Err(err_at(p, p.tokens.after_keyword(Keyword::TABLE), format!("source \"{name}\" declares no columns"), Some("list the columns and their types: CREATE UNBOUNDED EXTERNAL TABLE name (col TYPE, ...)".into())));
+        }
+        if !c.table_partition_cols.is_empty() {
+            return Err(err_at(
+                p,
+                p.tokens.keyword(Keyword::PARTITIONED),
+                "PARTITIONED BY is for sinks, not sources",
+                None,
+            ));
+        }
+        let schema = self.declared_schema(p, c).await?;
+        let provider: Arc<dyn TableProvider> = Arc::new(EmptyTable::new(schema.clone()));
+        self.ctx
+            .register_table(name, provider)
+            .map_err(|e| self.df_error(p, e))?;
+        let defined_at = p.text.locate(
+            p.tokens
+                .after_keyword(Keyword::TABLE)
+                .unwrap_or(p.tokens.first_span()),
+        );
+        self.program.sources.insert(
+            name.to_string(),
+            SourceDef {
+                name: name.into(),
+                connector,
+                location,
+                schema,
+                options,
+                defined_at,
+            },
+        );
+        Ok(())
+    }
+
+    async fn sink(
+        &mut self,
+        p: &Parsed<'_>,
+        c: &CreateExternalTable,
+        name: &str,
+    ) -> Result<(), SqlError> {
+        let options = self.options(p, c)?;
+        let location = self.location(p, c)?;
+        let connector = self.check_connector(p, c, Role::Sink, &options, &location)?;
+        let schema = if c.columns.is_empty() {
+            Arc::new(Schema::empty())
+        } else {
+            self.declared_schema(p, c).await?
+        };
+        let defined_at = p.text.locate(
+            p.tokens
+                .after_keyword(Keyword::TABLE)
+                .unwrap_or(p.tokens.first_span()),
+        );
+        let partition_by = c
+            .table_partition_cols
+            .iter()
+            .map(|s| s.trim_matches('"').to_string())
+            .collect();
+        self.program.sinks.insert(
+            name.to_string(),
+            SinkDef {
+                name: name.into(),
+                connector,
+                location,
+                partition_by,
+                schema,
+                options,
+                defined_at,
+            },
+        );
+        Ok(())
+    }
+
+    async fn static_table(
+        &mut self,
+        p: &Parsed<'_>,
+        c: &CreateExternalTable,
+        name: &str,
+    ) -> Result<(), SqlError> {
+        let df_format = self
+            .ctx
+            .state()
+            .table_factories()
+            .contains_key(&c.file_type);
+        if !df_format && self.catalog.get(Role::Source, &c.file_type).is_some() {
+            return Err(err_at(
+                p,
+                p.tokens.keyword(Keyword::EXTERNAL),
+                format!("{} is an unbounded source connector", c.file_type),
+                Some("write CREATE UNBOUNDED EXTERNAL TABLE for a source".into()),
+            ));
+        }
+        let mut c = c.clone();
+        let location = self.location(p, &c)?;
+        c.locations = vec![location];
+        for (k, v) in c.options.iter_mut() {
+            if let Some(s) = v.clone().into_string() {
+                let sub =
+                    substitute_env(&s).map_err(|m| err_at(p, p.tokens.option_value(k), m, None))?;
+                *v = Value::SingleQuotedString(sub);
+            }
+        }
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(DFStatement::CreateExternalTable(c))
+            .await
+            .map_err(|e| self.df_error(p, e))?;
+        self.ctx.execute_logical_plan(plan).await.map_err(|e| {
+            let mut err = self.df_error(p, e);
+            if let SqlError::Invalid { at, .. } = &mut err {
+                *at = p.text.locate(
+                    p.tokens
+                        .after_keyword(Keyword::LOCATION)
+                        .unwrap_or(p.tokens.first_span()),
+                );
+            }
+            err
+        })?;
+        self.program.static_tables.push(name.to_string());
+        Ok(())
+    }
+
+    async fn pipeline(&mut self, p: &Parsed<'_>) -> Result<(), SqlError> {
+        let Some((sink_name, insert)) = insert_target(p)? else {
+            return Err(SqlError::Internal(
+                "pipeline statement is not an INSERT".into(),
+            ));
+        };
+        let target_span = p.tokens.after_keyword(Keyword::INTO);
+        let Some(sink) = self.program.sinks.get(&sink_name).cloned() else {
+            let hint = if self.program.sources.contains_key(&sink_name) {
+                Some(format!(
+                    "\"{sink_name}\" is a source; INSERT INTO a sink declared with CREATE EXTERNAL TABLE ... STORED AS PARQUET"
+                ))
+            } else {
+                let names: Vec<&str> = self.program.sinks.keys().map(String::as_str).collect();
+                Some(match nearest(&sink_name, names.iter().copied()) {
+                    Some(n) => format!("did you mean \"{n}\"?"),
+                    None => format!(
+                        "declare it first: CREATE EXTERNAL TABLE {sink_name} STORED AS PARQUET LOCATION '...'"
+                    ),
+                })
+            };
+            return Err(err_at(
+                p,
+                target_span,
+                format!("unknown sink table \"{sink_name}\""),
+                hint,
+            ));
+        };
+        if let Some(prev) = self.program.pipelines.iter().find(|q| q.name == sink_name) {
+            let hint = prev.defined_at.as_ref().map(|l| {
+                format!("the first INSERT INTO {sink_name} is at {l}; one pipeline per sink")
+            });
+            return Err(err_at(
+                p,
+                target_span,
+                format!("sink \"{sink_name}\" already has a pipeline"),
+                hint,
+            ));
+        }
+        if !insert.columns.is_empty() {
+            return Err(err_at(
+                p,
+                target_span,
+                "INSERT column lists are not supported",
+                Some("alias the SELECT's columns to the sink's column names instead".into()),
+            ));
+        }
+        let Some(query) = insert.source.clone() else {
+            return Err(err_at(
+                p,
+                None,
+                "INSERT without a SELECT",
+                Some("write INSERT INTO sink SELECT ... FROM source".into()),
+            ));
+        };
+        if matches!(*query.body, SetExpr::Values(_)) {
+            return Err(err_at(
+                p,
+                p.tokens.keyword(Keyword::VALUES),
+                "INSERT ... VALUES is not a pipeline",
+                Some("a pipeline reads a source: INSERT INTO sink SELECT ... FROM source".into()),
+            ));
+        }
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(DFStatement::Statement(Box::new(SQLStatement::Query(query))))
+            .await
+            .map_err(|e| self.df_error(p, e))?;
+
+        // Exactly one scan of exactly one source.
+        let mut scans = Vec::new();
+        plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                scans.push(scan.table_name.table().to_string());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(|e| SqlError::Internal(e.to_string()))?;
+        let source_scans: Vec<&String> = scans
+            .iter()
+            .filter(|s| self.program.sources.contains_key(*s))
+            .collect();
+        let source = match source_scans.as_slice() {
+            [one] => (*one).clone(),
+            [] => {
+                return Err(err_at(p, p.tokens.keyword(Keyword::FROM), format!("pipeline \"{sink_name}\" reads no unbounded source"), Some("a pipeline's FROM names a table declared with CREATE UNBOUNDED EXTERNAL TABLE".into())));
+            }
+            many => {
+                let names: BTreeSet<&str> = many.iter().map(|s| s.as_str()).collect();
+                return Err(err_at(p, p.tokens.keyword(Keyword::FROM), format!("pipeline \"{sink_name}\" reads unbounded sources more than once ({})", names.into_iter().collect::<Vec<_>>().join(", ")), Some("join a source only with static tables; stream-stream joins are not supported".into())));
+            }
+        };
+        self.check_stateless(p, &plan, &source)?;
+        let plan = self.fit_to_sink(p, plan, &sink)?;
+
+        // A sink without declared columns takes the SELECT's output schema.
+        let out_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+        for col in &sink.partition_by {
+            if out_schema.field_with_name(col).is_err() {
+                let names: Vec<&str> = out_schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect();
+                let hint = match nearest(col, names.iter().copied()) {
+                    Some(n) => format!("did you mean \"{n}\"?"),
+                    None => format!("the pipeline's columns are: {}", names.join(", ")),
+                };
+                return Err(err_at(
+                    p,
+                    target_span,
+                    format!(
+                        "partition column \"{col}\" of sink \"{sink_name}\" is not in the pipeline's output"
+                    ),
+                    Some(hint),
+                ));
+            }
+        }
+        if sink.partition_by.len() == out_schema.fields().len() {
+            return Err(err_at(
+                p,
+                target_span,
+                format!("every column of sink \"{sink_name}\" is a partition column"),
+                Some("a Parquet file needs at least one data column".into()),
+            ));
+        }
+        if let Some(s) = self.program.sinks.get_mut(&sink_name) {
+            s.schema = out_schema;
+        }
+        let defined_at = p.text.locate(target_span.unwrap_or(p.tokens.first_span()));
+        self.program.pipelines.push(PipelineDef {
+            name: sink_name,
+            source,
+            plan,
+            defined_at,
+        });
+        Ok(())
+    }
+
+    /// Rejects operators that need state across micro-batches when they apply to the source.
+    fn check_stateless(
+        &self,
+        p: &Parsed<'_>,
+        plan: &LogicalPlan,
+        source: &str,
+    ) -> Result<(), SqlError> {
+        let mut bad: Option<(&'static str, Keyword)> = None;
+        plan.apply_with_subqueries(|node| {
+            let what = match node {
+                LogicalPlan::Aggregate(_) => Some(("GROUP BY / aggregate", Keyword::GROUP)),
+                LogicalPlan::Window(_) => Some(("window function", Keyword::OVER)),
+                LogicalPlan::Sort(_) => Some(("ORDER BY", Keyword::ORDER)),
+                LogicalPlan::Limit(_) => Some(("LIMIT", Keyword::LIMIT)),
+                LogicalPlan::Distinct(_) => Some(("DISTINCT", Keyword::DISTINCT)),
+                _ => None,
+            };
+            if let Some(w) = what {
+                let mut reads_source = false;
+                node.apply_with_subqueries(|n| {
+                    if matches!(n, LogicalPlan::TableScan(s) if s.table_name.table() == source) {
+                        reads_source = true;
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })?;
+                if reads_source {
+                    bad = Some(w);
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(|e| SqlError::Internal(e.to_string()))?;
+        match bad {
+            None => Ok(()),
+            Some((what, kw)) => Err(err_at(
+                p,
+                p.tokens.keyword(kw),
+                format!("{what} over the unbounded source \"{source}\" needs state across micro-batches, which this version does not keep"),
+                Some("pipelines are stateless per event for now: filter, project, compute and join with static tables".into()),
+            )),
+        }
+    }
+
+    /// Casts the SELECT's output to the sink's declared columns (by position, like INSERT).
+    fn fit_to_sink(
+        &self,
+        p: &Parsed<'_>,
+        plan: LogicalPlan,
+        sink: &SinkDef,
+    ) -> Result<LogicalPlan, SqlError> {
+        if sink.schema.fields().is_empty() {
+            return Ok(plan);
+        }
+        let out = plan.schema().clone();
+        let target = &sink.schema;
+        let select_span = p.tokens.keyword(Keyword::SELECT);
+        if out.fields().len() != target.fields().len() {
+            return Err(err_at(
+                p,
+                select_span,
+                format!(
+                    "the SELECT gives {} columns but sink \"{}\" declares {}",
+                    out.fields().len(),
+                    sink.name,
+                    target.fields().len()
+                ),
+                Some(format!(
+                    "sink columns: {}",
+                    target
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            ));
+        }
+        let mut exprs = Vec::with_capacity(target.fields().len());
+        for (i, tf) in target.fields().iter().enumerate() {
+            let (q, f) = out.qualified_field(i);
+            let col = Expr::Column(Column::new(q.cloned(), f.name()));
+            if !arrow::compute::can_cast_types(f.data_type(), tf.data_type()) {
+                return Err(err_at(
+                    p,
+                    select_span,
+                    format!(
+                        "column {} (\"{}\", {}) cannot be written to sink column \"{}\" ({})",
+                        i + 1,
+                        f.name(),
+                        f.data_type(),
+                        tf.name(),
+                        tf.data_type()
+                    ),
+                    Some("CAST the expression in the SELECT".into()),
+                ));
+            }
+            let e = if f.data_type() == tf.data_type() {
+                col
+            } else {
+                datafusion::logical_expr::cast(col, tf.data_type().clone())
+            };
+            exprs.push(e.alias(tf.name()));
+        }
+        LogicalPlanBuilder::from(plan)
+            .project(exprs)
+            .and_then(|b| b.build())
+            .map_err(|e| self.df_error(p, e))
+    }
+
+    /// Turns a DataFusion error into a located SQL error with a hint where one is possible.
+    fn df_error(&self, p: &Parsed<'_>, e: DataFusionError) -> SqlError {
+        let diag = e.diagnostic().cloned();
+        let span = diag.as_ref().and_then(|d| d.span).map(to_sp);
+        let mut hint = diag
+            .as_ref()
+            .and_then(|d| d.helps.first().map(|h| h.message.clone()));
+        let root = e.find_root();
+        if let DataFusionError::SchemaError(err, _) = root
+            && let SchemaError::FieldNotFound {
+                field,
+                valid_fields,
+            } = err.as_ref()
+        {
+            let names: Vec<&str> = valid_fields.iter().map(|c| c.name.as_str()).collect();
+            hint = Some(match nearest(&field.name, names.iter().copied()) {
+                Some(n) => format!("did you mean \"{n}\"?"),
+                None => format!("available columns: {}", names.join(", ")),
+            });
+        }
+        let message = match &diag {
+            Some(d) => d.message.clone(),
+            None => clean_message(&root.to_string()),
+        };
+        if hint.is_none()
+            && let Some(rest) = message.strip_prefix("table '")
+        {
+            let missing = rest.split('\'').next().unwrap_or_default();
+            let names: Vec<&str> = self.defined.keys().map(String::as_str).collect();
+            hint = Some(match nearest(missing, names.iter().copied()) {
+                Some(n) => format!("did you mean \"{n}\"?"),
+                None => format!(
+                    "declare it with CREATE [UNBOUNDED] EXTERNAL TABLE {missing} ... before the INSERT"
+                ),
+            });
+        }
+        let span = span.or_else(|| {
+            p.text
+                .locate_message(&root.to_string())
+                .map(|_| Span::empty())
+        });
+        let at = match span {
+            Some(s) if s != Span::empty() => p.text.locate(s),
+            _ => p.text.locate_message(&root.to_string()),
+        }
+        .or_else(|| p.text.locate(p.tokens.first_span()));
+        SqlError::invalid(message, at, hint)
+    }
+}
+
+fn clean_message(m: &str) -> String {
+    let mut m = m.to_string();
+    for prefix in [
+        "Error during planning: ",
+        "Schema error: ",
+        "SQL error: ",
+        "Invalid or Unsupported Configuration: ",
+        "Execution error: ",
+    ] {
+        if let Some(rest) = m.strip_prefix(prefix) {
+            m = rest.to_string();
+        }
+    }
+    strip_position(&m)
+}
+
+/// The INSERT target of a statement, if it is an INSERT.
+fn insert_target<'s>(
+    p: &'s Parsed<'_>,
+) -> Result<Option<(String, &'s datafusion::sql::sqlparser::ast::Insert)>, SqlError> {
+    let DFStatement::Statement(s) = &p.stmt else {
+        return Ok(None);
+    };
+    let SQLStatement::Insert(insert) = s.as_ref() else {
+        return Ok(None);
+    };
+    let TableObject::TableName(name) = &insert.table else {
+        return Err(err_at(
+            p,
+            p.tokens.after_keyword(Keyword::INTO),
+            "INSERT INTO must name a sink table",
+            None,
+        ));
+    };
+    let r = object_name_to_table_reference(name.clone(), true)
+        .map_err(|e| err_at(p, None, e.strip_backtrace(), None))?;
+    Ok(Some((r.table().to_string(), insert)))
+}
+
+/// Replaces `${NAME}` with the environment variable `NAME`; a missing variable is an error.
+pub fn substitute_env(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unterminated ${{...}} in '{value}'"));
+        };
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!(
+                "'${{{name}}}' is not a valid environment variable reference"
+            ));
+        }
+        match std::env::var(name) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_substitution() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("SLUICE_TEST_ENV_X", "v") };
+        assert_eq!(substitute_env("a/${SLUICE_TEST_ENV_X}/b").unwrap(), "a/v/b");
+        assert!(
+            substitute_env("${SLUICE_TEST_ENV_MISSING_Y}")
+                .unwrap_err()
+                .contains("not set")
+        );
+        assert!(substitute_env("${oops").is_err());
+    }
+}

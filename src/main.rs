@@ -1,0 +1,238 @@
+//! The `sluice` command line: parses arguments and wires the connector registry into the
+//! engine. No pipeline logic lives here.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use datafusion::execution::context::SQLOptions;
+use sluice_engine::runtime;
+use sluice_engine::table::CommittedTable;
+use sluice_sql::PipelineText;
+
+/// Sluice: SQL-defined micro-batch pipelines on Arrow and DataFusion.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the micro-batch server for every pipeline in the files.
+    Run {
+        /// Pipeline files (*.sql).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Address of the HTTP listener (ingest, metrics, health). Port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: SocketAddr,
+    },
+    /// Parse, resolve and plan every statement without touching data; print each pipeline's plan.
+    Validate {
+        /// Pipeline files (*.sql).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a read-only SQL query over committed sink tables.
+    Query {
+        /// The query (SELECT / EXPLAIN only).
+        sql: String,
+        /// A table to query, as NAME=LOCATION (the sink's LOCATION). Repeatable.
+        #[arg(long = "table", value_parser = parse_table_arg)]
+        tables: Vec<(String, String)>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header.
+    Csv,
+    /// One JSON object per row.
+    Json,
+}
+
+fn parse_table_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, l)) if !n.is_empty() && !l.is_empty() => Ok((n.to_string(), l.to_string())),
+        _ => Err(format!("expected NAME=LOCATION, got '{s}'")),
+    }
+}
+
+fn read_files(files: &[PathBuf]) -> Result<Vec<PipelineText>> {
+    files
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read pipeline file {}", p.display()))?;
+            Ok(PipelineText::new(p.display().to_string(), text)?)
+        })
+        .collect()
+}
+
+async fn validate(files: &[PathBuf]) -> Result<()> {
+    let texts = read_files(files)?;
+    let registry = sluice_connectors::registry();
+    let (ctx, program) = runtime::compile(&texts, &registry).await?;
+    let mut out = std::io::stdout().lock();
+    for p in &program.pipelines {
+        let sink = &program.sinks[&p.name];
+        writeln!(
+            out,
+            "pipeline {}: {} -> {} ({}, {})",
+            p.name, p.source, p.name, sink.connector, sink.location
+        )?;
+        if !sink.partition_by.is_empty() {
+            writeln!(out, "  partitioned by: {}", sink.partition_by.join(", "))?;
+        }
+        writeln!(out, "{}", indent(&program.explain(&ctx, p)?))?;
+    }
+    writeln!(
+        out,
+        "ok: {} pipeline(s), {} source(s), {} static table(s)",
+        program.pipelines.len(),
+        program.sources.len(),
+        program.static_tables.len()
+    )?;
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn query(sql: &str, tables: &[(String, String)], format: OutputFormat) -> Result<()> {
+    let ctx = sluice_sql::session();
+    for (name, location) in tables {
+        let t = CommittedTable::open(&ctx, location)
+            .await
+            .with_context(|| format!("opening table {name} at {location}"))?;
+        ctx.register_table(name.as_str(), Arc::new(t))?;
+    }
+    let opts = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let batches = ctx.sql_with_options(sql, opts).await?.collect().await?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        OutputFormat::Table => writeln!(
+            out,
+            "{}",
+            arrow::util::pretty::pretty_format_batches(&batches)?
+        )?,
+        OutputFormat::Csv => {
+            let mut w = arrow::csv::Writer::new(&mut out);
+            for b in &batches {
+                w.write(b)?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in &batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+        }
+    }
+    Ok(())
+}
+
+async fn run(files: &[PathBuf], listen: SocketAddr) -> Result<()> {
+    let texts = read_files(files)?;
+    let registry = sluice_connectors::registry();
+    let server = runtime::start(&texts, &registry, listen).await?;
+    println!("sluice listening on http://{}", server.addr());
+    std::io::stdout().flush()?;
+    let trigger = server.shutdown_trigger();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining pipelines");
+        trigger.trigger();
+    });
+    server.wait().await?;
+    println!("sluice stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run { files, listen } => run(&files, listen).await,
+            Command::Validate { files } => validate(&files).await,
+            Command::Query {
+                sql,
+                tables,
+                format,
+            } => {
+                if tables.is_empty() {
+                    bail!("name at least one table: --table NAME=LOCATION");
+                }
+                query(&sql, &tables, format).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
