@@ -3,14 +3,14 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::execution::context::SQLOptions;
-use sluice_engine::runtime;
+use sluice_engine::runtime::{self, ServerConfig};
 use sluice_engine::table::CommittedTable;
 use sluice_sql::PipelineText;
 
@@ -32,6 +32,12 @@ enum Command {
         /// Address of the HTTP listener (ingest, metrics, health). Port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:7878")]
         listen: SocketAddr,
+        /// Directory for local state (the HTTP sources' ingest logs).
+        #[arg(long, default_value = sluice_connectors::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Bytes all pipelines together may buffer before sources are pushed back, by priority.
+        #[arg(long, default_value_t = sluice_engine::budget::DEFAULT_SERVER_BUDGET)]
+        max_buffer_bytes: u64,
     },
     /// Parse, resolve and plan every statement without touching data; print each pipeline's plan.
     Validate {
@@ -73,8 +79,8 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<PipelineText>> {
     files
         .iter()
         .map(|p| {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read pipeline file {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("cannot read pipeline file {}", p.display()))?;
             Ok(PipelineText::new(p.display().to_string(), text)?)
         })
         .collect()
@@ -108,10 +114,7 @@ async fn validate(files: &[PathBuf]) -> Result<()> {
 }
 
 fn indent(s: &str) -> String {
-    s.lines()
-        .map(|l| format!("  {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
 }
 
 async fn query(sql: &str, tables: &[(String, String)], format: OutputFormat) -> Result<()> {
@@ -129,11 +132,7 @@ async fn query(sql: &str, tables: &[(String, String)], format: OutputFormat) -> 
     let batches = ctx.sql_with_options(sql, opts).await?.collect().await?;
     let mut out = std::io::stdout().lock();
     match format {
-        OutputFormat::Table => writeln!(
-            out,
-            "{}",
-            arrow::util::pretty::pretty_format_batches(&batches)?
-        )?,
+        OutputFormat::Table => writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&batches)?)?,
         OutputFormat::Csv => {
             let mut w = arrow::csv::Writer::new(&mut out);
             for b in &batches {
@@ -151,10 +150,10 @@ async fn query(sql: &str, tables: &[(String, String)], format: OutputFormat) -> 
     Ok(())
 }
 
-async fn run(files: &[PathBuf], listen: SocketAddr) -> Result<()> {
+async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Result<()> {
     let texts = read_files(files)?;
-    let registry = sluice_connectors::registry();
-    let server = runtime::start(&texts, &registry, listen).await?;
+    let registry = sluice_connectors::registry_with_state(state_dir);
+    let server = runtime::start(&texts, &registry, config).await?;
     println!("sluice listening on http://{}", server.addr());
     std::io::stdout().flush()?;
     let trigger = server.shutdown_trigger();
@@ -172,10 +171,7 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -202,10 +198,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -214,13 +207,20 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run { files, listen } => run(&files, listen).await,
-            Command::Validate { files } => validate(&files).await,
-            Command::Query {
-                sql,
-                tables,
-                format,
+            Command::Run {
+                files,
+                listen,
+                state_dir,
+                max_buffer_bytes,
             } => {
+                let config = ServerConfig {
+                    listen,
+                    max_buffer_bytes,
+                };
+                run(&files, config, &state_dir).await
+            }
+            Command::Validate { files } => validate(&files).await,
+            Command::Query { sql, tables, format } => {
                 if tables.is_empty() {
                     bail!("name at least one table: --table NAME=LOCATION");
                 }

@@ -18,20 +18,25 @@ pub mod files;
 pub mod http;
 pub mod parquet;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use sluice_engine::registry::Registry;
 
-/// A registry with every connector of this build.
+/// Where `sluice run` keeps local state (ingest logs) unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = ".sluice";
+
+/// A registry with every connector of this build, keeping local state in [`DEFAULT_STATE_DIR`].
 pub fn registry() -> Registry {
+    registry_with_state(Path::new(DEFAULT_STATE_DIR))
+}
+
+/// A registry with every connector of this build, keeping local state under `state_dir`.
+pub fn registry_with_state(state_dir: &Path) -> Registry {
     let mut r = Registry::new();
-    r.add_source(Arc::new(http::HttpSourceFactory::default()));
-    r.add_source(Arc::new(files::DirSourceFactory::new(
-        files::config::DirFormat::Ndjson,
-    )));
-    r.add_source(Arc::new(files::DirSourceFactory::new(
-        files::config::DirFormat::Csv,
-    )));
+    r.add_source(Arc::new(http::HttpSourceFactory::new(state_dir)));
+    r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Ndjson)));
+    r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Csv)));
     r.add_sink(Arc::new(parquet::ParquetSinkFactory));
     r
 }

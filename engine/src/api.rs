@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::pipeline::{PipelineStatus, StatusHandle};
+use crate::pipeline::{PipelineState, PipelineStatus, StatusHandle};
 
 /// What the management endpoints read.
 #[derive(Clone)]
@@ -36,18 +36,29 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready")
+    if !s.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_string());
+    }
+    let failed: Vec<String> = s
+        .statuses
+        .iter()
+        .filter_map(|h| {
+            let st = h.lock().unwrap_or_else(|p| p.into_inner());
+            matches!(st.state, PipelineState::Failed).then(|| st.name.clone())
+        })
+        .collect();
+    if failed.is_empty() {
+        (StatusCode::OK, "ready".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failed: {}", failed.join(", ")),
+        )
     }
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
+    ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
 }
 
 async fn pipelines(State(s): State<ApiState>) -> Json<Vec<PipelineStatus>> {

@@ -59,32 +59,22 @@ impl BatchPolicy {
     pub fn from_options(options: &Options) -> Result<Self, OptionError> {
         let mut p = BatchPolicy::default();
         if let Some(v) = options.get("batch.max_rows") {
-            p.max_rows = v
-                .parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| OptionError {
-                    key: "batch.max_rows".into(),
-                    message: format!("batch.max_rows must be a positive integer, got '{v}'"),
-                })?;
+            p.max_rows = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| OptionError {
+                key: "batch.max_rows".into(),
+                message: format!("batch.max_rows must be a positive integer, got '{v}'"),
+            })?;
         }
         if let Some(v) = options.get("batch.max_bytes") {
-            p.max_bytes = parse_bytes(v)
-                .filter(|n| *n > 0)
-                .ok_or_else(|| OptionError {
-                    key: "batch.max_bytes".into(),
-                    message: format!("batch.max_bytes must be a size such as '32MB', got '{v}'"),
-                })?;
+            p.max_bytes = parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
+                key: "batch.max_bytes".into(),
+                message: format!("batch.max_bytes must be a size such as '32MB', got '{v}'"),
+            })?;
         }
         if let Some(v) = options.get("batch.interval") {
-            p.interval = parse_duration(v)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| OptionError {
-                    key: "batch.interval".into(),
-                    message: format!(
-                        "batch.interval must be a duration such as '500ms' or '2s', got '{v}'"
-                    ),
-                })?;
+            p.interval = parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| OptionError {
+                key: "batch.interval".into(),
+                message: format!("batch.interval must be a duration such as '500ms' or '2s', got '{v}'"),
+            })?;
         }
         Ok(p)
     }
@@ -186,16 +176,10 @@ mod tests {
     fn options_are_checked() {
         let mut o = Options::new();
         o.insert("batch.interval".into(), "soon".into());
-        assert_eq!(
-            BatchPolicy::from_options(&o).unwrap_err().key,
-            "batch.interval"
-        );
+        assert_eq!(BatchPolicy::from_options(&o).unwrap_err().key, "batch.interval");
         o.insert("batch.interval".into(), "250ms".into());
         o.insert("batch.max_bytes".into(), "1MB".into());
         let p = BatchPolicy::from_options(&o).unwrap();
-        assert_eq!(
-            (p.interval, p.max_bytes),
-            (Duration::from_millis(250), 1 << 20)
-        );
+        assert_eq!((p.interval, p.max_bytes), (Duration::from_millis(250), 1 << 20));
     }
 }

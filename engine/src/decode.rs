@@ -17,8 +17,8 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, PrimitiveArray, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{
-    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
-    TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType,
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType,
 };
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
@@ -93,12 +93,7 @@ impl RecordDecoder {
 
     /// Decodes the records `records` (byte ranges of `buf`). When the ranges are exactly the
     /// non-blank lines of `buf`, pass `contiguous = true` so the fast path decodes `buf` as is.
-    pub fn decode(
-        &self,
-        buf: &[u8],
-        records: &[Range<usize>],
-        contiguous: bool,
-    ) -> Result<Decoded> {
+    pub fn decode(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
         if records.is_empty() {
             return Ok(Decoded {
                 batch: RecordBatch::new_empty(self.schema.clone()),
@@ -159,9 +154,7 @@ impl RecordDecoder {
             RecordBatch::new_empty(self.raw_schema.clone())
         } else {
             self.decode_raw(&join(buf, &good_ranges), good_ranges.len())
-                .map_err(|e| {
-                    EngineError::Internal(format!("records decoded alone failed together: {e}"))
-                })?
+                .map_err(|e| EngineError::Internal(format!("records decoded alone failed together: {e}")))?
         };
         let (batch, bad) = self.finish(raw)?;
         rejected.extend(bad.into_iter().map(|(j, error)| Rejected {
@@ -225,16 +218,11 @@ impl RecordDecoder {
         for (field, col) in self.schema.fields().iter().zip(raw.columns()) {
             match field.data_type() {
                 DataType::Timestamp(unit, tz) => {
-                    let text = col.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
-                        EngineError::Internal("timestamp column not decoded as text".into())
-                    })?;
-                    columns.push(parse_timestamps(
-                        text,
-                        *unit,
-                        tz.clone(),
-                        field.name(),
-                        &mut bad,
-                    ));
+                    let text = col
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .ok_or_else(|| EngineError::Internal("timestamp column not decoded as text".into()))?;
+                    columns.push(parse_timestamps(text, *unit, tz.clone(), field.name(), &mut bad));
                 }
                 _ => columns.push(col.clone()),
             }
@@ -251,10 +239,7 @@ impl RecordDecoder {
             .map(|i| Some(bad.binary_search_by_key(&i, |(j, _)| *j).is_err()))
             .collect();
         let kept = filter_record_batch(&loose, &keep)?;
-        Ok((
-            RecordBatch::try_new(self.schema.clone(), kept.columns().to_vec())?,
-            bad,
-        ))
+        Ok((RecordBatch::try_new(self.schema.clone(), kept.columns().to_vec())?, bad))
     }
 }
 
@@ -328,18 +313,16 @@ fn parse_timestamps(
         }
     });
     match unit {
-        TimeUnit::Second => {
-            Arc::new(PrimitiveArray::<TimestampSecondType>::from_iter(values).with_timezone_opt(tz))
+        TimeUnit::Second => Arc::new(PrimitiveArray::<TimestampSecondType>::from_iter(values).with_timezone_opt(tz)),
+        TimeUnit::Millisecond => {
+            Arc::new(PrimitiveArray::<TimestampMillisecondType>::from_iter(values).with_timezone_opt(tz))
         }
-        TimeUnit::Millisecond => Arc::new(
-            PrimitiveArray::<TimestampMillisecondType>::from_iter(values).with_timezone_opt(tz),
-        ),
-        TimeUnit::Microsecond => Arc::new(
-            PrimitiveArray::<TimestampMicrosecondType>::from_iter(values).with_timezone_opt(tz),
-        ),
-        TimeUnit::Nanosecond => Arc::new(
-            PrimitiveArray::<TimestampNanosecondType>::from_iter(values).with_timezone_opt(tz),
-        ),
+        TimeUnit::Microsecond => {
+            Arc::new(PrimitiveArray::<TimestampMicrosecondType>::from_iter(values).with_timezone_opt(tz))
+        }
+        TimeUnit::Nanosecond => {
+            Arc::new(PrimitiveArray::<TimestampNanosecondType>::from_iter(values).with_timezone_opt(tz))
+        }
     }
 }
 
@@ -440,26 +423,17 @@ mod tests {
             .unwrap();
         assert_eq!(ts.value(0), 1_763_805_600_000_000_000);
         assert_eq!(ts.value(1), 1_763_805_600_000_000_000);
-        let names = out
-            .batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap();
+        let names = out.batch.column(1).as_any().downcast_ref::<StringArray>().unwrap();
         assert_eq!(names.value(1), "7");
     }
 
     #[test]
     fn bad_records_are_isolated() {
-        let buf = b"{\"id\":1}\nnot json\n{\"id\":\"x\"}\n{\"name\":\"no id\"}\n{\"id\":5,\"ts\":\"yesterday\"}\n{\"id\":6}";
+        let buf =
+            b"{\"id\":1}\nnot json\n{\"id\":\"x\"}\n{\"name\":\"no id\"}\n{\"id\":5,\"ts\":\"yesterday\"}\n{\"id\":6}";
         let d = RecordDecoder::new(Format::Json, schema());
         let out = d.decode(buf, &lines(buf), true).unwrap();
-        let ids = out
-            .batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap();
+        let ids = out.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(ids.values().to_vec(), vec![1, 6]);
         let idx: Vec<usize> = out.rejected.iter().map(|r| r.index).collect();
         assert_eq!(idx, vec![1, 2, 3, 4]);

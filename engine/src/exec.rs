@@ -130,8 +130,7 @@ impl BatchPlan {
         self.slot.set(batch);
         let df = DataFrame::new(self.ctx.state(), self.plan.clone());
         let out = df.collect().await;
-        self.slot
-            .set(RecordBatch::new_empty(self.slot.schema.clone()));
+        self.slot.set(RecordBatch::new_empty(self.slot.schema.clone()));
         out
     }
 }

@@ -26,18 +26,22 @@
 
 pub mod api;
 pub mod batcher;
+pub mod budget;
 pub mod commit;
+pub mod crash;
 pub mod dead_letter;
 pub mod decode;
 pub mod error;
 pub mod exec;
 pub mod pipeline;
 pub mod registry;
+pub mod retry;
 pub mod runtime;
 pub mod sink;
 pub mod source;
 pub mod store;
 pub mod table;
 pub mod telemetry;
+pub mod wal;
 
 pub use error::{EngineError, Result};

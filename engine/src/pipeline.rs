@@ -9,26 +9,21 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::batcher::{BatchPolicy, Batcher};
+use crate::budget::Budget;
 use crate::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::exec::BatchPlan;
+use crate::retry::{RetryPolicy, is_transient};
 use crate::sink::Sink;
 use crate::source::Chunk;
-
-/// First back-off delay after a failed commit.
-pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(200);
-/// Longest back-off delay.
-pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
-/// Attempts before the pipeline gives up and turns failed.
-pub const DEFAULT_RETRY_ATTEMPTS: u32 = 8;
 
 /// The life-cycle state of a pipeline, as shown by `GET /v1/pipelines`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -41,7 +36,7 @@ pub enum PipelineState {
     Running,
     /// A commit failed; retrying with back-off.
     Retrying,
-    /// Gave up after repeated failures; see `last_error`.
+    /// Failed repeatedly: not ready, input refused, still retrying; see `last_error`.
     Failed,
     /// Drained and stopped.
     Stopped,
@@ -105,6 +100,14 @@ pub struct PipelineTask {
     pub schema: TableSchema,
     /// Shared status.
     pub status: StatusHandle,
+    /// The pipeline's memory budget (released after each commit).
+    pub budget: Arc<Budget>,
+    /// Where committed source positions are announced to the source.
+    pub committed: watch::Sender<Option<serde_json::Value>>,
+    /// Becomes true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Back-off for failed commits.
+    pub retry: RetryPolicy,
 }
 
 impl PipelineTask {
@@ -139,40 +142,49 @@ impl PipelineTask {
         }
     }
 
-    /// Commits the open batch, retrying transient failures with back-off.
+    /// Commits the open batch. Transient failures are retried with back-off: after
+    /// `retry.max_attempts` the pipeline reports `failed` (not ready, input refused by the
+    /// budget) and keeps retrying at the longest delay until the store recovers — or, once the
+    /// server is shutting down, gives up (what was acknowledged stays in the source's log).
     async fn flush(&mut self, batcher: &mut Batcher) -> Result<()> {
         let chunks = batcher.take();
-        let mut delay = DEFAULT_RETRY_INITIAL;
+        let bytes: u64 = chunks.iter().map(|c| c.bytes as u64).sum();
         let mut attempt = 0;
         loop {
             attempt += 1;
             match self.commit_epoch(&chunks).await {
                 Ok(()) => {
+                    self.budget.release(bytes);
                     update(&self.status, |s| {
                         s.state = PipelineState::Running;
                         s.buffered_records = 0;
+                        s.last_error = None;
                     });
                     return Ok(());
                 }
                 Err(e) => {
-                    let retriable = matches!(e, EngineError::Store { .. } | EngineError::Io { .. });
                     tracing::error!(pipeline = %self.name, epoch = self.next_epoch, attempt, error = %e, "commit failed");
                     metrics::counter!("sluice_commit_retries_total", "pipeline" => self.name.clone()).increment(1);
                     let msg = e.to_string();
-                    if !retriable || attempt >= DEFAULT_RETRY_ATTEMPTS {
+                    let stopping = *self.shutdown.borrow();
+                    if !is_transient(&e) || (stopping && attempt >= self.retry.max_attempts) {
                         update(&self.status, |s| {
                             s.state = PipelineState::Failed;
                             s.last_error = Some(msg);
                         });
                         return Err(e);
                     }
+                    let state = if attempt >= self.retry.max_attempts {
+                        PipelineState::Failed
+                    } else {
+                        PipelineState::Retrying
+                    };
                     update(&self.status, |s| {
-                        s.state = PipelineState::Retrying;
+                        s.state = state;
                         s.last_error = Some(msg);
                     });
                     // Back-off between attempts of a failed commit (not test synchronisation).
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).min(DEFAULT_RETRY_MAX_DELAY);
+                    tokio::time::sleep(self.retry.delay(attempt.min(self.retry.max_attempts))).await;
                 }
             }
         }
@@ -182,10 +194,7 @@ impl PipelineTask {
     async fn commit_epoch(&mut self, chunks: &[Chunk]) -> Result<()> {
         let started = Instant::now();
         let epoch = self.next_epoch;
-        let mut dead: Vec<DeadLetter> = chunks
-            .iter()
-            .flat_map(|c| c.dead_letters.iter().cloned())
-            .collect();
+        let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
         let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
         let schema = self.plan_input_schema(chunks);
         let input = arrow::compute::concat_batches(&schema, chunks.iter().map(|c| &c.batch))?;
@@ -194,15 +203,12 @@ impl PipelineTask {
         let output = self.transform(input, &mut dead).await?;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
 
-        let files = self
-            .sink
-            .stage(&self.log, &self.name, epoch, output)
-            .await?;
+        let files = self.sink.stage(&self.log, epoch, output).await?;
         let mut dead_letters = Vec::new();
         if !dead.is_empty() {
             let date = chrono::Utc::now().format("%Y-%m-%d");
-            let path = format!("_sluice/dead_letter/{date}/{epoch:020}.ndjson");
-            self.log.stage(epoch, &path, to_ndjson(&dead)).await?;
+            let path = format!("_sluice/dead_letter/{date}/{epoch:020}-{}.ndjson", self.name);
+            self.log.stage(&path, to_ndjson(&dead)).await?;
             dead_letters.push(DeadLetterFile {
                 path,
                 records: dead.len() as u64,
@@ -212,7 +218,7 @@ impl PipelineTask {
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
         }
-        let entry = CommitEntry {
+        let mut entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
             pipeline: self.name.clone(),
@@ -229,13 +235,15 @@ impl PipelineTask {
             },
             schema: self.schema.clone(),
         };
-        self.log.commit(&entry).await?;
-        self.next_epoch += 1;
+        self.log.commit(&mut entry).await?;
+        let epoch = entry.epoch;
+        self.next_epoch = epoch + 1;
+        crate::crash::point("after_commit");
+        let _ = self.committed.send(positions.get(&self.source).cloned());
         self.positions = positions;
 
         let name = self.name.clone();
-        metrics::counter!("sluice_events_written_total", "pipeline" => name.clone())
-            .increment(written);
+        metrics::counter!("sluice_events_written_total", "pipeline" => name.clone()).increment(written);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "decode", "reason" => "dead_letter")
             .increment(decode_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "transform", "reason" => "dead_letter")
@@ -264,11 +272,7 @@ impl PipelineTask {
     }
 
     /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters them.
-    async fn transform(
-        &self,
-        input: RecordBatch,
-        dead: &mut Vec<DeadLetter>,
-    ) -> Result<Vec<RecordBatch>> {
+    async fn transform(&self, input: RecordBatch, dead: &mut Vec<DeadLetter>) -> Result<Vec<RecordBatch>> {
         match self.plan.execute(input.clone()).await {
             Ok(out) => return Ok(out),
             Err(e) if input.num_rows() == 0 => return Err(e.into()),
@@ -318,14 +322,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Full jitter on a back-off delay: a uniform pick in [delay/2, delay].
-fn jitter(delay: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0) as u64;
-    let half = delay / 2;
-    half + Duration::from_nanos(nanos % (half.as_nanos() as u64 + 1))
 }

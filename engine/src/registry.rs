@@ -8,6 +8,7 @@ use std::sync::Arc;
 use sluice_sql::{ConnectorCatalog, ConnectorSpec, Role, SinkDef, SourceDef};
 
 use crate::batcher::BatchPolicy;
+use crate::budget::BufferPolicy;
 use crate::error::Result;
 use crate::sink::Sink;
 use crate::source::Source;
@@ -83,9 +84,11 @@ impl Registry {
             let mut spec = f.spec();
             spec.role = Role::Source;
             spec.options.extend(BatchPolicy::option_specs());
+            spec.options.extend(BufferPolicy::option_specs());
             let inner = spec.check.take();
             spec.check = Some(Arc::new(move |opts, location| {
                 BatchPolicy::from_options(opts)?;
+                BufferPolicy::from_options(opts)?;
                 match &inner {
                     Some(check) => check(opts, location),
                     None => Ok(()),

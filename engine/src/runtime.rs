@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::api::{self, ApiState};
 use crate::batcher::BatchPolicy;
+use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
 use crate::commit::{ColumnSpec, CommitLog, TableSchema};
 use crate::error::{EngineError, Result};
 use crate::exec::BatchPlan;
@@ -21,14 +22,31 @@ use crate::registry::Registry;
 use crate::source::SourceContext;
 use crate::telemetry;
 
-/// Chunks a pipeline's channel holds before its source is pushed back on.
-pub const CHUNK_CHANNEL_CAPACITY: usize = 64;
+/// Chunks a pipeline's channel holds; memory is bounded by the byte budget, this only bounds
+/// the count of tiny chunks.
+pub const CHUNK_CHANNEL_CAPACITY: usize = 4096;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The HTTP listener's address (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Bytes all pipelines together may buffer.
+    pub max_buffer_bytes: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for a listener address.
+    pub fn new(listen: SocketAddr) -> Self {
+        ServerConfig {
+            listen,
+            max_buffer_bytes: DEFAULT_SERVER_BUDGET,
+        }
+    }
+}
 
 /// Compiles pipeline files against the registry's connectors.
-pub async fn compile(
-    files: &[PipelineText],
-    registry: &Registry,
-) -> Result<(SessionContext, Program)> {
+pub async fn compile(files: &[PipelineText], registry: &Registry) -> Result<(SessionContext, Program)> {
     let ctx = sluice_sql::session();
     let program = sluice_sql::compile(&ctx, &registry.catalog(), files).await?;
     Ok((ctx, program))
@@ -76,9 +94,7 @@ impl Server {
                     first.get_or_insert(e);
                 }
                 Err(e) => {
-                    first.get_or_insert(EngineError::Internal(format!(
-                        "pipeline task panicked: {e}"
-                    )));
+                    first.get_or_insert(EngineError::Internal(format!("pipeline task panicked: {e}")));
                 }
             }
         }
@@ -97,12 +113,10 @@ impl Server {
     }
 }
 
-/// Compiles `files`, recovers and starts every pipeline, and serves HTTP on `listen`.
-pub async fn start(
-    files: &[PipelineText],
-    registry: &Registry,
-    listen: SocketAddr,
-) -> Result<Server> {
+/// Compiles `files`, recovers and starts every pipeline, and serves HTTP.
+pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerConfig) -> Result<Server> {
+    let listen = config.listen;
+    let server_budget = ServerBudget::new(config.max_buffer_bytes);
     let metrics = telemetry::prometheus();
     let (ctx, program) = compile(files, registry).await?;
     if program.pipelines.is_empty() {
@@ -119,10 +133,7 @@ pub async fn start(
     let mut started = Vec::new();
 
     for def in &program.pipelines {
-        let (source_def, sink_def) = match (
-            program.sources.get(&def.source),
-            program.sinks.get(&def.name),
-        ) {
+        let (source_def, sink_def) = match (program.sources.get(&def.source), program.sinks.get(&def.name)) {
             (Some(a), Some(b)) => (a, b),
             _ => {
                 return Err(EngineError::Internal(format!(
@@ -139,23 +150,19 @@ pub async fn start(
         }));
         statuses.push(status.clone());
 
-        let sink_factory = registry.sink(&sink_def.connector).ok_or_else(|| {
-            EngineError::Internal(format!("no sink factory for {}", sink_def.connector))
-        })?;
-        let source_factory = registry.source(&source_def.connector).ok_or_else(|| {
-            EngineError::Internal(format!("no source factory for {}", source_def.connector))
-        })?;
+        let sink_factory = registry
+            .sink(&sink_def.connector)
+            .ok_or_else(|| EngineError::Internal(format!("no sink factory for {}", sink_def.connector)))?;
+        let source_factory = registry
+            .source(&source_def.connector)
+            .ok_or_else(|| EngineError::Internal(format!("no source factory for {}", source_def.connector)))?;
         let sink = sink_factory.create(sink_def)?;
-        let log = CommitLog::new(sink.table().clone());
+        let log = CommitLog::new(sink.table().clone(), &def.name);
         let recovered = log.recover().await?;
         if recovered.orphans_removed + recovered.moves_completed > 0 {
             tracing::info!(pipeline = %def.name, orphans = recovered.orphans_removed, finished = recovered.moves_completed, "recovered sink table");
         }
-        let positions = recovered
-            .last
-            .as_ref()
-            .map(|e| e.sources.clone())
-            .unwrap_or_default();
+        let positions = recovered.last.as_ref().map(|e| e.sources.clone()).unwrap_or_default();
         if let Some(last) = &recovered.last {
             update(&status, |s| {
                 s.last_epoch = Some(last.epoch);
@@ -178,6 +185,10 @@ pub async fn start(
                 .collect(),
             partition_by: sink_def.partition_by.clone(),
         };
+        let buffer = BufferPolicy::from_options(&source_def.options)
+            .map_err(|e| EngineError::config(e.message, None::<String>))?;
+        let budget = Budget::new(&def.name, buffer, server_budget.clone());
+        let (committed_tx, committed_rx) = watch::channel(positions.get(&def.source).cloned());
         let (tx, rx) = mpsc::channel(CHUNK_CHANNEL_CAPACITY);
         let source = source_factory.create(source_def, &def.name)?;
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -189,6 +200,8 @@ pub async fn start(
             tx,
             shutdown: shutdown_rx.clone(),
             started: Some(started_tx),
+            budget: budget.clone(),
+            committed: committed_rx,
         };
         let source_status = status.clone();
         let source_name = def.name.clone();
@@ -209,6 +222,10 @@ pub async fn start(
             positions,
             schema,
             status,
+            budget,
+            committed: committed_tx,
+            shutdown: shutdown_rx.clone(),
+            retry: crate::retry::RetryPolicy::default(),
         };
         let name = def.name.clone();
         tasks.spawn(async move { (name, task.run(rx).await) });

@@ -10,10 +10,10 @@ use crate::store::TableStore;
 /// A table a pipeline commits to.
 ///
 /// Implementors MUST:
-/// - write every file through [`CommitLog::stage`] for the given epoch, never at its target
-///   (the commit moves it there);
-/// - derive file names from the pipeline, the epoch and the partition only (never from the
-///   clock), so re-running an epoch rewrites the same names;
+/// - write every file through [`CommitLog::stage`], never at its target (the commit moves it
+///   there);
+/// - derive file names from the writer ([`CommitLog::writer`]), the epoch and the partition only
+///   (never from the clock), so re-running an epoch rewrites the same names;
 /// - return one [`FileAction`] per staged file, with table-relative target paths.
 #[async_trait::async_trait]
 pub trait Sink: Send + Sync {
@@ -21,11 +21,5 @@ pub trait Sink: Send + Sync {
     fn table(&self) -> &TableStore;
 
     /// Stages the output of one epoch.
-    async fn stage(
-        &self,
-        log: &CommitLog,
-        pipeline: &str,
-        epoch: u64,
-        batches: Vec<RecordBatch>,
-    ) -> Result<Vec<FileAction>>;
+    async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>>;
 }

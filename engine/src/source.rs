@@ -4,6 +4,9 @@
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use std::sync::Arc;
+
+use crate::budget::Budget;
 use crate::dead_letter::DeadLetter;
 use crate::error::Result;
 
@@ -43,6 +46,12 @@ pub struct SourceContext {
     pub shutdown: watch::Receiver<bool>,
     /// Fired by [`SourceContext::mark_started`].
     pub started: Option<oneshot::Sender<()>>,
+    /// The pipeline's memory budget: acquire a chunk's `bytes` before sending it (the pipeline
+    /// releases them after the commit that covers the chunk).
+    pub budget: Arc<Budget>,
+    /// The newest committed position of this source for this pipeline (after each commit), so
+    /// the source can discard what is durable downstream (ingest-log segments, offsets).
+    pub committed: watch::Receiver<Option<serde_json::Value>>,
 }
 
 impl SourceContext {
@@ -61,6 +70,8 @@ impl SourceContext {
 /// - call [`SourceContext::mark_started`] once it takes input;
 /// - resume strictly after `ctx.start` (no record before it is sent again, none after it skipped);
 /// - attach to each chunk the position after its last record, when positions exist;
+/// - acquire `chunk.bytes` from `ctx.budget` before sending a chunk (reject or wait as the
+///   budget's policy says), so memory stays bounded;
 /// - return promptly once `ctx.shutdown` turns `true`, dropping `ctx.tx` so the pipeline can
 ///   flush and commit what it has;
 /// - never panic on bad input: undecodable records become [`DeadLetter`]s in the chunk.

@@ -35,8 +35,7 @@ impl TableStore {
         } else {
             location.to_string()
         };
-        std::fs::create_dir_all(&local)
-            .map_err(EngineError::io(format!("creating table directory {local}")))?;
+        std::fs::create_dir_all(&local).map_err(EngineError::io(format!("creating table directory {local}")))?;
         let store = LocalFileSystem::new_with_prefix(&local)
             .map_err(EngineError::store(format!("opening {local}")))?
             .with_automatic_cleanup(true);
@@ -48,11 +47,7 @@ impl TableStore {
     }
 
     /// A store already built (tests, custom stores), rooted at `root`.
-    pub fn from_store(
-        store: Arc<dyn ObjectStore>,
-        root: Path,
-        location: impl Into<String>,
-    ) -> Self {
+    pub fn from_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
         TableStore {
             store,
             root,
@@ -71,10 +66,7 @@ impl TableStore {
     /// The table-relative form of an absolute path.
     pub fn relative(&self, path: &Path) -> String {
         match path.prefix_match(&self.root) {
-            Some(parts) => parts
-                .map(|p| p.as_ref().to_string())
-                .collect::<Vec<_>>()
-                .join("/"),
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
             None => path.to_string(),
         }
     }
@@ -82,15 +74,5 @@ impl TableStore {
     /// `_sluice/log/`.
     pub fn log_dir(&self) -> Path {
         self.path("_sluice/log")
-    }
-
-    /// `_sluice/staging/`.
-    pub fn staging_dir(&self) -> Path {
-        self.path("_sluice/staging")
-    }
-
-    /// Where the file that will be committed at `target` (table-relative) is staged in `epoch`.
-    pub fn staged(&self, epoch: u64, target: &str) -> Path {
-        self.path(&format!("_sluice/staging/{epoch:020}/{target}"))
     }
 }

@@ -40,14 +40,11 @@ impl CommittedTable {
     /// Reads the log of the table at `location` and registers its store with `ctx`.
     pub async fn open(ctx: &SessionContext, location: &str) -> Result<Self> {
         let table = TableStore::open(location)?;
-        let (files, schema) = CommitLog::new(table.clone()).committed_files().await?;
+        let (files, schema) = CommitLog::new(table.clone(), "sluice-query").committed_files().await?;
         let schema = schema.ok_or_else(|| {
             EngineError::config(
                 format!("no committed data at '{location}'"),
-                Some(
-                    "the table has no commit yet: check the LOCATION, or wait for the first batch"
-                        .to_string(),
-                ),
+                Some("the table has no commit yet: check the LOCATION, or wait for the first batch".to_string()),
             )
         })?;
         let mut data = Vec::new();
@@ -78,8 +75,7 @@ impl CommittedTable {
         let id = NEXT_STORE.fetch_add(1, Ordering::Relaxed);
         let raw = format!("sluice-table-{id}://store/");
         let url = ObjectStoreUrl::parse(&raw)?;
-        let parsed =
-            Url::parse(&raw).map_err(|e| EngineError::Internal(format!("store url {raw}: {e}")))?;
+        let parsed = Url::parse(&raw).map_err(|e| EngineError::Internal(format!("store url {raw}: {e}")))?;
         ctx.register_object_store(&parsed, table.store.clone());
         Ok(CommittedTable {
             url,
@@ -135,10 +131,8 @@ impl TableProvider for CommittedTable {
             .files
             .iter()
             .map(|f| {
-                Ok(
-                    PartitionedFile::new(self.table.path(&f.path).to_string(), f.bytes)
-                        .with_partition_values(self.partition_values(f)?),
-                )
+                Ok(PartitionedFile::new(self.table.path(&f.path).to_string(), f.bytes)
+                    .with_partition_values(self.partition_values(f)?))
             })
             .collect::<datafusion::error::Result<Vec<_>>>()?;
         let n = state.config().target_partitions().max(1);

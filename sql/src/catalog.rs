@@ -74,8 +74,7 @@ impl ConnectorCatalog {
 
     /// Adds (or replaces) a connector.
     pub fn register(&mut self, spec: ConnectorSpec) {
-        self.specs
-            .insert((spec.role, spec.name.to_uppercase()), spec);
+        self.specs.insert((spec.role, spec.name.to_uppercase()), spec);
     }
 
     /// The connector for a role and `STORED AS` name (case-insensitive).
@@ -135,14 +134,8 @@ mod tests {
         assert_eq!(parse_bytes("64MB"), Some(64 << 20));
         assert_eq!(parse_bytes("10"), Some(10));
         assert_eq!(parse_bytes("1TB"), None);
-        assert_eq!(
-            parse_duration("250ms"),
-            Some(std::time::Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_duration("2s"),
-            Some(std::time::Duration::from_secs(2))
-        );
+        assert_eq!(parse_duration("250ms"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Some(std::time::Duration::from_secs(2)));
         assert_eq!(parse_duration("fast"), None);
     }
 }

@@ -23,9 +23,7 @@ use datafusion::logical_expr::{DdlStatement, Expr, LogicalPlan, LogicalPlanBuild
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::{CreateExternalTable, DFParser, Statement as DFStatement};
 use datafusion::sql::planner::object_name_to_table_reference;
-use datafusion::sql::sqlparser::ast::{
-    ObjectName, SetExpr, Statement as SQLStatement, TableObject, Value,
-};
+use datafusion::sql::sqlparser::ast::{ObjectName, SetExpr, Statement as SQLStatement, TableObject, Value};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Location, Span};
@@ -99,14 +97,11 @@ pub struct Program {
 
 impl Program {
     /// The optimized plan of a pipeline in `EXPLAIN` form.
-    pub fn explain(
-        &self,
-        ctx: &SessionContext,
-        pipeline: &PipelineDef,
-    ) -> Result<String, SqlError> {
-        let optimized = ctx.state().optimize(&pipeline.plan).map_err(|e| {
-            SqlError::Internal(format!("optimizing pipeline {}: {e}", pipeline.name))
-        })?;
+    pub fn explain(&self, ctx: &SessionContext, pipeline: &PipelineDef) -> Result<String, SqlError> {
+        let optimized = ctx
+            .state()
+            .optimize(&pipeline.plan)
+            .map_err(|e| SqlError::Internal(format!("optimizing pipeline {}: {e}", pipeline.name)))?;
         Ok(optimized.display_indent().to_string())
     }
 }
@@ -140,23 +135,22 @@ struct Parsed<'a> {
 }
 
 fn parse_file(text: &PipelineText) -> Result<Vec<Parsed<'_>>, SqlError> {
-    let statements =
-        DFParser::parse_sql_with_dialect(&text.text, &GenericDialect {}).map_err(|e| {
-            let msg = strip_position(
-                &e.strip_backtrace()
-                    .replace("SQL error: ParserError(\"", "")
-                    .replace("sql parser error: ", ""),
-            );
-            let at = e
-                .diagnostic()
-                .and_then(|d| d.span)
-                .and_then(|s| text.locate(to_sp(s)))
-                .or_else(|| text.locate_message(&e.to_string()));
-            let hint = msg
-                .strip_prefix("Expected: ")
-                .map(|rest| format!("expected {}", rest.split(", found").next().unwrap_or(rest)));
-            SqlError::invalid(msg.clone(), at, hint)
-        })?;
+    let statements = DFParser::parse_sql_with_dialect(&text.text, &GenericDialect {}).map_err(|e| {
+        let msg = strip_position(
+            &e.strip_backtrace()
+                .replace("SQL error: ParserError(\"", "")
+                .replace("sql parser error: ", ""),
+        );
+        let at = e
+            .diagnostic()
+            .and_then(|d| d.span)
+            .and_then(|s| text.locate(to_sp(s)))
+            .or_else(|| text.locate_message(&e.to_string()));
+        let hint = msg
+            .strip_prefix("Expected: ")
+            .map(|rest| format!("expected {}", rest.split(", found").next().unwrap_or(rest)));
+        SqlError::invalid(msg.clone(), at, hint)
+    })?;
     let tokens = text.statements();
     if tokens.len() != statements.len() {
         return Err(SqlError::Internal(format!(
@@ -188,12 +182,7 @@ struct Compiler<'a> {
     defined: BTreeMap<String, Option<SourceLocation>>,
 }
 
-fn err_at(
-    p: &Parsed<'_>,
-    span: Option<Span>,
-    message: impl Into<String>,
-    hint: Option<String>,
-) -> SqlError {
+fn err_at(p: &Parsed<'_>, span: Option<Span>, message: impl Into<String>, hint: Option<String>) -> SqlError {
     let at = span
         .and_then(|s| p.text.locate(s))
         .or_else(|| p.text.locate(p.tokens.first_span()));
@@ -216,9 +205,7 @@ impl<'a> Compiler<'a> {
                 DFStatement::CreateExternalTable(c) => {
                     let name = self.table_name(p, &c.name)?;
                     if let Some(prev) = self.defined.get(&name) {
-                        let hint = prev
-                            .as_ref()
-                            .map(|l| format!("\"{name}\" is first defined at {l}"));
+                        let hint = prev.as_ref().map(|l| format!("\"{name}\" is first defined at {l}"));
                         return Err(err_at(
                             p,
                             p.tokens.after_keyword(Keyword::TABLE),
@@ -226,11 +213,9 @@ impl<'a> Compiler<'a> {
                             hint,
                         ));
                     }
-                    let at = p.text.locate(
-                        p.tokens
-                            .after_keyword(Keyword::TABLE)
-                            .unwrap_or(p.tokens.first_span()),
-                    );
+                    let at = p
+                        .text
+                        .locate(p.tokens.after_keyword(Keyword::TABLE).unwrap_or(p.tokens.first_span()));
                     if c.unbounded {
                         self.source(p, c, &name).await?;
                     } else if sink_names.contains(&name) {
@@ -240,9 +225,7 @@ impl<'a> Compiler<'a> {
                     }
                     self.defined.insert(name, at);
                 }
-                DFStatement::Statement(s) if matches!(**s, SQLStatement::Insert(_)) => {
-                    inserts.push(p)
-                }
+                DFStatement::Statement(s) if matches!(**s, SQLStatement::Insert(_)) => inserts.push(p),
                 _ => {
                     return Err(err_at(
                         p,
@@ -281,10 +264,7 @@ impl<'a> Compiler<'a> {
             let raw = match v.clone() {
                 Value::Number(n, _) => n.to_string(),
                 Value::Boolean(b) => b.to_string(),
-                other => other
-                    .clone()
-                    .into_string()
-                    .unwrap_or_else(|| other.to_string()),
+                other => other.clone().into_string().unwrap_or_else(|| other.to_string()),
             };
             let value = substitute_env(&raw).map_err(|m| {
                 err_at(
@@ -309,21 +289,10 @@ impl<'a> Compiler<'a> {
     fn location(&self, p: &Parsed<'_>, c: &CreateExternalTable) -> Result<String, SqlError> {
         let span = p.tokens.after_keyword(Keyword::LOCATION);
         if c.locations.len() != 1 {
-            return Err(err_at(
-                p,
-                span,
-                "a source or sink takes exactly one LOCATION",
-                None,
-            ));
+            return Err(err_at(p, span, "a source or sink takes exactly one LOCATION", None));
         }
-        substitute_env(&c.locations[0]).map_err(|m| {
-            err_at(
-                p,
-                span,
-                m,
-                Some("export the variable before starting sluice".into()),
-            )
-        })
+        substitute_env(&c.locations[0])
+            .map_err(|m| err_at(p, span, m, Some("export the variable before starting sluice".into())))
     }
 
     /// Validates the connector name, option keys and option values for a source or sink.
@@ -337,19 +306,14 @@ impl<'a> Compiler<'a> {
     ) -> Result<String, SqlError> {
         let stored = p.tokens.after_keyword(Keyword::STORED).and_then(|_| {
             // the token after STORED AS
-            let i = p.tokens.tokens.iter().position(|t| {
-                t.span
-                    == p.tokens
-                        .after_keyword(Keyword::STORED)
-                        .unwrap_or(Span::empty())
-            })?;
+            let i = p
+                .tokens
+                .tokens
+                .iter()
+                .position(|t| t.span == p.tokens.after_keyword(Keyword::STORED).unwrap_or(Span::empty()))?;
             p.tokens.tokens.get(i + 1).map(|t| t.span)
         });
-        let what = if role == Role::Source {
-            "source"
-        } else {
-            "sink"
-        };
+        let what = if role == Role::Source { "source" } else { "sink" };
         let Some(spec) = self.catalog.get(role, &c.file_type) else {
             let names = self.catalog.names(role);
             let mut hint = format!("known {what} connectors: {}", names.join(", "));
@@ -406,11 +370,7 @@ impl<'a> Compiler<'a> {
     }
 
     /// The Arrow schema of declared columns, as DataFusion maps SQL types.
-    async fn declared_schema(
-        &self,
-        p: &Parsed<'_>,
-        c: &CreateExternalTable,
-    ) -> Result<SchemaRef, SqlError> {
+    async fn declared_schema(&self, p: &Parsed<'_>, c: &CreateExternalTable) -> Result<SchemaRef, SqlError> {
         let mut c = c.clone();
         c.options.clear();
         let plan = self
@@ -420,9 +380,7 @@ impl<'a> Compiler<'a> {
             .await
             .map_err(|e| self.df_error(p, e))?;
         match plan {
-            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) => {
-                Ok(Arc::new(cmd.schema.as_arrow().clone()))
-            }
+            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) => Ok(Arc::new(cmd.schema.as_arrow().clone())),
             other => Err(SqlError::Internal(format!(
                 "CREATE EXTERNAL TABLE planned as {}",
                 other.display()
@@ -430,17 +388,17 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    async fn source(
-        &mut self,
-        p: &Parsed<'_>,
-        c: &CreateExternalTable,
-        name: &str,
-    ) -> Result<(), SqlError> {
+    async fn source(&mut self, p: &Parsed<'_>, c: &CreateExternalTable, name: &str) -> Result<(), SqlError> {
         let options = self.options(p, c)?;
         let location = self.location(p, c)?;
         let connector = self.check_connector(p, c, Role::Source, &options, &location)?;
         if c.columns.is_empty() {
-            return Err(err_at(p, p.tokens.after_keyword(Keyword::TABLE), format!("source \"{name}\" declares no columns"), Some("list the columns and their types: CREATE UNBOUNDED EXTERNAL TABLE name (col TYPE, ...)".into())));
+            return Err(err_at(
+                p,
+                p.tokens.after_keyword(Keyword::TABLE),
+                format!("source \"{name}\" declares no columns"),
+                Some("list the columns and their types: CREATE UNBOUNDED EXTERNAL TABLE name (col TYPE, ...)".into()),
+            ));
         }
         if !c.table_partition_cols.is_empty() {
             return Err(err_at(
@@ -455,11 +413,9 @@ impl<'a> Compiler<'a> {
         self.ctx
             .register_table(name, provider)
             .map_err(|e| self.df_error(p, e))?;
-        let defined_at = p.text.locate(
-            p.tokens
-                .after_keyword(Keyword::TABLE)
-                .unwrap_or(p.tokens.first_span()),
-        );
+        let defined_at = p
+            .text
+            .locate(p.tokens.after_keyword(Keyword::TABLE).unwrap_or(p.tokens.first_span()));
         self.program.sources.insert(
             name.to_string(),
             SourceDef {
@@ -474,12 +430,7 @@ impl<'a> Compiler<'a> {
         Ok(())
     }
 
-    async fn sink(
-        &mut self,
-        p: &Parsed<'_>,
-        c: &CreateExternalTable,
-        name: &str,
-    ) -> Result<(), SqlError> {
+    async fn sink(&mut self, p: &Parsed<'_>, c: &CreateExternalTable, name: &str) -> Result<(), SqlError> {
         let options = self.options(p, c)?;
         let location = self.location(p, c)?;
         let connector = self.check_connector(p, c, Role::Sink, &options, &location)?;
@@ -488,11 +439,9 @@ impl<'a> Compiler<'a> {
         } else {
             self.declared_schema(p, c).await?
         };
-        let defined_at = p.text.locate(
-            p.tokens
-                .after_keyword(Keyword::TABLE)
-                .unwrap_or(p.tokens.first_span()),
-        );
+        let defined_at = p
+            .text
+            .locate(p.tokens.after_keyword(Keyword::TABLE).unwrap_or(p.tokens.first_span()));
         let partition_by = c
             .table_partition_cols
             .iter()
@@ -513,17 +462,8 @@ impl<'a> Compiler<'a> {
         Ok(())
     }
 
-    async fn static_table(
-        &mut self,
-        p: &Parsed<'_>,
-        c: &CreateExternalTable,
-        name: &str,
-    ) -> Result<(), SqlError> {
-        let df_format = self
-            .ctx
-            .state()
-            .table_factories()
-            .contains_key(&c.file_type);
+    async fn static_table(&mut self, p: &Parsed<'_>, c: &CreateExternalTable, name: &str) -> Result<(), SqlError> {
+        let df_format = self.ctx.state().table_factories().contains_key(&c.file_type);
         if !df_format && self.catalog.get(Role::Source, &c.file_type).is_some() {
             return Err(err_at(
                 p,
@@ -537,8 +477,7 @@ impl<'a> Compiler<'a> {
         c.locations = vec![location];
         for (k, v) in c.options.iter_mut() {
             if let Some(s) = v.clone().into_string() {
-                let sub =
-                    substitute_env(&s).map_err(|m| err_at(p, p.tokens.option_value(k), m, None))?;
+                let sub = substitute_env(&s).map_err(|m| err_at(p, p.tokens.option_value(k), m, None))?;
                 *v = Value::SingleQuotedString(sub);
             }
         }
@@ -565,9 +504,7 @@ impl<'a> Compiler<'a> {
 
     async fn pipeline(&mut self, p: &Parsed<'_>) -> Result<(), SqlError> {
         let Some((sink_name, insert)) = insert_target(p)? else {
-            return Err(SqlError::Internal(
-                "pipeline statement is not an INSERT".into(),
-            ));
+            return Err(SqlError::Internal("pipeline statement is not an INSERT".into()));
         };
         let target_span = p.tokens.after_keyword(Keyword::INTO);
         let Some(sink) = self.program.sinks.get(&sink_name).cloned() else {
@@ -579,9 +516,9 @@ impl<'a> Compiler<'a> {
                 let names: Vec<&str> = self.program.sinks.keys().map(String::as_str).collect();
                 Some(match nearest(&sink_name, names.iter().copied()) {
                     Some(n) => format!("did you mean \"{n}\"?"),
-                    None => format!(
-                        "declare it first: CREATE EXTERNAL TABLE {sink_name} STORED AS PARQUET LOCATION '...'"
-                    ),
+                    None => {
+                        format!("declare it first: CREATE EXTERNAL TABLE {sink_name} STORED AS PARQUET LOCATION '...'")
+                    }
                 })
             };
             return Err(err_at(
@@ -592,9 +529,10 @@ impl<'a> Compiler<'a> {
             ));
         };
         if let Some(prev) = self.program.pipelines.iter().find(|q| q.name == sink_name) {
-            let hint = prev.defined_at.as_ref().map(|l| {
-                format!("the first INSERT INTO {sink_name} is at {l}; one pipeline per sink")
-            });
+            let hint = prev
+                .defined_at
+                .as_ref()
+                .map(|l| format!("the first INSERT INTO {sink_name} is at {l}; one pipeline per sink"));
             return Err(err_at(
                 p,
                 target_span,
@@ -642,18 +580,28 @@ impl<'a> Compiler<'a> {
             Ok(TreeNodeRecursion::Continue)
         })
         .map_err(|e| SqlError::Internal(e.to_string()))?;
-        let source_scans: Vec<&String> = scans
-            .iter()
-            .filter(|s| self.program.sources.contains_key(*s))
-            .collect();
+        let source_scans: Vec<&String> = scans.iter().filter(|s| self.program.sources.contains_key(*s)).collect();
         let source = match source_scans.as_slice() {
             [one] => (*one).clone(),
             [] => {
-                return Err(err_at(p, p.tokens.keyword(Keyword::FROM), format!("pipeline \"{sink_name}\" reads no unbounded source"), Some("a pipeline's FROM names a table declared with CREATE UNBOUNDED EXTERNAL TABLE".into())));
+                return Err(err_at(
+                    p,
+                    p.tokens.keyword(Keyword::FROM),
+                    format!("pipeline \"{sink_name}\" reads no unbounded source"),
+                    Some("a pipeline's FROM names a table declared with CREATE UNBOUNDED EXTERNAL TABLE".into()),
+                ));
             }
             many => {
                 let names: BTreeSet<&str> = many.iter().map(|s| s.as_str()).collect();
-                return Err(err_at(p, p.tokens.keyword(Keyword::FROM), format!("pipeline \"{sink_name}\" reads unbounded sources more than once ({})", names.into_iter().collect::<Vec<_>>().join(", ")), Some("join a source only with static tables; stream-stream joins are not supported".into())));
+                return Err(err_at(
+                    p,
+                    p.tokens.keyword(Keyword::FROM),
+                    format!(
+                        "pipeline \"{sink_name}\" reads unbounded sources more than once ({})",
+                        names.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
+                    Some("join a source only with static tables; stream-stream joins are not supported".into()),
+                ));
             }
         };
         self.check_stateless(p, &plan, &source)?;
@@ -663,11 +611,7 @@ impl<'a> Compiler<'a> {
         let out_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
         for col in &sink.partition_by {
             if out_schema.field_with_name(col).is_err() {
-                let names: Vec<&str> = out_schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect();
+                let names: Vec<&str> = out_schema.fields().iter().map(|f| f.name().as_str()).collect();
                 let hint = match nearest(col, names.iter().copied()) {
                     Some(n) => format!("did you mean \"{n}\"?"),
                     None => format!("the pipeline's columns are: {}", names.join(", ")),
@@ -675,9 +619,7 @@ impl<'a> Compiler<'a> {
                 return Err(err_at(
                     p,
                     target_span,
-                    format!(
-                        "partition column \"{col}\" of sink \"{sink_name}\" is not in the pipeline's output"
-                    ),
+                    format!("partition column \"{col}\" of sink \"{sink_name}\" is not in the pipeline's output"),
                     Some(hint),
                 ));
             }
@@ -704,12 +646,7 @@ impl<'a> Compiler<'a> {
     }
 
     /// Rejects operators that need state across micro-batches when they apply to the source.
-    fn check_stateless(
-        &self,
-        p: &Parsed<'_>,
-        plan: &LogicalPlan,
-        source: &str,
-    ) -> Result<(), SqlError> {
+    fn check_stateless(&self, p: &Parsed<'_>, plan: &LogicalPlan, source: &str) -> Result<(), SqlError> {
         let mut bad: Option<(&'static str, Keyword)> = None;
         plan.apply_with_subqueries(|node| {
             let what = match node {
@@ -742,19 +679,19 @@ impl<'a> Compiler<'a> {
             Some((what, kw)) => Err(err_at(
                 p,
                 p.tokens.keyword(kw),
-                format!("{what} over the unbounded source \"{source}\" needs state across micro-batches, which this version does not keep"),
-                Some("pipelines are stateless per event for now: filter, project, compute and join with static tables".into()),
+                format!(
+                    "{what} over the unbounded source \"{source}\" needs state across micro-batches, which this version does not keep"
+                ),
+                Some(
+                    "pipelines are stateless per event for now: filter, project, compute and join with static tables"
+                        .into(),
+                ),
             )),
         }
     }
 
     /// Casts the SELECT's output to the sink's declared columns (by position, like INSERT).
-    fn fit_to_sink(
-        &self,
-        p: &Parsed<'_>,
-        plan: LogicalPlan,
-        sink: &SinkDef,
-    ) -> Result<LogicalPlan, SqlError> {
+    fn fit_to_sink(&self, p: &Parsed<'_>, plan: LogicalPlan, sink: &SinkDef) -> Result<LogicalPlan, SqlError> {
         if sink.schema.fields().is_empty() {
             return Ok(plan);
         }
@@ -818,15 +755,10 @@ impl<'a> Compiler<'a> {
     fn df_error(&self, p: &Parsed<'_>, e: DataFusionError) -> SqlError {
         let diag = e.diagnostic().cloned();
         let span = diag.as_ref().and_then(|d| d.span).map(to_sp);
-        let mut hint = diag
-            .as_ref()
-            .and_then(|d| d.helps.first().map(|h| h.message.clone()));
+        let mut hint = diag.as_ref().and_then(|d| d.helps.first().map(|h| h.message.clone()));
         let root = e.find_root();
         if let DataFusionError::SchemaError(err, _) = root
-            && let SchemaError::FieldNotFound {
-                field,
-                valid_fields,
-            } = err.as_ref()
+            && let SchemaError::FieldNotFound { field, valid_fields } = err.as_ref()
         {
             let names: Vec<&str> = valid_fields.iter().map(|c| c.name.as_str()).collect();
             hint = Some(match nearest(&field.name, names.iter().copied()) {
@@ -845,16 +777,10 @@ impl<'a> Compiler<'a> {
             let names: Vec<&str> = self.defined.keys().map(String::as_str).collect();
             hint = Some(match nearest(missing, names.iter().copied()) {
                 Some(n) => format!("did you mean \"{n}\"?"),
-                None => format!(
-                    "declare it with CREATE [UNBOUNDED] EXTERNAL TABLE {missing} ... before the INSERT"
-                ),
+                None => format!("declare it with CREATE [UNBOUNDED] EXTERNAL TABLE {missing} ... before the INSERT"),
             });
         }
-        let span = span.or_else(|| {
-            p.text
-                .locate_message(&root.to_string())
-                .map(|_| Span::empty())
-        });
+        let span = span.or_else(|| p.text.locate_message(&root.to_string()).map(|_| Span::empty()));
         let at = match span {
             Some(s) if s != Span::empty() => p.text.locate(s),
             _ => p.text.locate_message(&root.to_string()),
@@ -898,8 +824,8 @@ fn insert_target<'s>(
             None,
         ));
     };
-    let r = object_name_to_table_reference(name.clone(), true)
-        .map_err(|e| err_at(p, None, e.strip_backtrace(), None))?;
+    let r =
+        object_name_to_table_reference(name.clone(), true).map_err(|e| err_at(p, None, e.strip_backtrace(), None))?;
     Ok(Some((r.table().to_string(), insert)))
 }
 
@@ -915,9 +841,7 @@ pub fn substitute_env(value: &str) -> Result<String, String> {
         };
         let name = &after[..end];
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!(
-                "'${{{name}}}' is not a valid environment variable reference"
-            ));
+            return Err(format!("'${{{name}}}' is not a valid environment variable reference"));
         }
         match std::env::var(name) {
             Ok(v) => out.push_str(&v),

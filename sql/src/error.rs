@@ -46,11 +46,7 @@ pub enum SqlError {
 
 impl SqlError {
     /// A user error at a known place with an optional hint.
-    pub fn invalid(
-        message: impl Into<String>,
-        at: Option<SourceLocation>,
-        hint: Option<String>,
-    ) -> Self {
+    pub fn invalid(message: impl Into<String>, at: Option<SourceLocation>, hint: Option<String>) -> Self {
         SqlError::Invalid {
             message: message.into(),
             at,
@@ -74,10 +70,7 @@ fn render(message: &str, at: Option<&SourceLocation>, hint: Option<&str>) -> Str
         Some(at) => {
             let gutter = at.line.to_string().len();
             let pad = " ".repeat(gutter);
-            out.push_str(&format!(
-                "{}:{}:{}: error: {message}\n",
-                at.file, at.line, at.column
-            ));
+            out.push_str(&format!("{}:{}:{}: error: {message}\n", at.file, at.line, at.column));
             out.push_str(&format!("{pad} |\n{} | {}\n", at.line, at.line_text));
             let lead: String = at
                 .line_text

@@ -142,10 +142,7 @@ impl<'a> StatementTokens<'a> {
 
     /// The span of the first token that is the keyword `kw`.
     pub fn keyword(&self, kw: Keyword) -> Option<Span> {
-        self.tokens
-            .iter()
-            .find(|t| is_keyword(t, kw))
-            .map(|t| t.span)
+        self.tokens.iter().find(|t| is_keyword(t, kw)).map(|t| t.span)
     }
 
     /// The span of the token right after the first keyword `kw` (e.g. the name after `AS`).
@@ -186,9 +183,7 @@ impl<'a> StatementTokens<'a> {
         let i = self.tokens.iter().position(|t| t.span == key_span)?;
         self.tokens[i + 1..]
             .iter()
-            .find(|t| {
-                !matches!(t.token, Token::Period | Token::Word(_)) || i + 1 == self.tokens.len()
-            })
+            .find(|t| !matches!(t.token, Token::Period | Token::Word(_)) || i + 1 == self.tokens.len())
             .map(|t| t.span)
     }
 }

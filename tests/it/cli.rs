@@ -28,10 +28,7 @@ fn every_example_validates_and_prints_its_plan() {
                     f.display(),
                     String::from_utf8_lossy(&out.stderr)
                 );
-                assert!(
-                    stdout.contains("pipeline ") && stdout.contains("TableScan"),
-                    "{stdout}"
-                );
+                assert!(stdout.contains("pipeline ") && stdout.contains("TableScan"), "{stdout}");
                 checked += 1;
             }
         }
@@ -50,17 +47,10 @@ fn validate_rejects_a_broken_file_with_its_position() {
          INSERT INTO o SELECT b FROM t;\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .arg("validate")
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).arg("validate").arg(&f).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("broken.sql:3:22: error: column 'b' not found"),
-        "{err}"
-    );
+    assert!(err.contains("broken.sql:3:22: error: column 'b' not found"), "{err}");
     assert!(
         err.contains("INSERT INTO o SELECT b FROM t;") && err.contains("^"),
         "{err}"

@@ -8,9 +8,7 @@ use std::time::Duration;
 use arrow::array::AsArray;
 use arrow::datatypes::{DataType, Int64Type};
 
-use crate::harness::{
-    Server, committed_output, dead_letters, drop_file, log_entries, read_hive, wait_until,
-};
+use crate::harness::{Server, committed_output, dead_letters, drop_file, log_entries, read_hive, wait_until};
 
 fn ndjson_pipeline(dir: &Path) -> String {
     format!(
@@ -37,12 +35,7 @@ fn lines(ids: std::ops::Range<i64>) -> String {
 
 /// Count of each id in the sink, read by plain DataFusion.
 async fn id_counts(sink: &Path) -> BTreeMap<i64, usize> {
-    let batches = read_hive(
-        sink,
-        &[("kind", DataType::Utf8)],
-        "SELECT id, doubled FROM t",
-    )
-    .await;
+    let batches = read_hive(sink, &[("kind", DataType::Utf8)], "SELECT id, doubled FROM t").await;
     let mut counts = BTreeMap::new();
     for b in batches {
         let ids = b.column(0).as_primitive::<Int64Type>();
@@ -101,23 +94,17 @@ async fn files_are_read_once_across_restarts_and_kills() {
     // A large file (several read chunks, several epochs), and kill -9 once part of it is
     // committed.
     drop_file(&incoming, "0004.ndjson", &lines(1500..200_000));
-    wait_until(
-        Duration::from_secs(60),
-        "part of the large file committed",
-        || (committed_output(&sink) > 1500).then_some(()),
-    );
+    wait_until(Duration::from_secs(60), "part of the large file committed", || {
+        (committed_output(&sink) > 1500).then_some(())
+    });
     server.kill9();
     drop_file(&incoming, "0005.ndjson", &lines(200_000..201_000));
     let server = Server::start(&[&sql], dir.path());
-    wait_until(
-        Duration::from_secs(120),
-        "everything committed after the kill",
-        || {
-            let last = log_entries(&sink).last().cloned()?;
-            let pos = &last["sources"]["events"];
-            (pos["file"] == "0005.ndjson" && pos["complete"] == true).then_some(())
-        },
-    );
+    wait_until(Duration::from_secs(120), "everything committed after the kill", || {
+        let last = log_entries(&sink).last().cloned()?;
+        let pos = &last["sources"]["events"];
+        (pos["file"] == "0005.ndjson" && pos["complete"] == true).then_some(())
+    });
     assert!(server.terminate().success());
 
     assert_exactly_once(&id_counts(&sink).await, 0..201_000);
@@ -127,28 +114,19 @@ async fn files_are_read_once_across_restarts_and_kills() {
     assert!(letters[0]["raw"].as_str().unwrap().contains("not a number"));
     // Counts in the log add up: every record is output or dead-lettered.
     let entries = log_entries(&sink);
-    let received: u64 = entries
-        .iter()
-        .map(|e| e["counts"]["received"].as_u64().unwrap())
-        .sum();
+    let received: u64 = entries.iter().map(|e| e["counts"]["received"].as_u64().unwrap()).sum();
     let dead: u64 = entries
         .iter()
         .map(|e| e["counts"]["dead_lettered"].as_u64().unwrap())
         .sum();
-    let output: u64 = entries
-        .iter()
-        .map(|e| e["counts"]["output"].as_u64().unwrap())
-        .sum();
+    let output: u64 = entries.iter().map(|e| e["counts"]["output"].as_u64().unwrap()).sum();
     assert_eq!(output, 201_000);
     assert_eq!(
         received,
         output + dead,
         "received = output + dead letters (no row is filtered here)"
     );
-    let epochs: Vec<u64> = entries
-        .iter()
-        .map(|e| e["epoch"].as_u64().unwrap())
-        .collect();
+    let epochs: Vec<u64> = entries.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
     assert_eq!(
         epochs,
         (1..=epochs.len() as u64).collect::<Vec<_>>(),
@@ -185,25 +163,15 @@ async fn csv_directory_source_with_header() {
         (committed_output(&sink) >= 2).then_some(())
     });
     assert!(server.terminate().success());
-    let batches = read_hive(
-        &sink,
-        &[],
-        "SELECT id, arrow_cast(name, 'Utf8') FROM t ORDER BY id",
-    )
-    .await;
+    let batches = read_hive(&sink, &[], "SELECT id, arrow_cast(name, 'Utf8') FROM t ORDER BY id").await;
     let names: Vec<String> = batches
         .iter()
         .flat_map(|b| {
             let s = b.column(1).as_string::<i32>();
-            (0..b.num_rows())
-                .map(|i| s.value(i).to_string())
-                .collect::<Vec<_>>()
+            (0..b.num_rows()).map(|i| s.value(i).to_string()).collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(
-        names,
-        vec!["x, with comma".to_string(), "multi\nline".to_string()]
-    );
+    assert_eq!(names, vec!["x, with comma".to_string(), "multi\nline".to_string()]);
     let letters = dead_letters(&sink);
     assert_eq!(letters.len(), 1);
     assert!(letters[0]["raw"].as_str().unwrap().starts_with("bad,z"));

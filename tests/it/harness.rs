@@ -31,10 +31,7 @@ pub fn wait_until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Opti
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
         // Polling interval of a condition wait with a deadline, not a synchronisation sleep.
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -102,14 +99,10 @@ impl Server {
     /// Sends SIGTERM and waits (with a deadline) for the exit status.
     pub fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        wait_until(
-            Duration::from_secs(60),
-            "sluice to exit after SIGTERM",
-            || child.try_wait().ok().flatten(),
-        )
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        wait_until(Duration::from_secs(60), "sluice to exit after SIGTERM", || {
+            child.try_wait().ok().flatten()
+        })
     }
 
     /// Kills with SIGKILL (no chance to flush).
@@ -142,25 +135,12 @@ pub async fn read_hive(dir: &Path, partitions: &[(&str, DataType)], sql: &str) -
     let ctx = SessionContext::new();
     let opts = ListingOptions::new(std::sync::Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
-        .with_table_partition_cols(
-            partitions
-                .iter()
-                .map(|(n, t)| (n.to_string(), t.clone()))
-                .collect(),
-        );
-    let url = format!(
-        "file://{}/",
-        dir.canonicalize().expect("sink dir exists").display()
-    );
+        .with_table_partition_cols(partitions.iter().map(|(n, t)| (n.to_string(), t.clone())).collect());
+    let url = format!("file://{}/", dir.canonicalize().expect("sink dir exists").display());
     ctx.register_listing_table("t", &url, opts, None, None)
         .await
         .expect("register listing table");
-    ctx.sql(sql)
-        .await
-        .expect("plan")
-        .collect()
-        .await
-        .expect("query")
+    ctx.sql(sql).await.expect("plan").collect().await.expect("query")
 }
 
 /// Sum of `counts.output` over every commit entry of a sink (0 when there is none).
@@ -198,9 +178,10 @@ pub fn dead_letters(sink: &Path) -> Vec<serde_json::Value> {
             let path = sink.join(f["path"].as_str().expect("path"));
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|_| panic!("dead-letter file {} missing", path.display()));
-            out.extend(text.lines().map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).expect("dead letter is JSON")
-            }));
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("dead letter is JSON")),
+            );
         }
     }
     out

@@ -58,35 +58,22 @@ enum Event {
 fn event(i: i64) -> Event {
     if i % 53 == 7 {
         return match (i / 53) % 4 {
-            0 => Event::Bad(
-                format!("{{\"order_id\": {i}, \"amount\": oops"),
-                "Encountered",
-            ),
+            0 => Event::Bad(format!("{{\"order_id\": {i}, \"amount\": oops"), "Encountered"),
             1 => Event::Bad(
-                format!(
-                    "{{\"order_id\": {i}, \"amount\": \"abc\", \"currency\": \"USD\", \"ts\": 0}}"
-                ),
+                format!("{{\"order_id\": {i}, \"amount\": \"abc\", \"currency\": \"USD\", \"ts\": 0}}"),
                 "amount",
             ),
             2 => Event::Bad(
-                format!(
-                    "{{\"customer_id\": {i}, \"amount\": 1, \"currency\": \"USD\", \"ts\": 0}}"
-                ),
+                format!("{{\"customer_id\": {i}, \"amount\": 1, \"currency\": \"USD\", \"ts\": 0}}"),
                 "order_id",
             ),
             _ => Event::Bad(
-                format!(
-                    "{{\"order_id\": {i}, \"amount\": 1, \"currency\": \"USD\", \"ts\": \"yesterday\"}}"
-                ),
+                format!("{{\"order_id\": {i}, \"amount\": 1, \"currency\": \"USD\", \"ts\": \"yesterday\"}}"),
                 "timestamp",
             ),
         };
     }
-    let customer = if i % 7 == 0 {
-        Value::Null
-    } else {
-        json!(i % 100)
-    };
+    let customer = if i % 7 == 0 { Value::Null } else { json!(i % 100) };
     let amount = ((i * 37) % 1000) as f64 / 10.0;
     let currency = CURRENCIES[(i % 5) as usize];
     let status = STATUSES[((i / 5) % 4) as usize];
@@ -214,25 +201,14 @@ async fn http_events_become_partitioned_parquet() {
     let array: Vec<&String> = goods.split_off(goods.len() - 100);
     let ndjson: Vec<&String> = lines.iter().filter(|l| !array.contains(l)).collect();
     for part in ndjson.chunks(100) {
-        let body = part
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
+        let body = part.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
         let r = http.post(&ingest).body(body).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
         accepted += v["accepted"].as_u64().unwrap();
         rejected += v["rejected"].as_u64().unwrap();
     }
-    let body = format!(
-        "[{}]",
-        array
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let body = format!("[{}]", array.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","));
     let r = http
         .post(&ingest)
         .header("x-request-id", "array-1")
@@ -250,20 +226,11 @@ async fn http_events_become_partitioned_parquet() {
 
     // Bodies that are refused as a whole.
     // Not JSON at all (every record broken): 400, and nothing is kept or dead-lettered.
-    for body in [
-        "this is not json",
-        "{\"order_id\": 1, \"amount\": oops",
-        "[1, 2",
-    ] {
+    for body in ["this is not json", "{\"order_id\": 1, \"amount\": oops", "[1, 2"] {
         let r = http.post(&ingest).body(body).send().await.unwrap();
         assert_eq!(r.status(), 400, "{body}");
     }
-    let r = http
-        .post(&ingest)
-        .body("this is not json")
-        .send()
-        .await
-        .unwrap();
+    let r = http.post(&ingest).body("this is not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert!(
         r.json::<Value>().await.unwrap()["error"]
@@ -278,12 +245,7 @@ async fn http_events_become_partitioned_parquet() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let r = http
-        .post(&ingest)
-        .body(vec![b' '; 70 * 1024])
-        .send()
-        .await
-        .unwrap();
+    let r = http.post(&ingest).body(vec![b' '; 70 * 1024]).send().await.unwrap();
     assert_eq!(r.status(), 413);
 
     // Wait for the commits, by the log, with a deadline.
@@ -299,18 +261,8 @@ async fn http_events_become_partitioned_parquet() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("sluice_events_received_total"),
-        "{metrics}"
-    );
-    assert_eq!(
-        http.get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert!(metrics.contains("sluice_events_received_total"), "{metrics}");
+    assert_eq!(http.get(server.url("/readyz")).send().await.unwrap().status(), 200);
     let status: Value = http
         .get(server.url("/v1/pipelines"))
         .send()
@@ -348,9 +300,7 @@ async fn http_events_become_partitioned_parquet() {
     assert_eq!(letters.len(), bad.len());
     for l in &letters {
         let raw = l["raw"].as_str().unwrap();
-        let why = bad
-            .get(raw)
-            .unwrap_or_else(|| panic!("unexpected dead letter {l}"));
+        let why = bad.get(raw).unwrap_or_else(|| panic!("unexpected dead letter {l}"));
         assert_eq!(l["stage"], "decode");
         assert_eq!(l["source"], "orders");
         assert!(

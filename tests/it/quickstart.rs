@@ -15,10 +15,7 @@ fn quickstart_pipeline_runs_and_is_queryable() {
     for f in ["pipeline.sql", "data/fx.csv"] {
         std::fs::copy(repo_root().join("examples/quickstart").join(f), qs.join(f)).unwrap();
     }
-    let server = Server::start(
-        &[std::path::Path::new("examples/quickstart/pipeline.sql")],
-        dir.path(),
-    );
+    let server = Server::start(&[std::path::Path::new("examples/quickstart/pipeline.sql")], dir.path());
     let body = [
         r#"{"order_id":1,"customer_id":7,"amount":100,"currency":"EUR","status":"new","ts":"2026-11-22T10:00:00Z"}"#,
         r#"{"order_id":2,"amount":5,"currency":"USD","status":"test","ts":1763805600000}"#,

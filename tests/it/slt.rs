@@ -28,10 +28,7 @@ impl FrontEnd {
     async fn program(&self, extra: Option<&str>) -> Result<sluice_sql::Program, SltError> {
         let mut texts = Vec::new();
         for (i, s) in self.accepted.iter().enumerate() {
-            texts.push(
-                PipelineText::new(format!("prior-{i}.sql"), s.clone())
-                    .map_err(|e| SltError(e.to_string()))?,
-            );
+            texts.push(PipelineText::new(format!("prior-{i}.sql"), s.clone()).map_err(|e| SltError(e.to_string()))?);
         }
         if let Some(sql) = extra {
             texts.push(PipelineText::new("input.sql", sql).map_err(|e| SltError(e.to_string()))?);
@@ -85,10 +82,7 @@ impl sqllogictest::AsyncDB for FrontEnd {
 #[tokio::test]
 async fn slt_files() {
     let dir = crate::harness::repo_root().join("tests/slt");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     assert!(!files.is_empty(), "no .slt files in {}", dir.display());
     for f in files {

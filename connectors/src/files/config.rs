@@ -58,24 +58,17 @@ impl DirSourceConfig {
         if path.contains("://") || path.is_empty() {
             return Err(OptionError {
                 key: "LOCATION".into(),
-                message: format!(
-                    "a directory source's LOCATION is a local directory, got '{location}'"
-                ),
+                message: format!("a directory source's LOCATION is a local directory, got '{location}'"),
             });
         }
         let poll_interval = match options.get("poll_interval") {
             None => DEFAULT_POLL_INTERVAL,
-            Some(v) => parse_duration(v)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| OptionError {
-                    key: "poll_interval".into(),
-                    message: format!("poll_interval must be a duration such as '500ms', got '{v}'"),
-                })?,
+            Some(v) => parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| OptionError {
+                key: "poll_interval".into(),
+                message: format!("poll_interval must be a duration such as '500ms', got '{v}'"),
+            })?,
         };
-        let has_header = match options
-            .get("format.has_header")
-            .map(|s| s.to_ascii_lowercase())
-        {
+        let has_header = match options.get("format.has_header").map(|s| s.to_ascii_lowercase()) {
             None => true,
             Some(v) if v == "true" => true,
             Some(v) if v == "false" => false,

@@ -47,8 +47,7 @@ pub struct DirSource {
 /// Names of the files to read after `pos`, in order.
 fn pending(dir: &Path, pos: Option<&FilePosition>) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    let rd =
-        std::fs::read_dir(dir).map_err(EngineError::io(format!("listing {}", dir.display())))?;
+    let rd = std::fs::read_dir(dir).map_err(EngineError::io(format!("listing {}", dir.display())))?;
     for entry in rd {
         let entry = entry.map_err(EngineError::io(format!("listing {}", dir.display())))?;
         let Ok(name) = entry.file_name().into_string() else {
@@ -78,8 +77,7 @@ fn read_lines_from(path: &Path, offset: u64, max: usize) -> Result<(Vec<u8>, boo
     let ctx = || format!("reading {}", path.display());
     let mut f = std::fs::File::open(path).map_err(EngineError::io(ctx()))?;
     let len = f.metadata().map_err(EngineError::io(ctx()))?.len();
-    f.seek(SeekFrom::Start(offset))
-        .map_err(EngineError::io(ctx()))?;
+    f.seek(SeekFrom::Start(offset)).map_err(EngineError::io(ctx()))?;
     let mut buf = Vec::new();
     let mut eof = false;
     loop {
@@ -119,7 +117,10 @@ impl DirSource {
             let chunk = tokio::task::spawn_blocking(move || -> Result<(Chunk, u64, bool)> {
                 let (buf, eof) = match format {
                     DirFormat::Ndjson => read_lines_from(&path2, start, READ_CHUNK_BYTES)?,
-                    DirFormat::Csv => (std::fs::read(&path2).map_err(EngineError::io(format!("reading {}", path2.display())))?, true),
+                    DirFormat::Csv => (
+                        std::fs::read(&path2).map_err(EngineError::io(format!("reading {}", path2.display())))?,
+                        true,
+                    ),
                 };
                 let end = start + buf.len() as u64;
                 let (ranges, contiguous) = match format {
@@ -144,7 +145,11 @@ impl DirSource {
                         raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
                     })
                     .collect();
-                let position = FilePosition { file: file.clone(), offset: end, complete: eof };
+                let position = FilePosition {
+                    file: file.clone(),
+                    offset: end,
+                    complete: eof,
+                };
                 let chunk = Chunk {
                     batch: decoded.batch,
                     dead_letters,
@@ -156,6 +161,10 @@ impl DirSource {
             .await
             .map_err(|e| EngineError::Internal(format!("file reader task failed: {e}")))??;
             let (chunk, end, eof) = chunk;
+            let mut stop = ctx.shutdown.clone();
+            if !ctx.budget.acquire(chunk.bytes as u64, &mut stop).await {
+                return Ok(false);
+            }
             if ctx.tx.send(chunk).await.is_err() {
                 return Ok(false);
             }
@@ -174,19 +183,12 @@ impl DirSource {
 impl Source for DirSource {
     async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<()> {
         let dir: PathBuf = self.config.dir.clone();
-        std::fs::create_dir_all(&dir)
-            .map_err(EngineError::io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(EngineError::io(format!("creating {}", dir.display())))?;
         let mut pos: Option<FilePosition> = match &ctx.start {
-            Some(v) => {
-                Some(
-                    serde_json::from_value(v.clone()).map_err(|e| EngineError::CommitLog {
-                        path: dir.display().to_string(),
-                        message: format!(
-                            "recorded position {v} is not a directory-source position: {e}"
-                        ),
-                    })?,
-                )
-            }
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| EngineError::CommitLog {
+                path: dir.display().to_string(),
+                message: format!("recorded position {v} is not a directory-source position: {e}"),
+            })?),
             None => None,
         };
         ctx.mark_started();
@@ -210,9 +212,7 @@ impl Source for DirSource {
                 if !self.read_file(&ctx, &name, offset).await? {
                     return Ok(());
                 }
-                let len = std::fs::metadata(dir.join(&name))
-                    .map(|m| m.len())
-                    .unwrap_or(offset);
+                let len = std::fs::metadata(dir.join(&name)).map(|m| m.len()).unwrap_or(offset);
                 pos = Some(FilePosition {
                     file: name,
                     offset: len,

@@ -28,6 +28,8 @@ pub struct HttpSourceConfig {
     pub endpoint: String,
     /// Largest body accepted.
     pub max_body_bytes: u64,
+    /// Whether acknowledgements wait for fsync.
+    pub durable_ack: bool,
 }
 
 impl HttpSourceConfig {
@@ -38,9 +40,7 @@ impl HttpSourceConfig {
             .filter(|n| !n.is_empty() && !n.contains('/'))
             .ok_or_else(|| OptionError {
                 key: "LOCATION".into(),
-                message: format!(
-                    "an HTTP source's LOCATION is '{PATH_PREFIX}<name>', got '{location}'"
-                ),
+                message: format!("an HTTP source's LOCATION is '{PATH_PREFIX}<name>', got '{location}'"),
             })?
             .to_string();
         if let Some(f) = options.get("format")
@@ -53,16 +53,26 @@ impl HttpSourceConfig {
         }
         let max_body_bytes = match options.get("max_body_bytes") {
             None => DEFAULT_MAX_BODY_BYTES,
-            Some(v) => parse_bytes(v)
-                .filter(|n| *n > 0)
-                .ok_or_else(|| OptionError {
-                    key: "max_body_bytes".into(),
-                    message: format!("max_body_bytes must be a size such as '16MB', got '{v}'"),
-                })?,
+            Some(v) => parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
+                key: "max_body_bytes".into(),
+                message: format!("max_body_bytes must be a size such as '16MB', got '{v}'"),
+            })?,
+        };
+        let durable_ack = match options.get("ack").map(|s| s.to_ascii_lowercase()) {
+            None => true,
+            Some(v) if v == "durable" => true,
+            Some(v) if v == "written" => false,
+            Some(v) => {
+                return Err(OptionError {
+                    key: "ack".into(),
+                    message: format!("ack is 'durable' or 'written', got '{v}'"),
+                });
+            }
         };
         Ok(HttpSourceConfig {
             endpoint,
             max_body_bytes,
+            durable_ack,
         })
     }
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod source;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -11,16 +12,28 @@ use axum::routing::post;
 use sluice_engine::decode::{Format, RecordDecoder};
 use sluice_engine::registry::SourceFactory;
 use sluice_engine::source::Source;
+use sluice_engine::wal::{DEFAULT_SEGMENT_BYTES, IngestLog};
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 
 use config::HttpSourceConfig;
 use source::{Endpoint, Endpoints, HttpSource};
 
-/// Makes HTTP sources and serves their endpoint.
-#[derive(Default)]
+/// Makes HTTP sources and serves their endpoint. Each source's ingest log lives under
+/// `<state_dir>/ingest/<source>/`.
 pub struct HttpSourceFactory {
     endpoints: Arc<Endpoints>,
+    state_dir: PathBuf,
+}
+
+impl HttpSourceFactory {
+    /// A factory keeping ingest logs under `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        HttpSourceFactory {
+            endpoints: Arc::default(),
+            state_dir: state_dir.into(),
+        }
+    }
 }
 
 impl SourceFactory for HttpSourceFactory {
@@ -38,12 +51,14 @@ impl SourceFactory for HttpSourceFactory {
     fn create(&self, def: &SourceDef, _pipeline: &str) -> Result<Box<dyn Source>> {
         let config = HttpSourceConfig::new(&def.options, &def.location)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        self.endpoints.declare(&config.endpoint, || Endpoint {
-            source: def.name.clone(),
-            decoder: RecordDecoder::new(Format::Json, def.schema.clone()),
-            max_body_bytes: config.max_body_bytes,
-            subscribers: Default::default(),
-        });
+        let dir = self.state_dir.join("ingest").join(&def.name);
+        self.endpoints.declare(&config.endpoint, || {
+            let (wal, report) = IngestLog::open(&dir, DEFAULT_SEGMENT_BYTES, config.durable_ack)?;
+            if report.truncated_bytes > 0 || !report.quarantined.is_empty() {
+                tracing::warn!(source = %def.name, truncated = report.truncated_bytes, quarantined = report.quarantined.len(), "ingest log repaired on open");
+            }
+            Ok(Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal)))
+        })?;
         Ok(Box::new(HttpSource {
             endpoints: self.endpoints.clone(),
             endpoint: config.endpoint,
@@ -53,12 +68,8 @@ impl SourceFactory for HttpSourceFactory {
     fn routes(&self) -> Option<Router> {
         // Bodies over every endpoint's limit are refused by axum before reading; the handler
         // applies each endpoint's own limit.
-        let limit = usize::try_from(
-            self.endpoints
-                .max_body_bytes()
-                .max(config::DEFAULT_MAX_BODY_BYTES),
-        )
-        .unwrap_or(usize::MAX);
+        let limit =
+            usize::try_from(self.endpoints.max_body_bytes().max(config::DEFAULT_MAX_BODY_BYTES)).unwrap_or(usize::MAX);
         Some(
             Router::new()
                 .route("/v1/sources/{name}", post(source::ingest))

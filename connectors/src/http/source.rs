@@ -1,20 +1,23 @@
 //! The HTTP ingest endpoint: `POST /v1/sources/{name}` with NDJSON or a JSON array.
 //!
-//! Each request is decoded on arrival (so the reply can say how many records were accepted and
-//! rejected), and the decoded chunk goes to every pipeline reading the source. A request is
-//! accepted by all of them or by none: capacity is reserved in every pipeline's channel first,
-//! and a full one answers 429 with `Retry-After`.
+//! A request is decoded on arrival (so the reply can say how many records were accepted and
+//! rejected), admitted against every reading pipeline's memory budget, appended to the source's
+//! ingest log, and answered 200 only once the log is fsynced. The log's writer hands each record
+//! to the pipelines in log order, tagged with its sequence number; a pipeline's commit records
+//! the highest sequence it covers, and on restart the log is replayed after it. Segments every
+//! pipeline has committed are deleted.
 //!
 //! | answer | when |
 //! |---|---|
-//! | 200 `{accepted, rejected, errors}` | the body was read; rejected records went to dead letters |
+//! | 200 `{accepted, rejected, errors, request_id, seq}` | durable; rejected records are dead letters |
 //! | 400 `{error}` | the body is not JSON at all (nothing is kept) |
 //! | 404 `{error}` | no source has that name |
 //! | 413 `{error}` | the body is larger than `max_body_bytes` |
-//! | 429 `{error}` + `Retry-After` | a pipeline's buffer is full |
-//! | 503 `{error}` | the server is shutting down |
+//! | 429 `{error}` + `Retry-After` | a pipeline's budget is full (`when_full` = `reject`) |
+//! | 503 `{error}` + `Retry-After` | starting, shutting down, or the ingest log cannot write |
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -24,17 +27,27 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use sluice_engine::budget::{Budget, WhenFull};
 use sluice_engine::dead_letter::{DeadLetter, Stage};
-use sluice_engine::decode::{RecordDecoder, lines};
+use sluice_engine::decode::{Decoded, RecordDecoder, lines};
 use sluice_engine::source::{Chunk, Source, SourceContext};
-use tokio::sync::mpsc;
+use sluice_engine::wal::IngestLog;
+use sluice_engine::{EngineError, Result};
+use tokio::sync::{mpsc, watch};
 
-/// Seconds a client is told to wait after a 429.
+/// Seconds a client is told to wait after a 429 or 503.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
 /// Errors listed in a 200 reply (the rest are only counted).
 pub const MAX_ERRORS_IN_REPLY: usize = 10;
 
-/// One ingest endpoint and the pipelines it feeds.
+/// A pipeline reading an endpoint.
+#[derive(Clone)]
+struct Subscriber {
+    tx: mpsc::Sender<Chunk>,
+    budget: Arc<Budget>,
+}
+
+/// One ingest endpoint: its log and the pipelines it feeds.
 pub struct Endpoint {
     /// The source table's name.
     pub source: String,
@@ -42,8 +55,27 @@ pub struct Endpoint {
     pub decoder: RecordDecoder,
     /// Largest body accepted.
     pub max_body_bytes: u64,
-    /// Channels of the pipelines reading this source, by pipeline name.
-    pub subscribers: BTreeMap<String, mpsc::Sender<Chunk>>,
+    /// The source's ingest log.
+    pub wal: Arc<IngestLog>,
+    /// How many pipelines read this source; intake opens when all have subscribed.
+    pub expected: usize,
+    subscribers: BTreeMap<String, Subscriber>,
+    committed: BTreeMap<String, u64>,
+}
+
+impl Endpoint {
+    /// A new endpoint with no pipeline yet.
+    pub fn new(source: String, decoder: RecordDecoder, max_body_bytes: u64, wal: Arc<IngestLog>) -> Self {
+        Endpoint {
+            source,
+            decoder,
+            max_body_bytes,
+            wal,
+            expected: 0,
+            subscribers: BTreeMap::new(),
+            committed: BTreeMap::new(),
+        }
+    }
 }
 
 /// Every HTTP endpoint of the server, by `{name}`.
@@ -51,27 +83,21 @@ pub struct Endpoint {
 pub struct Endpoints {
     by_name: RwLock<BTreeMap<String, Endpoint>>,
     next_request: AtomicU64,
+    /// Turns true at shutdown (held requests give up waiting for budget).
+    stop: RwLock<Option<watch::Receiver<bool>>>,
 }
 
 impl Endpoints {
-    /// Declares an endpoint (once per source; later calls keep the first).
-    pub fn declare(&self, name: &str, make: impl FnOnce() -> Endpoint) {
+    /// Declares an endpoint (the first call creates it) and counts one more reading pipeline.
+    pub fn declare(&self, name: &str, make: impl FnOnce() -> Result<Endpoint>) -> Result<()> {
         let mut map = self.by_name.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(name.to_string()).or_insert_with(make);
-    }
-
-    fn subscribe(&self, name: &str, pipeline: &str, tx: mpsc::Sender<Chunk>) {
-        let mut map = self.by_name.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = map.get_mut(name) {
-            e.subscribers.insert(pipeline.to_string(), tx);
+        if !map.contains_key(name) {
+            map.insert(name.to_string(), make()?);
         }
-    }
-
-    fn unsubscribe(&self, name: &str, pipeline: &str) {
-        let mut map = self.by_name.write().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = map.get_mut(name) {
-            e.subscribers.remove(pipeline);
+            e.expected += 1;
         }
+        Ok(())
     }
 
     /// The largest body any endpoint accepts.
@@ -79,6 +105,75 @@ impl Endpoints {
         let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
         map.values().map(|e| e.max_body_bytes).max().unwrap_or(0)
     }
+
+    fn with<T>(&self, name: &str, f: impl FnOnce(&mut Endpoint) -> T) -> Option<T> {
+        let mut map = self.by_name.write().unwrap_or_else(|p| p.into_inner());
+        map.get_mut(name).map(f)
+    }
+}
+
+/// Records of a body: the elements of a JSON array or the non-blank lines of NDJSON.
+fn split_body(body: &[u8]) -> std::result::Result<(Vec<u8>, Vec<Range<usize>>), String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if first == Some(b'[') {
+        let elems: Vec<&serde_json::value::RawValue> =
+            serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+        let mut buf = Vec::with_capacity(body.len());
+        let mut ranges = Vec::with_capacity(elems.len());
+        for e in elems {
+            let start = buf.len();
+            buf.extend_from_slice(e.get().as_bytes());
+            ranges.push(start..buf.len());
+            buf.push(b'\n');
+        }
+        Ok((buf, ranges))
+    } else {
+        Ok((body.to_vec(), lines(body)))
+    }
+}
+
+/// Decodes a body; `Err` when it is not JSON at all.
+fn decode_body(
+    decoder: &RecordDecoder,
+    source: &str,
+    request_id: &str,
+    body: &[u8],
+) -> std::result::Result<(Decoded, Vec<DeadLetter>), (StatusCode, String)> {
+    let (buf, ranges) = split_body(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    let decoded = decoder
+        .decode(&buf, &ranges, true)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("decoding failed: {e}")))?;
+    if decoded.batch.num_rows() == 0 && !decoded.rejected.is_empty() && decoded.rejected.iter().all(|r| r.syntax) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("body is not JSON: {}", decoded.rejected[0].error),
+        ));
+    }
+    let dead = decoded
+        .rejected
+        .iter()
+        .map(|r| DeadLetter {
+            source: source.to_string(),
+            position: json!({ "request_id": request_id, "record": r.index }),
+            stage: Stage::Decode,
+            error: r.error.clone(),
+            raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
+        })
+        .collect();
+    Ok((decoded, dead))
+}
+
+/// The ingest-log record of a request: `request_id \n body`.
+fn log_record(request_id: &str, body: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(request_id.len() + 1 + body.len());
+    p.extend_from_slice(request_id.as_bytes());
+    p.push(b'\n');
+    p.extend_from_slice(body);
+    p
+}
+
+fn seq_of(position: &Option<Value>) -> Option<u64> {
+    position.as_ref()?.get("seq")?.as_u64()
 }
 
 /// One pipeline's subscription to an endpoint.
@@ -89,20 +184,138 @@ pub struct HttpSource {
     pub endpoint: String,
 }
 
+impl HttpSource {
+    /// Sends every logged record after the committed position to the pipeline, before intake
+    /// opens (so nothing can interleave).
+    async fn replay(&self, ctx: &SourceContext) -> Result<u64> {
+        let from = seq_of(&ctx.start).map_or(0, |s| s + 1);
+        let Some((wal, decoder, source)) = self
+            .endpoints
+            .with(&self.endpoint, |e| (e.wal.clone(), e.decoder.clone(), e.source.clone()))
+        else {
+            return Err(EngineError::Internal(format!("endpoint {} vanished", self.endpoint)));
+        };
+        let (tx, budget, mut stop) = (ctx.tx.clone(), ctx.budget.clone(), ctx.shutdown.clone());
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut n = 0u64;
+            wal.read_from(from, |seq, payload| {
+                let split = payload.iter().position(|b| *b == b'\n').unwrap_or(payload.len());
+                let request_id = String::from_utf8_lossy(&payload[..split]).into_owned();
+                let body = payload.get(split + 1..).unwrap_or_default();
+                let (batch, dead_letters) = match decode_body(&decoder, &source, &request_id, body) {
+                    Ok((d, dead)) => (d.batch, dead),
+                    Err((_, e)) => (
+                        arrow::record_batch::RecordBatch::new_empty(decoder.schema().clone()),
+                        vec![DeadLetter {
+                            source: source.clone(),
+                            position: json!({ "request_id": request_id, "seq": seq }),
+                            stage: Stage::Decode,
+                            error: e,
+                            raw: String::from_utf8_lossy(body).into_owned(),
+                        }],
+                    ),
+                };
+                let bytes = body.len();
+                if !handle.block_on(budget.acquire(bytes as u64, &mut stop)) {
+                    return Err(EngineError::Stopped(source.clone()));
+                }
+                let chunk = Chunk {
+                    batch,
+                    dead_letters,
+                    position: Some(json!({ "seq": seq })),
+                    bytes,
+                };
+                tx.blocking_send(chunk)
+                    .map_err(|_| EngineError::Stopped(source.clone()))?;
+                n += 1;
+                Ok(())
+            })?;
+            Ok(n)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("replay task failed: {e}")))?
+    }
+}
+
 #[async_trait::async_trait]
 impl Source for HttpSource {
-    async fn run(self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
+    async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<()> {
+        {
+            let mut stop = self.endpoints.stop.write().unwrap_or_else(|p| p.into_inner());
+            stop.get_or_insert_with(|| ctx.shutdown.clone());
+        }
+        let replayed = match self.replay(&ctx).await {
+            Ok(n) => n,
+            Err(EngineError::Stopped(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if replayed > 0 {
+            tracing::info!(pipeline = %ctx.pipeline, source = %ctx.source, records = replayed, "replayed the ingest log");
+        }
+        let sub = Subscriber {
+            tx: ctx.tx.clone(),
+            budget: ctx.budget.clone(),
+        };
         self.endpoints
-            .subscribe(&self.endpoint, &ctx.pipeline, ctx.tx.clone());
+            .with(&self.endpoint, |e| e.subscribers.insert(ctx.pipeline.clone(), sub));
         ctx.mark_started();
-        let _ = ctx.shutdown.wait_for(|v| *v).await;
-        self.endpoints.unsubscribe(&self.endpoint, &ctx.pipeline);
+        let mut stop = ctx.shutdown.clone();
+        loop {
+            if *stop.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                r = stop.changed() => if r.is_err() { break },
+                changed = ctx.committed.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let seq = seq_of(&ctx.committed.borrow_and_update());
+                    if let Some(seq) = seq {
+                        self.discard_committed(&ctx.pipeline, seq).await;
+                    }
+                }
+            }
+        }
+        self.endpoints
+            .with(&self.endpoint, |e| e.subscribers.remove(&ctx.pipeline));
         Ok(())
     }
 }
 
+impl HttpSource {
+    /// Records that `pipeline` committed through `seq` and deletes the log segments every
+    /// pipeline has committed.
+    async fn discard_committed(&self, pipeline: &str, seq: u64) {
+        let Some((wal, min)) = self.endpoints.with(&self.endpoint, |e| {
+            e.committed.insert(pipeline.to_string(), seq);
+            let min = if e.committed.len() == e.expected {
+                e.committed.values().min().copied()
+            } else {
+                None
+            };
+            (e.wal.clone(), min)
+        }) else {
+            return;
+        };
+        if let Some(min) = min {
+            let res = tokio::task::spawn_blocking(move || wal.delete_before(min + 1)).await;
+            match res {
+                Ok(Ok(n)) if n > 0 => tracing::debug!(segments = n, "deleted committed ingest log segments"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not delete committed ingest log segments"),
+                _ => {}
+            }
+        }
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    let mut r = (status, Json(json!({ "error": message.into() }))).into_response();
+    if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        r.headers_mut().insert(header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
+    }
+    r
 }
 
 /// `POST /v1/sources/{name}`.
@@ -115,138 +328,124 @@ pub async fn ingest(
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.contains('\n'))
         .map(str::to_string)
-        .unwrap_or_else(|| {
-            format!(
-                "req-{}",
-                endpoints.next_request.fetch_add(1, Ordering::Relaxed)
-            )
-        });
-    let (decoder, source, max_body, subscribers) = {
-        let map = endpoints.by_name.read().unwrap_or_else(|p| p.into_inner());
-        let Some(e) = map.get(&name) else {
-            let known: Vec<&String> = map.keys().collect();
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("unknown source '{name}'; this server has: {known:?}"),
-            );
-        };
+        .unwrap_or_else(|| format!("req-{}", endpoints.next_request.fetch_add(1, Ordering::Relaxed)));
+    let found = endpoints.with(&name, |e| {
+        let open = e.subscribers.len() == e.expected;
         (
             e.decoder.clone(),
             e.source.clone(),
             e.max_body_bytes,
-            e.subscribers.clone(),
+            e.wal.clone(),
+            open.then(|| e.subscribers.clone()),
         )
+    });
+    let Some((decoder, source, max_body, wal, subscribers)) = found else {
+        let known: Vec<String> = endpoints
+            .by_name
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown source '{name}'; this server has: {known:?}"),
+        );
     };
     if body.len() as u64 > max_body {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "body of {} bytes exceeds max_body_bytes = {max_body}",
-                body.len()
-            ),
+            format!("body of {} bytes exceeds max_body_bytes = {max_body}", body.len()),
         );
     }
-    if subscribers.is_empty() {
+    let Some(subscribers) = subscribers.filter(|s| !s.is_empty()) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
+            "the source is starting or shutting down",
         );
-    }
+    };
+    let (decoded, dead_letters) = match decode_body(&decoder, &source, &request_id, &body) {
+        Ok(d) => d,
+        Err((status, msg)) => return error(status, msg),
+    };
 
-    // Records: the elements of a JSON array, or the non-blank lines of NDJSON.
-    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    let (buf, ranges, contiguous): (Vec<u8>, _, bool) = if first == Some(b'[') {
-        let elems: Vec<&serde_json::value::RawValue> = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => {
+    // Admission: every reading pipeline's budget, or none.
+    let bytes = body.len() as u64;
+    let mut taken: Vec<&Subscriber> = Vec::new();
+    let release = |taken: &[&Subscriber]| taken.iter().for_each(|s| s.budget.release(bytes));
+    for (pipeline, sub) in &subscribers {
+        if sub.budget.try_acquire(bytes) {
+            taken.push(sub);
+            continue;
+        }
+        match sub.budget.policy().when_full {
+            WhenFull::Reject => {
+                release(&taken);
+                metrics::counter!("sluice_http_rejected_total", "source" => source.clone(), "reason" => "budget")
+                    .increment(1);
                 return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("body is not valid JSON: {e}"),
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("pipeline {pipeline} is at its memory budget; retry later"),
                 );
             }
-        };
-        let mut buf = Vec::with_capacity(body.len());
-        let mut ranges = Vec::with_capacity(elems.len());
-        for e in elems {
-            let start = buf.len();
-            buf.extend_from_slice(e.get().as_bytes());
-            ranges.push(start..buf.len());
-            buf.push(b'\n');
+            WhenFull::Block => {
+                let stop = endpoints.stop.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(mut stop) = stop else {
+                    release(&taken);
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "the source is starting");
+                };
+                if !sub.budget.acquire(bytes, &mut stop).await {
+                    release(&taken);
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+                }
+                taken.push(sub);
+            }
         }
-        (buf, ranges, true)
-    } else {
-        let ranges = lines(&body);
-        (body.to_vec(), ranges, true)
-    };
-    let decoded = match decoder.decode(&buf, &ranges, contiguous) {
-        Ok(d) => d,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("decoding failed: {e}"),
-            );
-        }
-    };
-    if decoded.batch.num_rows() == 0
-        && !decoded.rejected.is_empty()
-        && decoded.rejected.iter().all(|r| r.syntax)
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("body is not JSON: {}", decoded.rejected[0].error),
-        );
     }
+
+    // Durable, then delivered in log order, then answered.
     let accepted = decoded.batch.num_rows();
+    let rejected = dead_letters.len();
     let errors: Vec<Value> = decoded
         .rejected
         .iter()
         .take(MAX_ERRORS_IN_REPLY)
         .map(|r| json!({ "record": r.index, "error": r.error }))
         .collect();
-    let dead_letters: Vec<DeadLetter> = decoded
-        .rejected
-        .iter()
-        .map(|r| DeadLetter {
-            source: source.clone(),
-            position: json!({ "request_id": request_id, "record": r.index }),
-            stage: Stage::Decode,
-            error: r.error.clone(),
-            raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
-        })
-        .collect();
-    let rejected = dead_letters.len();
-
-    // All pipelines or none: reserve everywhere first.
-    let mut permits = Vec::with_capacity(subscribers.len());
-    for (pipeline, tx) in &subscribers {
-        match tx.try_reserve() {
-            Ok(p) => permits.push(p),
-            Err(mpsc::error::TrySendError::Full(())) => {
-                metrics::counter!("sluice_http_rejected_total", "source" => source.clone(), "reason" => "busy").increment(1);
-                let mut r = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!("pipeline {pipeline} is busy; retry later"),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
-                return r;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let batch = decoded.batch;
+    let subs: Vec<Subscriber> = subscribers.into_values().collect();
+    let size = body.len();
+    wal.append(
+        log_record(&request_id, &body),
+        Box::new(move |res| {
+            if let Ok(seq) = res {
+                for s in &subs {
+                    let chunk = Chunk {
+                        batch: batch.clone(),
+                        dead_letters: dead_letters.clone(),
+                        position: Some(json!({ "seq": seq })),
+                        bytes: size,
+                    };
+                    if s.tx.blocking_send(chunk).is_err() {
+                        s.budget.release(bytes);
+                    }
+                }
+            } else {
+                subs.iter().for_each(|s| s.budget.release(bytes));
             }
-            Err(mpsc::error::TrySendError::Closed(())) => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("pipeline {pipeline} has stopped"),
-                );
-            }
-        }
+            let _ = done_tx.send(res);
+        }),
+    );
+    match done_rx.await {
+        Ok(Ok(seq)) => (
+            StatusCode::OK,
+            Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors, "request_id": request_id, "seq": seq })),
+        )
+            .into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not make the events durable: {e}")),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the ingest log stopped"),
     }
-    for permit in permits {
-        permit.send(Chunk {
-            batch: decoded.batch.clone(),
-            dead_letters: dead_letters.clone(),
-            position: None,
-            bytes: body.len(),
-        });
-    }
-    (StatusCode::OK, Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors, "request_id": request_id }))).into_response()
 }

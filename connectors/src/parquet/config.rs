@@ -71,9 +71,6 @@ mod tests {
             Compression::ZSTD(ZstdLevel::try_new(3).unwrap())
         );
         o.insert("compression".into(), "brotli-ish".into());
-        assert_eq!(
-            ParquetSinkConfig::from_options(&o).unwrap_err().key,
-            "compression"
-        );
+        assert_eq!(ParquetSinkConfig::from_options(&o).unwrap_err().key, "compression");
     }
 }

@@ -30,9 +30,7 @@ impl SinkFactory for ParquetSinkFactory {
                 if location.contains("://") && !location.starts_with("file://") {
                     return Err(sluice_sql::OptionError {
                         key: "LOCATION".into(),
-                        message: format!(
-                            "unsupported location '{location}': use a local path or a file:// URL"
-                        ),
+                        message: format!("unsupported location '{location}': use a local path or a file:// URL"),
                     });
                 }
                 Ok(())

@@ -43,17 +43,15 @@ impl ParquetSink {
     ) -> Result<Self> {
         let mut pidx = Vec::new();
         for p in partition_by {
-            pidx.push(schema.index_of(p).map_err(|_| {
-                EngineError::Internal(format!("partition column {p} not in output"))
-            })?);
+            pidx.push(
+                schema
+                    .index_of(p)
+                    .map_err(|_| EngineError::Internal(format!("partition column {p} not in output")))?,
+            );
         }
-        let data_columns: Vec<usize> = (0..schema.fields().len())
-            .filter(|i| !pidx.contains(i))
-            .collect();
+        let data_columns: Vec<usize> = (0..schema.fields().len()).filter(|i| !pidx.contains(i)).collect();
         let file_schema = Arc::new(schema.project(&data_columns)?);
-        let props = WriterProperties::builder()
-            .set_compression(config.compression)
-            .build();
+        let props = WriterProperties::builder().set_compression(config.compression).build();
         Ok(ParquetSink {
             table,
             schema,
@@ -69,16 +67,8 @@ impl ParquetSink {
         if self.partition_by.is_empty() {
             return Ok(vec![(vec![], batch.clone())]);
         }
-        let cols: Vec<_> = self
-            .partition_by
-            .iter()
-            .map(|i| batch.column(*i).clone())
-            .collect();
-        let conv = RowConverter::new(
-            cols.iter()
-                .map(|c| SortField::new(c.data_type().clone()))
-                .collect(),
-        )?;
+        let cols: Vec<_> = self.partition_by.iter().map(|i| batch.column(*i).clone()).collect();
+        let conv = RowConverter::new(cols.iter().map(|c| SortField::new(c.data_type().clone())).collect())?;
         let rows = conv.convert_columns(&cols)?;
         let mut groups: HashMap<&[u8], Vec<u32>> = HashMap::new();
         for (i, row) in rows.iter().enumerate() {
@@ -114,9 +104,8 @@ impl ParquetSink {
         let data = batch.project(&self.data_columns)?;
         let data = RecordBatch::try_new(self.file_schema.clone(), data.columns().to_vec())?;
         let mut buf = Vec::new();
-        let mut w =
-            ArrowWriter::try_new(&mut buf, self.file_schema.clone(), Some(self.props.clone()))
-                .map_err(|e| EngineError::Internal(format!("creating parquet writer: {e}")))?;
+        let mut w = ArrowWriter::try_new(&mut buf, self.file_schema.clone(), Some(self.props.clone()))
+            .map_err(|e| EngineError::Internal(format!("creating parquet writer: {e}")))?;
         w.write(&data)
             .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))?;
         w.close()
@@ -152,13 +141,8 @@ impl Sink for ParquetSink {
         &self.table
     }
 
-    async fn stage(
-        &self,
-        log: &CommitLog,
-        pipeline: &str,
-        epoch: u64,
-        batches: Vec<RecordBatch>,
-    ) -> Result<Vec<FileAction>> {
+    async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>> {
+        let pipeline = log.writer();
         let batch = arrow::compute::concat_batches(&self.schema, &batches)?;
         if batch.num_rows() == 0 {
             return Ok(vec![]);
@@ -179,7 +163,7 @@ impl Sink for ParquetSink {
             let n = rows.num_rows() as u64;
             let bytes = self.encode(rows)?;
             let size = bytes.len() as u64;
-            log.stage(epoch, &path, bytes).await?;
+            log.stage(&path, bytes).await?;
             actions.push(FileAction {
                 path,
                 rows: n,

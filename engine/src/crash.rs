@@ -1,0 +1,32 @@
+//! Crash points for testing the commit protocol: `SLUICE_CRASH_AT=<point>[:<n>]` aborts the
+//! process (like kill -9: no destructors, no flush) the n-th time (default first) execution
+//! reaches `<point>`. Unset, a crash point costs one relaxed load.
+//!
+//! Points: `after_wal_append` (durable, not yet acknowledged), `after_stage` (files staged, no
+//! log entry), `after_log_put` (entry written, files not moved), `after_move` (some files moved),
+//! `after_commit` (commit done, not yet reported to the source), `before_segment_delete`.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+/// Aborts the process here if `SLUICE_CRASH_AT` names this point (and its count is reached).
+pub fn point(name: &str) {
+    let target = TARGET.get_or_init(|| {
+        let v = std::env::var("SLUICE_CRASH_AT").ok()?;
+        let (p, n) = match v.split_once(':') {
+            Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
+            None => (v, 1),
+        };
+        Some((p, n))
+    });
+    if let Some((p, n)) = target
+        && p == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n
+    {
+        eprintln!("SLUICE_CRASH_AT={name}: aborting");
+        std::process::abort();
+    }
+}
