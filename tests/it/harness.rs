@@ -42,11 +42,18 @@ pub struct Server {
     child: Option<Child>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    stderr: PathBuf,
 }
 
 impl Server {
     /// Starts `sluice run FILES --listen 127.0.0.1:0` in `cwd` and waits for it to listen.
     pub fn start(files: &[&Path], cwd: &Path) -> Server {
+        Server::start_with(files, cwd, 0, &[])
+    }
+
+    /// Starts `sluice run FILES --listen 127.0.0.1:PORT` (0 = any) in `cwd` with extra
+    /// environment variables, and waits for it to listen.
+    pub fn start_with(files: &[&Path], cwd: &Path, port: u16, env: &[(&str, &str)]) -> Server {
         let stderr = cwd.join(format!(
             "sluice-stderr-{}.log",
             std::process::id() as u64 * 1000 + next_id()
@@ -55,7 +62,8 @@ impl Server {
         let mut child = Command::new(bin())
             .arg("run")
             .args(files)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().copied())
             .current_dir(cwd)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -88,12 +96,35 @@ impl Server {
         Server {
             child: Some(child),
             base,
+            stderr,
         }
     }
 
     /// A URL on the server.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Sends SIGTERM, waits (with a deadline) for the exit, and fails the test with the
+    /// server's log unless it exited 0.
+    pub fn stop(self) {
+        let log = self.stderr.clone();
+        let status = self.terminate();
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!(
+                "sluice exited with {status:?} after SIGTERM; last log lines:\n{}",
+                tail.join("\n")
+            );
+        }
     }
 
     /// Sends SIGTERM and waits (with a deadline) for the exit status.
@@ -103,6 +134,29 @@ impl Server {
         wait_until(Duration::from_secs(60), "sluice to exit after SIGTERM", || {
             child.try_wait().ok().flatten()
         })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Waits (with a deadline) for the process to exit by itself (e.g. at a crash point).
+    pub fn wait_exit(mut self, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let end = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("timed out after {deadline:?} waiting for sluice to exit by itself");
+            }
+            // Polling interval of a condition wait with a deadline.
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// Kills with SIGKILL (no chance to flush).
@@ -214,4 +268,33 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// A free loopback port (bound and released; the server binds it again right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A small deterministic generator (xorshift), for chaos timing and data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        lo + self.0 % (hi - lo).max(1)
+    }
+}
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

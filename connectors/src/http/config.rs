@@ -2,6 +2,11 @@
 
 use sluice_sql::{OptionError, OptionSpec, Options, parse_bytes};
 
+/// Default `log.segment_bytes`: ingest log segment size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Request ids remembered for de-duplicating retried requests.
+pub const DEDUP_WINDOW: usize = 1_000_000;
+
 /// The path prefix every HTTP source's LOCATION starts with.
 pub const PATH_PREFIX: &str = "/v1/sources/";
 /// Default `max_body_bytes`: the largest request body accepted.
@@ -18,6 +23,14 @@ pub fn option_specs() -> Vec<OptionSpec> {
             key: "max_body_bytes",
             doc: "largest request body, e.g. '16MB' (default 16MB); larger gets 413",
         },
+        OptionSpec {
+            key: "log.segment_bytes",
+            doc: "ingest log segment size, e.g. '64MB' (default 64MB)",
+        },
+        OptionSpec {
+            key: "ack",
+            doc: "'durable' (default): answer 200 once the ingest log is fsynced; 'written': once written, before fsync (faster; a power loss can lose acknowledged events)",
+        },
     ]
 }
 
@@ -30,6 +43,8 @@ pub struct HttpSourceConfig {
     pub max_body_bytes: u64,
     /// Whether acknowledgements wait for fsync.
     pub durable_ack: bool,
+    /// Ingest log segment size.
+    pub segment_bytes: u64,
 }
 
 impl HttpSourceConfig {
@@ -69,10 +84,18 @@ impl HttpSourceConfig {
                 });
             }
         };
+        let segment_bytes = match options.get("log.segment_bytes") {
+            None => DEFAULT_SEGMENT_BYTES,
+            Some(v) => parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
+                key: "log.segment_bytes".into(),
+                message: format!("log.segment_bytes must be a size such as '64MB', got '{v}'"),
+            })?,
+        };
         Ok(HttpSourceConfig {
             endpoint,
             max_body_bytes,
             durable_ack,
+            segment_bytes,
         })
     }
 }

@@ -12,7 +12,7 @@ use axum::routing::post;
 use sluice_engine::decode::{Format, RecordDecoder};
 use sluice_engine::registry::SourceFactory;
 use sluice_engine::source::Source;
-use sluice_engine::wal::{DEFAULT_SEGMENT_BYTES, IngestLog};
+use sluice_engine::wal::IngestLog;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 
@@ -53,11 +53,11 @@ impl SourceFactory for HttpSourceFactory {
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let dir = self.state_dir.join("ingest").join(&def.name);
         self.endpoints.declare(&config.endpoint, || {
-            let (wal, report) = IngestLog::open(&dir, DEFAULT_SEGMENT_BYTES, config.durable_ack)?;
+            let (wal, report) = IngestLog::open(&dir, config.segment_bytes, config.durable_ack)?;
             if report.truncated_bytes > 0 || !report.quarantined.is_empty() {
                 tracing::warn!(source = %def.name, truncated = report.truncated_bytes, quarantined = report.quarantined.len(), "ingest log repaired on open");
             }
-            Ok(Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal)))
+            Ok(Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal))?)
         })?;
         Ok(Box::new(HttpSource {
             endpoints: self.endpoints.clone(),

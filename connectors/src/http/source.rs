@@ -7,16 +7,23 @@
 //! the highest sequence it covers, and on restart the log is replayed after it. Segments every
 //! pipeline has committed are deleted.
 //!
+//! Retries are idempotent by `X-Request-Id`: the ids of the last [`DEDUP_WINDOW`] logged
+//! requests are remembered (rebuilt from the log on start), and a request whose id is already
+//! logged is answered 200 without being appended again. A producer that retries every request
+//! with the same id until it gets a 2xx gets exactly-once delivery.
+//!
 //! | answer | when |
 //! |---|---|
 //! | 200 `{accepted, rejected, errors, request_id, seq}` | durable; rejected records are dead letters |
+//! | 200 `{duplicate: true, request_id, seq}` | this `X-Request-Id` is already in the log: nothing added |
+//! | 409 `{error}` + `Retry-After` | a request with this `X-Request-Id` is being written right now |
 //! | 400 `{error}` | the body is not JSON at all (nothing is kept) |
 //! | 404 `{error}` | no source has that name |
 //! | 413 `{error}` | the body is larger than `max_body_bytes` |
 //! | 429 `{error}` + `Retry-After` | a pipeline's budget is full (`when_full` = `reject`) |
 //! | 503 `{error}` + `Retry-After` | starting, shutting down, or the ingest log cannot write |
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -32,6 +39,8 @@ use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::{Decoded, RecordDecoder, lines};
 use sluice_engine::source::{Chunk, Source, SourceContext};
 use sluice_engine::wal::IngestLog;
+
+use super::config::DEDUP_WINDOW;
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 
@@ -61,12 +70,15 @@ pub struct Endpoint {
     pub expected: usize,
     subscribers: BTreeMap<String, Subscriber>,
     committed: BTreeMap<String, u64>,
+    /// Request ids in the log (`Some(seq)`) or being written (`None`), oldest first in `order`.
+    seen: HashMap<String, Option<u64>>,
+    order: VecDeque<String>,
 }
 
 impl Endpoint {
-    /// A new endpoint with no pipeline yet.
-    pub fn new(source: String, decoder: RecordDecoder, max_body_bytes: u64, wal: Arc<IngestLog>) -> Self {
-        Endpoint {
+    /// A new endpoint with no pipeline yet; the request ids already logged are loaded.
+    pub fn new(source: String, decoder: RecordDecoder, max_body_bytes: u64, wal: Arc<IngestLog>) -> Result<Self> {
+        let mut e = Endpoint {
             source,
             decoder,
             max_body_bytes,
@@ -74,6 +86,33 @@ impl Endpoint {
             expected: 0,
             subscribers: BTreeMap::new(),
             committed: BTreeMap::new(),
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        let wal = e.wal.clone();
+        wal.read_from(0, |seq, payload| {
+            let split = payload.iter().position(|b| *b == b'\n').unwrap_or(payload.len());
+            e.remember(String::from_utf8_lossy(&payload[..split]).into_owned(), Some(seq));
+            Ok(())
+        })?;
+        Ok(e)
+    }
+
+    fn remember(&mut self, id: String, seq: Option<u64>) {
+        if self.seen.insert(id.clone(), seq).is_none() {
+            self.order.push_back(id);
+            while self.order.len() > DEDUP_WINDOW {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.seen.remove(id);
+        if let Some(i) = self.order.iter().rposition(|x| x == id) {
+            self.order.remove(i);
         }
     }
 }
@@ -333,15 +372,17 @@ pub async fn ingest(
         .unwrap_or_else(|| format!("req-{}", endpoints.next_request.fetch_add(1, Ordering::Relaxed)));
     let found = endpoints.with(&name, |e| {
         let open = e.subscribers.len() == e.expected;
+        let seen = e.seen.get(&request_id).copied();
         (
             e.decoder.clone(),
             e.source.clone(),
             e.max_body_bytes,
             e.wal.clone(),
             open.then(|| e.subscribers.clone()),
+            seen,
         )
     });
-    let Some((decoder, source, max_body, wal, subscribers)) = found else {
+    let Some((decoder, source, max_body, wal, subscribers, seen)) = found else {
         let known: Vec<String> = endpoints
             .by_name
             .read()
@@ -366,9 +407,46 @@ pub async fn ingest(
             "the source is starting or shutting down",
         );
     };
+    match seen {
+        Some(Some(seq)) => {
+            metrics::counter!("sluice_http_duplicates_total", "source" => source.clone()).increment(1);
+            return (
+                StatusCode::OK,
+                Json(json!({ "duplicate": true, "request_id": request_id, "seq": seq })),
+            )
+                .into_response();
+        }
+        Some(None) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("request {request_id} is being written; retry"),
+            );
+        }
+        None => {}
+    }
     let (decoded, dead_letters) = match decode_body(&decoder, &source, &request_id, &body) {
         Ok(d) => d,
         Err((status, msg)) => return error(status, msg),
+    };
+    // Claim the id (a concurrent duplicate now gets 409 until this one is settled).
+    let claimed = endpoints.with(&name, |e| match e.seen.get(&request_id) {
+        Some(_) => false,
+        None => {
+            e.remember(request_id.clone(), None);
+            true
+        }
+    });
+    if claimed != Some(true) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("request {request_id} is being written; retry"),
+        );
+    }
+    let settle = |seq: Option<u64>| {
+        endpoints.with(&name, |e| match seq {
+            Some(s) => e.remember(request_id.clone(), Some(s)),
+            None => e.forget(&request_id),
+        });
     };
 
     // Admission: every reading pipeline's budget, or none.
@@ -383,6 +461,7 @@ pub async fn ingest(
         match sub.budget.policy().when_full {
             WhenFull::Reject => {
                 release(&taken);
+                settle(None);
                 metrics::counter!("sluice_http_rejected_total", "source" => source.clone(), "reason" => "budget")
                     .increment(1);
                 return error(
@@ -394,10 +473,12 @@ pub async fn ingest(
                 let stop = endpoints.stop.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(mut stop) = stop else {
                     release(&taken);
+                    settle(None);
                     return error(StatusCode::SERVICE_UNAVAILABLE, "the source is starting");
                 };
                 if !sub.budget.acquire(bytes, &mut stop).await {
                     release(&taken);
+                    settle(None);
                     return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
                 }
                 taken.push(sub);
@@ -439,7 +520,12 @@ pub async fn ingest(
             let _ = done_tx.send(res);
         }),
     );
-    match done_rx.await {
+    let done = done_rx.await;
+    settle(match &done {
+        Ok(Ok(seq)) => Some(*seq),
+        _ => None,
+    });
+    match done {
         Ok(Ok(seq)) => (
             StatusCode::OK,
             Json(json!({ "accepted": accepted, "rejected": rejected, "errors": errors, "request_id": request_id, "seq": seq })),

@@ -1,0 +1,263 @@
+//! A faulty object store under the sink: by seeded chance each call fails, stalls, or is
+//! performed and then reports an error. Over many seeds the pipeline still commits every record
+//! exactly once (checked with an independent reader on the real files).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::AsArray;
+use arrow::datatypes::{DataType, Int64Type};
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
+    PutOptions, PutPayload, PutResult, RenameOptions, Result,
+};
+use sluice_connectors::parquet::ParquetSinkFactory;
+use sluice_connectors::parquet::config::ParquetSinkConfig;
+use sluice_connectors::parquet::sink::ParquetSink;
+use sluice_engine::registry::SinkFactory;
+use sluice_engine::runtime::{ServerConfig, start};
+use sluice_engine::sink::Sink;
+use sluice_engine::store::TableStore;
+use sluice_sql::{ConnectorSpec, PipelineText, SinkDef};
+
+use crate::harness::{committed_output, drop_file, read_hive};
+
+/// What happens to one call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    FailBefore,
+    FailAfter,
+    Stall,
+}
+
+/// An object store that injects faults by seeded chance.
+struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    state: AtomicU64,
+    /// Percent of calls that get a fault.
+    percent: u64,
+    injected: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+}
+
+impl fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore")
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+fn injected(op: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: format!("injected fault in {op}").into(),
+    }
+}
+
+impl FaultyStore {
+    fn roll(&self, op: &'static str) -> Fault {
+        let mut x = self.state.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state.store(x, Ordering::Relaxed);
+        let r = x % 100;
+        let f = if r >= self.percent {
+            Fault::None
+        } else {
+            match x / 100 % 3 {
+                0 => Fault::FailBefore,
+                1 => Fault::FailAfter,
+                _ => Fault::Stall,
+            }
+        };
+        if f != Fault::None {
+            *self.injected.lock().unwrap().entry(op).or_default() += 1;
+        }
+        f
+    }
+
+    /// Runs a mutating call under a fault.
+    async fn mutate<T>(&self, op: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match self.roll(op) {
+            Fault::FailBefore => Err(injected(op)),
+            Fault::FailAfter => {
+                call.await?;
+                Err(injected(op))
+            }
+            Fault::Stall => {
+                // A slow store, injected on purpose.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                call.await
+            }
+            Fault::None => call.await,
+        }
+    }
+
+    /// Runs a reading call under a fault (performed-then-failed is just a failure for reads).
+    async fn read<T>(&self, op: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match self.roll(op) {
+            Fault::FailBefore | Fault::FailAfter => Err(injected(op)),
+            Fault::Stall => {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                call.await
+            }
+            Fault::None => call.await,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        self.mutate("put", self.inner.put_opts(location, payload, opts)).await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+        self.read("put_multipart", self.inner.put_multipart_opts(location, opts))
+            .await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.read("get", self.inner.get_opts(location, options)).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.read("get_ranges", self.inner.get_ranges(location, ranges)).await
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
+        match self.roll("delete") {
+            Fault::FailBefore => stream::once(async { Err(injected("delete")) }).boxed(),
+            _ => self.inner.delete_stream(locations),
+        }
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        match self.roll("list") {
+            Fault::FailBefore | Fault::FailAfter => stream::once(async { Err(injected("list")) }).boxed(),
+            _ => self.inner.list(prefix),
+        }
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.read("list_with_delimiter", self.inner.list_with_delimiter(prefix))
+            .await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.mutate("copy", self.inner.copy_opts(from, to, options)).await
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+        self.mutate("rename", self.inner.rename_opts(from, to, options)).await
+    }
+}
+
+/// The Parquet sink, over a faulty store.
+struct FaultySinkFactory {
+    seed: u64,
+    injected: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+}
+
+impl SinkFactory for FaultySinkFactory {
+    fn spec(&self) -> ConnectorSpec {
+        ParquetSinkFactory.spec()
+    }
+
+    fn create(&self, def: &SinkDef) -> sluice_engine::Result<Arc<dyn Sink>> {
+        let table = TableStore::open(&def.location)?;
+        let faulty = Arc::new(FaultyStore {
+            inner: table.store.clone(),
+            state: AtomicU64::new(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            percent: 10,
+            injected: self.injected.clone(),
+        });
+        let table = TableStore::from_store(faulty, table.root.clone(), def.location.clone());
+        let config = ParquetSinkConfig::from_options(&def.options)
+            .map_err(|e| sluice_engine::EngineError::config(e.message, None::<String>))?;
+        Ok(Arc::new(ParquetSink::new(
+            table,
+            def.schema.clone(),
+            &def.partition_by,
+            &config,
+        )?))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faulty_object_store_over_many_seeds() {
+    let seeds = 50u64;
+    let (files, per) = (3i64, 400i64);
+    let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for seed in 1..=seeds {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("in");
+        std::fs::create_dir_all(&incoming).unwrap();
+        let sink = dir.path().join("lake/out");
+        for f in 0..files {
+            let body: Vec<String> = (f * per..(f + 1) * per).map(|i| format!("{{\"id\": {i}}}")).collect();
+            drop_file(&incoming, &format!("{f:03}.ndjson"), &body.join("\n"));
+        }
+        let sql = format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '20ms', 'batch.max_rows' '400');
+             CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (part) LOCATION '{}';
+             INSERT INTO out SELECT id, id % 4 AS part FROM ev;",
+            incoming.display(),
+            sink.display()
+        );
+        let injected = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut registry = sluice_connectors::registry_with_state(&dir.path().join(".sluice"));
+        registry.add_sink(Arc::new(FaultySinkFactory {
+            seed,
+            injected: injected.clone(),
+        }));
+        let text = PipelineText::new("faulty.sql", sql).unwrap();
+        let server = start(&[text], &registry, ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: start failed: {e}"));
+        let want = (files * per) as u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while committed_output(&sink) < want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "seed {seed}: timed out; injected {:?}",
+                injected.lock().unwrap()
+            );
+            // Polling interval of a condition wait with a deadline.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.shutdown_trigger().trigger();
+        server.wait().await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let batches = read_hive(&sink, &[("part", DataType::Int64)], "SELECT id FROM t").await;
+        let mut ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(
+            ids,
+            (0..files * per).collect::<Vec<_>>(),
+            "seed {seed}: every id exactly once"
+        );
+        for (k, v) in injected.lock().unwrap().iter() {
+            *totals.entry(k).or_default() += v;
+        }
+    }
+    let total: u64 = totals.values().sum();
+    assert!(total > seeds, "faults were injected: {totals:?}");
+    eprintln!("faulty store: {seeds} seeds, injected faults by call: {totals:?}");
+}
