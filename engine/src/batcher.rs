@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sluice_sql::{OptionError, OptionSpec, Options, parse_bytes, parse_duration};
+use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_count, option_duration};
 use tokio::time::Instant;
 
 use crate::source::Chunk;
@@ -57,26 +57,11 @@ impl BatchPolicy {
 
     /// Reads the batching options of a source.
     pub fn from_options(options: &Options) -> Result<Self, OptionError> {
-        let mut p = BatchPolicy::default();
-        if let Some(v) = options.get("batch.max_rows") {
-            p.max_rows = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| OptionError {
-                key: "batch.max_rows".into(),
-                message: format!("batch.max_rows must be a positive integer, got '{v}'"),
-            })?;
-        }
-        if let Some(v) = options.get("batch.max_bytes") {
-            p.max_bytes = parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
-                key: "batch.max_bytes".into(),
-                message: format!("batch.max_bytes must be a size such as '32MB', got '{v}'"),
-            })?;
-        }
-        if let Some(v) = options.get("batch.interval") {
-            p.interval = parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| OptionError {
-                key: "batch.interval".into(),
-                message: format!("batch.interval must be a duration such as '500ms' or '2s', got '{v}'"),
-            })?;
-        }
-        Ok(p)
+        Ok(BatchPolicy {
+            max_rows: option_count(options, "batch.max_rows", DEFAULT_BATCH_MAX_ROWS)?,
+            max_bytes: option_bytes(options, "batch.max_bytes", DEFAULT_BATCH_MAX_BYTES)?,
+            interval: option_duration(options, "batch.interval", DEFAULT_BATCH_INTERVAL)?,
+        })
     }
 }
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sluice_sql::{OptionError, OptionSpec, Options, parse_bytes};
+use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice};
 use tokio::sync::Notify;
 
 /// Default per-pipeline budget (`buffer.max_bytes`).
@@ -89,45 +89,34 @@ impl BufferPolicy {
 
     /// Reads the buffering options.
     pub fn from_options(options: &Options) -> Result<Self, OptionError> {
-        let mut p = BufferPolicy::default();
-        if let Some(v) = options.get("buffer.max_bytes") {
-            p.max_bytes = parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
-                key: "buffer.max_bytes".into(),
-                message: format!("buffer.max_bytes must be a size such as '64MB', got '{v}'"),
-            })?;
+        if options
+            .get("when_full")
+            .is_some_and(|v| v.eq_ignore_ascii_case("spill"))
+        {
+            return Err(OptionError {
+                key: "when_full".into(),
+                message: "when_full 'spill' is not available yet; use 'reject' or 'block'".into(),
+            });
         }
-        if let Some(v) = options.get("when_full") {
-            p.when_full = match v.to_ascii_lowercase().as_str() {
-                "reject" => WhenFull::Reject,
-                "block" => WhenFull::Block,
-                "spill" => {
-                    return Err(OptionError {
-                        key: "when_full".into(),
-                        message: "when_full 'spill' is not available yet; use 'reject' or 'block'".into(),
-                    });
-                }
-                _ => {
-                    return Err(OptionError {
-                        key: "when_full".into(),
-                        message: format!("when_full is 'reject' or 'block', got '{v}'"),
-                    });
-                }
-            };
-        }
-        if let Some(v) = options.get("priority") {
-            p.priority = match v.to_ascii_lowercase().as_str() {
-                "low" => Priority::Low,
-                "normal" => Priority::Normal,
-                "high" => Priority::High,
-                _ => {
-                    return Err(OptionError {
-                        key: "priority".into(),
-                        message: format!("priority is 'low', 'normal' or 'high', got '{v}'"),
-                    });
-                }
-            };
-        }
-        Ok(p)
+        Ok(BufferPolicy {
+            max_bytes: option_bytes(options, "buffer.max_bytes", DEFAULT_PIPELINE_BUDGET)?,
+            when_full: option_choice(
+                options,
+                "when_full",
+                WhenFull::Reject,
+                &[("reject", WhenFull::Reject), ("block", WhenFull::Block)],
+            )?,
+            priority: option_choice(
+                options,
+                "priority",
+                Priority::Normal,
+                &[
+                    ("low", Priority::Low),
+                    ("normal", Priority::Normal),
+                    ("high", Priority::High),
+                ],
+            )?,
+        })
     }
 }
 

@@ -125,9 +125,83 @@ pub fn parse_duration(value: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(ms))
 }
 
+/// Reads a size option such as `'64MB'` (must be positive); `default` when absent.
+pub fn option_bytes(options: &Options, key: &str, default: u64) -> Result<u64, OptionError> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(v) => parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
+            key: key.into(),
+            message: format!("{key} must be a size such as '64MB', got '{v}'"),
+        }),
+    }
+}
+
+/// Reads a duration option such as `'500ms'` or `'2s'` (must be positive); `default` when absent.
+pub fn option_duration(
+    options: &Options,
+    key: &str,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, OptionError> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(v) => parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| OptionError {
+            key: key.into(),
+            message: format!("{key} must be a duration such as '500ms' or '2s', got '{v}'"),
+        }),
+    }
+}
+
+/// Reads a positive integer option; `default` when absent.
+pub fn option_count(options: &Options, key: &str, default: usize) -> Result<usize, OptionError> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| OptionError {
+            key: key.into(),
+            message: format!("{key} must be a positive integer, got '{v}'"),
+        }),
+    }
+}
+
+/// Reads an option that takes one of `choices` (case-insensitive); `default` when absent.
+pub fn option_choice<T: Copy>(
+    options: &Options,
+    key: &str,
+    default: T,
+    choices: &[(&str, T)],
+) -> Result<T, OptionError> {
+    let Some(v) = options.get(key) else { return Ok(default) };
+    choices
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("'{n}'")).collect();
+            OptionError {
+                key: key.into(),
+                message: format!("{key} is one of {}, got '{v}'", names.join(", ")),
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_option_readers() {
+        let mut o = Options::new();
+        o.insert("n".into(), "0".into());
+        o.insert("c".into(), "Block".into());
+        assert_eq!(option_count(&o, "n", 5).unwrap_err().key, "n");
+        assert_eq!(option_count(&o, "missing", 5).unwrap(), 5);
+        assert_eq!(option_choice(&o, "c", 0, &[("reject", 1), ("block", 2)]).unwrap(), 2);
+        assert!(
+            option_choice(&o, "c", 0, &[("reject", 1)])
+                .unwrap_err()
+                .message
+                .contains("'reject'")
+        );
+    }
 
     #[test]
     fn sizes_and_durations() {

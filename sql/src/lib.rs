@@ -31,7 +31,8 @@ mod error;
 mod text;
 
 pub use catalog::{
-    ConnectorCatalog, ConnectorSpec, OptionCheck, OptionError, OptionSpec, Options, Role, parse_bytes, parse_duration,
+    ConnectorCatalog, ConnectorSpec, OptionCheck, OptionError, OptionSpec, Options, Role, option_bytes, option_choice,
+    option_count, option_duration, parse_bytes, parse_duration,
 };
 pub use compile::{PipelineDef, Program, SinkDef, SourceDef, compile, substitute_env};
 pub use error::{SourceLocation, SqlError, nearest};

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sluice_sql::{OptionError, OptionSpec, Options, parse_duration};
+use sluice_sql::{OptionError, OptionSpec, Options, option_choice, option_duration};
 
 /// Default `poll_interval`: how often the directory is listed when idle.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -61,28 +61,10 @@ impl DirSourceConfig {
                 message: format!("a directory source's LOCATION is a local directory, got '{location}'"),
             });
         }
-        let poll_interval = match options.get("poll_interval") {
-            None => DEFAULT_POLL_INTERVAL,
-            Some(v) => parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| OptionError {
-                key: "poll_interval".into(),
-                message: format!("poll_interval must be a duration such as '500ms', got '{v}'"),
-            })?,
-        };
-        let has_header = match options.get("format.has_header").map(|s| s.to_ascii_lowercase()) {
-            None => true,
-            Some(v) if v == "true" => true,
-            Some(v) if v == "false" => false,
-            Some(v) => {
-                return Err(OptionError {
-                    key: "format.has_header".into(),
-                    message: format!("format.has_header is true or false, got '{v}'"),
-                });
-            }
-        };
-        let delimiter = match options.get("format.delimiter") {
+        let delimiter = match options.get("format.delimiter").map(String::as_str) {
             None => b',',
+            Some("\\t") => b'\t',
             Some(v) if v.len() == 1 => v.as_bytes()[0],
-            Some(v) if v == "\\t" => b'\t',
             Some(v) => {
                 return Err(OptionError {
                     key: "format.delimiter".into(),
@@ -92,8 +74,8 @@ impl DirSourceConfig {
         };
         Ok(DirSourceConfig {
             dir: PathBuf::from(path),
-            poll_interval,
-            has_header,
+            poll_interval: option_duration(options, "poll_interval", DEFAULT_POLL_INTERVAL)?,
+            has_header: option_choice(options, "format.has_header", true, &[("true", true), ("false", false)])?,
             delimiter,
         })
     }

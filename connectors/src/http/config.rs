@@ -1,6 +1,6 @@
 //! Options of the HTTP source.
 
-use sluice_sql::{OptionError, OptionSpec, Options, parse_bytes};
+use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice};
 
 /// Default `log.segment_bytes`: ingest log segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
@@ -58,44 +58,12 @@ impl HttpSourceConfig {
                 message: format!("an HTTP source's LOCATION is '{PATH_PREFIX}<name>', got '{location}'"),
             })?
             .to_string();
-        if let Some(f) = options.get("format")
-            && !f.eq_ignore_ascii_case("json")
-        {
-            return Err(OptionError {
-                key: "format".into(),
-                message: format!("unsupported format '{f}'; the HTTP source takes 'json'"),
-            });
-        }
-        let max_body_bytes = match options.get("max_body_bytes") {
-            None => DEFAULT_MAX_BODY_BYTES,
-            Some(v) => parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
-                key: "max_body_bytes".into(),
-                message: format!("max_body_bytes must be a size such as '16MB', got '{v}'"),
-            })?,
-        };
-        let durable_ack = match options.get("ack").map(|s| s.to_ascii_lowercase()) {
-            None => true,
-            Some(v) if v == "durable" => true,
-            Some(v) if v == "written" => false,
-            Some(v) => {
-                return Err(OptionError {
-                    key: "ack".into(),
-                    message: format!("ack is 'durable' or 'written', got '{v}'"),
-                });
-            }
-        };
-        let segment_bytes = match options.get("log.segment_bytes") {
-            None => DEFAULT_SEGMENT_BYTES,
-            Some(v) => parse_bytes(v).filter(|n| *n > 0).ok_or_else(|| OptionError {
-                key: "log.segment_bytes".into(),
-                message: format!("log.segment_bytes must be a size such as '64MB', got '{v}'"),
-            })?,
-        };
+        option_choice(options, "format", (), &[("json", ())])?;
         Ok(HttpSourceConfig {
             endpoint,
-            max_body_bytes,
-            durable_ack,
-            segment_bytes,
+            max_body_bytes: option_bytes(options, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)?,
+            durable_ack: option_choice(options, "ack", true, &[("durable", true), ("written", false)])?,
+            segment_bytes: option_bytes(options, "log.segment_bytes", DEFAULT_SEGMENT_BYTES)?,
         })
     }
 }
