@@ -154,8 +154,9 @@ async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Resul
     let texts = read_files(files)?;
     let registry = sluice_connectors::registry_with_state(state_dir);
     let server = runtime::start(&texts, &registry, config).await?;
-    println!("sluice listening on http://{}", server.addr());
-    std::io::stdout().flush()?;
+    // Whoever reads stdout may be gone; never fail (or panic) for that.
+    let _ = writeln!(std::io::stdout(), "sluice listening on http://{}", server.addr());
+    let _ = std::io::stdout().flush();
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -163,7 +164,7 @@ async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Resul
         trigger.trigger();
     });
     server.wait().await?;
-    println!("sluice stopped");
+    let _ = writeln!(std::io::stdout(), "sluice stopped");
     Ok(())
 }
 

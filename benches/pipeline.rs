@@ -1,0 +1,481 @@
+//! Sluice's benchmark harness (`cargo bench --bench pipeline`, or `benches/run.sh`).
+//!
+//! One run, one machine, one data set (seeded): the reference transform (filter, projection,
+//! arithmetic, join with a static table, derived date column → zstd Parquet partitioned by date)
+//! measured as
+//! - `sluice` with the directory source,
+//! - `sluice` with HTTP ingest and durable acks (a loopback load generator, 4 connections),
+//! - DuckDB (2 threads) running the same SQL over the same files,
+//! - the floor: decode only (NDJSON → Arrow, the engine's decoder) plus encode only
+//!   (those batches → zstd Parquet), single-threaded, on the same data.
+//!
+//! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
+//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`.
+
+mod datagen;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sluice_engine::decode::{Format, RecordDecoder, lines};
+
+const PER_FILE: u64 = 200_000;
+const MALFORMED_PER_MILLION: u64 = 100;
+const HTTP_BODY_LINES: usize = 2_000;
+const HTTP_CONNECTIONS: usize = 4;
+
+/// One measured row of the report.
+struct Row {
+    name: String,
+    events: u64,
+    bytes: u64,
+    wall: f64,
+    cpu: f64,
+    rss: u64,
+    rows_out: Option<u64>,
+}
+
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn self_cpu() -> f64 {
+    cpu_of(std::process::id())
+}
+
+fn schema() -> Arc<Schema> {
+    let s = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
+    Arc::new(Schema::new(vec![
+        s("order_id", DataType::Int64, false),
+        s("customer_id", DataType::Int64, true),
+        s("amount", DataType::Float64, true),
+        s("currency", DataType::Utf8View, true),
+        s("status", DataType::Utf8View, true),
+        s("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+        s("country", DataType::Utf8View, true),
+        s("channel", DataType::Utf8View, true),
+        s("sku", DataType::Utf8View, true),
+        s("quantity", DataType::Int64, true),
+    ]))
+}
+
+const COLUMNS: &str = "order_id BIGINT NOT NULL, customer_id BIGINT, amount DOUBLE, currency VARCHAR, status VARCHAR,
+  ts TIMESTAMP NOT NULL, country VARCHAR, channel VARCHAR, sku VARCHAR, quantity BIGINT";
+const SELECT: &str =
+    "SELECT o.order_id, o.customer_id, o.amount * fx.rate AS amount_usd, o.quantity, upper(o.status) AS status,
+       o.country, o.channel, o.sku, o.ts, CAST(o.ts AS DATE) AS order_date
+FROM orders o JOIN fx ON o.currency = fx.currency
+WHERE o.status <> 'test'";
+
+fn pipeline_sql(source: &str, sink: &str) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders ({COLUMNS}) {source};
+CREATE EXTERNAL TABLE fx STORED AS CSV LOCATION 'fx.csv' OPTIONS ('format.has_header' 'true');
+CREATE EXTERNAL TABLE orders_usd STORED AS PARQUET PARTITIONED BY (order_date) LOCATION '{sink}';
+INSERT INTO orders_usd {SELECT};"
+    )
+}
+
+fn log_totals(sink: &Path) -> (u64, u64, Option<serde_json::Value>) {
+    let mut received = 0;
+    let mut output = 0;
+    let mut last = None;
+    let Ok(rd) = std::fs::read_dir(sink.join("_sluice/log")) else {
+        return (0, 0, None);
+    };
+    let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    names.sort();
+    for p in names {
+        if let Some(v) = std::fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
+            received += v["counts"]["received"].as_u64().unwrap_or(0);
+            output += v["counts"]["output"].as_u64().unwrap_or(0);
+            last = Some(v);
+        }
+    }
+    (received, output, last)
+}
+
+fn start_server(work: &Path, sql: &str, name: &str) -> (Child, String) {
+    let file = work.join(format!("{name}.sql"));
+    std::fs::write(&file, sql).expect("write pipeline");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "run",
+            file.to_str().unwrap_or_default(),
+            "--listen",
+            "127.0.0.1:0",
+            "--max-buffer-bytes",
+            "536870912",
+        ])
+        .arg("--state-dir")
+        .arg(work.join(format!("state-{name}")))
+        .current_dir(work)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sluice");
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read listen line");
+    let base = line
+        .trim()
+        .strip_prefix("sluice listening on ")
+        .expect("listen line")
+        .to_string();
+    (child, base)
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+/// Polls until `done` (deadline 10 minutes).
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(600);
+    while !done() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
+    let sink = work.join("lake/sluice-dir");
+    let sql = pipeline_sql(
+        "STORED AS NDJSON LOCATION 'in' OPTIONS ('poll_interval' '20ms', 'batch.max_rows' '400000', 'batch.max_bytes' '96MB', 'batch.interval' '2s', 'buffer.max_bytes' '256MB')",
+        sink.to_str().unwrap_or_default(),
+    );
+    let t0 = Instant::now();
+    let (child, _) = start_server(work, &sql, "dir");
+    let last = format!("orders-{:05}.ndjson", files - 1);
+    wait_for("the directory pipeline", || {
+        let (_, _, e) = log_totals(&sink);
+        e.is_some_and(|e| e["sources"]["orders"]["file"] == last.as_str() && e["sources"]["orders"]["complete"] == true)
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
+    stop(child);
+    let (_, out, _) = log_totals(&sink);
+    Row {
+        name: "sluice: directory source".into(),
+        events,
+        bytes,
+        wall,
+        cpu,
+        rss,
+        rows_out: Some(out),
+    }
+}
+
+fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
+    let sink = work.join("lake/sluice-http");
+    let sql = pipeline_sql(
+        "STORED AS HTTP LOCATION '/v1/sources/orders' OPTIONS ('batch.max_rows' '400000', 'batch.max_bytes' '96MB', 'batch.interval' '1s', 'buffer.max_bytes' '256MB')",
+        sink.to_str().unwrap_or_default(),
+    );
+    // Bodies prepared before the clock starts.
+    let mut bodies = Vec::new();
+    let mut names: Vec<PathBuf> = std::fs::read_dir(work.join("in"))
+        .expect("in")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    for n in names {
+        let text = std::fs::read_to_string(n).expect("read");
+        let ls: Vec<&str> = text.lines().collect();
+        for c in ls.chunks(HTTP_BODY_LINES) {
+            bodies.push(c.join("\n"));
+        }
+    }
+    let (child, base) = start_server(work, &sql, "http");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let load_cpu0 = self_cpu();
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let bodies = Arc::new(bodies);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..HTTP_CONNECTIONS {
+            let (bodies, next, url) = (bodies.clone(), next.clone(), format!("{base}/v1/sources/orders"));
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(body) = bodies.get(i) else { return };
+                    loop {
+                        let r = http
+                            .post(&url)
+                            .header("x-request-id", format!("b{i}"))
+                            .body(body.clone())
+                            .send()
+                            .await;
+                        if r.is_ok_and(|r| r.status().is_success()) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    wait_for("the HTTP pipeline", || log_totals(&sink).0 >= events);
+    let wall = t0.elapsed().as_secs_f64();
+    let load_cpu = self_cpu() - load_cpu0;
+    let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
+    stop(child);
+    let (_, out, _) = log_totals(&sink);
+    eprintln!("(HTTP load generator used {load_cpu:.1} CPU-s of the same 2 cores)");
+    Row {
+        name: "sluice: HTTP, durable acks".into(),
+        events,
+        bytes,
+        wall,
+        cpu,
+        rss,
+        rows_out: Some(out),
+    }
+}
+
+fn run_duckdb(work: &Path, events: u64, bytes: u64) -> Option<Row> {
+    let script = format!(
+        r#"
+import duckdb, resource, time, json
+con = duckdb.connect()
+con.execute("SET threads=2")
+t0 = time.monotonic()
+con.execute("""COPY (SELECT o.order_id, o.customer_id, o.amount * fx.rate AS amount_usd, o.quantity, upper(o.status) AS status,
+       o.country, o.channel, o.sku, o.ts, CAST(o.ts AS DATE) AS order_date
+  FROM read_ndjson('in/*.ndjson', columns={{order_id:'BIGINT', customer_id:'BIGINT', amount:'DOUBLE', currency:'VARCHAR',
+       status:'VARCHAR', ts:'TIMESTAMP', country:'VARCHAR', channel:'VARCHAR', sku:'VARCHAR', quantity:'BIGINT'}},
+       ignore_errors=true) o
+  JOIN read_csv('fx.csv', header=true) fx ON o.currency = fx.currency
+  WHERE o.status <> 'test')
+  TO 'lake/duckdb' (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)""")
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_SELF)
+rows = con.execute("SELECT count(*) FROM read_parquet('lake/duckdb/*/*.parquet')").fetchone()[0]
+print(json.dumps({{"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024, "rows": rows}}))
+"#
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(work)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("duckdb run failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(Row {
+        name: "DuckDB (2 threads)".into(),
+        events,
+        bytes,
+        wall: v["wall"].as_f64()?,
+        cpu: v["cpu"].as_f64()?,
+        rss: v["rss"].as_u64()?,
+        rows_out: v["rows"].as_u64(),
+    })
+}
+
+/// Decode only, then encode only, single-threaded, in this process.
+fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row) {
+    let decoder = RecordDecoder::new(Format::Json, schema());
+    let mut names: Vec<PathBuf> = std::fs::read_dir(work.join("in"))
+        .expect("in")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    let files: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(n).expect("read")).collect();
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut batches = Vec::new();
+    for f in &files {
+        // The directory source decodes 4 MiB chunks cut at line ends; do the same.
+        let mut start = 0;
+        while start < f.len() {
+            let mut end = (start + (4 << 20)).min(f.len());
+            if end < f.len() {
+                end = f[..end].iter().rposition(|b| *b == b'\n').map_or(f.len(), |p| p + 1);
+            }
+            let chunk = &f[start..end];
+            batches.push(decoder.decode(chunk, &lines(chunk), true).expect("decode").batch);
+            start = end;
+        }
+    }
+    let decode = Row {
+        name: "floor: decode only (1 thread)".into(),
+        events,
+        bytes,
+        wall: t0.elapsed().as_secs_f64(),
+        cpu: self_cpu() - cpu0,
+        rss: 0,
+        rows_out: None,
+    };
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        .build();
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut total = 0;
+    for b in &batches {
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, b.schema(), Some(props.clone())).expect("writer");
+        w.write(b).expect("encode");
+        w.close().expect("close");
+        total += buf.len();
+    }
+    std::hint::black_box(total);
+    let encode = Row {
+        name: "floor: encode only (1 thread)".into(),
+        events,
+        bytes,
+        wall: t0.elapsed().as_secs_f64(),
+        cpu: self_cpu() - cpu0,
+        rss: 0,
+        rows_out: None,
+    };
+    (decode, encode)
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let events: u64 = arg(&args, "--events").and_then(|v| v.parse().ok()).unwrap_or(2_000_000);
+    let out_path =
+        PathBuf::from(arg(&args, "--out").unwrap_or_else(|| format!("{}/BENCHMARKS.md", env!("CARGO_MANIFEST_DIR"))));
+    let work = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+    std::fs::write(work.join("fx.csv"), datagen::FX_CSV).expect("fx");
+    eprintln!("generating {events} events (seed 42) in {}", work.display());
+    let bytes = datagen::write_orders(&work.join("in"), 42, events, PER_FILE, MALFORMED_PER_MILLION).expect("generate");
+    let files = events.div_ceil(PER_FILE);
+
+    let (decode, encode) = run_floor(&work, events, bytes);
+    eprintln!("floor measured");
+    let dir = run_directory(&work, events, bytes, files);
+    eprintln!("directory source measured");
+    let http = (!args.iter().any(|a| a == "--no-http")).then(|| run_http(&work, events, bytes));
+    let duck = if args.iter().any(|a| a == "--no-duckdb") {
+        None
+    } else {
+        run_duckdb(&work, events, bytes)
+    };
+    let _ = std::fs::remove_dir_all(&work);
+
+    let floor_wall = decode.wall + encode.wall;
+    let mut rows = vec![dir];
+    rows.extend(http);
+    let duck_wall = duck.as_ref().map(|d| d.wall);
+    rows.extend(duck);
+    rows.push(decode);
+    rows.push(encode);
+
+    let mut table = String::new();
+    table.push_str("| run | events | wall s | events/s | input MB/s | CPU-s | CPU-s per M events | events per CPU-s | peak RSS MiB | rows out | DuckDB wall / this wall | floor / this wall |\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in &rows {
+        let vs_duck = duck_wall.map_or("–".to_string(), |d| format!("{:.2}", d / r.wall));
+        let is_floor = r.name.starts_with("floor");
+        table.push_str(&format!(
+            "| {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
+            r.name,
+            r.events,
+            r.wall,
+            r.events as f64 / r.wall,
+            r.bytes as f64 / 1e6 / r.wall,
+            r.cpu,
+            r.cpu / (r.events as f64 / 1e6),
+            r.events as f64 / r.cpu.max(1e-9),
+            if r.rss > 0 {
+                format!("{}", r.rss >> 20)
+            } else {
+                "–".into()
+            },
+            r.rows_out.map_or("–".to_string(), |n| n.to_string()),
+            if is_floor { "–".into() } else { vs_duck },
+            if is_floor {
+                "–".into()
+            } else {
+                format!("{:.2}", floor_wall / r.wall)
+            },
+        ));
+    }
+    println!("{table}");
+    let machine = format!(
+        "{} cores, {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_string()))
+            .unwrap_or_default()
+    );
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let doc = format!(
+        "# Benchmarks\n\nRegenerated by the harness — do not edit by hand.\n\n\
+- command: `benches/run.sh --events {events}` (= `cargo bench --bench pipeline -- --events {events}`)\n\
+- machine: {machine}\n- date: {date}\n\
+- data: {events} orders, {:.0} MB of NDJSON ({:.0} bytes/event, 10 columns, seed 42, {MALFORMED_PER_MILLION} malformed per million), {files} files\n\
+- transform: filter, projection, arithmetic, join with a 5-row CSV table, derived date column → zstd Parquet partitioned by date\n\
+- DuckDB: the same SQL over the same files, `threads=2`, `COPY ... (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)`\n\
+- floor: the engine's decoder alone, then the Parquet encoder alone, one thread each; \"floor / this wall\" = (decode + encode wall) / the run's wall\n\
+- the HTTP run's load generator runs in the harness process on the same 2 cores\n\n{table}\n",
+        bytes as f64 / 1e6,
+        bytes as f64 / events as f64,
+    );
+    let mut f = std::fs::File::create(&out_path).expect("write BENCHMARKS.md");
+    f.write_all(doc.as_bytes()).expect("write");
+    eprintln!("wrote {}", out_path.display());
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole benchmark harness and rewrites BENCHMARKS.md. Installs DuckDB (PyPI) for the
+# side-by-side run when it is missing.
+#   benches/run.sh [--events N] [--no-duckdb] [--no-http]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+python3 -c "import duckdb" 2>/dev/null || python3 -m pip install --quiet duckdb
+cargo bench --bench pipeline -- "$@"
