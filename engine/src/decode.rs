@@ -313,13 +313,11 @@ pub fn parse_timestamp_nanos(v: &str) -> Option<i64> {
 
 /// Splits `buf` into its non-blank lines (without the newline, without a trailing `\r`).
 pub fn lines(buf: &[u8]) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(buf.len() / 128);
     let mut start = 0;
-    for (i, b) in buf.iter().enumerate() {
-        if *b == b'\n' {
-            push_line(buf, start, i, &mut out);
-            start = i + 1;
-        }
+    for nl in memchr::memchr_iter(b'\n', buf) {
+        push_line(buf, start, nl, &mut out);
+        start = nl + 1;
     }
     push_line(buf, start, buf.len(), &mut out);
     out

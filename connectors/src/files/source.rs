@@ -9,6 +9,7 @@
 //! `.` or `_`, then rename it into place), and new files sort after the ones already there (e.g.
 //! a timestamp or sequence prefix). Names starting with `.` or `_` are ignored.
 
+use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,9 @@ use sluice_engine::source::{Chunk, Source, SourceContext};
 use sluice_engine::{EngineError, Result};
 
 use super::config::{DirFormat, DirSourceConfig, READ_CHUNK_BYTES};
+
+/// Chunks of one file decoded at the same time (read in order, sent in order).
+pub const DECODE_PARALLELISM: usize = 2;
 
 /// Where a directory source is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,65 +106,42 @@ fn read_lines_from(path: &Path, offset: u64, max: usize) -> Result<(Vec<u8>, boo
 
 impl DirSource {
     /// Reads `name` from `offset`, sending chunks; returns false when the pipeline is gone.
-    async fn read_file(&self, ctx: &SourceContext, name: &str, mut offset: u64) -> Result<bool> {
+    /// Chunks are read in order, decoded [`DECODE_PARALLELISM`] at a time on blocking threads,
+    /// and sent in order.
+    async fn read_file(&self, ctx: &SourceContext, name: &str, offset: u64) -> Result<bool> {
         let path = self.config.dir.join(name);
+        let mut pending: VecDeque<tokio::task::JoinHandle<Result<Chunk>>> = VecDeque::new();
+        let (mut next, mut eof) = (offset, false);
         loop {
-            let (path2, decoder, format, config, source, file) = (
-                path.clone(),
-                self.decoder.clone(),
-                self.format,
-                self.config.clone(),
-                self.source.clone(),
-                name.to_string(),
-            );
-            let start = offset;
-            let chunk = tokio::task::spawn_blocking(move || -> Result<(Chunk, u64, bool)> {
-                let (buf, eof) = match format {
-                    DirFormat::Ndjson => read_lines_from(&path2, start, READ_CHUNK_BYTES)?,
-                    DirFormat::Csv => (
-                        std::fs::read(&path2).map_err(EngineError::io(format!("reading {}", path2.display())))?,
-                        true,
-                    ),
+            while !eof && pending.len() < DECODE_PARALLELISM {
+                let (p, format, start) = (path.clone(), self.format, next);
+                let (buf, at_end) = tokio::task::spawn_blocking(move || match format {
+                    DirFormat::Ndjson => read_lines_from(&p, start, READ_CHUNK_BYTES),
+                    DirFormat::Csv => std::fs::read(&p)
+                        .map(|b| (b, true))
+                        .map_err(EngineError::io(format!("reading {}", p.display()))),
+                })
+                .await
+                .map_err(|e| EngineError::Internal(format!("file reader task failed: {e}")))??;
+                next = start + buf.len() as u64;
+                eof = at_end;
+                let job = DecodeJob {
+                    decoder: self.decoder.clone(),
+                    format: self.format,
+                    config: self.config.clone(),
+                    source: self.source.clone(),
+                    file: name.to_string(),
+                    start,
+                    eof,
                 };
-                let end = start + buf.len() as u64;
-                let (ranges, contiguous) = match format {
-                    DirFormat::Ndjson => (lines(&buf), true),
-                    DirFormat::Csv => {
-                        let mut r = csv_records(&buf, config.delimiter);
-                        if config.has_header && !r.is_empty() {
-                            r.remove(0);
-                        }
-                        (r, false)
-                    }
-                };
-                let decoded = decoder.decode(&buf, &ranges, contiguous)?;
-                let dead_letters = decoded
-                    .rejected
-                    .iter()
-                    .map(|r| DeadLetter {
-                        source: source.clone(),
-                        position: json!({ "file": file, "offset": start + ranges[r.index].start as u64 }),
-                        stage: Stage::Decode,
-                        error: r.error.clone(),
-                        raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
-                    })
-                    .collect();
-                let position = FilePosition {
-                    file: file.clone(),
-                    offset: end,
-                    complete: eof,
-                };
-                let chunk = Chunk {
-                    batch: decoded.batch,
-                    dead_letters,
-                    position: Some(serde_json::to_value(&position).map_err(|e| EngineError::Internal(e.to_string()))?),
-                    bytes: buf.len(),
-                };
-                Ok((chunk, end, eof))
-            })
-            .await
-            .map_err(|e| EngineError::Internal(format!("file reader task failed: {e}")))??;
-            let (chunk, end, eof) = chunk;
+                pending.push_back(tokio::task::spawn_blocking(move || job.run(buf)));
+            }
+            let Some(handle) = pending.pop_front() else {
+                return Ok(true);
+            };
+            let chunk = handle
+                .await
+                .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
             let mut stop = ctx.shutdown.clone();
             if !ctx.budget.acquire(chunk.bytes as u64, &mut stop).await {
                 return Ok(false);
@@ -168,14 +149,59 @@ impl DirSource {
             if ctx.tx.send(chunk).await.is_err() {
                 return Ok(false);
             }
-            offset = end;
-            if eof {
-                return Ok(true);
-            }
             if *ctx.shutdown.borrow() {
                 return Ok(false);
             }
         }
+    }
+}
+
+/// Decoding one chunk of a file into a [`Chunk`] (runs on a blocking thread).
+struct DecodeJob {
+    decoder: RecordDecoder,
+    format: DirFormat,
+    config: DirSourceConfig,
+    source: String,
+    file: String,
+    start: u64,
+    eof: bool,
+}
+
+impl DecodeJob {
+    fn run(self, buf: Vec<u8>) -> Result<Chunk> {
+        let (ranges, contiguous) = match self.format {
+            DirFormat::Ndjson => (lines(&buf), true),
+            DirFormat::Csv => {
+                let mut r = csv_records(&buf, self.config.delimiter);
+                if self.config.has_header && !r.is_empty() {
+                    r.remove(0);
+                }
+                (r, false)
+            }
+        };
+        let decoded = self.decoder.decode(&buf, &ranges, contiguous)?;
+        let dead_letters = decoded
+            .rejected
+            .iter()
+            .map(|r| DeadLetter {
+                source: self.source.clone(),
+                position: json!({ "file": self.file, "offset": self.start + ranges[r.index].start as u64 }),
+                stage: Stage::Decode,
+                error: r.error.clone(),
+                raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
+            })
+            .collect();
+        let position = FilePosition {
+            file: self.file.clone(),
+            offset: self.start + buf.len() as u64,
+            complete: self.eof,
+        };
+        Ok(Chunk {
+            batch: decoded.batch,
+            dead_letters,
+            position: Some(serde_json::to_value(&position).map_err(|e| EngineError::Internal(e.to_string()))?),
+            bytes: buf.len(),
+        })
     }
 }
 

@@ -100,23 +100,29 @@ impl ParquetSink {
         Ok(out)
     }
 
-    fn encode(&self, batch: RecordBatch) -> Result<Vec<u8>> {
-        let data = batch.project(&self.data_columns)?;
-        let data = RecordBatch::try_new(self.file_schema.clone(), data.columns().to_vec())?;
-        let mut buf = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut buf, self.file_schema.clone(), Some(self.props.clone()))
-            .map_err(|e| EngineError::Internal(format!("creating parquet writer: {e}")))?;
-        w.write(&data)
-            .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))?;
-        w.close()
-            .map_err(|e| EngineError::Internal(format!("finishing parquet: {e}")))?;
-        Ok(buf)
-    }
-
     /// The output schema this sink accepts.
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
     }
+}
+
+/// Encodes the data columns of `batch` as one Parquet file.
+fn encode(
+    batch: &RecordBatch,
+    data_columns: &[usize],
+    file_schema: SchemaRef,
+    props: WriterProperties,
+) -> Result<Vec<u8>> {
+    let data = batch.project(data_columns)?;
+    let data = RecordBatch::try_new(file_schema.clone(), data.columns().to_vec())?;
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, file_schema, Some(props))
+        .map_err(|e| EngineError::Internal(format!("creating parquet writer: {e}")))?;
+    w.write(&data)
+        .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))?;
+    w.close()
+        .map_err(|e| EngineError::Internal(format!("finishing parquet: {e}")))?;
+    Ok(buf)
 }
 
 /// Escapes a partition value for a path segment the way Hive does.
@@ -148,7 +154,20 @@ impl Sink for ParquetSink {
             return Ok(vec![]);
         }
         let mut actions = Vec::new();
+        // Encode every partition's file in parallel on blocking threads, then stage in order.
+        let mut jobs = Vec::new();
         for (values, rows) in self.split(&batch)? {
+            let (cols, schema, props) = (self.data_columns.clone(), self.file_schema.clone(), self.props.clone());
+            jobs.push((
+                values,
+                rows.num_rows() as u64,
+                tokio::task::spawn_blocking(move || encode(&rows, &cols, schema, props)),
+            ));
+        }
+        for (values, n, job) in jobs {
+            let bytes = job
+                .await
+                .map_err(|e| EngineError::Internal(format!("parquet encode task failed: {e}")))??;
             let mut dir = String::new();
             let mut partition = Vec::new();
             for (i, v) in self.partition_by.iter().zip(&values) {
@@ -160,8 +179,6 @@ impl Sink for ParquetSink {
                 partition.push((name.clone(), v.clone()));
             }
             let path = format!("{dir}part-{pipeline}-{epoch}-0.parquet");
-            let n = rows.num_rows() as u64;
-            let bytes = self.encode(rows)?;
             let size = bytes.len() as u64;
             log.stage(&path, bytes).await?;
             actions.push(FileAction {
