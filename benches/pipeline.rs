@@ -9,8 +9,12 @@
 //! - the floor: decode only (NDJSON → Arrow, the engine's decoder) plus encode only
 //!   (those batches → zstd Parquet), single-threaded, on the same data.
 //!
+//! - freshness under fixed-rate HTTP load (10k and 100k events/s): event sent → visible in a
+//!   committed entry, and acknowledgement latency.
+//!
 //! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
-//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`.
+//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--freshness-secs N`
+//! (default 30; 0 skips).
 
 mod datagen;
 
@@ -151,7 +155,7 @@ fn start_server(work: &Path, sql: &str, name: &str) -> (Child, String) {
     (child, base)
 }
 
-fn stop(mut child: Child) {
+fn stop_child(mut child: Child) {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
 }
@@ -180,7 +184,7 @@ fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
     });
     let wall = t0.elapsed().as_secs_f64();
     let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
-    stop(child);
+    stop_child(child);
     let (_, out, _) = log_totals(&sink);
     Row {
         name: "sluice: directory source".into(),
@@ -256,7 +260,7 @@ fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
     let wall = t0.elapsed().as_secs_f64();
     let load_cpu = self_cpu() - load_cpu0;
     let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
-    stop(child);
+    stop_child(child);
     let (_, out, _) = log_totals(&sink);
     eprintln!("(HTTP load generator used {load_cpu:.1} CPU-s of the same 2 cores)");
     Row {
@@ -374,6 +378,129 @@ fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row) {
     (decode, encode)
 }
 
+/// Percentile (0..=100) of sorted milliseconds.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+/// Freshness under fixed-rate HTTP load: every 10 ms a body of `rate / 100` events is posted
+/// (each in its own task, so a slow answer never delays the schedule); a poller watches the
+/// commit log. An event is visible when an entry covering its ingest-log sequence exists.
+/// Returns (rate, sent, ack p50, ack p99, fresh p50, fresh p99, fresh max) in ms.
+fn run_freshness(work: &Path, rate: u64, secs: u64, lines: &[String]) -> (u64, u64, f64, f64, f64, f64, f64) {
+    let sink = work.join(format!("lake/fresh-{rate}"));
+    let sql = pipeline_sql(
+        "STORED AS HTTP LOCATION '/v1/sources/orders' OPTIONS ('batch.interval' '100ms', 'batch.max_rows' '1000000', 'batch.max_bytes' '128MB', 'buffer.max_bytes' '256MB')",
+        sink.to_str().unwrap_or_default(),
+    );
+    let (child, base) = start_server(work, &sql, &format!("fresh-{rate}"));
+    let per_tick = (rate / 100).max(1) as usize;
+    let ticks = secs * 100;
+    let seen: Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (seen, stop, sink) = (seen.clone(), stop.clone(), sink.clone());
+        std::thread::spawn(move || {
+            let mut known = std::collections::HashSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(rd) = std::fs::read_dir(sink.join("_sluice/log")) {
+                    for e in rd.flatten() {
+                        let p = e.path();
+                        if known.contains(&p) {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        if let Some(v) = std::fs::read(&p)
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        {
+                            if let Some(seq) = v["sources"]["orders"]["seq"].as_u64() {
+                                seen.lock().unwrap_or_else(|p| p.into_inner()).push((seq, now));
+                            }
+                            known.insert(p);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let results: Vec<(Instant, Instant, u64)> = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("{base}/v1/sources/orders");
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut tasks = Vec::new();
+        for t in 0..ticks as usize {
+            tick.tick().await;
+            let body: String = (0..per_tick)
+                .map(|i| lines[(t * per_tick + i) % lines.len()].as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
+            let (http, url) = (http.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let r = http
+                    .post(&url)
+                    .header("x-request-id", format!("f{t}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()?;
+                let acked = Instant::now();
+                let v: serde_json::Value = r.json().await.ok()?;
+                Some((sent, acked, v["seq"].as_u64()?))
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            if let Ok(Some(r)) = t.await {
+                out.push(r);
+            }
+        }
+        out
+    });
+    let max_seq = results.iter().map(|r| r.2).max().unwrap_or(0);
+    wait_for("the last fixed-rate request to be committed", || {
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(s, _)| *s >= max_seq)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
+    stop_child(child);
+    let mut commits = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    commits.sort_by_key(|c| c.0);
+    let mut acks: Vec<f64> = results.iter().map(|(s, a, _)| (*a - *s).as_secs_f64() * 1e3).collect();
+    let mut fresh: Vec<f64> = results
+        .iter()
+        .filter_map(|(s, _, seq)| {
+            let visible = commits.iter().filter(|(cs, _)| cs >= seq).map(|(_, t)| *t).min()?;
+            Some(visible.saturating_duration_since(*s).as_secs_f64() * 1e3)
+        })
+        .collect();
+    acks.sort_by(f64::total_cmp);
+    fresh.sort_by(f64::total_cmp);
+    let sent = results.len() as u64 * per_tick as u64;
+    (
+        rate,
+        sent,
+        pct(&acks, 50.0),
+        pct(&acks, 99.0),
+        pct(&fresh, 50.0),
+        pct(&fresh, 99.0),
+        fresh.last().copied().unwrap_or(f64::NAN),
+    )
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -403,6 +530,18 @@ fn main() {
     } else {
         run_duckdb(&work, events, bytes)
     };
+    let fresh_secs: u64 = arg(&args, "--freshness-secs")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let mut freshness = Vec::new();
+    if fresh_secs > 0 {
+        let text = std::fs::read_to_string(work.join("in/orders-00000.ndjson")).expect("sample");
+        let sample: Vec<String> = text.lines().map(str::to_string).collect();
+        for rate in [10_000, 100_000] {
+            freshness.push(run_freshness(&work, rate, fresh_secs, &sample));
+            eprintln!("freshness at {rate} events/s measured");
+        }
+    }
     let _ = std::fs::remove_dir_all(&work);
 
     let floor_wall = decode.wall + encode.wall;
@@ -442,6 +581,17 @@ fn main() {
                 format!("{:.2}", floor_wall / r.wall)
             },
         ));
+    }
+    if !freshness.is_empty() {
+        table.push_str(&format!(
+            "\n**Freshness** (HTTP, durable acks, `batch.interval` = 100 ms, fixed rate for {fresh_secs} s; visible = a committed log entry covers the request):\n\n"
+        ));
+        table.push_str("| offered events/s | events sent | ack p50 ms | ack p99 ms | freshness p50 ms | freshness p99 ms | freshness max ms |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+        for (rate, sent, a50, a99, f50, f99, fmax) in &freshness {
+            table.push_str(&format!(
+                "| {rate} | {sent} | {a50:.1} | {a99:.1} | {f50:.0} | {f99:.0} | {fmax:.0} |\n"
+            ));
+        }
     }
     println!("{table}");
     let machine = format!(
