@@ -197,11 +197,7 @@ fn http_kill9_loop_is_exactly_once() {
     );
     let sink = dir.path().join("lake/out");
     let port = free_port();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::harness::runtime();
     let n = 200_000;
     let reqs = requests(n, 500);
     let mut server = Server::start_with(&[&sql], dir.path(), port, &[]);
@@ -313,11 +309,7 @@ fn crash_points_recover_exactly_once() {
         );
         let sink = dir.path().join("lake/out");
         let port = free_port();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = crate::harness::runtime();
         let n = 6_000;
         let reqs = requests(n, 100);
         let crash_at = format!("{point}:3");
@@ -409,11 +401,7 @@ fn back_pressure_rejects_or_blocks_within_budget() {
         let sink = dir.path().join("lake/out");
         let port = free_port();
         let server = Server::start_with(&[&sql], dir.path(), port, &[]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = crate::harness::runtime();
         let peak = Arc::new(Mutex::new(0f64));
         let stop = Arc::new(AtomicUsize::new(0));
         let watcher = {
