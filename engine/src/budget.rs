@@ -24,6 +24,10 @@ pub enum WhenFull {
     Reject,
     /// Hold the input until room frees.
     Block,
+    /// Accept the input into the source's durable log without holding it in memory; the
+    /// pipeline re-reads it from the log when room frees. Sources without a log (directories)
+    /// behave as `Block`: their input is already on disk.
+    Spill,
 }
 
 /// Who is refused first when the server is short of memory (`priority`).
@@ -78,7 +82,7 @@ impl BufferPolicy {
             },
             OptionSpec {
                 key: "when_full",
-                doc: "'reject' (HTTP 429, default) or 'block' (hold the request until room frees)",
+                doc: "'reject' (HTTP 429, default), 'block' (hold the request until room frees) or 'spill' (accept into the durable log, re-read it when room frees)",
             },
             OptionSpec {
                 key: "priority",
@@ -89,22 +93,17 @@ impl BufferPolicy {
 
     /// Reads the buffering options.
     pub fn from_options(options: &Options) -> Result<Self, OptionError> {
-        if options
-            .get("when_full")
-            .is_some_and(|v| v.eq_ignore_ascii_case("spill"))
-        {
-            return Err(OptionError {
-                key: "when_full".into(),
-                message: "when_full 'spill' is not available yet; use 'reject' or 'block'".into(),
-            });
-        }
         Ok(BufferPolicy {
             max_bytes: option_bytes(options, "buffer.max_bytes", DEFAULT_PIPELINE_BUDGET)?,
             when_full: option_choice(
                 options,
                 "when_full",
                 WhenFull::Reject,
-                &[("reject", WhenFull::Reject), ("block", WhenFull::Block)],
+                &[
+                    ("reject", WhenFull::Reject),
+                    ("block", WhenFull::Block),
+                    ("spill", WhenFull::Spill),
+                ],
             )?,
             priority: option_choice(
                 options,

@@ -187,13 +187,14 @@ async fn check(sink: &Path, sent: &HashSet<i64>, acked: &HashSet<i64>) -> (usize
     (counts.len(), dead.len())
 }
 
-// The kill -9 loop over HTTP: ≥ 200,000 events, ≥ 20 SIGKILLs at random moments.
+// The kill -9 loop over HTTP: ≥ 200,000 events, ≥ 20 SIGKILLs at random moments. The budget is
+// small and `when_full` is `spill`, so pipelines also fall behind and catch up from the log.
 #[test]
 fn http_kill9_loop_is_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let sql = http_pipeline(
         dir.path(),
-        "'batch.max_rows' '5000', 'batch.interval' '50ms', 'log.segment_bytes' '1MB'",
+        "'batch.max_rows' '5000', 'batch.interval' '50ms', 'log.segment_bytes' '1MB', 'when_full' 'spill', 'buffer.max_bytes' '256KB'",
     );
     let sink = dir.path().join("lake/out");
     let port = free_port();
@@ -386,10 +387,11 @@ fn buffer_gauge(metrics: &str) -> Option<f64> {
 }
 
 // A burst against a small budget: 429s, nothing acknowledged is lost, the buffer stays within
-// the budget, memory stays bounded. With 'block', the same burst is held, not refused.
+// the budget, memory stays bounded. With 'block', the same burst is held, not refused; with
+// 'spill' it is accepted into the log and the pipeline catches up from there.
 #[test]
 fn back_pressure_rejects_or_blocks_within_budget() {
-    for mode in ["reject", "block"] {
+    for mode in ["reject", "block", "spill"] {
         let dir = tempfile::tempdir().unwrap();
         let budget = 32 * 1024;
         let sql = http_pipeline(
@@ -427,7 +429,7 @@ fn back_pressure_rejects_or_blocks_within_budget() {
         if mode == "reject" {
             assert!(refused > 0, "a burst against a 32KB budget is pushed back");
         } else {
-            assert_eq!(refused, 0, "'block' holds requests instead of refusing them");
+            assert_eq!(refused, 0, "'{mode}' accepts instead of refusing");
         }
         assert!(ok > 0);
         let acked_ids: HashSet<i64> = acked.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
@@ -436,6 +438,20 @@ fn back_pressure_rejects_or_blocks_within_budget() {
             (committed_output(&sink) >= want).then_some(())
         });
         let rss = peak_rss(server.pid()).unwrap_or(0);
+        if mode == "spill" {
+            let metrics = rt.block_on(async {
+                reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            });
+            assert!(
+                metrics.contains("sluice_http_spill_caught_up_total"),
+                "the pipeline fell behind and caught up from the log"
+            );
+        }
         server.stop();
         // Refused requests were never logged: the output is exactly the acknowledged ones.
         let (out, _) = rt.block_on(check(&sink, &acked_ids, &acked_ids));

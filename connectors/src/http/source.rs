@@ -20,7 +20,7 @@
 //! | 400 `{error}` | the body is not JSON at all (nothing is kept) |
 //! | 404 `{error}` | no source has that name |
 //! | 413 `{error}` | the body is larger than `max_body_bytes` |
-//! | 429 `{error}` + `Retry-After` | a pipeline's budget is full (`when_full` = `reject`) |
+//! | 429 `{error}` + `Retry-After` | a pipeline's budget is full (`when_full` = `reject`); with `block` the request waits, with `spill` it is accepted from the log and the pipeline catches up later |
 //! | 503 `{error}` + `Retry-After` | starting, shutting down, or the ingest log cannot write |
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -54,6 +54,18 @@ pub const MAX_ERRORS_IN_REPLY: usize = 10;
 struct Subscriber {
     tx: mpsc::Sender<Chunk>,
     budget: Arc<Budget>,
+    delivery: Arc<std::sync::Mutex<Delivery>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Where a pipeline's delivery from the log stands. Live: the log writer hands it each record
+/// (`next` is the sequence it expects). Behind (`when_full` = `spill` and its budget was full):
+/// records are only in the log; its catch-up reader re-reads them from `next` as budget frees,
+/// then goes live again. Either way every record reaches the pipeline once, in log order.
+#[derive(Debug)]
+struct Delivery {
+    next: u64,
+    behind: bool,
 }
 
 /// One ingest endpoint: its log and the pipelines it feeds.
@@ -225,19 +237,82 @@ pub struct HttpSource {
 
 impl HttpSource {
     /// Sends every logged record after the committed position to the pipeline, before intake
-    /// opens (so nothing can interleave).
+    /// opens (so nothing can interleave). Returns the next sequence.
     async fn replay(&self, ctx: &SourceContext) -> Result<u64> {
         let from = seq_of(&ctx.start).map_or(0, |s| s + 1);
-        let Some((wal, decoder, source)) = self
-            .endpoints
-            .with(&self.endpoint, |e| (e.wal.clone(), e.decoder.clone(), e.source.clone()))
-        else {
+        let Some(reader) = self.reader(ctx) else {
             return Err(EngineError::Internal(format!("endpoint {} vanished", self.endpoint)));
         };
-        let (tx, budget, mut stop) = (ctx.tx.clone(), ctx.budget.clone(), ctx.shutdown.clone());
+        reader.send_from(from, |_| true).await
+    }
+
+    fn reader(&self, ctx: &SourceContext) -> Option<LogReader> {
+        self.endpoints.with(&self.endpoint, |e| LogReader {
+            wal: e.wal.clone(),
+            decoder: e.decoder.clone(),
+            source: e.source.clone(),
+            tx: ctx.tx.clone(),
+            budget: ctx.budget.clone(),
+            stop: ctx.shutdown.clone(),
+        })
+    }
+
+    /// The catch-up loop of a spilling pipeline: whenever it falls behind, re-read its records
+    /// from the log (waiting for budget), then go live again once nothing newer is durable.
+    async fn catch_up(
+        reader: LogReader,
+        delivery: Arc<std::sync::Mutex<Delivery>>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Result<()> {
+        let mut stop = reader.stop.clone();
+        loop {
+            let notified = wake.notified();
+            let behind = delivery.lock().unwrap_or_else(|p| p.into_inner()).behind;
+            if !behind {
+                tokio::select! {
+                    _ = notified => {}
+                    r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+                }
+                continue;
+            }
+            let from = delivery.lock().unwrap_or_else(|p| p.into_inner()).next;
+            let d = delivery.clone();
+            let next = reader
+                .send_from(from, move |seq| {
+                    d.lock().unwrap_or_else(|p| p.into_inner()).next = seq + 1;
+                    true
+                })
+                .await?;
+            let mut st = delivery.lock().unwrap_or_else(|p| p.into_inner());
+            st.next = st.next.max(next);
+            if reader.wal.durable_seq() <= st.next {
+                // Nothing newer is durable, so no newer record's hand-off has run: go live.
+                st.behind = false;
+                metrics::counter!("sluice_http_spill_caught_up_total", "source" => reader.source.clone()).increment(1);
+            }
+        }
+    }
+}
+
+/// Reads records of a source's log and sends them to one pipeline.
+struct LogReader {
+    wal: Arc<IngestLog>,
+    decoder: RecordDecoder,
+    source: String,
+    tx: mpsc::Sender<Chunk>,
+    budget: Arc<Budget>,
+    stop: watch::Receiver<bool>,
+}
+
+impl LogReader {
+    /// Sends every durable record from `from` on (decoding it, waiting for budget), calling
+    /// `sent(seq)` after each. Returns the sequence after the last one sent.
+    async fn send_from(&self, from: u64, mut sent: impl FnMut(u64) -> bool + Send + 'static) -> Result<u64> {
+        let (wal, decoder, source) = (self.wal.clone(), self.decoder.clone(), self.source.clone());
+        let (tx, budget, mut stop) = (self.tx.clone(), self.budget.clone(), self.stop.clone());
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let mut n = 0u64;
+            let mut next = from;
             wal.read_from(from, |seq, payload| {
                 let split = payload.iter().position(|b| *b == b'\n').unwrap_or(payload.len());
                 let request_id = String::from_utf8_lossy(&payload[..split]).into_owned();
@@ -267,13 +342,14 @@ impl HttpSource {
                 };
                 tx.blocking_send(chunk)
                     .map_err(|_| EngineError::Stopped(source.clone()))?;
-                n += 1;
+                next = seq + 1;
+                sent(seq);
                 Ok(())
             })?;
-            Ok(n)
+            Ok(next)
         })
         .await
-        .map_err(|e| EngineError::Internal(format!("replay task failed: {e}")))?
+        .map_err(|e| EngineError::Internal(format!("log reader task failed: {e}")))?
     }
 }
 
@@ -284,17 +360,39 @@ impl Source for HttpSource {
             let mut stop = self.endpoints.stop.write().unwrap_or_else(|p| p.into_inner());
             stop.get_or_insert_with(|| ctx.shutdown.clone());
         }
-        let replayed = match self.replay(&ctx).await {
+        let from = seq_of(&ctx.start).map_or(0, |s| s + 1);
+        let next = match self.replay(&ctx).await {
             Ok(n) => n,
             Err(EngineError::Stopped(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        if replayed > 0 {
-            tracing::info!(pipeline = %ctx.pipeline, source = %ctx.source, records = replayed, "replayed the ingest log");
+        if next > from {
+            tracing::info!(pipeline = %ctx.pipeline, source = %ctx.source, records = next - from, "replayed the ingest log");
+        }
+        // Intake is closed until every pipeline of the endpoint subscribes: the log ends here.
+        let durable = self
+            .endpoints
+            .with(&self.endpoint, |e| e.wal.durable_seq())
+            .unwrap_or(next);
+        let delivery = Arc::new(std::sync::Mutex::new(Delivery {
+            next: durable.max(next),
+            behind: false,
+        }));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        if let Some(reader) = self.reader(&ctx) {
+            let (d, w, pipeline) = (delivery.clone(), wake.clone(), ctx.pipeline.clone());
+            tokio::spawn(async move {
+                match HttpSource::catch_up(reader, d, w).await {
+                    Ok(()) | Err(EngineError::Stopped(_)) => {}
+                    Err(e) => tracing::error!(pipeline = %pipeline, error = %e, "catch-up from the ingest log failed"),
+                }
+            });
         }
         let sub = Subscriber {
             tx: ctx.tx.clone(),
             budget: ctx.budget.clone(),
+            delivery,
+            wake,
         };
         self.endpoints
             .with(&self.endpoint, |e| e.subscribers.insert(ctx.pipeline.clone(), sub));
@@ -454,6 +552,10 @@ pub async fn ingest(
     let mut taken: Vec<&Subscriber> = Vec::new();
     let release = |taken: &[&Subscriber]| taken.iter().for_each(|s| s.budget.release(bytes));
     for (pipeline, sub) in &subscribers {
+        if sub.budget.policy().when_full == WhenFull::Spill {
+            // Charged at hand-off; if full then, the pipeline falls behind and re-reads the log.
+            continue;
+        }
         if sub.budget.try_acquire(bytes) {
             taken.push(sub);
             continue;
@@ -469,6 +571,7 @@ pub async fn ingest(
                     format!("pipeline {pipeline} is at its memory budget; retry later"),
                 );
             }
+            WhenFull::Spill => {}
             WhenFull::Block => {
                 let stop = endpoints.stop.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(mut stop) = stop else {
@@ -504,6 +607,24 @@ pub async fn ingest(
         Box::new(move |res| {
             if let Ok(seq) = res {
                 for s in &subs {
+                    let prepaid = s.budget.policy().when_full != WhenFull::Spill;
+                    {
+                        let mut st = s.delivery.lock().unwrap_or_else(|p| p.into_inner());
+                        let live = !st.behind && seq == st.next;
+                        let charged = live && (prepaid || s.budget.try_acquire(bytes));
+                        if !charged {
+                            if prepaid {
+                                s.budget.release(bytes);
+                            }
+                            if seq >= st.next {
+                                // Stays in the log; the catch-up reader brings it in order.
+                                st.behind = true;
+                                s.wake.notify_one();
+                            }
+                            continue;
+                        }
+                        st.next = seq + 1;
+                    }
                     let chunk = Chunk {
                         batch: batch.clone(),
                         dead_letters: dead_letters.clone(),
@@ -515,7 +636,9 @@ pub async fn ingest(
                     }
                 }
             } else {
-                subs.iter().for_each(|s| s.budget.release(bytes));
+                subs.iter()
+                    .filter(|s| s.budget.policy().when_full != WhenFull::Spill)
+                    .for_each(|s| s.budget.release(bytes));
             }
             let _ = done_tx.send(res);
         }),
