@@ -111,3 +111,48 @@ pub fn write_orders(
 
 /// The exchange-rate table joined by the reference transform.
 pub const FX_CSV: &str = "currency,rate\nUSD,1.0\nEUR,1.08\nGBP,1.27\nJPY,0.0067\nCHF,1.13\n";
+
+const CHANNELS_NEXMARK: [&str; 4] = ["Google", "Facebook", "Baidu", "Apple"];
+
+/// Writes `events` Nexmark-style bids (auction, bidder, price, channel, url, date_time, extra)
+/// as NDJSON files of `per_file` events under `dir`; returns total bytes. Same shape as the
+/// Nexmark benchmark's bid stream (hot auctions and bidders, 1 bid per millisecond of event time).
+pub fn write_bids(dir: &Path, seed: u64, events: u64, per_file: u64) -> std::io::Result<u64> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = Rng::new(seed ^ 0xB1D5);
+    let (mut total, mut id, mut file) = (0, 0, 0);
+    while id < events {
+        let mut buf = Vec::with_capacity((per_file * 220) as usize);
+        let end = (id + per_file).min(events);
+        while id < end {
+            let hot = rng.below(100) < 90;
+            let auction = if hot {
+                1000 + rng.below(100)
+            } else {
+                1000 + rng.below(100_000)
+            };
+            let bidder = if hot {
+                1000 + rng.below(1000)
+            } else {
+                1000 + rng.below(1_000_000)
+            };
+            let channel = CHANNELS_NEXMARK[rng.below(4) as usize];
+            let secs = BASE_SECS + (id / 1000) as i64;
+            let extra: String = (0..(20 + rng.below(20)))
+                .map(|_| (b'a' + rng.below(26) as u8) as char)
+                .collect();
+            let _ = writeln!(
+                buf,
+                "{{\"auction\":{auction},\"bidder\":{bidder},\"price\":{},\"channel\":\"{channel}\",\"url\":\"https://www.nexmark.com/{channel}/item.htm?query=1&channel_id={}\",\"date_time\":\"{}\",\"extra\":\"{extra}\"}}",
+                100 + rng.below(10_000_000),
+                rng.below(1 << 20),
+                rfc3339(secs, (id % 1000) as i64),
+            );
+            id += 1;
+        }
+        total += buf.len() as u64;
+        std::fs::write(dir.join(format!("bids-{file:05}.ndjson")), &buf)?;
+        file += 1;
+    }
+    Ok(total)
+}

@@ -9,11 +9,13 @@
 //! - the floor: decode only (NDJSON → Arrow, the engine's decoder) plus encode only
 //!   (those batches → zstd Parquet), single-threaded, on the same data.
 //!
+//! - Nexmark q0 (pass-through), q1 (projection + arithmetic), q2 (filter), q10 (log to files
+//!   partitioned by date and minute) over a generated bid stream, directory source;
 //! - freshness under fixed-rate HTTP load (10k and 100k events/s): event sent → visible in a
 //!   committed entry, and acknowledgement latency.
 //!
 //! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
-//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--freshness-secs N`
+//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-nexmark`, `--freshness-secs N`
 //! (default 30; 0 skips).
 
 mod datagen;
@@ -169,25 +171,32 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
-    let sink = work.join("lake/sluice-dir");
-    let sql = pipeline_sql(
-        "STORED AS NDJSON LOCATION 'in' OPTIONS ('poll_interval' '20ms', 'batch.max_rows' '400000', 'batch.max_bytes' '96MB', 'batch.interval' '2s', 'buffer.max_bytes' '256MB')",
-        sink.to_str().unwrap_or_default(),
-    );
+/// Runs `sql` (a pipeline over a directory source named `source`) until its commit log covers
+/// `last_file` completely.
+#[allow(clippy::too_many_arguments)]
+fn run_dir_sql(
+    work: &Path,
+    name: &str,
+    tag: &str,
+    sql: &str,
+    sink: &Path,
+    source: &str,
+    last_file: &str,
+    events: u64,
+    bytes: u64,
+) -> Row {
     let t0 = Instant::now();
-    let (child, _) = start_server(work, &sql, "dir");
-    let last = format!("orders-{:05}.ndjson", files - 1);
-    wait_for("the directory pipeline", || {
-        let (_, _, e) = log_totals(&sink);
-        e.is_some_and(|e| e["sources"]["orders"]["file"] == last.as_str() && e["sources"]["orders"]["complete"] == true)
+    let (child, _) = start_server(work, sql, tag);
+    wait_for(name, || {
+        let (_, _, e) = log_totals(sink);
+        e.is_some_and(|e| e["sources"][source]["file"] == last_file && e["sources"][source]["complete"] == true)
     });
     let wall = t0.elapsed().as_secs_f64();
     let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
     stop_child(child);
-    let (_, out, _) = log_totals(&sink);
+    let (_, out, _) = log_totals(sink);
     Row {
-        name: "sluice: directory source".into(),
+        name: name.into(),
         events,
         bytes,
         wall,
@@ -195,6 +204,79 @@ fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
         rss,
         rows_out: Some(out),
     }
+}
+
+const DIR_OPTIONS: &str = "OPTIONS ('poll_interval' '20ms', 'batch.max_rows' '250000', 'batch.max_bytes' '64MB', 'batch.interval' '2s', 'buffer.max_bytes' '128MB')";
+
+fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
+    let sink = work.join("lake/sluice-dir");
+    let sql = pipeline_sql(
+        &format!("STORED AS NDJSON LOCATION 'in' {DIR_OPTIONS}"),
+        sink.to_str().unwrap_or_default(),
+    );
+    let last = format!("orders-{:05}.ndjson", files - 1);
+    run_dir_sql(
+        work,
+        "sluice: directory source",
+        "dir",
+        &sql,
+        &sink,
+        "orders",
+        &last,
+        events,
+        bytes,
+    )
+}
+
+/// Nexmark q0 (pass-through), q1 (projection with arithmetic), q2 (filter) and q10 (log to
+/// files partitioned by date and minute) over a bid stream, through the directory source.
+fn run_nexmark(work: &Path, events: u64) -> Vec<Row> {
+    let bytes = datagen::write_bids(&work.join("bids"), 7, events, PER_FILE).expect("generate bids");
+    let last = format!("bids-{:05}.ndjson", events.div_ceil(PER_FILE) - 1);
+    let columns =
+        "auction BIGINT NOT NULL, bidder BIGINT NOT NULL, price BIGINT NOT NULL, channel VARCHAR, url VARCHAR,
+      date_time TIMESTAMP NOT NULL, extra VARCHAR";
+    let queries = [
+        (
+            "q0",
+            "SELECT auction, bidder, price, channel, url, date_time, extra FROM bids",
+            "",
+        ),
+        (
+            "q1",
+            "SELECT auction, bidder, 0.908 * price AS price, date_time, extra FROM bids",
+            "",
+        ),
+        ("q2", "SELECT auction, price FROM bids WHERE auction % 123 = 0", ""),
+        (
+            "q10",
+            "SELECT auction, bidder, price, date_time, extra, to_char(date_time, '%Y-%m-%d') AS dt, to_char(date_time, '%H:%M') AS hm FROM bids",
+            "PARTITIONED BY (dt, hm)",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (q, select, partition) in queries {
+        let sink = work.join(format!("lake/nexmark-{q}"));
+        let sql = format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE bids ({columns}) STORED AS NDJSON LOCATION 'bids' {DIR_OPTIONS};
+CREATE EXTERNAL TABLE nexmark_{q} STORED AS PARQUET {partition} LOCATION '{}';
+INSERT INTO nexmark_{q} {select};",
+            sink.display()
+        );
+        rows.push(run_dir_sql(
+            work,
+            &format!("sluice: Nexmark {q}"),
+            &format!("nexmark-{q}"),
+            &sql,
+            &sink,
+            "bids",
+            &last,
+            events,
+            bytes,
+        ));
+        eprintln!("nexmark {q} measured");
+    }
+    rows
 }
 
 fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
@@ -530,6 +612,11 @@ fn main() {
     } else {
         run_duckdb(&work, events, bytes)
     };
+    let nexmark = if args.iter().any(|a| a == "--no-nexmark") {
+        Vec::new()
+    } else {
+        run_nexmark(&work, events)
+    };
     let fresh_secs: u64 = arg(&args, "--freshness-secs")
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
@@ -551,13 +638,19 @@ fn main() {
     rows.extend(duck);
     rows.push(decode);
     rows.push(encode);
+    let nexmark_from = rows.len();
+    rows.extend(nexmark);
 
     let mut table = String::new();
     table.push_str("| run | events | wall s | events/s | input MB/s | CPU-s | CPU-s per M events | events per CPU-s | peak RSS MiB | rows out | DuckDB wall / this wall | floor / this wall |\n");
     table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for r in &rows {
+    for (i, r) in rows.iter().enumerate() {
+        if i == nexmark_from {
+            table.push_str("| *Nexmark (bids, directory source)* | | | | | | | | | | | |\n");
+        }
         let vs_duck = duck_wall.map_or("–".to_string(), |d| format!("{:.2}", d / r.wall));
-        let is_floor = r.name.starts_with("floor");
+        // Ratios compare runs over the order stream only.
+        let is_floor = r.name.starts_with("floor") || i >= nexmark_from;
         table.push_str(&format!(
             "| {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
             r.name,

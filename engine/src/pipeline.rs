@@ -119,6 +119,11 @@ impl PipelineTask {
             let deadline = batcher.deadline();
             tokio::select! {
                 msg = rx.recv() => match msg {
+                    Some(chunk) if chunk.is_idle() => {
+                        if !batcher.is_empty() {
+                            self.flush(&mut batcher).await?;
+                        }
+                    }
                     Some(chunk) => {
                         let n = chunk.received() as u64;
                         metrics::counter!("sluice_events_received_total", "pipeline" => self.name.clone()).increment(n);

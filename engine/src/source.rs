@@ -25,6 +25,22 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// An idle marker: the source has nothing more to read right now, so the pipeline closes its
+    /// open micro-batch instead of waiting for `batch.interval`.
+    pub fn idle(schema: arrow::datatypes::SchemaRef) -> Self {
+        Chunk {
+            batch: RecordBatch::new_empty(schema),
+            dead_letters: vec![],
+            position: None,
+            bytes: 0,
+        }
+    }
+
+    /// True for an idle marker (no records, no position, no bytes).
+    pub fn is_idle(&self) -> bool {
+        self.batch.num_rows() == 0 && self.dead_letters.is_empty() && self.position.is_none() && self.bytes == 0
+    }
+
     /// Records received: decoded plus dead-lettered.
     pub fn received(&self) -> usize {
         self.batch.num_rows() + self.dead_letters.len()

@@ -218,18 +218,27 @@ impl Source for DirSource {
             None => None,
         };
         ctx.mark_started();
+        let mut idle_sent = false;
         loop {
             if *ctx.shutdown.borrow() {
                 return Ok(());
             }
             let names = pending(&dir, pos.as_ref())?;
             if names.is_empty() {
+                // Drained: let the pipeline commit now rather than at its batch interval.
+                if !idle_sent {
+                    idle_sent = true;
+                    if ctx.tx.send(Chunk::idle(self.decoder.schema().clone())).await.is_err() {
+                        return Ok(());
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.poll_interval) => {}
                     _ = ctx.shutdown.changed() => {}
                 }
                 continue;
             }
+            idle_sent = false;
             for name in names {
                 let offset = match &pos {
                     Some(p) if p.file == name => p.offset,

@@ -10,6 +10,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
+use futures::StreamExt;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::commit::{CommitLog, FileAction};
@@ -108,18 +109,20 @@ impl ParquetSink {
 
 /// Encodes the data columns of `batch` as one Parquet file.
 fn encode(
-    batch: &RecordBatch,
+    batches: &[RecordBatch],
     data_columns: &[usize],
     file_schema: SchemaRef,
     props: WriterProperties,
 ) -> Result<Vec<u8>> {
-    let data = batch.project(data_columns)?;
-    let data = RecordBatch::try_new(file_schema.clone(), data.columns().to_vec())?;
     let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, file_schema, Some(props))
+    let mut w = ArrowWriter::try_new(&mut buf, file_schema.clone(), Some(props))
         .map_err(|e| EngineError::Internal(format!("creating parquet writer: {e}")))?;
-    w.write(&data)
-        .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))?;
+    for batch in batches {
+        let data = batch.project(data_columns)?;
+        let data = RecordBatch::try_new(file_schema.clone(), data.columns().to_vec())?;
+        w.write(&data)
+            .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))?;
+    }
     w.close()
         .map_err(|e| EngineError::Internal(format!("finishing parquet: {e}")))?;
     Ok(buf)
@@ -149,25 +152,31 @@ impl Sink for ParquetSink {
 
     async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>> {
         let pipeline = log.writer();
-        let batch = arrow::compute::concat_batches(&self.schema, &batches)?;
-        if batch.num_rows() == 0 {
-            return Ok(vec![]);
+        // Group rows by partition batch by batch (no copy of the whole epoch), in path order.
+        let mut groups: std::collections::BTreeMap<Vec<Option<String>>, Vec<RecordBatch>> = Default::default();
+        for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
+            for (values, rows) in self.split(&b)? {
+                groups.entry(values).or_default().push(rows);
+            }
         }
         let mut actions = Vec::new();
-        // Encode every partition's file in parallel on blocking threads, then stage in order.
-        let mut jobs = Vec::new();
-        for (values, rows) in self.split(&batch)? {
-            let (cols, schema, props) = (self.data_columns.clone(), self.file_schema.clone(), self.props.clone());
-            jobs.push((
-                values,
-                rows.num_rows() as u64,
-                tokio::task::spawn_blocking(move || encode(&rows, &cols, schema, props)),
-            ));
-        }
-        for (values, n, job) in jobs {
-            let bytes = job
-                .await
-                .map_err(|e| EngineError::Internal(format!("parquet encode task failed: {e}")))??;
+        // Encode partitions' files on blocking threads, at most one per core at a time (each
+        // holds its encoded file), and stage them in order.
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (cols, schema, props) = (self.data_columns.clone(), self.file_schema.clone(), self.props.clone());
+        let mut encoded = futures::stream::iter(groups.into_iter().map(|(values, rows)| {
+            let (cols, schema, props) = (cols.clone(), schema.clone(), props.clone());
+            async move {
+                let n = rows.iter().map(|r| r.num_rows() as u64).sum::<u64>();
+                let bytes = tokio::task::spawn_blocking(move || encode(&rows, &cols, schema, props))
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("parquet encode task failed: {e}")))??;
+                Ok::<_, EngineError>((values, n, bytes))
+            }
+        }))
+        .buffered(parallel);
+        while let Some(next) = encoded.next().await {
+            let (values, n, bytes) = next?;
             let mut dir = String::new();
             let mut partition = Vec::new();
             for (i, v) in self.partition_by.iter().zip(&values) {
