@@ -10,14 +10,16 @@ EVENTS="${EVENTS:-200000}"
 cargo build --release --bin sluice
 SLUICE="$CARGO_TARGET_DIR/release/sluice"
 LAKE=examples/quickstart/lake
-rm -rf "$LAKE"
+STATE=examples/quickstart/state
+# A fresh demo: the committed lake and the server's ingest logs go together.
+rm -rf "$LAKE" "$STATE"
 
 echo "== sluice validate examples/quickstart/pipeline.sql"
 "$SLUICE" validate examples/quickstart/pipeline.sql
 
 echo "== sluice run examples/quickstart/pipeline.sql"
 OUT=$(mktemp)
-"$SLUICE" run examples/quickstart/pipeline.sql --listen 127.0.0.1:0 >"$OUT" &
+"$SLUICE" run examples/quickstart/pipeline.sql --listen 127.0.0.1:0 --state-dir "$STATE" >"$OUT" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -f "$OUT"' EXIT
 for _ in $(seq 1 600); do

@@ -44,6 +44,13 @@ use super::config::DEDUP_WINDOW;
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 
+/// Distinguishes this process start in minted request ids (nanoseconds since the epoch at first use).
+static BOOT_ID: std::sync::LazyLock<u128> = std::sync::LazyLock::new(|| {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+});
+
 /// Seconds a client is told to wait after a 429 or 503.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
 /// Errors listed in a 200 reply (the rest are only counted).
@@ -462,15 +469,29 @@ pub async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request_id = headers
+    // Only a producer's own X-Request-Id is an idempotency key. Without one, the id is minted
+    // unique to this process start (it names the request in dead letters) and never deduplicated.
+    // Reproducer: minted ids restarting at 0 after a restart collided with logged ones.
+    let client_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.contains('\n'))
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("req-{}", endpoints.next_request.fetch_add(1, Ordering::Relaxed)));
+        .map(str::to_string);
+    let idempotent = client_id.is_some();
+    let request_id = client_id.unwrap_or_else(|| {
+        format!(
+            "req-{}-{}",
+            *BOOT_ID,
+            endpoints.next_request.fetch_add(1, Ordering::Relaxed)
+        )
+    });
     let found = endpoints.with(&name, |e| {
         let open = e.subscribers.len() == e.expected;
-        let seen = e.seen.get(&request_id).copied();
+        let seen = if idempotent {
+            e.seen.get(&request_id).copied()
+        } else {
+            None
+        };
         (
             e.decoder.clone(),
             e.source.clone(),
@@ -527,10 +548,12 @@ pub async fn ingest(
         Err((status, msg)) => return error(status, msg),
     };
     // Claim the id (a concurrent duplicate now gets 409 until this one is settled).
-    let claimed = endpoints.with(&name, |e| match e.seen.get(&request_id) {
+    let claimed = endpoints.with(&name, |e| match e.seen.get(&request_id).filter(|_| idempotent) {
         Some(_) => false,
         None => {
-            e.remember(request_id.clone(), None);
+            if idempotent {
+                e.remember(request_id.clone(), None);
+            }
             true
         }
     });
@@ -541,6 +564,9 @@ pub async fn ingest(
         );
     }
     let settle = |seq: Option<u64>| {
+        if !idempotent {
+            return;
+        }
         endpoints.with(&name, |e| match seq {
             Some(s) => e.remember(request_id.clone(), Some(s)),
             None => e.forget(&request_id),
