@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use sluice_engine::decode::{Format, RecordDecoder, lines};
 
@@ -435,7 +434,7 @@ fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row) {
         rows_out: None,
     };
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        .set_compression(sluice_connectors::parquet::config::default_compression())
         .build();
     let cpu0 = self_cpu();
     let t0 = Instant::now();

@@ -201,7 +201,7 @@ impl PipelineTask {
         let epoch = self.next_epoch;
         let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
         let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
-        let schema = self.plan_input_schema(chunks);
+        let schema = self.plan.input_schema().clone();
         let input = arrow::compute::concat_batches(&schema, chunks.iter().map(|c| &c.batch))?;
         let decoded = input.num_rows() as u64;
         let decode_dead = dead.len() as u64;
@@ -267,13 +267,6 @@ impl PipelineTask {
         });
         tracing::debug!(pipeline = %self.name, epoch, received, written, dead_lettered = dl, "committed");
         Ok(())
-    }
-
-    fn plan_input_schema(&self, chunks: &[Chunk]) -> arrow::datatypes::SchemaRef {
-        chunks
-            .first()
-            .map(|c| c.batch.schema())
-            .unwrap_or_else(|| self.plan.input_schema().clone())
     }
 
     /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters them.

@@ -19,8 +19,6 @@ use object_store::{
     PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 use sluice_connectors::parquet::ParquetSinkFactory;
-use sluice_connectors::parquet::config::ParquetSinkConfig;
-use sluice_connectors::parquet::sink::ParquetSink;
 use sluice_engine::registry::SinkFactory;
 use sluice_engine::runtime::{ServerConfig, start};
 use sluice_engine::sink::Sink;
@@ -186,14 +184,7 @@ impl SinkFactory for FaultySinkFactory {
             injected: self.injected.clone(),
         });
         let table = TableStore::from_store(faulty, table.root.clone(), def.location.clone());
-        let config = ParquetSinkConfig::from_options(&def.options)
-            .map_err(|e| sluice_engine::EngineError::config(e.message, None::<String>))?;
-        Ok(Arc::new(ParquetSink::new(
-            table,
-            def.schema.clone(),
-            &def.partition_by,
-            &config,
-        )?))
+        sluice_connectors::parquet::sink_on(table, def)
     }
 }
 

@@ -39,14 +39,18 @@ impl SinkFactory for ParquetSinkFactory {
     }
 
     fn create(&self, def: &SinkDef) -> Result<Arc<dyn Sink>> {
-        let config = ParquetSinkConfig::from_options(&def.options)
-            .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        let table = TableStore::open(&def.location)?;
-        Ok(Arc::new(ParquetSink::new(
-            table,
-            def.schema.clone(),
-            &def.partition_by,
-            &config,
-        )?))
+        sink_on(TableStore::open(&def.location)?, def)
     }
+}
+
+/// A Parquet sink for `def` on an already opened table store (a wrapped or custom store).
+pub fn sink_on(table: TableStore, def: &SinkDef) -> Result<Arc<dyn Sink>> {
+    let config =
+        ParquetSinkConfig::from_options(&def.options).map_err(|e| EngineError::config(e.message, None::<String>))?;
+    Ok(Arc::new(ParquetSink::new(
+        table,
+        def.schema.clone(),
+        &def.partition_by,
+        &config,
+    )?))
 }
