@@ -24,6 +24,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
 use crate::error::{EngineError, Result};
+use crate::json_rows::FastJson;
 
 /// Records decoded per arrow decoder call: small enough that a bad record costs little
 /// re-decoding, large enough that per-call overhead does not show.
@@ -69,6 +70,8 @@ pub struct RecordDecoder {
     schema: SchemaRef,
     /// The schema handed to arrow: timestamp columns read as text, converted afterwards.
     raw_schema: SchemaRef,
+    /// The schema-specialised JSON path, when the format is JSON and the schema allows it.
+    fast: Option<FastJson>,
 }
 
 impl RecordDecoder {
@@ -83,11 +86,28 @@ impl RecordDecoder {
             })
             .collect();
         let raw_schema = Arc::new(Schema::new(raw_fields));
+        let fast = match format {
+            Format::Json => FastJson::new(&schema),
+            Format::Csv { .. } => None,
+        };
         RecordDecoder {
             format,
             schema,
             raw_schema,
+            fast,
         }
+    }
+
+    /// The same decoder with arrow-json doing all the work (the reference the fast path is
+    /// tested and measured against).
+    pub fn arrow_only(mut self) -> Self {
+        self.fast = None;
+        self
+    }
+
+    /// True when JSON records go through the schema-specialised path first.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// The schema of the batches produced.
@@ -102,6 +122,69 @@ impl RecordDecoder {
     /// Records are decoded in blocks of [`DECODE_BLOCK`]; a block that fails is bisected until
     /// each bad record stands alone, so good records are decoded about once whatever the mix.
     pub fn decode(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
+        match &self.fast {
+            Some(fast) => self.decode_fast(fast, buf, records),
+            None => self.decode_arrow(buf, records, contiguous),
+        }
+    }
+
+    /// The fast path first; the records it defers go to arrow-json, which decides whether they
+    /// are bad. Rows of both are merged back into input order.
+    fn decode_fast(&self, fast: &FastJson, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
+        let out = fast.decode(buf, records)?;
+        if out.deferred.is_empty() {
+            return Ok(Decoded {
+                batch: out.batch,
+                rejected: Vec::new(),
+            });
+        }
+        let slow_records: Vec<Range<usize>> = out.deferred.iter().map(|&i| records[i].clone()).collect();
+        let slow = self.decode_arrow(buf, &slow_records, false)?;
+        let rejected: Vec<Rejected> = slow
+            .rejected
+            .into_iter()
+            .map(|r| Rejected {
+                index: out.deferred[r.index],
+                ..r
+            })
+            .collect();
+        if slow.batch.num_rows() == 0 {
+            return Ok(Decoded {
+                batch: out.batch,
+                rejected,
+            });
+        }
+        // Rows arrow-json accepted among the deferred: merge both row sets by input index.
+        let mut bad = rejected.iter().map(|r| r.index).peekable();
+        let slow_rows: Vec<usize> = out
+            .deferred
+            .iter()
+            .copied()
+            .filter(|i| {
+                let is_bad = bad.peek() == Some(i);
+                if is_bad {
+                    bad.next();
+                }
+                !is_bad
+            })
+            .collect();
+        let (mut f, mut s) = (0, 0);
+        let mut order = Vec::with_capacity(out.rows.len() + slow_rows.len());
+        while f < out.rows.len() || s < slow_rows.len() {
+            if s == slow_rows.len() || (f < out.rows.len() && out.rows[f] < slow_rows[s]) {
+                order.push((0, f));
+                f += 1;
+            } else {
+                order.push((1, s));
+                s += 1;
+            }
+        }
+        let batch = arrow::compute::interleave_record_batch(&[&out.batch, &slow.batch], &order)?;
+        Ok(Decoded { batch, rejected })
+    }
+
+    /// arrow-json or arrow-csv over all records, in blocks with bisection.
+    fn decode_arrow(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
         let mut parts: Vec<(usize, usize, RecordBatch)> = Vec::new();
         let mut rejected = Vec::new();
         let mut stack: Vec<(usize, usize)> = (0..records.len())
@@ -111,7 +194,9 @@ impl RecordDecoder {
             .collect();
         while let Some((lo, hi)) = stack.pop() {
             let n = hi - lo;
-            let res = if contiguous {
+            // A lone record is always given its newline, so its error does not depend on
+            // where it sat in the input (arrow-json reports `1` as truncated without one).
+            let res = if contiguous && n > 1 {
                 self.decode_raw(&buf[records[lo].start..records[hi - 1].end], n)
             } else {
                 self.decode_raw(&join(buf, &records[lo..hi]), n)
@@ -458,5 +543,304 @@ mod tests {
         let ids = out.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(ids.values().to_vec(), good);
         assert!(bad.len() > 50);
+    }
+}
+
+/// The fast JSON path against arrow-json alone: for any input, the same rows, the same
+/// rejected records and the same reasons.
+#[cfg(test)]
+mod differential {
+    use super::*;
+
+    /// Values as JSON text: plain ones of every type, and the edge cases where two JSON
+    /// readers are likely to disagree.
+    const VALUES: &[&str] = &[
+        "0",
+        "-0",
+        "1",
+        "-1",
+        "42",
+        "01",
+        "1.0",
+        "1.5",
+        "-2.25",
+        "1e2",
+        "1E400",
+        "-1e-400",
+        "127",
+        "128",
+        "255",
+        "256",
+        "-129",
+        "32768",
+        "2147483648",
+        "4294967296",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775808",
+        "true",
+        "false",
+        "null",
+        "\"x\"",
+        "\"\"",
+        "\"1\"",
+        "\"1.5\"",
+        "\"true\"",
+        "\"a\\\"b\"",
+        "\"\\u00e9\"",
+        "\"é\"",
+        "\"\\ud83d\\ude00\"",
+        "\"\\ud800\"",
+        "\"\\udc00x\"",
+        "\"\\ud800\\u0041\"",
+        "\"tab\\there\"",
+        "\"a\tb\"",
+        "\"\\x\"",
+        "\"\\/\"",
+        "[1]",
+        "[]",
+        "{\"a\":1}",
+        "{}",
+        "\"2025-11-22T10:00:00Z\"",
+        "\"2025-11-22T10:00:00.123456789+02:00\"",
+        "\"2025-11-22 10:00:00\"",
+        "\"2025-11-22\"",
+        "\"1763805600000\"",
+        "1763805600000",
+        "-5",
+        "\"yesterday\"",
+        "NaN",
+        "Infinity",
+        ".5",
+        "+1",
+        "1.",
+        "-",
+        "\" 12 \"",
+        "\"-17\"",
+        "1763805600000.5",
+        "tru",
+        "nul",
+    ];
+
+    /// Whole lines that are not (only) one object.
+    const LINES: &[&str] = &[
+        "not json",
+        "{",
+        "}",
+        "{}",
+        "{}}",
+        "{} {}",
+        "{\"id\":1} {\"id\":2}",
+        "{\"id\":1},",
+        "[{\"id\":1}]",
+        "1",
+        "\"s\"",
+        "null",
+        "{\"id\":1,}",
+        "{\"id\" 1}",
+        "{id:1}",
+        "{\"id\":1",
+        "\u{feff}{\"id\":1}",
+        "  {\"id\":3}  ",
+        "{\"i\\u0064\":4}",
+        "{\"id\":5}x",
+        "{\"id\":6}\t",
+        "{\"id\":7,\"id\":8}",
+        "{\"id\":null,\"id\":9}",
+    ];
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("i32", DataType::Int32, true),
+            Field::new("u8", DataType::UInt8, true),
+            Field::new("u64", DataType::UInt64, true),
+            Field::new("f64", DataType::Float64, true),
+            Field::new("f32", DataType::Float32, true),
+            Field::new("ok", DataType::Boolean, true),
+            Field::new("s", DataType::Utf8, true),
+            Field::new("v", DataType::Utf8View, true),
+            Field::new("l", DataType::LargeUtf8, true),
+            Field::new(
+                "tms",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+        ]))
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+            xs[self.below(xs.len())]
+        }
+    }
+
+    /// A plausible value for a column, or (sometimes) any value at all.
+    fn value(rng: &mut Rng, t: &DataType, i: usize) -> String {
+        if rng.below(40) == 0 {
+            return rng.pick(VALUES).to_string();
+        }
+        match t {
+            DataType::Boolean => ["true", "false"][rng.below(2)].to_string(),
+            DataType::Float64 | DataType::Float32 => format!("{}.{}", i % 1000, rng.below(100)),
+            DataType::Timestamp(_, _) if rng.below(2) == 0 => format!("{}", 1_763_805_600_000u64 + i as u64),
+            DataType::Timestamp(_, _) => format!("\"2025-11-{:02}T10:{:02}:00Z\"", 1 + i % 28, i % 60),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => format!("\"text-{i}-{}\"", rng.below(1000)),
+            DataType::UInt8 => format!("{}", i % 256),
+            DataType::UInt64 => format!("{}", i),
+            _ => format!("{}", i as i64 - 500),
+        }
+    }
+
+    fn line(rng: &mut Rng, schema: &Schema, i: usize) -> Vec<u8> {
+        match rng.below(40) {
+            0 => return rng.pick(LINES).as_bytes().to_vec(),
+            1 => return b"{\"id\":1,\"s\":\"\xff\xfe\",\"ts\":0}".to_vec(),
+            _ => {}
+        }
+        let mut fields: Vec<String> = Vec::new();
+        for f in schema.fields() {
+            match rng.below(60) {
+                0 => continue,
+                1 => fields.push(format!("\"{}\":{}", f.name(), rng.pick(VALUES))),
+                _ => fields.push(format!("\"{}\":{}", f.name(), value(rng, f.data_type(), i))),
+            }
+        }
+        match rng.below(12) {
+            0 => fields.push(format!("\"extra\":{}", rng.pick(VALUES))),
+            1 => fields.push("\"nested\":{\"a\":[1,{\"b\":null}],\"c\":\"}\"}".into()),
+            2 if !fields.is_empty() => {
+                let dup = fields[rng.below(fields.len())].clone();
+                fields.push(dup.split(':').next().unwrap_or("\"id\"").to_string() + ":" + rng.pick(VALUES));
+            }
+            3 => fields.reverse(),
+            _ => {}
+        }
+        let sep = [",", ", ", " ,\t"][rng.below(3)];
+        let mut out = format!("{{{}}}", fields.join(sep));
+        if rng.below(20) == 0 {
+            out = format!(" {out} ");
+        }
+        out.into_bytes()
+    }
+
+    /// Asserts both decoders rejected the same records with the same errors, naming the first
+    /// record where they differ.
+    fn same_rejects(buf: &[u8], records: &[Range<usize>], a: &Decoded, b: &Decoded) {
+        let text = |i: usize| String::from_utf8_lossy(&buf[records[i].clone()]).into_owned();
+        let (mut x, mut y) = (a.rejected.iter().peekable(), b.rejected.iter().peekable());
+        loop {
+            match (x.next(), y.next()) {
+                (None, None) => return,
+                (Some(r), Some(s)) if r == s => continue,
+                (r, s) => {
+                    let at = r.or(s).map(|r| r.index).unwrap_or(0);
+                    let at = match (r, s) {
+                        (Some(r), Some(s)) => r.index.min(s.index),
+                        _ => at,
+                    };
+                    panic!(
+                        "rejects differ at record {at} `{}`:\n fast:  {r:?}\n arrow: {s:?}",
+                        text(at)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asserts both batches are equal, naming the first row that differs.
+    fn same_rows(a: &Decoded, b: &Decoded) {
+        assert_eq!(a.batch.schema(), b.batch.schema());
+        for row in 0..a.batch.num_rows().min(b.batch.num_rows()) {
+            let (x, y) = (a.batch.slice(row, 1), b.batch.slice(row, 1));
+            if x != y {
+                panic!(
+                    "row {row} differs:\n fast:  {}\n arrow: {}",
+                    arrow::util::pretty::pretty_format_batches(&[x])
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    arrow::util::pretty::pretty_format_batches(&[y])
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                );
+            }
+        }
+        assert_eq!(a.batch.num_rows(), b.batch.num_rows());
+    }
+
+    #[test]
+    fn fast_path_matches_arrow_json() {
+        let schema = schema();
+        let fast = RecordDecoder::new(Format::Json, schema.clone());
+        assert!(fast.has_fast_path());
+        let slow = fast.clone().arrow_only();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut compared = 0;
+        for round in 0..12 {
+            let mut buf = Vec::new();
+            for i in 0..2_000 {
+                buf.extend(line(&mut rng, &schema, round * 10_000 + i));
+                buf.push(b'\n');
+            }
+            let records = lines(&buf);
+            let a = fast.decode(&buf, &records, true).unwrap();
+            let b = slow.decode(&buf, &records, true).unwrap();
+            same_rejects(&buf, &records, &a, &b);
+            same_rows(&a, &b);
+            let direct = fast
+                .fast
+                .as_ref()
+                .map(|f| f.decode(&buf, &records).unwrap().rows.len())
+                .unwrap_or(0);
+            assert!(
+                direct > 1_000,
+                "round {round}: most good records take the fast path, {direct} did"
+            );
+            assert!(
+                a.batch.num_rows() > 1_000,
+                "round {round}: the mix must be mostly good records, {} of 2000",
+                a.batch.num_rows()
+            );
+            assert!(b.rejected.len() > 100, "round {round}: and have bad ones");
+            compared += records.len();
+        }
+        assert_eq!(compared, 24_000);
+    }
+
+    #[test]
+    fn every_edge_value_in_every_column_matches() {
+        let schema = schema();
+        let fast = RecordDecoder::new(Format::Json, schema.clone());
+        let slow = fast.clone().arrow_only();
+        let mut buf = Vec::new();
+        for f in schema.fields() {
+            for v in VALUES {
+                buf.extend(format!("{{\"id\":1,\"ts\":0,\"{}\":{v}}}\n", f.name()).into_bytes());
+            }
+        }
+        for l in LINES {
+            buf.extend(l.as_bytes());
+            buf.push(b'\n');
+        }
+        let records = lines(&buf);
+        let (a, b) = (
+            fast.decode(&buf, &records, true).unwrap(),
+            slow.decode(&buf, &records, true).unwrap(),
+        );
+        same_rejects(&buf, &records, &a, &b);
+        same_rows(&a, &b);
     }
 }

@@ -33,6 +33,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod error;
 pub mod exec;
+pub mod json_rows;
 pub mod pipeline;
 pub mod registry;
 pub mod retry;

@@ -108,7 +108,7 @@ impl PipelineText {
             .tokens
             .iter()
             .find(|t| t.span.start == at)
-            .map(|t| token_width(t))
+            .map(token_width)
             .unwrap_or(1);
         self.locate_at(at, width)
     }

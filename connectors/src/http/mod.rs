@@ -57,7 +57,7 @@ impl SourceFactory for HttpSourceFactory {
             if report.truncated_bytes > 0 || !report.quarantined.is_empty() {
                 tracing::warn!(source = %def.name, truncated = report.truncated_bytes, quarantined = report.quarantined.len(), "ingest log repaired on open");
             }
-            Ok(Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal))?)
+            Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal))
         })?;
         Ok(Box::new(HttpSource {
             endpoints: self.endpoints.clone(),

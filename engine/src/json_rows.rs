@@ -1,0 +1,419 @@
+//! The fast NDJSON path: a decoder specialised to one declared schema, on the SIMD parser
+//! sonic-rs, filling Arrow builders directly (no tape, no per-batch field-name maps).
+//!
+//! It is deliberately *partial*: it handles the common shapes exactly as arrow-json does and
+//! hands everything else back. A record is either accepted here — and then its row is the one
+//! arrow-json would produce — or **deferred**, and the caller decodes it with arrow-json, which
+//! alone decides whether a record is bad and why. So dead-letter decisions and messages are
+//! arrow-json's by construction; the differential tests in `decode.rs` check the rows.
+//!
+//! Rules that keep the two paths identical:
+//! - numbers use the same parsers as arrow-json (`lexical-core`), on the number's own text;
+//!   anything but a plain literal of the column's type (a string in a numeric column, `1.0` in
+//!   an integer column) is deferred;
+//! - a number or boolean in a text column is kept as its text (arrow-json's `coerce_primitive`);
+//! - timestamps go through [`parse_timestamp_nanos`] like the text path;
+//! - the last of duplicate keys wins, unknown keys are skipped, a missing key is null;
+//! - a missing or null value in a NOT NULL column, any nested value, anything after the
+//!   object, invalid UTF-8, and every syntax error are deferred.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
+    LargeStringBuilder, PrimitiveArray, PrimitiveBuilder, StringBuilder, StringViewBuilder, UInt8Builder,
+    UInt16Builder, UInt32Builder, UInt64Builder,
+};
+use arrow::datatypes::{
+    DataType, Int64Type, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType,
+};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use sonic_rs::{JsonValueTrait, LazyValue};
+
+use crate::decode::parse_timestamp_nanos;
+
+/// What the fast path made of a set of records.
+#[derive(Debug)]
+pub struct FastDecoded {
+    /// The accepted records as rows, with the declared schema.
+    pub batch: RecordBatch,
+    /// Input index of each row of `batch`, ascending.
+    pub rows: Vec<usize>,
+    /// Input indexes of the records left to arrow-json, ascending.
+    pub deferred: Vec<usize>,
+}
+
+/// A decoder of JSON objects into one schema; built only for schemas it fully supports.
+#[derive(Debug, Clone)]
+pub struct FastJson {
+    schema: SchemaRef,
+    columns: Vec<Column>,
+}
+
+#[derive(Debug, Clone)]
+struct Column {
+    name: Box<str>,
+    kind: Kind,
+    nullable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bool,
+    Int(IntWidth),
+    F32,
+    F64,
+    Text,
+    Ts(TimeUnit),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IntWidth {
+    I8,
+    I16,
+    I32,
+    I64,
+    U8,
+    U16,
+    U32,
+    U64,
+}
+
+/// One converted value, ready to append.
+#[derive(Debug, Clone, Copy)]
+enum Cell<'v> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    F32(f32),
+    F64(f64),
+    Text(&'v str),
+    Ts(i64),
+}
+
+/// Why a value was handed back (the reason itself is arrow-json's to give).
+struct Defer;
+
+impl FastJson {
+    /// A fast decoder for `schema`, or `None` when a column type is one it does not handle
+    /// (the caller then uses arrow-json for everything).
+    pub fn new(schema: &SchemaRef) -> Option<FastJson> {
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let kind = match f.data_type() {
+                    DataType::Boolean => Kind::Bool,
+                    DataType::Int8 => Kind::Int(IntWidth::I8),
+                    DataType::Int16 => Kind::Int(IntWidth::I16),
+                    DataType::Int32 => Kind::Int(IntWidth::I32),
+                    DataType::Int64 => Kind::Int(IntWidth::I64),
+                    DataType::UInt8 => Kind::Int(IntWidth::U8),
+                    DataType::UInt16 => Kind::Int(IntWidth::U16),
+                    DataType::UInt32 => Kind::Int(IntWidth::U32),
+                    DataType::UInt64 => Kind::Int(IntWidth::U64),
+                    DataType::Float32 => Kind::F32,
+                    DataType::Float64 => Kind::F64,
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Kind::Text,
+                    DataType::Timestamp(unit, _) => Kind::Ts(*unit),
+                    _ => return None,
+                };
+                Some(Column {
+                    name: f.name().as_str().into(),
+                    kind,
+                    nullable: f.is_nullable(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(FastJson {
+            schema: schema.clone(),
+            columns,
+        })
+    }
+
+    /// Decodes the records `records` (byte ranges of `buf`, one JSON object each).
+    pub fn decode(&self, buf: &[u8], records: &[Range<usize>]) -> Result<FastDecoded, ArrowError> {
+        let whole = std::str::from_utf8(buf).ok();
+        let mut builders: Vec<Builder> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| Builder::new(f.data_type(), records.len()))
+            .collect();
+        let mut slots: Vec<Option<LazyValue<'_>>> = (0..self.columns.len()).map(|_| None).collect();
+        // One allocation for every row's cells, recycled across rows (their borrows end per row).
+        let mut spare: Vec<Cell<'static>> = Vec::with_capacity(self.columns.len());
+        let mut rows = Vec::with_capacity(records.len());
+        let mut deferred = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let line = match whole {
+                Some(s) => s.get(r.clone()),
+                None => std::str::from_utf8(&buf[r.clone()]).ok(),
+            };
+            slots.iter_mut().for_each(|s| *s = None);
+            let mut cells = recycle(std::mem::take(&mut spare));
+            let ok = line.is_some_and(|line| self.scan(line, &mut slots).is_ok())
+                && self.convert(&slots, &mut cells).is_ok();
+            if ok {
+                for (b, c) in builders.iter_mut().zip(&cells) {
+                    b.append(*c);
+                }
+                rows.push(i);
+            } else {
+                deferred.push(i);
+            }
+            spare = recycle(cells);
+        }
+        let columns: Vec<ArrayRef> = builders
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(b, f)| b.finish(f.data_type()))
+            .collect();
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
+        Ok(FastDecoded { batch, rows, deferred })
+    }
+
+    /// Parses one object, leaving each known column's value in its slot.
+    fn scan<'a>(&self, line: &'a str, slots: &mut [Option<LazyValue<'a>>]) -> Result<(), Defer> {
+        if has_surrogate_escape(line.as_bytes()) {
+            return Err(Defer);
+        }
+        let base = line.as_ptr() as usize;
+        let mut end = None;
+        let mut guess = 0usize;
+        for item in sonic_rs::to_object_iter(line) {
+            let (key, value) = item.map_err(|_| Defer)?;
+            let raw = value.as_raw_str();
+            let start = (raw.as_ptr() as usize).checked_sub(base).ok_or(Defer)?;
+            end = Some(start + raw.len());
+            if let Some(c) = self.column_of(&key, guess) {
+                guess = c + 1;
+                slots[c] = Some(value);
+            }
+        }
+        // The iterator stops at the object's closing brace; nothing but blanks may follow.
+        let rest = match end {
+            Some(e) => line.get(e..).ok_or(Defer)?,
+            None => line.trim_start().strip_prefix('{').ok_or(Defer)?,
+        };
+        match rest.trim().strip_prefix('}') {
+            Some("") => Ok(()),
+            _ => Err(Defer),
+        }
+    }
+
+    /// The column named `key`; producers write keys in a fixed order, so `guess` (the column
+    /// after the last one found) is tried first.
+    fn column_of(&self, key: &str, guess: usize) -> Option<usize> {
+        match self.columns.get(guess) {
+            Some(c) if *c.name == *key => Some(guess),
+            _ => self.columns.iter().position(|c| *c.name == *key),
+        }
+    }
+
+    /// Converts the slots of one row into cells, or defers the whole row.
+    fn convert<'v>(&self, slots: &'v [Option<LazyValue<'_>>], cells: &mut Vec<Cell<'v>>) -> Result<(), Defer> {
+        for (col, slot) in self.columns.iter().zip(slots) {
+            let cell = match slot {
+                None => Cell::Null,
+                Some(v) => convert(col.kind, v)?,
+            };
+            if matches!(cell, Cell::Null) && !col.nullable {
+                return Err(Defer);
+            }
+            cells.push(cell);
+        }
+        Ok(())
+    }
+}
+
+/// True when the text holds a `\uD800`–`\uDFFF` escape anywhere: arrow-json checks that
+/// surrogates pair up even in keys it skips, which the lazy parser does not look into.
+fn has_surrogate_escape(line: &[u8]) -> bool {
+    memchr::memmem::find_iter(line, b"\\u").any(|at| matches!(line.get(at + 2), Some(b'd' | b'D')))
+}
+
+/// Empties `cells` and gives its allocation a new lifetime (in-place collect reuses the buffer).
+fn recycle<'b>(mut cells: Vec<Cell<'_>>) -> Vec<Cell<'b>> {
+    cells.clear();
+    cells.into_iter().map(|_| Cell::Null).collect()
+}
+
+/// One value to one cell of `kind`, as arrow-json would read it.
+fn convert<'v>(kind: Kind, v: &'v LazyValue<'_>) -> Result<Cell<'v>, Defer> {
+    let raw = v.as_raw_str();
+    let first = raw.as_bytes().first().copied().ok_or(Defer)?;
+    if first == b'n' {
+        return Ok(Cell::Null);
+    }
+    let number = first == b'-' || first.is_ascii_digit();
+    Ok(match kind {
+        Kind::Bool => Cell::Bool(v.as_bool().ok_or(Defer)?),
+        Kind::Int(w) if number => int_cell(w, raw.as_bytes())?,
+        Kind::F64 if number => Cell::F64(lexical_core::parse::<f64>(raw.as_bytes()).map_err(|_| Defer)?),
+        Kind::F32 if number => Cell::F32(lexical_core::parse::<f32>(raw.as_bytes()).map_err(|_| Defer)?),
+        Kind::Text => match first {
+            b'"' => Cell::Text(v.as_str().ok_or(Defer)?),
+            b't' | b'f' => Cell::Text(raw),
+            _ if number => Cell::Text(raw),
+            _ => return Err(Defer),
+        },
+        Kind::Ts(unit) => {
+            let text = match first {
+                b'"' => v.as_str().ok_or(Defer)?,
+                _ if number => raw,
+                _ => return Err(Defer),
+            };
+            Cell::Ts(parse_timestamp_nanos(text).ok_or(Defer)?.div_euclid(nanos_per(unit)))
+        }
+        _ => return Err(Defer),
+    })
+}
+
+fn int_cell(w: IntWidth, s: &[u8]) -> Result<Cell<'static>, Defer> {
+    let signed = |min: i64, max: i64| match lexical_core::parse::<i64>(s) {
+        Ok(v) if (min..=max).contains(&v) => Ok(Cell::Int(v)),
+        _ => Err(Defer),
+    };
+    let unsigned = |max: u64| match lexical_core::parse::<u64>(s) {
+        Ok(v) if v <= max => Ok(Cell::UInt(v)),
+        _ => Err(Defer),
+    };
+    match w {
+        IntWidth::I8 => signed(i8::MIN.into(), i8::MAX.into()),
+        IntWidth::I16 => signed(i16::MIN.into(), i16::MAX.into()),
+        IntWidth::I32 => signed(i32::MIN.into(), i32::MAX.into()),
+        IntWidth::I64 => signed(i64::MIN, i64::MAX),
+        IntWidth::U8 => unsigned(u8::MAX.into()),
+        IntWidth::U16 => unsigned(u16::MAX.into()),
+        IntWidth::U32 => unsigned(u32::MAX.into()),
+        IntWidth::U64 => unsigned(u64::MAX),
+    }
+}
+
+fn nanos_per(unit: TimeUnit) -> i64 {
+    match unit {
+        TimeUnit::Second => 1_000_000_000,
+        TimeUnit::Millisecond => 1_000_000,
+        TimeUnit::Microsecond => 1_000,
+        TimeUnit::Nanosecond => 1,
+    }
+}
+
+/// An Arrow builder per supported column type.
+enum Builder {
+    Bool(BooleanBuilder),
+    I8(Int8Builder),
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    U8(UInt8Builder),
+    U16(UInt16Builder),
+    U32(UInt32Builder),
+    U64(UInt64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Utf8(StringBuilder),
+    LargeUtf8(LargeStringBuilder),
+    View(StringViewBuilder),
+    /// Timestamps are built as plain i64 and given their unit and zone at the end.
+    Ts(Int64Builder),
+}
+
+impl Builder {
+    fn new(t: &DataType, n: usize) -> Builder {
+        match t {
+            DataType::Boolean => Builder::Bool(BooleanBuilder::with_capacity(n)),
+            DataType::Int8 => Builder::I8(PrimitiveBuilder::with_capacity(n)),
+            DataType::Int16 => Builder::I16(PrimitiveBuilder::with_capacity(n)),
+            DataType::Int32 => Builder::I32(PrimitiveBuilder::with_capacity(n)),
+            DataType::UInt8 => Builder::U8(PrimitiveBuilder::with_capacity(n)),
+            DataType::UInt16 => Builder::U16(PrimitiveBuilder::with_capacity(n)),
+            DataType::UInt32 => Builder::U32(PrimitiveBuilder::with_capacity(n)),
+            DataType::UInt64 => Builder::U64(PrimitiveBuilder::with_capacity(n)),
+            DataType::Float32 => Builder::F32(PrimitiveBuilder::with_capacity(n)),
+            DataType::Float64 => Builder::F64(PrimitiveBuilder::with_capacity(n)),
+            DataType::Utf8 => Builder::Utf8(StringBuilder::with_capacity(n, n * 16)),
+            DataType::LargeUtf8 => Builder::LargeUtf8(LargeStringBuilder::with_capacity(n, n * 16)),
+            DataType::Utf8View => Builder::View(StringViewBuilder::with_capacity(n)),
+            DataType::Timestamp(_, _) => Builder::Ts(PrimitiveBuilder::with_capacity(n)),
+            // FastJson::new admits only the types above.
+            _ => Builder::I64(PrimitiveBuilder::with_capacity(n)),
+        }
+    }
+
+    /// Appends a cell; the cell's variant always matches the builder (both come from the
+    /// column's type), and integer cells are range-checked when converted.
+    fn append(&mut self, c: Cell<'_>) {
+        macro_rules! int {
+            ($b:expr, $t:ty) => {
+                match c {
+                    Cell::Int(v) => $b.append_option(<$t>::try_from(v).ok()),
+                    Cell::UInt(v) => $b.append_option(<$t>::try_from(v).ok()),
+                    _ => $b.append_null(),
+                }
+            };
+        }
+        match self {
+            Builder::Bool(b) => b.append_option(if let Cell::Bool(v) = c { Some(v) } else { None }),
+            Builder::I8(b) => int!(b, i8),
+            Builder::I16(b) => int!(b, i16),
+            Builder::I32(b) => int!(b, i32),
+            Builder::I64(b) => int!(b, i64),
+            Builder::U8(b) => int!(b, u8),
+            Builder::U16(b) => int!(b, u16),
+            Builder::U32(b) => int!(b, u32),
+            Builder::U64(b) => int!(b, u64),
+            Builder::F32(b) => b.append_option(if let Cell::F32(v) = c { Some(v) } else { None }),
+            Builder::F64(b) => b.append_option(if let Cell::F64(v) = c { Some(v) } else { None }),
+            Builder::Utf8(b) => b.append_option(if let Cell::Text(v) = c { Some(v) } else { None }),
+            Builder::LargeUtf8(b) => b.append_option(if let Cell::Text(v) = c { Some(v) } else { None }),
+            Builder::View(b) => b.append_option(if let Cell::Text(v) = c { Some(v) } else { None }),
+            Builder::Ts(b) => b.append_option(if let Cell::Ts(v) = c { Some(v) } else { None }),
+        }
+    }
+
+    fn finish(self, t: &DataType) -> ArrayRef {
+        match self {
+            Builder::Bool(mut b) => Arc::new(b.finish()),
+            Builder::I8(mut b) => Arc::new(b.finish()),
+            Builder::I16(mut b) => Arc::new(b.finish()),
+            Builder::I32(mut b) => Arc::new(b.finish()),
+            Builder::I64(mut b) => Arc::new(b.finish()),
+            Builder::U8(mut b) => Arc::new(b.finish()),
+            Builder::U16(mut b) => Arc::new(b.finish()),
+            Builder::U32(mut b) => Arc::new(b.finish()),
+            Builder::U64(mut b) => Arc::new(b.finish()),
+            Builder::F32(mut b) => Arc::new(b.finish()),
+            Builder::F64(mut b) => Arc::new(b.finish()),
+            Builder::Utf8(mut b) => Arc::new(b.finish()),
+            Builder::LargeUtf8(mut b) => Arc::new(b.finish()),
+            Builder::View(mut b) => Arc::new(b.finish()),
+            Builder::Ts(mut b) => {
+                let (_, values, nulls) = b.finish().into_parts();
+                let DataType::Timestamp(unit, tz) = t else {
+                    return Arc::new(PrimitiveArray::<Int64Type>::new(values, nulls));
+                };
+                let tz = tz.clone();
+                match unit {
+                    TimeUnit::Second => {
+                        Arc::new(PrimitiveArray::<TimestampSecondType>::new(values, nulls).with_timezone_opt(tz))
+                    }
+                    TimeUnit::Millisecond => {
+                        Arc::new(PrimitiveArray::<TimestampMillisecondType>::new(values, nulls).with_timezone_opt(tz))
+                    }
+                    TimeUnit::Microsecond => {
+                        Arc::new(PrimitiveArray::<TimestampMicrosecondType>::new(values, nulls).with_timezone_opt(tz))
+                    }
+                    TimeUnit::Nanosecond => {
+                        Arc::new(PrimitiveArray::<TimestampNanosecondType>::new(values, nulls).with_timezone_opt(tz))
+                    }
+                }
+            }
+        }
+    }
+}
