@@ -489,6 +489,8 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 /// commit log. An event is visible when an entry covering its ingest-log sequence exists.
 /// Returns (rate, sent, ack p50, ack p99, fresh p50, fresh p99, fresh max) in ms.
 fn run_freshness(work: &Path, rate: u64, secs: u64, lines: &[String]) -> (u64, u64, f64, f64, f64, f64, f64) {
+    // Earlier runs leave gigabytes of dirty pages; their writeback would stall this run's fsyncs.
+    let _ = Command::new("sync").status();
     let sink = work.join(format!("lake/fresh-{rate}"));
     let sql = pipeline_sql(
         "STORED AS HTTP LOCATION '/v1/sources/orders' OPTIONS ('batch.interval' '100ms', 'batch.max_rows' '1000000', 'batch.max_bytes' '128MB', 'buffer.max_bytes' '256MB')",
@@ -620,6 +622,14 @@ fn main() {
 
     let (decode, arrow_decode, encode) = run_floor(&work, events, bytes);
     eprintln!("floor measured");
+    if args.iter().any(|a| a == "--floor-only") {
+        // For profiling the decoder and encoder (`perf record` on this process); no report.
+        for r in [&decode, &arrow_decode, &encode] {
+            eprintln!("{}: {:.2} s wall, {:.2} CPU-s", r.name, r.wall, r.cpu);
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     let dir = run_directory(&work, events, bytes, files);
     eprintln!("directory source measured");
     let http = (!args.iter().any(|a| a == "--no-http")).then(|| run_http(&work, events, bytes));

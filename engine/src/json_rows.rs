@@ -234,7 +234,8 @@ impl FastJson {
 /// True when the text holds a `\uD800`–`\uDFFF` escape anywhere: arrow-json checks that
 /// surrogates pair up even in keys it skips, which the lazy parser does not look into.
 fn has_surrogate_escape(line: &[u8]) -> bool {
-    memchr::memmem::find_iter(line, b"\\u").any(|at| matches!(line.get(at + 2), Some(b'd' | b'D')))
+    memchr::memchr_iter(b'\\', line)
+        .any(|at| line.get(at + 1) == Some(&b'u') && matches!(line.get(at + 2), Some(b'd' | b'D')))
 }
 
 /// Empties `cells` and gives its allocation a new lifetime (in-place collect reuses the buffer).
