@@ -287,12 +287,7 @@ fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
     );
     // Bodies prepared before the clock starts.
     let mut bodies = Vec::new();
-    let mut names: Vec<PathBuf> = std::fs::read_dir(work.join("in"))
-        .expect("in")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
-    names.sort();
+    let names = input_files(work);
     for n in names {
         let text = std::fs::read_to_string(n).expect("read");
         let ls: Vec<&str> = text.lines().collect();
@@ -397,6 +392,17 @@ print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_m
     })
 }
 
+/// The generated input files, in name order.
+fn input_files(work: &Path) -> Vec<PathBuf> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(work.join("in"))
+        .expect("in")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Decodes every input file with `decoder`, in the 4 MiB line-aligned chunks the directory
 /// source uses; returns the batches and the (wall, CPU) seconds it took.
 fn decode_all(decoder: &RecordDecoder, files: &[Vec<u8>]) -> (Vec<RecordBatch>, f64, f64) {
@@ -422,12 +428,7 @@ fn decode_all(decoder: &RecordDecoder, files: &[Vec<u8>]) -> (Vec<RecordBatch>, 
 /// single-threaded, in this process.
 fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row, Row) {
     let decoder = RecordDecoder::new(Format::Json, schema());
-    let mut names: Vec<PathBuf> = std::fs::read_dir(work.join("in"))
-        .expect("in")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
-    names.sort();
+    let names = input_files(work);
     let files: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(n).expect("read")).collect();
     let (arrow_batches, wall, cpu) = decode_all(&decoder.clone().arrow_only(), &files);
     let arrow = Row {
