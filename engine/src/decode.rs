@@ -156,31 +156,21 @@ impl RecordDecoder {
                 rejected,
             });
         }
-        // Rows arrow-json accepted among the deferred: merge both row sets by input index.
-        let mut bad = rejected.iter().map(|r| r.index).peekable();
-        let slow_rows: Vec<usize> = out
+        // Rows arrow-json accepted among the deferred (`rejected` is in input order), then both
+        // row sets in input order.
+        let slow_rows = out
             .deferred
             .iter()
-            .copied()
-            .filter(|i| {
-                let is_bad = bad.peek() == Some(i);
-                if is_bad {
-                    bad.next();
-                }
-                !is_bad
-            })
+            .filter(|i| rejected.binary_search_by_key(*i, |r| r.index).is_err());
+        let mut by_input: Vec<(usize, (usize, usize))> = out
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| (i, (0, k)))
+            .chain(slow_rows.enumerate().map(|(k, &i)| (i, (1, k))))
             .collect();
-        let (mut f, mut s) = (0, 0);
-        let mut order = Vec::with_capacity(out.rows.len() + slow_rows.len());
-        while f < out.rows.len() || s < slow_rows.len() {
-            if s == slow_rows.len() || (f < out.rows.len() && out.rows[f] < slow_rows[s]) {
-                order.push((0, f));
-                f += 1;
-            } else {
-                order.push((1, s));
-                s += 1;
-            }
-        }
+        by_input.sort_unstable_by_key(|(i, _)| *i);
+        let order: Vec<(usize, usize)> = by_input.into_iter().map(|(_, o)| o).collect();
         let batch = arrow::compute::interleave_record_batch(&[&out.batch, &slow.batch], &order)?;
         Ok(Decoded { batch, rejected })
     }
@@ -743,22 +733,14 @@ mod differential {
     /// record where they differ.
     fn same_rejects(buf: &[u8], records: &[Range<usize>], a: &Decoded, b: &Decoded) {
         let text = |i: usize| String::from_utf8_lossy(&buf[records[i].clone()]).into_owned();
-        let (mut x, mut y) = (a.rejected.iter().peekable(), b.rejected.iter().peekable());
-        loop {
-            match (x.next(), y.next()) {
-                (None, None) => return,
-                (Some(r), Some(s)) if r == s => continue,
-                (r, s) => {
-                    let at = r.or(s).map(|r| r.index).unwrap_or(0);
-                    let at = match (r, s) {
-                        (Some(r), Some(s)) => r.index.min(s.index),
-                        _ => at,
-                    };
-                    panic!(
-                        "rejects differ at record {at} `{}`:\n fast:  {r:?}\n arrow: {s:?}",
-                        text(at)
-                    );
-                }
+        for k in 0..a.rejected.len().max(b.rejected.len()) {
+            let (r, s) = (a.rejected.get(k), b.rejected.get(k));
+            if r != s {
+                let at = r.into_iter().chain(s).map(|x| x.index).min().unwrap_or(0);
+                panic!(
+                    "rejects differ at record {at} `{}`:\n fast:  {r:?}\n arrow: {s:?}",
+                    text(at)
+                );
             }
         }
     }
