@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
-use parquet::file::properties::WriterProperties;
+use sluice_connectors::parquet::config::ParquetSinkConfig;
 use sluice_engine::decode::{Format, RecordDecoder, lines};
 
 const PER_FILE: u64 = 200_000;
@@ -451,9 +451,7 @@ fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row, Row) {
         rss: 0,
         rows_out: Some(batches.iter().map(|b| b.num_rows() as u64).sum()),
     };
-    let props = WriterProperties::builder()
-        .set_compression(sluice_connectors::parquet::config::default_compression())
-        .build();
+    let props = ParquetSinkConfig::default().writer_properties();
     let cpu0 = self_cpu();
     let t0 = Instant::now();
     let mut total = 0;

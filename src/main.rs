@@ -152,6 +152,9 @@ async fn query(sql: &str, tables: &[(String, String)], format: OutputFormat) -> 
 
 async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Result<()> {
     let texts = read_files(files)?;
+    // Handlers go in before the server can report ready: a SIGTERM right after start (a
+    // supervisor, a test) must be a graceful stop, not the default kill.
+    let signal = shutdown_signal();
     let registry = sluice_connectors::registry_with_state(state_dir);
     let server = runtime::start(&texts, &registry, config).await?;
     // Whoever reads stdout may be gone; never fail (or panic) for that.
@@ -159,7 +162,7 @@ async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Resul
     let _ = std::io::stdout().flush();
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("shutting down: draining pipelines");
         trigger.trigger();
     });
@@ -168,25 +171,32 @@ async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Resul
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT (Ctrl-C elsewhere); the handlers are installed when this is called, not
+/// when the future is first polled.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+        let streams = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        async move {
+            match streams {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

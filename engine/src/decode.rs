@@ -381,6 +381,9 @@ fn parse_timestamps(
 /// Nanoseconds since the epoch for RFC 3339 text or an integer count of epoch milliseconds.
 pub fn parse_timestamp_nanos(v: &str) -> Option<i64> {
     let t = v.trim();
+    if let Some(nanos) = crate::rfc3339::rfc3339_nanos(t.as_bytes()) {
+        return Some(nanos);
+    }
     let digits = t.strip_prefix('-').unwrap_or(t);
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
         return t.parse::<i64>().ok()?.checked_mul(1_000_000);
@@ -614,6 +617,25 @@ mod differential {
         "1763805600000.5",
         "tru",
         "nul",
+        "1e+2",
+        "1E-2",
+        "-0.0",
+        "0e0",
+        "00",
+        "-01",
+        "1.e1",
+        "\"a\u{1}b\"",
+        "\"a\u{7f}b\"",
+        "\"\\u0000\"",
+        "\"2025-11-22T10:00:00.1234567891Z\"",
+        "\"2025-02-29T10:00:00Z\"",
+        "\"2024-02-29T23:59:60Z\"",
+        "\"2025-11-22T10:00:00-23:59\"",
+        "\"2025-11-22T10:00:00+24:00\"",
+        "\"2025-11-22T10:00:00.5+01:30\"",
+        "\"1600-01-01T00:00:00Z\"",
+        "\"2262-04-12T00:00:00Z\"",
+        "\" 2025-11-22T10:00:00Z \"",
     ];
 
     /// Whole lines that are not (only) one object.
@@ -641,6 +663,17 @@ mod differential {
         "{\"id\":6}\t",
         "{\"id\":7,\"id\":8}",
         "{\"id\":null,\"id\":9}",
+        "{ }",
+        "{\"id\":10 }",
+        "{\"id\" : 11 , \"ts\" : 0 }",
+        "{\"id\":12,\"ts\":0,\"x\":\"\\\\\"}",
+        "{\"id\":13,\"ts\":0}\u{b}",
+        "\u{b}{\"id\":13,\"ts\":0}",
+        "{\"id\":13,\u{c}\"ts\":0}",
+        "{\"id\":13,\"ts\":0}\u{a0}",
+        "{\"id\":14,\"ts\":0,\"s\":truefalse}",
+        "{\"id\":15,\"ts\":0,\"s\":nullx}",
+        "{\"id\":16,\"ts\":0,\"f64\":1e5x}",
     ];
 
     fn schema() -> SchemaRef {

@@ -1,5 +1,8 @@
-//! The fast NDJSON path: a decoder specialised to one declared schema, on the SIMD parser
-//! sonic-rs, filling Arrow builders directly (no tape, no per-batch field-name maps).
+//! The fast NDJSON path: a decoder specialised to one declared schema, filling Arrow builders
+//! directly (no tape, no per-batch field-name maps). A line goes first through the flat-object
+//! scanner ([`crate::json_scan`]: one pass, no escapes, scalars only — what producers write);
+//! a line it gives up on goes through the SIMD parser sonic-rs (escapes, nested values under
+//! unknown keys, odd spacing).
 //!
 //! It is deliberately *partial*: it handles the common shapes exactly as arrow-json does and
 //! hands everything else back. A record is either accepted here — and then its row is the one
@@ -32,6 +35,8 @@ use arrow::datatypes::{
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use sonic_rs::{JsonValueTrait, LazyValue};
+
+use crate::json_scan::{NotFlat, Token, scan_flat};
 
 use crate::decode::parse_timestamp_nanos;
 
@@ -144,9 +149,8 @@ impl FastJson {
             .iter()
             .map(|f| Builder::new(f.data_type(), records.len()))
             .collect();
-        let mut slots: Vec<Option<LazyValue<'_>>> = (0..self.columns.len()).map(|_| None).collect();
-        // One allocation for every row's cells, recycled across rows (their borrows end per row).
-        let mut spare: Vec<Cell<'static>> = Vec::with_capacity(self.columns.len());
+        let mut tokens: Vec<Option<Token<'_>>> = vec![None; self.columns.len()];
+        let mut cells: Vec<Cell<'_>> = Vec::with_capacity(self.columns.len());
         let mut rows = Vec::with_capacity(records.len());
         let mut deferred = Vec::new();
         for (i, r) in records.iter().enumerate() {
@@ -154,19 +158,24 @@ impl FastJson {
                 Some(s) => s.get(r.clone()),
                 None => std::str::from_utf8(&buf[r.clone()]).ok(),
             };
-            slots.iter_mut().for_each(|s| *s = None);
-            let mut cells = recycle(std::mem::take(&mut spare));
-            let ok = line.is_some_and(|line| self.scan(line, &mut slots).is_ok())
-                && self.convert(&slots, &mut cells).is_ok();
-            if ok {
-                for (b, c) in builders.iter_mut().zip(&cells) {
-                    b.append(*c);
+            let ok = line.is_some_and(|line| {
+                tokens.fill(None);
+                cells.clear();
+                if memchr::memchr(b'\\', line.as_bytes()).is_none() && self.scan_flat(line, &mut tokens).is_ok() {
+                    // The general parser would see the same values: no second try.
+                    self.convert(&tokens, &mut cells).is_ok() && {
+                        append(&mut builders, &cells);
+                        true
+                    }
+                } else {
+                    self.general_row(line, &mut builders).is_ok()
                 }
+            });
+            if ok {
                 rows.push(i);
             } else {
                 deferred.push(i);
             }
-            spare = recycle(cells);
         }
         let columns: Vec<ArrayRef> = builders
             .into_iter()
@@ -177,7 +186,32 @@ impl FastJson {
         Ok(FastDecoded { batch, rows, deferred })
     }
 
-    /// Parses one object, leaving each known column's value in its slot.
+    /// The flat-object scanner's pass over one line: each known column's value in its slot.
+    fn scan_flat<'a>(&self, line: &'a str, tokens: &mut [Option<Token<'a>>]) -> Result<(), NotFlat> {
+        let mut guess = 0;
+        scan_flat(line, |key, value| {
+            if let Some(c) = self.column_of(key, guess) {
+                guess = c + 1;
+                tokens[c] = Some(value);
+            }
+        })
+    }
+
+    /// A line the flat scanner gave up on (escapes, nested values, odd syntax), through sonic-rs.
+    fn general_row(&self, line: &str, builders: &mut [Builder]) -> Result<(), Defer> {
+        let mut slots: Vec<Option<LazyValue<'_>>> = vec![None; self.columns.len()];
+        self.scan(line, &mut slots)?;
+        let tokens = slots
+            .iter()
+            .map(|s| s.as_ref().map(token).transpose())
+            .collect::<Result<Vec<_>, Defer>>()?;
+        let mut cells = Vec::with_capacity(self.columns.len());
+        self.convert(&tokens, &mut cells)?;
+        append(builders, &cells);
+        Ok(())
+    }
+
+    /// Parses one object with sonic-rs, leaving each known column's value in its slot.
     fn scan<'a>(&self, line: &'a str, slots: &mut [Option<LazyValue<'a>>]) -> Result<(), Defer> {
         if has_surrogate_escape(line.as_bytes()) {
             return Err(Defer);
@@ -196,11 +230,13 @@ impl FastJson {
             }
         }
         // The iterator stops at the object's closing brace; nothing but blanks may follow.
+        // (JSON whitespace only: `str::trim` would also take e.g. a vertical tab.)
+        let blank = [' ', '\t', '\r', '\n'];
         let rest = match end {
             Some(e) => line.get(e..).ok_or(Defer)?,
-            None => line.trim_start().strip_prefix('{').ok_or(Defer)?,
+            None => line.trim_start_matches(blank).strip_prefix('{').ok_or(Defer)?,
         };
-        match rest.trim().strip_prefix('}') {
+        match rest.trim_matches(blank).strip_prefix('}') {
             Some("") => Ok(()),
             _ => Err(Defer),
         }
@@ -215,12 +251,12 @@ impl FastJson {
         }
     }
 
-    /// Converts the slots of one row into cells, or defers the whole row.
-    fn convert<'v>(&self, slots: &'v [Option<LazyValue<'_>>], cells: &mut Vec<Cell<'v>>) -> Result<(), Defer> {
-        for (col, slot) in self.columns.iter().zip(slots) {
-            let cell = match slot {
+    /// Converts the values of one row into cells, or defers the whole row.
+    fn convert<'v>(&self, tokens: &[Option<Token<'v>>], cells: &mut Vec<Cell<'v>>) -> Result<(), Defer> {
+        for (col, token) in self.columns.iter().zip(tokens) {
+            let cell = match token {
                 None => Cell::Null,
-                Some(v) => convert(col.kind, v)?,
+                Some(t) => convert(col.kind, *t)?,
             };
             if matches!(cell, Cell::Null) && !col.nullable {
                 return Err(Defer);
@@ -231,6 +267,25 @@ impl FastJson {
     }
 }
 
+/// One row of cells onto the builders.
+fn append(builders: &mut [Builder], cells: &[Cell<'_>]) {
+    for (b, c) in builders.iter_mut().zip(cells) {
+        b.append(*c);
+    }
+}
+
+/// A sonic-rs value as a scalar token; nested values are deferred.
+fn token<'v>(v: &'v LazyValue<'_>) -> Result<Token<'v>, Defer> {
+    let raw = v.as_raw_str();
+    match raw.as_bytes().first() {
+        Some(b'n') => Ok(Token::Null),
+        Some(b't' | b'f') => v.as_bool().map(Token::Bool).ok_or(Defer),
+        Some(b'"') => v.as_str().map(Token::Str).ok_or(Defer),
+        Some(b'-' | b'0'..=b'9') => Ok(Token::Num(raw)),
+        _ => Err(Defer),
+    }
+}
+
 /// True when the text holds a `\uD800`–`\uDFFF` escape anywhere: arrow-json checks that
 /// surrogates pair up even in keys it skips, which the lazy parser does not look into.
 fn has_surrogate_escape(line: &[u8]) -> bool {
@@ -238,38 +293,18 @@ fn has_surrogate_escape(line: &[u8]) -> bool {
         .any(|at| line.get(at + 1) == Some(&b'u') && matches!(line.get(at + 2), Some(b'd' | b'D')))
 }
 
-/// Empties `cells` and gives its allocation a new lifetime (in-place collect reuses the buffer).
-fn recycle<'b>(mut cells: Vec<Cell<'_>>) -> Vec<Cell<'b>> {
-    cells.clear();
-    cells.into_iter().map(|_| Cell::Null).collect()
-}
-
 /// One value to one cell of `kind`, as arrow-json would read it.
-fn convert<'v>(kind: Kind, v: &'v LazyValue<'_>) -> Result<Cell<'v>, Defer> {
-    let raw = v.as_raw_str();
-    let first = raw.as_bytes().first().copied().ok_or(Defer)?;
-    if first == b'n' {
-        return Ok(Cell::Null);
-    }
-    let number = first == b'-' || first.is_ascii_digit();
-    Ok(match kind {
-        Kind::Bool => Cell::Bool(v.as_bool().ok_or(Defer)?),
-        Kind::Int(w) if number => int_cell(w, raw.as_bytes())?,
-        Kind::F64 if number => Cell::F64(lexical_core::parse::<f64>(raw.as_bytes()).map_err(|_| Defer)?),
-        Kind::F32 if number => Cell::F32(lexical_core::parse::<f32>(raw.as_bytes()).map_err(|_| Defer)?),
-        Kind::Text => match first {
-            b'"' => Cell::Text(v.as_str().ok_or(Defer)?),
-            b't' | b'f' => Cell::Text(raw),
-            _ if number => Cell::Text(raw),
-            _ => return Err(Defer),
-        },
-        Kind::Ts(unit) => {
-            let text = match first {
-                b'"' => v.as_str().ok_or(Defer)?,
-                _ if number => raw,
-                _ => return Err(Defer),
-            };
-            Cell::Ts(parse_timestamp_nanos(text).ok_or(Defer)?.div_euclid(nanos_per(unit)))
+fn convert(kind: Kind, t: Token<'_>) -> Result<Cell<'_>, Defer> {
+    Ok(match (kind, t) {
+        (_, Token::Null) => Cell::Null,
+        (Kind::Bool, Token::Bool(b)) => Cell::Bool(b),
+        (Kind::Int(w), Token::Num(n)) => int_cell(w, n.as_bytes())?,
+        (Kind::F64, Token::Num(n)) => Cell::F64(lexical_core::parse::<f64>(n.as_bytes()).map_err(|_| Defer)?),
+        (Kind::F32, Token::Num(n)) => Cell::F32(lexical_core::parse::<f32>(n.as_bytes()).map_err(|_| Defer)?),
+        (Kind::Text, Token::Str(s) | Token::Num(s)) => Cell::Text(s),
+        (Kind::Text, Token::Bool(b)) => Cell::Text(if b { "true" } else { "false" }),
+        (Kind::Ts(unit), Token::Str(s) | Token::Num(s)) => {
+            Cell::Ts(parse_timestamp_nanos(s).ok_or(Defer)?.div_euclid(nanos_per(unit)))
         }
         _ => return Err(Defer),
     })

@@ -52,7 +52,7 @@ impl ParquetSink {
         }
         let data_columns: Vec<usize> = (0..schema.fields().len()).filter(|i| !pidx.contains(i)).collect();
         let file_schema = Arc::new(schema.project(&data_columns)?);
-        let props = WriterProperties::builder().set_compression(config.compression).build();
+        let props = config.writer_properties();
         Ok(ParquetSink {
             table,
             schema,
