@@ -2,6 +2,7 @@
 //! default), committed through the table's Sluice commit log.
 
 pub mod config;
+pub mod encode;
 pub mod sink;
 
 use std::sync::Arc;

@@ -11,7 +11,6 @@ use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use futures::StreamExt;
-use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::commit::{CommitLog, FileAction};
 use sluice_engine::sink::Sink;
@@ -19,6 +18,7 @@ use sluice_engine::store::TableStore;
 use sluice_engine::{EngineError, Result};
 
 use super::config::ParquetSinkConfig;
+use super::encode::encode_file;
 
 /// The directory name Hive uses for a null partition value.
 pub const HIVE_NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
@@ -81,6 +81,7 @@ impl ParquetSink {
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(groups.len());
+        let whole = groups.len() == 1;
         for idx in groups.into_values() {
             let first = idx[0] as usize;
             let values: Vec<Option<String>> = cols
@@ -94,7 +95,12 @@ impl ParquetSink {
                     }
                 })
                 .collect();
-            let taken = take_record_batch(batch, &UInt32Array::from(idx))?;
+            // One partition (common: an epoch within one day): the batch itself, no copy.
+            let taken = if whole {
+                batch.clone()
+            } else {
+                take_record_batch(batch, &UInt32Array::from(idx))?
+            };
             out.push((values, taken));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -107,25 +113,25 @@ impl ParquetSink {
     }
 }
 
-/// Encodes the data columns of `batch` as one Parquet file.
+/// Encodes the data columns of `batches` as one Parquet file on up to `threads` threads.
 fn encode(
     batches: &[RecordBatch],
     data_columns: &[usize],
     file_schema: SchemaRef,
     props: WriterProperties,
+    threads: usize,
 ) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, file_schema.clone(), Some(props))
-        .map_err(|e| EngineError::Internal(format!("creating parquet writer: {e}")))?;
-    for batch in batches {
-        let data = batch.project(data_columns)?;
-        let data = RecordBatch::try_new(file_schema.clone(), data.columns().to_vec())?;
-        w.write(&data)
-            .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))?;
-    }
-    w.close()
-        .map_err(|e| EngineError::Internal(format!("finishing parquet: {e}")))?;
-    Ok(buf)
+    let data = batches
+        .iter()
+        .map(|b| {
+            Ok(RecordBatch::try_new(
+                file_schema.clone(),
+                b.project(data_columns)?.columns().to_vec(),
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    encode_file(&data, &file_schema, &props, threads)
+        .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))
 }
 
 /// Escapes a partition value for a path segment the way Hive does.
@@ -162,13 +168,15 @@ impl Sink for ParquetSink {
         let mut actions = Vec::new();
         // Encode partitions' files on blocking threads, at most one per core at a time (each
         // holds its encoded file), and stage them in order.
+        // Few partitions (often one): each file's columns are spread over the idle cores.
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = parallel.div_ceil(groups.len().max(1));
         let (cols, schema, props) = (self.data_columns.clone(), self.file_schema.clone(), self.props.clone());
         let mut encoded = futures::stream::iter(groups.into_iter().map(|(values, rows)| {
             let (cols, schema, props) = (cols.clone(), schema.clone(), props.clone());
             async move {
                 let n = rows.iter().map(|r| r.num_rows() as u64).sum::<u64>();
-                let bytes = tokio::task::spawn_blocking(move || encode(&rows, &cols, schema, props))
+                let bytes = tokio::task::spawn_blocking(move || encode(&rows, &cols, schema, props, threads))
                     .await
                     .map_err(|e| EngineError::Internal(format!("parquet encode task failed: {e}")))??;
                 Ok::<_, EngineError>((values, n, bytes))
