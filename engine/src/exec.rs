@@ -31,21 +31,42 @@ pub struct BatchSlot {
 }
 
 impl BatchSlot {
-    fn set(&self, batch: RecordBatch) {
-        let rows = batch.num_rows();
+    /// Makes `batches` the slot's contents: contiguous runs of about equal rows, one per
+    /// partition (slices, no copies), so output order follows input order.
+    fn set(&self, batches: &[RecordBatch]) {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         let n = self.partitions.min(rows / MIN_ROWS_PER_PARTITION).max(1);
         let per = rows.div_ceil(n).max(1);
         let parts = (0..n)
             .map(|i| {
                 let start = (i * per).min(rows);
-                let len = per.min(rows - start);
-                vec![batch.slice(start, len)]
+                slice_rows(batches, start, per.min(rows - start))
             })
             .collect();
         if let Ok(mut cur) = self.current.lock() {
             *cur = parts;
         }
     }
+}
+
+/// Rows `offset..offset + len` of `batches` taken as one sequence (zero-copy slices).
+pub fn slice_rows(batches: &[RecordBatch], offset: usize, len: usize) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (offset, len);
+    for b in batches {
+        if want == 0 {
+            break;
+        }
+        if skip >= b.num_rows() {
+            skip -= b.num_rows();
+            continue;
+        }
+        let take = want.min(b.num_rows() - skip);
+        out.push(b.slice(skip, take));
+        want -= take;
+        skip = 0;
+    }
+    out
 }
 
 #[async_trait::async_trait]
@@ -125,12 +146,12 @@ impl BatchPlan {
         &self.output
     }
 
-    /// Runs the plan over `batch`.
-    pub async fn execute(&self, batch: RecordBatch) -> Result<Vec<RecordBatch>, DataFusionError> {
-        self.slot.set(batch);
+    /// Runs the plan over `batches` (one micro-batch, in order).
+    pub async fn execute(&self, batches: &[RecordBatch]) -> Result<Vec<RecordBatch>, DataFusionError> {
+        self.slot.set(batches);
         let df = DataFrame::new(self.ctx.state(), self.plan.clone());
         let out = df.collect().await;
-        self.slot.set(RecordBatch::new_empty(self.slot.schema.clone()));
+        self.slot.set(&[]);
         out
     }
 }

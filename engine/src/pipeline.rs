@@ -20,7 +20,7 @@ use crate::budget::Budget;
 use crate::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
 use crate::error::Result;
-use crate::exec::BatchPlan;
+use crate::exec::{BatchPlan, slice_rows};
 use crate::retry::{RetryPolicy, is_transient};
 use crate::sink::Sink;
 use crate::source::Chunk;
@@ -201,11 +201,15 @@ impl PipelineTask {
         let epoch = self.next_epoch;
         let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
         let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
-        let schema = self.plan.input_schema().clone();
-        let input = arrow::compute::concat_batches(&schema, chunks.iter().map(|c| &c.batch))?;
-        let decoded = input.num_rows() as u64;
+        // The chunks as they are (no concatenated copy of the epoch).
+        let input: Vec<RecordBatch> = chunks
+            .iter()
+            .filter(|c| c.batch.num_rows() > 0)
+            .map(|c| c.batch.clone())
+            .collect();
+        let decoded: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         let decode_dead = dead.len() as u64;
-        let output = self.transform(input, &mut dead).await?;
+        let output = self.transform(&input, &mut dead).await?;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
 
         let files = self.sink.stage(&self.log, epoch, output).await?;
@@ -270,19 +274,20 @@ impl PipelineTask {
     }
 
     /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters them.
-    async fn transform(&self, input: RecordBatch, dead: &mut Vec<DeadLetter>) -> Result<Vec<RecordBatch>> {
-        match self.plan.execute(input.clone()).await {
+    async fn transform(&self, input: &[RecordBatch], dead: &mut Vec<DeadLetter>) -> Result<Vec<RecordBatch>> {
+        let rows: usize = input.iter().map(|b| b.num_rows()).sum();
+        match self.plan.execute(input).await {
             Ok(out) => return Ok(out),
-            Err(e) if input.num_rows() == 0 => return Err(e.into()),
+            Err(e) if rows == 0 => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(pipeline = %self.name, error = %e, "batch failed in the plan; isolating bad rows")
             }
         }
         let mut out = Vec::new();
-        let mut stack = vec![(0usize, input.num_rows())];
+        let mut stack = vec![(0usize, rows)];
         while let Some((offset, len)) = stack.pop() {
-            let part = input.slice(offset, len);
-            match self.plan.execute(part.clone()).await {
+            let part = slice_rows(input, offset, len);
+            match self.plan.execute(&part).await {
                 Ok(b) => out.push((offset, b)),
                 Err(e) if len == 1 => dead.push(DeadLetter {
                     source: self.source.clone(),
@@ -304,11 +309,11 @@ impl PipelineTask {
     }
 }
 
-/// The row(s) of `batch` as NDJSON text.
-fn row_json(batch: &RecordBatch) -> String {
+/// The row(s) of `batches` as NDJSON text.
+fn row_json(batches: &[RecordBatch]) -> String {
     let mut buf = Vec::new();
     let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
-    if w.write(batch).is_err() || w.finish().is_err() {
+    if batches.iter().any(|b| w.write(b).is_err()) || w.finish().is_err() {
         return String::new();
     }
     drop(w);

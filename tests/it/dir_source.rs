@@ -176,3 +176,59 @@ async fn csv_directory_source_with_header() {
     assert_eq!(letters.len(), 1);
     assert!(letters[0]["raw"].as_str().unwrap().starts_with("bad,z"));
 }
+
+/// Rows the plan fails on (integer division by zero) are isolated across the several chunks of
+/// an epoch: each becomes a `transform` dead letter with its row, every other row is written
+/// once, in one epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_failures_are_isolated_across_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/events_out");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE events (id BIGINT NOT NULL, kind VARCHAR, ts TIMESTAMP)
+             STORED AS NDJSON LOCATION '{incoming}'
+             OPTIONS ('poll_interval' '50ms', 'batch.interval' '5s', 'batch.max_rows' '1000');
+             CREATE EXTERNAL TABLE events_out STORED AS PARQUET PARTITIONED BY (kind) LOCATION '{sink}';
+             INSERT INTO events_out SELECT id, id * 2 AS doubled, 1000 / (id % 97) AS q, kind FROM events;",
+            incoming = incoming.display(),
+            sink = sink.display()
+        ),
+    )
+    .unwrap();
+    // Four files, four chunks, one epoch of 1000 rows; ids 0, 97, 194, ... fail.
+    for f in 0..4 {
+        drop_file(&incoming, &format!("{f:04}.ndjson"), &lines(f * 250..(f + 1) * 250));
+    }
+    let bad: Vec<i64> = (0..1000).filter(|i| i % 97 == 0).collect();
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(60), "the epoch committed", || {
+        (committed_output(&sink) >= 1000 - bad.len() as u64).then_some(())
+    });
+    server.stop();
+    let entries = log_entries(&sink);
+    assert_eq!(entries.len(), 1, "one epoch: {entries:?}");
+    let counts = id_counts(&sink).await;
+    let good: Vec<i64> = (0..1000).filter(|i| i % 97 != 0).collect();
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), good);
+    assert!(counts.values().all(|n| *n == 1));
+    let letters = dead_letters(&sink);
+    let mut failed: Vec<i64> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l["stage"], "transform", "{l}");
+            assert!(
+                l["error"].as_str().unwrap_or_default().contains("Divide by zero"),
+                "{l}"
+            );
+            let raw: serde_json::Value = serde_json::from_str(l["raw"].as_str().unwrap_or_default()).unwrap();
+            raw["id"].as_i64().unwrap()
+        })
+        .collect();
+    failed.sort();
+    assert_eq!(failed, bad);
+}
