@@ -4,7 +4,8 @@
 //! arithmetic, join with a static table, derived date column → zstd Parquet partitioned by date)
 //! measured as
 //! - `sluice` with the directory source,
-//! - `sluice` with HTTP ingest and durable acks (a loopback load generator, 4 connections),
+//! - `sluice` with HTTP ingest and durable acks (a loopback load generator, 8 connections; with
+//!   4, each waiting for its fsync'd ack, the run measured fsync latency, not the server),
 //! - DuckDB (2 threads) running the same SQL over the same files,
 //! - the floor: decode only (NDJSON → Arrow, the engine's decoder) plus encode only
 //!   (those batches → zstd Parquet), single-threaded, on the same data.
@@ -36,7 +37,7 @@ use sluice_engine::decode::{Format, RecordDecoder, lines};
 const PER_FILE: u64 = 200_000;
 const MALFORMED_PER_MILLION: u64 = 100;
 const HTTP_BODY_LINES: usize = 2_000;
-const HTTP_CONNECTIONS: usize = 4;
+const HTTP_CONNECTIONS: usize = 8;
 
 /// One measured row of the report.
 struct Row {
@@ -665,7 +666,12 @@ fn main() {
         }
         eprintln!("round {round} of {rounds}: directory source and DuckDB measured");
     }
-    let walls = |rows: &[Row]| rows.iter().map(|r| format!("{:.2}", r.wall)).collect::<Vec<_>>().join(", ");
+    let walls = |rows: &[Row]| {
+        rows.iter()
+            .map(|r| format!("{:.2}", r.wall))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let rounds_note = format!(
         "- rounds: the directory source and DuckDB ran alternately {rounds} times; each row is its median round (walls s: sluice {}; DuckDB {})\n",
         walls(&dirs),
@@ -777,7 +783,7 @@ fn main() {
 - transform: filter, projection, arithmetic, join with a 5-row CSV table, derived date column → zstd Parquet partitioned by date\n\
 - DuckDB: the same SQL over the same files, `threads=2`, `COPY ... (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)`\n\
 - floor: the engine's decoder alone (schema-specialised: a one-pass flat-object scanner, sonic-rs for lines it gives up on, arrow-json for what both defer), then the Parquet encoder alone with the sink's default settings (zstd level 1, 16 KiB dictionary limit), one thread each; \"floor / this wall\" = (decode + encode wall) / the run's wall; the arrow-json row is the same decode with the fast path off\n\
-{rounds_note}- the HTTP run's load generator runs in the harness process on the same 2 cores\n\n{table}\n",
+{rounds_note}- the HTTP run's load generator ({HTTP_CONNECTIONS} connections, {HTTP_BODY_LINES} lines per request) runs in the harness process on the same 2 cores\n\n{table}\n",
         bytes as f64 / 1e6,
         bytes as f64 / events as f64,
     );
