@@ -232,12 +232,13 @@ fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
 
 /// Nexmark q0 (pass-through), q1 (projection with arithmetic), q2 (filter) and q10 (log to
 /// files partitioned by date and minute) over a bid stream, through the directory source.
-fn run_nexmark(work: &Path, events: u64) -> Vec<Row> {
+fn run_nexmark(work: &Path, events: u64, with_duckdb: bool) -> Vec<(Row, Option<Row>)> {
     let bytes = datagen::write_bids(&work.join("bids"), 7, events, PER_FILE).expect("generate bids");
     let last = format!("bids-{:05}.ndjson", events.div_ceil(PER_FILE) - 1);
     let columns =
         "auction BIGINT NOT NULL, bidder BIGINT NOT NULL, price BIGINT NOT NULL, channel VARCHAR, url VARCHAR,
       date_time TIMESTAMP NOT NULL, extra VARCHAR";
+    // DuckDB's spelling of `to_char` is `strftime`; everything else is the same text.
     let queries = [
         (
             "q0",
@@ -256,8 +257,27 @@ fn run_nexmark(work: &Path, events: u64) -> Vec<Row> {
             "PARTITIONED BY (dt, hm)",
         ),
     ];
+    let duck_columns = "auction:'BIGINT', bidder:'BIGINT', price:'BIGINT', channel:'VARCHAR', url:'VARCHAR', date_time:'TIMESTAMP', extra:'VARCHAR'";
     let mut rows = Vec::new();
     for (q, select, partition) in queries {
+        let duck = with_duckdb
+            .then(|| {
+                let from = format!("FROM read_ndjson('bids/*.ndjson', columns={{{duck_columns}}})");
+                let select = select.replace("to_char(", "strftime(").replace("FROM bids", &from);
+                let (to, written) = match partition {
+                    "" => (
+                        format!("'lake/duckdb-{q}.parquet' (FORMAT PARQUET, COMPRESSION ZSTD)"),
+                        format!("lake/duckdb-{q}.parquet"),
+                    ),
+                    _ => (
+                        format!("'lake/duckdb-{q}' (FORMAT PARQUET, PARTITION_BY (dt, hm), COMPRESSION ZSTD)"),
+                        format!("lake/duckdb-{q}/*/*/*.parquet"),
+                    ),
+                };
+                let copy = format!("COPY ({select}) TO {to}");
+                duckdb_copy(work, &format!("DuckDB: Nexmark {q}"), &copy, &written, events, bytes)
+            })
+            .flatten();
         let sink = work.join(format!("lake/nexmark-{q}"));
         let sql = format!(
             "CREATE UNBOUNDED EXTERNAL TABLE bids ({columns}) STORED AS NDJSON LOCATION 'bids' {DIR_OPTIONS};
@@ -265,7 +285,7 @@ CREATE EXTERNAL TABLE nexmark_{q} STORED AS PARQUET {partition} LOCATION '{}';
 INSERT INTO nexmark_{q} {select};",
             sink.display()
         );
-        rows.push(run_dir_sql(
+        let ours = run_dir_sql(
             work,
             &format!("sluice: Nexmark {q}"),
             &format!("nexmark-{q}"),
@@ -275,7 +295,8 @@ INSERT INTO nexmark_{q} {select};",
             &last,
             events,
             bytes,
-        ));
+        );
+        rows.push((ours, duck));
         eprintln!("nexmark {q} measured");
     }
     rows
@@ -354,25 +375,41 @@ fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
 }
 
 fn run_duckdb(work: &Path, events: u64, bytes: u64) -> Option<Row> {
-    let script = r#"
-import duckdb, resource, time, json
-con = duckdb.connect()
-con.execute("SET threads=2")
-con.execute("SET enable_progress_bar=false")
-t0 = time.monotonic()
-con.execute("""COPY (SELECT o.order_id, o.customer_id, o.amount * fx.rate AS amount_usd, o.quantity, upper(o.status) AS status,
+    let copy = r#"COPY (SELECT o.order_id, o.customer_id, o.amount * fx.rate AS amount_usd, o.quantity, upper(o.status) AS status,
        o.country, o.channel, o.sku, o.ts, CAST(o.ts AS DATE) AS order_date
   FROM read_ndjson('in/*.ndjson', columns={order_id:'BIGINT', customer_id:'BIGINT', amount:'DOUBLE', currency:'VARCHAR',
        status:'VARCHAR', ts:'TIMESTAMP', country:'VARCHAR', channel:'VARCHAR', sku:'VARCHAR', quantity:'BIGINT'},
        ignore_errors=true) o
   JOIN read_csv('fx.csv', header=true) fx ON o.currency = fx.currency
   WHERE o.status <> 'test')
-  TO 'lake/duckdb' (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)""")
+  TO 'lake/duckdb' (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)"#;
+    duckdb_copy(
+        work,
+        "DuckDB (2 threads)",
+        copy,
+        "lake/duckdb/*/*.parquet",
+        events,
+        bytes,
+    )
+}
+
+/// Runs one DuckDB `COPY ... TO` statement (2 threads) in `work`, then counts the rows of the
+/// Parquet files matching `written`.
+fn duckdb_copy(work: &Path, name: &str, copy: &str, written: &str, events: u64, bytes: u64) -> Option<Row> {
+    let script = format!(
+        r#"
+import duckdb, resource, time, json
+con = duckdb.connect()
+con.execute("SET threads=2")
+con.execute("SET enable_progress_bar=false")
+t0 = time.monotonic()
+con.execute("""{copy}""")
 wall = time.monotonic() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
-rows = con.execute("SELECT count(*) FROM read_parquet('lake/duckdb/*/*.parquet')").fetchone()[0]
-print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024, "rows": rows}))
-"#;
+rows = con.execute("SELECT count(*) FROM read_parquet('{written}')").fetchone()[0]
+print(json.dumps({{"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024, "rows": rows}}))
+"#
+    );
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -389,7 +426,7 @@ print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_m
     let v: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
     let row = (|| {
         Some(Row {
-            name: "DuckDB (2 threads)".into(),
+            name: name.into(),
             events,
             bytes,
             wall: v["wall"].as_f64()?,
@@ -683,7 +720,7 @@ fn main() {
     let nexmark = if args.iter().any(|a| a == "--no-nexmark") {
         Vec::new()
     } else {
-        run_nexmark(&work, events)
+        run_nexmark(&work, events, with_duckdb)
     };
     let fresh_secs: u64 = arg(&args, "--freshness-secs")
         .and_then(|v| v.parse().ok())
@@ -707,8 +744,21 @@ fn main() {
     rows.push(decode);
     rows.push(arrow_decode);
     rows.push(encode);
+    // Each row's DuckDB reference: the order-stream DuckDB run, or the same Nexmark query's.
+    let mut reference: Vec<Option<f64>> = rows
+        .iter()
+        .map(|r| (!r.name.starts_with("floor")).then_some(duck_wall).flatten())
+        .collect();
     let nexmark_from = rows.len();
-    rows.extend(nexmark);
+    for (ours, duck) in nexmark {
+        let wall = duck.as_ref().map(|d| d.wall);
+        rows.push(ours);
+        reference.push(wall);
+        if let Some(d) = duck {
+            rows.push(d);
+            reference.push(wall);
+        }
+    }
 
     let mut table = String::new();
     table.push_str("| run | events | wall s | events/s | input MB/s | CPU-s | CPU-s per M events | events per CPU-s | peak RSS MiB | rows out | DuckDB wall / this wall | floor / this wall |\n");
@@ -717,8 +767,8 @@ fn main() {
         if i == nexmark_from {
             table.push_str("| *Nexmark (bids, directory source)* | | | | | | | | | | | |\n");
         }
-        let vs_duck = duck_wall.map_or("–".to_string(), |d| format!("{:.2}", d / r.wall));
-        // Ratios compare runs over the order stream only.
+        let vs_duck = reference[i].map_or("–".to_string(), |d| format!("{:.2}", d / r.wall));
+        // The floor ratio compares runs over the order stream only.
         let is_floor = r.name.starts_with("floor") || i >= nexmark_from;
         table.push_str(&format!(
             "| {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
@@ -736,7 +786,7 @@ fn main() {
                 "–".into()
             },
             r.rows_out.map_or("–".to_string(), |n| n.to_string()),
-            if is_floor { "–".into() } else { vs_duck },
+            vs_duck,
             if is_floor {
                 "–".into()
             } else {
@@ -781,7 +831,7 @@ fn main() {
 - machine: {machine}\n- date: {date}\n\
 - data: {events} orders, {:.0} MB of NDJSON ({:.0} bytes/event, 10 columns, seed 42, {MALFORMED_PER_MILLION} malformed per million), {files} files\n\
 - transform: filter, projection, arithmetic, join with a 5-row CSV table, derived date column → zstd Parquet partitioned by date\n\
-- DuckDB: the same SQL over the same files, `threads=2`, `COPY ... (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)`\n\
+- DuckDB: the same SQL over the same files, `threads=2`, `COPY ... (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)`; Nexmark likewise (`to_char` spelled `strftime`; q0–q2 to one file, q10 partitioned by `(dt, hm)`)\n\
 - floor: the engine's decoder alone (schema-specialised: a one-pass flat-object scanner, sonic-rs for lines it gives up on, arrow-json for what both defer), then the Parquet encoder alone with the sink's default settings (zstd level 1, 16 KiB dictionary limit), one thread each; \"floor / this wall\" = (decode + encode wall) / the run's wall; the arrow-json row is the same decode with the fast path off\n\
 {rounds_note}- the HTTP run's load generator ({HTTP_CONNECTIONS} connections, {HTTP_BODY_LINES} lines per request) runs in the harness process on the same 2 cores\n\n{table}\n",
         bytes as f64 / 1e6,
