@@ -17,8 +17,8 @@
 //!
 //! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
 //! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-nexmark`, `--freshness-secs N`
-//! (default 30; 0 skips), `--rounds N` (directory source and DuckDB alternately, median reported;
-//! default 3).
+//! (default 30; 0 skips), `--rounds N` (directory source, HTTP and DuckDB in turn, medians
+//! reported; default 3).
 
 mod datagen;
 
@@ -688,20 +688,30 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         return;
     }
-    // The machine is noisy over seconds: the directory source and DuckDB run alternately, and
-    // each one's median round is reported.
+    // The machine is noisy over seconds: the directory source, HTTP ingest and DuckDB run in
+    // turn, and each one's median round is reported.
     let rounds: usize = arg(&args, "--rounds").and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let with_duckdb = !args.iter().any(|a| a == "--no-duckdb");
-    let (mut dirs, mut ducks) = (Vec::new(), Vec::new());
+    let with_http = !args.iter().any(|a| a == "--no-http");
+    let (mut dirs, mut https, mut ducks) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        for old in ["lake/sluice-dir", "state-dir", "lake/duckdb"] {
+        for old in [
+            "lake/sluice-dir",
+            "state-dir",
+            "lake/sluice-http",
+            "state-http",
+            "lake/duckdb",
+        ] {
             let _ = std::fs::remove_dir_all(work.join(old));
         }
         dirs.push(run_directory(&work, events, bytes, files));
+        if with_http {
+            https.push(run_http(&work, events, bytes));
+        }
         if with_duckdb {
             ducks.extend(run_duckdb(&work, events, bytes));
         }
-        eprintln!("round {round} of {rounds}: directory source and DuckDB measured");
+        eprintln!("round {round} of {rounds} measured");
     }
     let walls = |rows: &[Row]| {
         rows.iter()
@@ -710,13 +720,14 @@ fn main() {
             .join(", ")
     };
     let rounds_note = format!(
-        "- rounds: the directory source and DuckDB ran alternately {rounds} times; each row is its median round (walls s: sluice {}; DuckDB {})\n",
+        "- rounds: the directory source, HTTP ingest and DuckDB ran in turn {rounds} times; each row is its median round (walls s: directory {}; HTTP {}; DuckDB {})\n",
         walls(&dirs),
+        walls(&https),
         walls(&ducks)
     );
     let dir = median(dirs).expect("at least one round");
+    let http = median(https);
     let duck = median(ducks);
-    let http = (!args.iter().any(|a| a == "--no-http")).then(|| run_http(&work, events, bytes));
     let nexmark = if args.iter().any(|a| a == "--no-nexmark") {
         Vec::new()
     } else {
