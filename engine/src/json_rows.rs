@@ -61,8 +61,6 @@ pub struct FastJson {
 #[derive(Debug, Clone)]
 struct Column {
     name: Box<str>,
-    /// The name's first 16 bytes as two little-endian words, zero-padded (see [`words`]).
-    words: [u64; 2],
     kind: Kind,
     nullable: bool,
 }
@@ -131,7 +129,6 @@ impl FastJson {
                 };
                 Some(Column {
                     name: f.name().as_str().into(),
-                    words: words(f.name().as_bytes(), 0, f.name().len()).unwrap_or_default(),
                     kind,
                     nullable: f.is_nullable(),
                 })
@@ -192,16 +189,8 @@ impl FastJson {
     /// The flat-object scanner's pass over one line: each known column's value in its slot.
     fn scan_flat<'a>(&self, line: &'a str, tokens: &mut [Option<Token<'a>>]) -> Result<(), NotFlat> {
         let mut guess = 0;
-        let base = line.as_ptr() as usize;
         scan_flat(line, |key, value| {
-            // Keys are compared as words read in place (a key is followed by at least `":x}`),
-            // not with a memcmp call per key.
-            let at = key.as_ptr() as usize - base;
-            let found = match (self.columns.get(guess), words(line.as_bytes(), at, key.len())) {
-                (Some(c), Some(w)) if c.name.len() == key.len() && c.words == w => Some(guess),
-                _ => self.column_of(key, guess),
-            };
-            if let Some(c) = found {
+            if let Some(c) = self.column_of(key, guess) {
                 guess = c + 1;
                 tokens[c] = Some(value);
             }
@@ -276,39 +265,6 @@ impl FastJson {
         }
         Ok(())
     }
-}
-
-/// The `len` bytes at `at` in `text` as two little-endian words, zero-padded to 16 bytes;
-/// `None` when `len` is over 16 or fewer than 16 bytes follow `at`.
-#[inline]
-fn words(text: &[u8], at: usize, len: usize) -> Option<[u64; 2]> {
-    if len > 16 {
-        return None;
-    }
-    let word = |i: usize| -> Option<u64> { Some(u64::from_le_bytes(text.get(i..i + 8)?.try_into().ok()?)) };
-    let (lo, hi) = match text.get(at..at + 16) {
-        Some(_) => (word(at)?, word(at + 8)?),
-        None => {
-            // Short text (a column name, the end of a line): pad a copy.
-            let mut pad = [0u8; 16];
-            pad[..len].copy_from_slice(text.get(at..at + len)?);
-            (word_of(&pad, 0), word_of(&pad, 8))
-        }
-    };
-    let mask = |bytes: usize| {
-        if bytes >= 8 {
-            u64::MAX
-        } else {
-            (1u64 << (8 * bytes)) - 1
-        }
-    };
-    Some([lo & mask(len), hi & mask(len.saturating_sub(8))])
-}
-
-fn word_of(pad: &[u8; 16], i: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&pad[i..i + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// One row of cells onto the builders.
