@@ -167,8 +167,8 @@ impl Sink for ParquetSink {
         }
         let mut actions = Vec::new();
         // Encode partitions' files on blocking threads, at most one per core at a time (each
-        // holds its encoded file), and stage them in order.
-        // Few partitions (often one): each file's columns are spread over the idle cores.
+        // holds its encoded file), and stage them in order; with fewer partitions than cores
+        // (often one), each file's columns are spread over the idle cores.
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = parallel.div_ceil(groups.len().max(1));
         let (cols, schema, props) = (self.data_columns.clone(), self.file_schema.clone(), self.props.clone());
