@@ -658,6 +658,58 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The targets against this run's figures (a target without its runs is left out).
+fn targets(
+    dir: f64,
+    http: Option<f64>,
+    duck: Option<f64>,
+    floor: f64,
+    fresh_p99_100k: Option<f64>,
+    peak_rss: Option<u64>,
+) -> String {
+    let mut out = String::from("\n**Targets** (same run):\n\n| target | measured | met |\n|---|---:|:---:|\n");
+    let mut row = |what: &str, measured: String, met: bool| {
+        out.push_str(&format!(
+            "| {what} | {measured} | {} |\n",
+            if met { "yes" } else { "no" }
+        ));
+    };
+    if let Some(d) = duck {
+        row(
+            "directory source throughput ≥ 1.0× DuckDB's",
+            format!("{:.2}×", d / dir),
+            d / dir >= 1.0,
+        );
+    }
+    if let Some(h) = http {
+        row(
+            "HTTP with durable acks ≥ 70% of the directory source",
+            format!("{:.0}%", 100.0 * dir / h),
+            dir / h >= 0.7,
+        );
+    }
+    row(
+        "whole pipeline ≥ 60% of the floor (decode + encode)",
+        format!("{:.0}%", 100.0 * floor / dir),
+        floor / dir >= 0.6,
+    );
+    if let Some(f) = fresh_p99_100k {
+        row(
+            "p99 freshness at 100k events/s ≤ 200 ms (2 × batch.interval)",
+            format!("{f:.0} ms"),
+            f <= 200.0,
+        );
+    }
+    if let Some(r) = peak_rss {
+        row(
+            "peak RSS of every sluice throughput run ≤ 512 MiB",
+            format!("{} MiB", r >> 20),
+            r <= 512 << 20,
+        );
+    }
+    out
+}
+
 /// The row with the median wall time.
 fn median(mut rows: Vec<Row>) -> Option<Row> {
     rows.sort_by(|a, b| a.wall.total_cmp(&b.wall));
@@ -748,6 +800,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&work);
 
     let floor_wall = decode.wall + encode.wall;
+    let (dir_wall, http_wall) = (dir.wall, http.as_ref().map(|h| h.wall));
     let mut rows = vec![dir];
     rows.extend(http);
     let duck_wall = duck.as_ref().map(|d| d.wall);
@@ -805,6 +858,17 @@ fn main() {
             },
         ));
     }
+    table.push_str(&targets(
+        dir_wall,
+        http_wall,
+        duck_wall,
+        floor_wall,
+        freshness.iter().find(|f| f.0 == 100_000).map(|f| f.5),
+        rows.iter()
+            .filter(|r| r.name.starts_with("sluice"))
+            .map(|r| r.rss)
+            .max(),
+    ));
     if !freshness.is_empty() {
         table.push_str(&format!(
             "\n**Freshness** (HTTP, durable acks, `batch.interval` = 100 ms, fixed rate for {fresh_secs} s; visible = a committed log entry covers the request):\n\n"
