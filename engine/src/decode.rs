@@ -1,7 +1,7 @@
 //! Decoding raw records (NDJSON lines, JSON array elements, CSV rows) into Arrow record batches
 //! with a declared schema. JSON goes first through the schema-specialised fast path
-//! ([`crate::json_rows`], sonic-rs filling Arrow builders), which hands anything unusual to
-//! arrow-json; arrow-json and arrow-csv are the reference and decide every rejection. This module
+//! ([`crate::json_rows`]: a flat-object scanner, then sonic-rs, filling Arrow builders), which
+//! hands anything unusual to arrow-json; arrow-json and arrow-csv are the reference and decide every rejection. This module
 //! adds what a pipeline needs on top:
 //!
 //! - **row-level dead letters**: a batch is decoded in one pass; when that fails, each record

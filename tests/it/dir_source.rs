@@ -2,7 +2,7 @@
 //! survives a clean restart and a kill -9; no file is read twice and none is skipped.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arrow::array::AsArray;
@@ -11,15 +11,37 @@ use arrow::datatypes::{DataType, Int64Type};
 use crate::harness::{Server, committed_output, dead_letters, drop_file, log_entries, read_hive, wait_until};
 
 fn ndjson_pipeline(dir: &Path) -> String {
+    ndjson_pipeline_with(
+        dir,
+        "'batch.interval' '100ms', 'batch.max_rows' '20000'",
+        "id, id * 2 AS doubled, kind FROM events WHERE kind IS NOT NULL",
+    )
+}
+
+/// The events pipeline over `dir/incoming` into `dir/lake/events_out`, with extra source
+/// options and the SELECT list and FROM clause given.
+fn ndjson_pipeline_with(dir: &Path, options: &str, select: &str) -> String {
     format!(
         "CREATE UNBOUNDED EXTERNAL TABLE events (id BIGINT NOT NULL, kind VARCHAR, ts TIMESTAMP)
          STORED AS NDJSON LOCATION '{incoming}'
-         OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms', 'batch.max_rows' '20000');
+         OPTIONS ('poll_interval' '50ms', {options});
          CREATE EXTERNAL TABLE events_out STORED AS PARQUET PARTITIONED BY (kind) LOCATION '{sink}';
-         INSERT INTO events_out SELECT id, id * 2 AS doubled, kind FROM events WHERE kind IS NOT NULL;",
+         INSERT INTO events_out SELECT {select};",
         incoming = dir.join("incoming").display(),
         sink = dir.join("lake/events_out").display()
     )
+}
+
+/// A temporary directory with `incoming/` created and `pipeline` (given the directory) written
+/// to `p.sql`; returns the directory, `incoming/`, `p.sql` and the sink path.
+fn workspace(pipeline: impl FnOnce(&Path) -> String) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline(dir.path())).unwrap();
+    let sink = dir.path().join("lake/events_out");
+    (dir, incoming, sql, sink)
 }
 
 fn lines(ids: std::ops::Range<i64>) -> String {
@@ -63,12 +85,7 @@ fn assert_exactly_once(counts: &BTreeMap<i64, usize>, ids: std::ops::Range<i64>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_read_once_across_restarts_and_kills() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sql = dir.path().join("p.sql");
-    std::fs::write(&sql, ndjson_pipeline(dir.path())).unwrap();
-    let sink = dir.path().join("lake/events_out");
+    let (dir, incoming, sql, sink) = workspace(ndjson_pipeline);
 
     // A file present before start, one added while running, with a bad line and a blank line.
     drop_file(&incoming, "0001.ndjson", &lines(0..500));
@@ -182,24 +199,13 @@ async fn csv_directory_source_with_header() {
 /// once, in one epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_failures_are_isolated_across_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/events_out");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE events (id BIGINT NOT NULL, kind VARCHAR, ts TIMESTAMP)
-             STORED AS NDJSON LOCATION '{incoming}'
-             OPTIONS ('poll_interval' '50ms', 'batch.interval' '5s', 'batch.max_rows' '1000');
-             CREATE EXTERNAL TABLE events_out STORED AS PARQUET PARTITIONED BY (kind) LOCATION '{sink}';
-             INSERT INTO events_out SELECT id, id * 2 AS doubled, 1000 / (id % 97) AS q, kind FROM events;",
-            incoming = incoming.display(),
-            sink = sink.display()
-        ),
-    )
-    .unwrap();
+    let (dir, incoming, sql, sink) = workspace(|dir| {
+        ndjson_pipeline_with(
+            dir,
+            "'batch.interval' '5s', 'batch.max_rows' '1000'",
+            "id, id * 2 AS doubled, 1000 / (id % 97) AS q, kind FROM events",
+        )
+    });
     // Four files, four chunks, one epoch of 1000 rows; ids 0, 97, 194, ... fail.
     for f in 0..4 {
         drop_file(&incoming, &format!("{f:04}.ndjson"), &lines(f * 250..(f + 1) * 250));

@@ -80,18 +80,18 @@ fn encode_columns(
     writers: Vec<ArrowColumnWriter>,
     threads: usize,
 ) -> Result<Vec<ArrowColumnChunk>> {
-    let size = |c: usize| -> usize { batches.iter().map(|b| b.column(c).get_array_memory_size()).sum() };
-    let mut order: Vec<usize> = (0..writers.len()).collect();
-    order.sort_by_key(|&c| std::cmp::Reverse(size(c)));
-    let threads = threads.clamp(1, writers.len().max(1));
+    // (in-memory size, column, writer), largest first, each to the least loaded share.
+    let mut columns: Vec<(usize, usize, ArrowColumnWriter)> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(c, w)| (batches.iter().map(|b| b.column(c).get_array_memory_size()).sum(), c, w))
+        .collect();
+    columns.sort_by_key(|(size, ..)| std::cmp::Reverse(*size));
+    let threads = threads.clamp(1, columns.len().max(1));
     let mut shares: Vec<(usize, Vec<(usize, ArrowColumnWriter)>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-    let mut writers: Vec<Option<ArrowColumnWriter>> = writers.into_iter().map(Some).collect();
-    for c in order {
-        let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) else {
-            break;
-        };
-        if let Some(w) = writers[c].take() {
-            least.0 += size(c);
+    for (size, c, w) in columns {
+        if let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) {
+            least.0 += size;
             least.1.push((c, w));
         }
     }
