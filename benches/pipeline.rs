@@ -308,14 +308,15 @@ fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
         "STORED AS HTTP LOCATION '/v1/sources/orders' OPTIONS ('batch.max_rows' '400000', 'batch.max_bytes' '96MB', 'batch.interval' '1s', 'buffer.max_bytes' '256MB')",
         sink.to_str().unwrap_or_default(),
     );
-    // Bodies prepared before the clock starts.
-    let mut bodies = Vec::new();
+    // Bodies prepared before the clock starts, shared by every retry and never copied again
+    // (`Bytes`), as a real producer holds its buffer.
+    let mut bodies: Vec<bytes::Bytes> = Vec::new();
     let names = input_files(work);
     for n in names {
         let text = std::fs::read_to_string(n).expect("read");
         let ls: Vec<&str> = text.lines().collect();
         for c in ls.chunks(HTTP_BODY_LINES) {
-            bodies.push(c.join("\n"));
+            bodies.push(c.join("\n").into());
         }
     }
     let (child, base) = start_server(work, &sql, "http");

@@ -23,6 +23,7 @@
 //! | 429 `{error}` + `Retry-After` | a pipeline's budget is full (`when_full` = `reject`); with `block` the request waits, with `spill` it is accepted from the log and the pipeline catches up later |
 //! | 503 `{error}` + `Retry-After` | starting, shutting down, or the ingest log cannot write |
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,8 +171,12 @@ impl Endpoints {
     }
 }
 
-/// Records of a body: the elements of a JSON array or the non-blank lines of NDJSON.
-fn split_body(body: &[u8]) -> std::result::Result<(Vec<u8>, Vec<Range<usize>>), String> {
+/// The records of a body: a buffer and the byte range of each record in it.
+type Split<'a> = (Cow<'a, [u8]>, Vec<Range<usize>>);
+
+/// Records of a body: the elements of a JSON array (copied out, one per line) or the non-blank
+/// lines of NDJSON (the body itself).
+fn split_body(body: &[u8]) -> std::result::Result<Split<'_>, String> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
         let elems: Vec<&serde_json::value::RawValue> =
@@ -184,9 +189,9 @@ fn split_body(body: &[u8]) -> std::result::Result<(Vec<u8>, Vec<Range<usize>>), 
             ranges.push(start..buf.len());
             buf.push(b'\n');
         }
-        Ok((buf, ranges))
+        Ok((Cow::Owned(buf), ranges))
     } else {
-        Ok((body.to_vec(), lines(body)))
+        Ok((Cow::Borrowed(body), lines(body)))
     }
 }
 
@@ -221,13 +226,9 @@ fn decode_body(
     Ok((decoded, dead))
 }
 
-/// The ingest-log record of a request: `request_id \n body`.
-fn log_record(request_id: &str, body: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(request_id.len() + 1 + body.len());
-    p.extend_from_slice(request_id.as_bytes());
-    p.push(b'\n');
-    p.extend_from_slice(body);
-    p
+/// The ingest-log record of a request, `request_id \n body`, as parts (the body is not copied).
+fn log_record(request_id: &str, body: &Bytes) -> Vec<Bytes> {
+    vec![Bytes::from(format!("{request_id}\n")), body.clone()]
 }
 
 fn seq_of(position: &Option<Value>) -> Option<u64> {
