@@ -37,7 +37,7 @@ use arrow::record_batch::RecordBatch;
 use sonic_rs::{JsonValueTrait, LazyValue};
 
 use crate::decode::parse_timestamp_nanos;
-use crate::json_scan::{NotFlat, Token, scan_flat};
+use crate::json_scan::{Members, NotFlat, Token, scan_members};
 
 /// What the fast path made of a set of records.
 #[derive(Debug)]
@@ -60,6 +60,8 @@ pub struct FastJson {
 #[derive(Debug, Clone)]
 struct Column {
     name: Box<str>,
+    /// The name as the scanner may take it on sight (`None` when it needs escaping in JSON).
+    plain: Option<Box<[u8]>>,
     kind: Kind,
     nullable: bool,
 }
@@ -126,8 +128,11 @@ impl FastJson {
                     DataType::Timestamp(unit, _) => Kind::Ts(*unit),
                     _ => return None,
                 };
+                let name = f.name().as_str();
+                let plain = !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
                 Some(Column {
-                    name: f.name().as_str().into(),
+                    name: name.into(),
+                    plain: plain.then(|| name.as_bytes().into()),
                     kind,
                     nullable: f.is_nullable(),
                 })
@@ -188,13 +193,14 @@ impl FastJson {
 
     /// The flat-object scanner's pass over one line: each known column's value in its slot.
     fn scan_flat<'a>(&self, line: &'a str, tokens: &mut [Option<Token<'a>>]) -> Result<(), NotFlat> {
-        let mut guess = 0;
-        scan_flat(line, |key, value| {
-            if let Some(c) = self.column_of(key, guess) {
-                guess = c + 1;
-                tokens[c] = Some(value);
-            }
-        })
+        scan_members(
+            line,
+            &mut Slots {
+                json: self,
+                tokens,
+                guess: 0,
+            },
+        )
     }
 
     /// A line the flat scanner gave up on (escapes, nested values, odd syntax), through sonic-rs.
@@ -264,6 +270,32 @@ impl FastJson {
             cells.push(cell);
         }
         Ok(())
+    }
+}
+
+/// Where the flat scanner leaves one line's values. Producers write keys in a fixed order, so
+/// the column after the last one found is the key expected next.
+struct Slots<'j, 't, 'a> {
+    json: &'j FastJson,
+    tokens: &'t mut [Option<Token<'a>>],
+    guess: usize,
+}
+
+impl<'a> Members<'a> for Slots<'_, '_, 'a> {
+    fn hint(&self) -> Option<&[u8]> {
+        self.json.columns.get(self.guess)?.plain.as_deref()
+    }
+
+    fn hinted(&mut self, value: Token<'a>) {
+        self.tokens[self.guess] = Some(value);
+        self.guess += 1;
+    }
+
+    fn member(&mut self, key: &'a str, value: Token<'a>) {
+        if let Some(c) = self.json.column_of(key, self.guess) {
+            self.guess = c + 1;
+            self.tokens[c] = Some(value);
+        }
     }
 }
 

@@ -23,8 +23,36 @@ pub(crate) enum Token<'a> {
 #[derive(Debug)]
 pub(crate) struct NotFlat;
 
+/// Receives the members of a flat object, and says which key it expects next.
+pub(crate) trait Members<'a> {
+    /// The key likely to come next. When the text holds exactly this key it is not read byte by
+    /// byte nor compared again: the member goes to [`Members::hinted`]. The text is still
+    /// checked, but a hint must be a plain key (no `"`, `\\` or control byte) to be matched.
+    fn hint(&self) -> Option<&[u8]>;
+    /// A member whose key is the hint.
+    fn hinted(&mut self, value: Token<'a>);
+    /// Any other member.
+    fn member(&mut self, key: &'a str, value: Token<'a>);
+}
+
 /// Scans `line` as one flat JSON object, calling `member` with each key and value in order.
-pub(crate) fn scan_flat<'a>(line: &'a str, mut member: impl FnMut(&'a str, Token<'a>)) -> Result<(), NotFlat> {
+#[cfg(test)]
+pub(crate) fn scan_flat<'a>(line: &'a str, member: impl FnMut(&'a str, Token<'a>)) -> Result<(), NotFlat> {
+    struct Each<F>(F);
+    impl<'a, F: FnMut(&'a str, Token<'a>)> Members<'a> for Each<F> {
+        fn hint(&self) -> Option<&[u8]> {
+            None
+        }
+        fn hinted(&mut self, _: Token<'a>) {}
+        fn member(&mut self, key: &'a str, value: Token<'a>) {
+            (self.0)(key, value)
+        }
+    }
+    scan_members(line, &mut Each(member))
+}
+
+/// Scans `line` as one flat JSON object, reporting each member in order to `to`.
+pub(crate) fn scan_members<'a>(line: &'a str, to: &mut impl Members<'a>) -> Result<(), NotFlat> {
     let mut s = Scanner {
         b: line.as_bytes(),
         line,
@@ -38,12 +66,16 @@ pub(crate) fn scan_flat<'a>(line: &'a str, mut member: impl FnMut(&'a str, Token
     } else {
         loop {
             s.expect(b'"')?;
-            let key = s.string()?;
+            let hinted = to.hint().filter(|h| s.is_key(h)).map(|h| s.at += h.len() + 1).is_some();
+            let key = if hinted { None } else { Some(s.string()?) };
             s.blanks();
             s.expect(b':')?;
             s.blanks();
             let value = s.value()?;
-            member(key, value);
+            match key {
+                None => to.hinted(value),
+                Some(key) => to.member(key, value),
+            }
             s.blanks();
             match s.next() {
                 Some(b',') => s.blanks(),
@@ -75,6 +107,11 @@ impl<'a> Scanner<'a> {
 
     fn expect(&mut self, c: u8) -> Result<(), NotFlat> {
         if self.next() == Some(c) { Ok(()) } else { Err(NotFlat) }
+    }
+
+    /// True when the text at the cursor is `key` and the closing quote (`key` being plain).
+    fn is_key(&self, key: &[u8]) -> bool {
+        self.b.get(self.at..self.at + key.len()) == Some(key) && self.b.get(self.at + key.len()) == Some(&b'"')
     }
 
     /// Skips JSON whitespace (space, tab, CR, LF — nothing else).
