@@ -498,6 +498,12 @@ impl<'a> Compiler<'a> {
             }
             err
         })?;
+        // Planned with exact sizes (see `StaticTable`): the small side of a join is its build side.
+        let provider = self.ctx.table_provider(name).await.map_err(|e| self.df_error(p, e))?;
+        self.ctx.deregister_table(name).map_err(|e| self.df_error(p, e))?;
+        self.ctx
+            .register_table(name, Arc::new(crate::StaticTable::new(provider)))
+            .map_err(|e| self.df_error(p, e))?;
         self.program.static_tables.push(name.to_string());
         Ok(())
     }

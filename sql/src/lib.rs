@@ -28,6 +28,7 @@
 mod catalog;
 mod compile;
 mod error;
+mod static_table;
 mod text;
 
 pub use catalog::{
@@ -36,6 +37,7 @@ pub use catalog::{
 };
 pub use compile::{PipelineDef, Program, SinkDef, SourceDef, compile, substitute_env};
 pub use error::{SourceLocation, SqlError, nearest};
+pub use static_table::StaticTable;
 pub use text::PipelineText;
 
 /// A DataFusion session configured the way pipeline files are planned: spans collected so that
