@@ -156,6 +156,8 @@ fn start_server(work: &Path, sql: &str, name: &str) -> (Child, String) {
         .strip_prefix("sluice listening on ")
         .expect("listen line")
         .to_string();
+    // `benches/profile.sh` finds each server's samples by this line.
+    eprintln!("server {name}: pid {}", child.id());
     (child, base)
 }
 
