@@ -82,7 +82,9 @@ fn read_lines_from(path: &Path, offset: u64, max: usize) -> Result<(Vec<u8>, boo
     let mut f = std::fs::File::open(path).map_err(EngineError::io(ctx()))?;
     let len = f.metadata().map_err(EngineError::io(ctx()))?.len();
     f.seek(SeekFrom::Start(offset)).map_err(EngineError::io(ctx()))?;
-    let mut buf = Vec::new();
+    // Sized for the whole chunk up front: read_to_end through `take` has no size hint and would
+    // grow the buffer by doubling, copying it each time.
+    let mut buf = Vec::with_capacity(len.saturating_sub(offset).min(max as u64) as usize);
     let mut eof = false;
     loop {
         let want = max.max(1);
