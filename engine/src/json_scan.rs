@@ -66,8 +66,14 @@ pub(crate) fn scan_members<'a>(line: &'a str, to: &mut impl Members<'a>) -> Resu
     } else {
         loop {
             s.expect(b'"')?;
-            let hinted = to.hint().filter(|h| s.is_key(h)).map(|h| s.at += h.len() + 1).is_some();
-            let key = if hinted { None } else { Some(s.string()?) };
+            // `None`: the hinted key, taken on sight.
+            let key = match to.hint() {
+                Some(h) if s.is_key(h) => {
+                    s.at += h.len() + 1;
+                    None
+                }
+                _ => Some(s.string()?),
+            };
             s.blanks();
             s.expect(b':')?;
             s.blanks();
