@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 scripts/setup.sh --test
-cargo test --workspace --locked
+cargo test --workspace --locked --features sluice/fault-injection

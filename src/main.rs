@@ -10,8 +10,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::execution::context::SQLOptions;
-use sluice_engine::runtime::{self, ServerConfig};
-use sluice_engine::table::CommittedTable;
+use sluice_engine::log::table::CommittedTable;
+use sluice_engine::server::runtime::{self, ServerConfig};
 use sluice_sql::PipelineText;
 
 /// Sluice: SQL-defined micro-batch pipelines on Arrow and DataFusion.

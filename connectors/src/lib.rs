@@ -21,7 +21,7 @@ pub mod parquet;
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice_engine::registry::Registry;
+use sluice_engine::server::registry::Registry;
 
 /// Where `sluice run` keeps local state (ingest logs) unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = ".sluice";

@@ -1,18 +1,29 @@
 //! Crash points for testing the commit protocol: `SLUICE_CRASH_AT=<point>[:<n>]` aborts the
 //! process (like kill -9: no destructors, no flush) the n-th time (default first) execution
-//! reaches `<point>`. Unset, a crash point costs one relaxed load.
+//! reaches `<point>`. Crash points exist only in builds with the `fault-injection` feature (the
+//! test suite's); elsewhere [`point`] is empty and the variable is ignored.
 //!
 //! Points: `after_wal_append` (durable, not yet acknowledged), `after_stage` (files staged, no
 //! log entry), `after_log_put` (entry written, files not moved), `after_move` (some files moved),
 //! `after_commit` (commit done, not yet reported to the source), `before_segment_delete`.
 
+#[cfg(feature = "fault-injection")]
 use std::sync::OnceLock;
+#[cfg(feature = "fault-injection")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "fault-injection")]
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+#[cfg(feature = "fault-injection")]
 static HITS: AtomicU64 = AtomicU64::new(0);
 
 /// Aborts the process here if `SLUICE_CRASH_AT` names this point (and its count is reached).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_name: &str) {}
+
+/// Aborts the process here if `SLUICE_CRASH_AT` names this point (and its count is reached).
+#[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {
     let target = TARGET.get_or_init(|| {
         let v = std::env::var("SLUICE_CRASH_AT").ok()?;

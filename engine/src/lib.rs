@@ -24,27 +24,18 @@
 //! assert_eq!(out.rejected[0].index, 1);
 //! ```
 
-pub mod api;
-pub mod batcher;
 pub mod budget;
-pub mod commit;
 pub mod crash;
 pub mod dead_letter;
 pub mod decode;
+pub mod durability;
 pub mod error;
-pub mod exec;
-pub mod json_rows;
-mod json_scan;
+pub mod ingest;
+pub mod log;
 pub mod pipeline;
-pub mod registry;
 pub mod retry;
-pub mod rfc3339;
-pub mod runtime;
+pub mod server;
 pub mod sink;
 pub mod source;
-pub mod store;
-pub mod table;
-pub mod telemetry;
-pub mod wal;
 
 pub use error::{EngineError, Result};

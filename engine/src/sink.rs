@@ -3,9 +3,9 @@
 
 use arrow::record_batch::RecordBatch;
 
-use crate::commit::{CommitLog, FileAction};
 use crate::error::Result;
-use crate::store::TableStore;
+use crate::log::commit::{CommitLog, FileAction};
+use crate::log::store::TableStore;
 
 /// A table a pipeline commits to.
 ///

@@ -21,15 +21,15 @@ use crate::harness::{
     Rng, Server, committed_output, dead_letters, drop_file, free_port, log_entries, peak_rss, read_hive, wait_until,
 };
 
-fn passes(id: i64) -> bool {
+pub(crate) fn passes(id: i64) -> bool {
     id % 10 != 3
 }
 
-fn malformed(id: i64) -> bool {
+pub(crate) fn malformed(id: i64) -> bool {
     id % 97 == 5
 }
 
-fn line(id: i64) -> String {
+pub(crate) fn line(id: i64) -> String {
     if malformed(id) {
         format!("{{\"id\": {id}, \"v\": \"bad\"}}")
     } else {
@@ -37,7 +37,7 @@ fn line(id: i64) -> String {
     }
 }
 
-fn http_pipeline(dir: &Path, options: &str) -> std::path::PathBuf {
+pub(crate) fn http_pipeline(dir: &Path, options: &str) -> std::path::PathBuf {
     let sql = dir.join("p.sql");
     std::fs::write(
         &sql,
@@ -55,7 +55,7 @@ fn http_pipeline(dir: &Path, options: &str) -> std::path::PathBuf {
 }
 
 /// Requests of `per` events each, ids 0..n.
-fn requests(n: i64, per: i64) -> Vec<(String, String, Vec<i64>)> {
+pub(crate) fn requests(n: i64, per: i64) -> Vec<(String, String, Vec<i64>)> {
     (0..(n + per - 1) / per)
         .map(|r| {
             let ids: Vec<i64> = (r * per..((r + 1) * per).min(n)).collect();
@@ -69,14 +69,19 @@ fn requests(n: i64, per: i64) -> Vec<(String, String, Vec<i64>)> {
 }
 
 /// A producer that retries every request (same `X-Request-Id`) until it gets a 2xx.
-struct Load {
+pub(crate) struct Load {
     acked: Arc<Mutex<Vec<bool>>>,
     acked_count: Arc<AtomicUsize>,
-    total: usize,
+    pub(crate) total: usize,
 }
 
 impl Load {
-    fn start(rt: &tokio::runtime::Runtime, port: u16, reqs: Vec<(String, String, Vec<i64>)>, workers: usize) -> Load {
+    pub(crate) fn start(
+        rt: &tokio::runtime::Runtime,
+        port: u16,
+        reqs: Vec<(String, String, Vec<i64>)>,
+        workers: usize,
+    ) -> Load {
         let total = reqs.len();
         let acked = Arc::new(Mutex::new(vec![false; total]));
         let acked_count = Arc::new(AtomicUsize::new(0));
@@ -118,11 +123,11 @@ impl Load {
         }
     }
 
-    fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         self.acked_count.load(Ordering::Relaxed)
     }
 
-    fn acked_ids(&self, reqs: &[(String, String, Vec<i64>)]) -> HashSet<i64> {
+    pub(crate) fn acked_ids(&self, reqs: &[(String, String, Vec<i64>)]) -> HashSet<i64> {
         let a = self.acked.lock().unwrap();
         reqs.iter()
             .zip(a.iter())
@@ -133,7 +138,7 @@ impl Load {
 }
 
 /// Checks the equation; returns (output rows, dead letters).
-async fn check(sink: &Path, sent: &HashSet<i64>, acked: &HashSet<i64>) -> (usize, usize) {
+pub(crate) async fn check(sink: &Path, sent: &HashSet<i64>, acked: &HashSet<i64>) -> (usize, usize) {
     let batches = read_hive(sink, &[("part", DataType::Int64)], "SELECT id, v, part FROM t").await;
     let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
     for b in &batches {
@@ -301,6 +306,7 @@ fn directory_kill9_loop_is_exactly_once() {
 }
 
 // Crash at each step of the commit protocol, restart, and check.
+#[cfg(feature = "fault-injection")]
 #[test]
 fn crash_points_recover_exactly_once() {
     let points = [

@@ -19,10 +19,10 @@ use object_store::{
     PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 use sluice_connectors::parquet::ParquetSinkFactory;
-use sluice_engine::registry::SinkFactory;
-use sluice_engine::runtime::{ServerConfig, start};
+use sluice_engine::log::store::TableStore;
+use sluice_engine::server::registry::SinkFactory;
+use sluice_engine::server::runtime::{ServerConfig, start};
 use sluice_engine::sink::Sink;
-use sluice_engine::store::TableStore;
 use sluice_sql::{ConnectorSpec, PipelineText, SinkDef};
 
 use crate::harness::{committed_output, drop_file, read_hive};

@@ -6,5 +6,7 @@ mod dir_source;
 mod faults;
 mod harness;
 mod http;
+#[cfg(feature = "fault-injection")]
+mod power_loss;
 mod quickstart;
 mod slt;

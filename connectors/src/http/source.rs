@@ -38,8 +38,8 @@ use serde_json::{Value, json};
 use sluice_engine::budget::{Budget, WhenFull};
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::{Decoded, RecordDecoder, lines};
+use sluice_engine::ingest::wal::IngestLog;
 use sluice_engine::source::{Chunk, Source, SourceContext};
-use sluice_engine::wal::IngestLog;
 
 use super::config::DEDUP_WINDOW;
 use sluice_engine::{EngineError, Result};

@@ -7,9 +7,9 @@ pub mod sink;
 
 use std::sync::Arc;
 
-use sluice_engine::registry::SinkFactory;
+use sluice_engine::log::store::TableStore;
+use sluice_engine::server::registry::SinkFactory;
 use sluice_engine::sink::Sink;
-use sluice_engine::store::TableStore;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SinkDef};
 

@@ -1,4 +1,5 @@
-//! A fast reader for the one timestamp shape nearly every producer writes,
+//! Timestamps in input text: [`parse_timestamp_nanos`] (RFC 3339 or epoch milliseconds) and a
+//! fast reader for the one timestamp shape nearly every producer writes,
 //! `YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)`. Anything else — another shape, an out-of-range
 //! field, a year outside 1700..=2200 — is left to arrow's general parser, which stays the
 //! reference: the tests below check both agree wherever this one answers.
@@ -83,6 +84,30 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// Nanoseconds since the epoch for RFC 3339 text or an integer count of epoch milliseconds.
+pub fn parse_timestamp_nanos(v: &str) -> Option<i64> {
+    let t = v.trim();
+    if let Some(nanos) = rfc3339_nanos(t.as_bytes()) {
+        return Some(nanos);
+    }
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<i64>().ok()?.checked_mul(1_000_000);
+    }
+    arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(t).ok()
+}
+
+/// Nanoseconds in one `unit` (what a nanosecond count is divided by to get that unit).
+pub fn nanos_per(unit: arrow::datatypes::TimeUnit) -> i64 {
+    use arrow::datatypes::TimeUnit;
+    match unit {
+        TimeUnit::Second => 1_000_000_000,
+        TimeUnit::Millisecond => 1_000_000,
+        TimeUnit::Microsecond => 1_000,
+        TimeUnit::Nanosecond => 1,
+    }
 }
 
 #[cfg(test)]

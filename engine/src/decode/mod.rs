@@ -1,6 +1,6 @@
 //! Decoding raw records (NDJSON lines, JSON array elements, CSV rows) into Arrow record batches
 //! with a declared schema. JSON goes first through the schema-specialised fast path
-//! ([`crate::json_rows`]: a flat-object scanner, then sonic-rs, filling Arrow builders), which
+//! ([`crate::decode::fast`]: a flat-object scanner, then sonic-rs, filling Arrow builders), which
 //! hands anything unusual to arrow-json; arrow-json and arrow-csv are the reference and decide every rejection. This module
 //! adds what a pipeline needs on top:
 //!
@@ -26,7 +26,12 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
 use crate::error::{EngineError, Result};
-use crate::json_rows::FastJson;
+use fast::FastJson;
+pub use timestamp::{nanos_per, parse_timestamp_nanos};
+
+pub mod fast;
+mod flat_scan;
+pub mod timestamp;
 
 /// Records decoded per arrow decoder call: small enough that a bad record costs little
 /// re-decoding, large enough that per-call overhead does not show.
@@ -348,12 +353,7 @@ fn parse_timestamps(
     column: &str,
     bad: &mut Vec<(usize, String)>,
 ) -> ArrayRef {
-    let nanos_per_unit: i64 = match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
-    };
+    let nanos_per_unit = nanos_per(unit);
     let values = text.iter().enumerate().map(|(i, v)| {
         let v = v?;
         match parse_timestamp_nanos(v) {
@@ -376,19 +376,6 @@ fn parse_timestamps(
             Arc::new(PrimitiveArray::<TimestampNanosecondType>::from_iter(values).with_timezone_opt(tz))
         }
     }
-}
-
-/// Nanoseconds since the epoch for RFC 3339 text or an integer count of epoch milliseconds.
-pub fn parse_timestamp_nanos(v: &str) -> Option<i64> {
-    let t = v.trim();
-    if let Some(nanos) = crate::rfc3339::rfc3339_nanos(t.as_bytes()) {
-        return Some(nanos);
-    }
-    let digits = t.strip_prefix('-').unwrap_or(t);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        return t.parse::<i64>().ok()?.checked_mul(1_000_000);
-    }
-    arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(t).ok()
 }
 
 /// Splits `buf` into its non-blank lines (without the newline, without a trailing `\r`).

@@ -33,8 +33,8 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
+use crate::log::store::TableStore;
 use crate::retry::RetryPolicy;
-use crate::store::TableStore;
 
 /// The log format version this build writes and reads.
 pub const LOG_VERSION: u32 = 1;

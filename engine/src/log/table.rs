@@ -19,9 +19,9 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use url::Url;
 
-use crate::commit::{CommitLog, FileAction};
 use crate::error::{EngineError, Result};
-use crate::store::TableStore;
+use crate::log::commit::{CommitLog, FileAction};
+use crate::log::store::TableStore;
 
 static NEXT_STORE: AtomicUsize = AtomicUsize::new(0);
 

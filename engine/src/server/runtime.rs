@@ -11,16 +11,16 @@ use sluice_sql::{PipelineText, Program};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::api::{self, ApiState};
-use crate::batcher::BatchPolicy;
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
-use crate::commit::{ColumnSpec, CommitLog, TableSchema};
 use crate::error::{EngineError, Result};
-use crate::exec::BatchPlan;
+use crate::log::commit::{ColumnSpec, CommitLog, TableSchema};
+use crate::pipeline::batcher::BatchPolicy;
+use crate::pipeline::exec::BatchPlan;
 use crate::pipeline::{PipelineStatus, PipelineTask, StatusHandle, update};
-use crate::registry::Registry;
+use crate::server::api::{self, ApiState};
+use crate::server::registry::Registry;
+use crate::server::telemetry;
 use crate::source::SourceContext;
-use crate::telemetry;
 
 /// Chunks a pipeline's channel holds; memory is bounded by the byte budget, this only bounds
 /// the count of tiny chunks.

@@ -1,6 +1,6 @@
 //! The fast NDJSON path: a decoder specialised to one declared schema, filling Arrow builders
 //! directly (no tape, no per-batch field-name maps). A line goes first through the flat-object
-//! scanner ([`crate::json_scan`]: one pass, no escapes, scalars only — what producers write);
+//! scanner ([`crate::decode::flat_scan`]: one pass, no escapes, scalars only — what producers write);
 //! a line it gives up on goes through the SIMD parser sonic-rs (escapes, nested values under
 //! unknown keys, odd spacing).
 //!
@@ -36,8 +36,8 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use sonic_rs::{JsonValueTrait, LazyValue};
 
-use crate::decode::parse_timestamp_nanos;
-use crate::json_scan::{Members, NotFlat, Token, scan_members};
+use crate::decode::flat_scan::{Members, NotFlat, Token, scan_members};
+use crate::decode::timestamp::{nanos_per, parse_timestamp_nanos};
 
 /// What the fast path made of a set of records.
 #[derive(Debug)]
@@ -360,15 +360,6 @@ fn int_cell(w: IntWidth, s: &[u8]) -> Result<Cell<'static>, Defer> {
         IntWidth::U16 => unsigned(u16::MAX.into()),
         IntWidth::U32 => unsigned(u32::MAX.into()),
         IntWidth::U64 => unsigned(u64::MAX),
-    }
-}
-
-fn nanos_per(unit: TimeUnit) -> i64 {
-    match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
     }
 }
 

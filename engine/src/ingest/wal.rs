@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
 
+use crate::durability;
 use crate::error::{EngineError, Result};
 
 /// Default size at which a segment is closed and a new one started.
@@ -191,6 +192,8 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 fn quarantine(path: &Path, at: u64, report: &mut OpenReport) -> Result<()> {
     let q = PathBuf::from(format!("{}{QUARANTINE_SUFFIX}", path.display()));
     std::fs::rename(path, &q).map_err(io(format!("quarantining {}", path.display())))?;
+    durability::sync_dir(path.parent().unwrap_or(Path::new(".")))
+        .map_err(io(format!("quarantining {}", path.display())))?;
     tracing::error!(segment = %path.display(), offset = at, quarantined_as = %q.display(),
         "ingest log segment has a bad frame that is not a torn tail; quarantined, its records are not replayed");
     metrics::counter!("sluice_ingest_log_quarantined_segments_total").increment(1);
@@ -202,7 +205,7 @@ impl IngestLog {
     /// Opens (or creates) the log in `dir`, repairing a torn tail and quarantining corrupt
     /// segments, and starts the writer thread.
     pub fn open(dir: &Path, segment_bytes: u64, fsync: bool) -> Result<(Self, OpenReport)> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        durability::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let mut report = OpenReport::default();
         let segs = list_segments(dir)?;
         let mut live: Vec<u64> = Vec::new();
@@ -223,7 +226,7 @@ impl IngestLog {
                         .open(path)
                         .map_err(io(format!("opening {}", path.display())))?;
                     f.set_len(at).map_err(io(format!("truncating {}", path.display())))?;
-                    f.sync_all().map_err(io(format!("syncing {}", path.display())))?;
+                    durability::sync_file(&f, path).map_err(io(format!("syncing {}", path.display())))?;
                     report.truncated_bytes += buf.len() as u64 - at;
                     tracing::warn!(segment = %path.display(), cut = buf.len() as u64 - at, "truncated a torn tail of the ingest log");
                 }
@@ -252,6 +255,8 @@ impl IngestLog {
             fsync,
             next_seq,
             file: None,
+            path: PathBuf::new(),
+            failed: false,
             file_len: 0,
             durable: durable.clone(),
             segments: segments.clone(),
@@ -357,6 +362,9 @@ impl IngestLog {
             segs.remove(0);
             n += 1;
         }
+        if n > 0 {
+            durability::sync_dir(&self.dir).map_err(io(format!("syncing {}", self.dir.display())))?;
+        }
         Ok(n)
     }
 
@@ -381,6 +389,11 @@ struct Writer {
     fsync: bool,
     next_seq: u64,
     file: Option<File>,
+    /// The open segment's path.
+    path: PathBuf,
+    /// A write or sync failed: the next group starts a new segment (the failed one's state on
+    /// disk is unknown after a failed fsync, so nothing more is written to it).
+    failed: bool,
     file_len: u64,
     durable: Arc<AtomicU64>,
     segments: Arc<Mutex<Vec<u64>>>,
@@ -417,51 +430,68 @@ impl Writer {
             }
         }
         if let Some(f) = &self.file {
-            let _ = f.sync_all();
+            let _ = durability::sync_file(f, &self.path);
         }
     }
 
     fn open_segment(&mut self) -> std::io::Result<()> {
         let segs = self.segments.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let reuse = segs.last().copied().filter(|_| self.file.is_none());
-        let first = match reuse {
-            Some(f) => f,
-            None => self.next_seq,
+        let Some(first) = segs.last().copied() else {
+            return self.roll();
         };
         let path = self.dir.join(seg_name(first));
-        let mut f = OpenOptions::new().create(true).append(true).read(true).open(&path)?;
+        let mut f = OpenOptions::new().append(true).read(true).open(&path)?;
         let len = f.seek(SeekFrom::End(0))?;
-        if reuse.is_some() && len >= self.segment_bytes {
+        self.file = Some(f);
+        self.path = path;
+        self.file_len = len;
+        if len >= self.segment_bytes {
             // The newest segment is full: start a new one.
-            self.file = Some(f);
-            self.file_len = len;
             return self.roll();
         }
-        if reuse.is_none() {
-            self.segments.lock().unwrap_or_else(|p| p.into_inner()).push(first);
-            File::open(&self.dir)?.sync_all()?;
-        }
-        self.file = Some(f);
-        self.file_len = len;
         Ok(())
     }
 
+    /// Closes the open segment (synced) and starts a new one at the next sequence.
     fn roll(&mut self) -> std::io::Result<()> {
         if let Some(f) = self.file.take() {
-            f.sync_all()?;
+            durability::sync_file(&f, &self.path)?;
         }
         let first = self.next_seq;
         let path = self.dir.join(seg_name(first));
-        let f = OpenOptions::new().create(true).append(true).read(true).open(&path)?;
-        self.segments.lock().unwrap_or_else(|p| p.into_inner()).push(first);
-        File::open(&self.dir)?.sync_all()?;
+        let mut segs = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        if segs.last() == Some(&first) {
+            // The newest segment holds no frame (its first write failed): replace it.
+            std::fs::remove_file(&path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+            segs.pop();
+        }
+        let f = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        durability::sync_dir(&self.dir)?;
+        segs.push(first);
+        drop(segs);
         self.file = Some(f);
+        self.path = path;
         self.file_len = 0;
         Ok(())
     }
 
     fn write_group(&mut self, group: &[Append]) -> std::io::Result<()> {
-        if self.file.is_none() {
+        if self.failed {
+            // Never write after a failed write or fsync into the same segment.
+            self.file = None;
+            self.roll()?;
+            self.failed = false;
+        } else if self.file.is_none() {
             self.open_segment()?;
         } else if self.file_len >= self.segment_bytes {
             self.roll()?;
@@ -498,10 +528,20 @@ impl Writer {
             .file
             .as_mut()
             .ok_or_else(|| std::io::Error::other("no open segment"))?;
-        let res = write_all_vectored(f, &mut slices).and_then(|_| if self.fsync { f.sync_data() } else { Ok(()) });
+        let path = &self.path;
+        let res = write_all_vectored(f, &mut slices).and_then(|_| {
+            if self.fsync {
+                durability::sync_file(f, path)
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = res {
             // Cut back whatever part of the group reached the file: none of it is acknowledged.
+            // Its state on disk is unknown after a failed fsync, so the next group goes to a
+            // new segment.
             let _ = f.set_len(before);
+            self.failed = true;
             return Err(e);
         }
         self.file_len += written as u64;

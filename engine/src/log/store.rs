@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 
+use super::local::DurableLocalStore;
 use crate::error::{EngineError, Result};
 
 /// A table's object store and root path.
@@ -22,7 +22,8 @@ pub struct TableStore {
 
 impl TableStore {
     /// Opens the table at `location`: a local path (absolute or relative to the working
-    /// directory) or a `file://` URL. The directory is created when missing.
+    /// directory) or a `file://` URL. The directory is created when missing. Writes through
+    /// the store are durable when they return ([`DurableLocalStore`]).
     pub fn open(location: &str) -> Result<Self> {
         let local = if let Some(rest) = location.strip_prefix("file://") {
             rest.to_string()
@@ -35,10 +36,10 @@ impl TableStore {
         } else {
             location.to_string()
         };
-        std::fs::create_dir_all(&local).map_err(EngineError::io(format!("creating table directory {local}")))?;
-        let store = LocalFileSystem::new_with_prefix(&local)
-            .map_err(EngineError::store(format!("opening {local}")))?
-            .with_automatic_cleanup(true);
+        crate::durability::create_dir_all(std::path::Path::new(&local))
+            .map_err(EngineError::io(format!("creating table directory {local}")))?;
+        let store = DurableLocalStore::new(std::path::Path::new(&local))
+            .map_err(EngineError::store(format!("opening {local}")))?;
         Ok(TableStore {
             store: Arc::new(store),
             root: Path::default(),

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use sluice_sql::{ConnectorCatalog, ConnectorSpec, Role, SinkDef, SourceDef};
 
-use crate::batcher::BatchPolicy;
 use crate::budget::BufferPolicy;
 use crate::error::Result;
+use crate::pipeline::batcher::BatchPolicy;
 use crate::sink::Sink;
 use crate::source::Source;
 

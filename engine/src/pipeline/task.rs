@@ -15,12 +15,12 @@ use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::batcher::{BatchPolicy, Batcher};
 use crate::budget::Budget;
-use crate::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
 use crate::error::Result;
-use crate::exec::{BatchPlan, slice_rows};
+use crate::log::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
+use crate::pipeline::batcher::{BatchPolicy, Batcher};
+use crate::pipeline::exec::{BatchPlan, slice_rows};
 use crate::retry::{RetryPolicy, is_transient};
 use crate::sink::Sink;
 use crate::source::Chunk;
@@ -151,13 +151,25 @@ impl PipelineTask {
     /// `retry.max_attempts` the pipeline reports `failed` (not ready, input refused by the
     /// budget) and keeps retrying at the longest delay until the store recovers — or, once the
     /// server is shutting down, gives up (what was acknowledged stays in the source's log).
+    ///
+    /// The epoch is transformed and staged once: a retry after staging re-commits exactly the
+    /// entry that was staged (same files, sizes and dead letters), never a recomputation, whose
+    /// output could differ (partition order, `now()`) from an attempt that reached the log.
     async fn flush(&mut self, batcher: &mut Batcher) -> Result<()> {
         let chunks = batcher.take();
         let bytes: u64 = chunks.iter().map(|c| c.bytes as u64).sum();
+        let mut staged: Option<Staged> = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.commit_epoch(&chunks).await {
+            let result = match staged.as_mut() {
+                Some(s) => self.commit_staged(s).await,
+                None => match self.stage_epoch(&chunks).await {
+                    Ok(s) => self.commit_staged(staged.insert(s)).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
                 Ok(()) => {
                     self.budget.release(bytes);
                     update(&self.status, |s| {
@@ -195,8 +207,9 @@ impl PipelineTask {
         }
     }
 
-    /// Runs, stages and commits one epoch.
-    async fn commit_epoch(&mut self, chunks: &[Chunk]) -> Result<()> {
+    /// Runs the plan over one epoch and stages its files and dead letters; returns the entry
+    /// that commits them.
+    async fn stage_epoch(&mut self, chunks: &[Chunk]) -> Result<Staged> {
         let started = Instant::now();
         let epoch = self.next_epoch;
         let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
@@ -215,8 +228,8 @@ impl PipelineTask {
         let files = self.sink.stage(&self.log, epoch, output).await?;
         let mut dead_letters = Vec::new();
         if !dead.is_empty() {
-            let date = chrono::Utc::now().format("%Y-%m-%d");
-            let path = format!("_sluice/dead_letter/{date}/{epoch:020}-{}.ndjson", self.name);
+            // Named by pipeline and epoch only (never the clock), like every staged file.
+            let path = dead_letter_path(&self.name, epoch);
             self.log.stage(&path, to_ndjson(&dead)).await?;
             dead_letters.push(DeadLetterFile {
                 path,
@@ -227,7 +240,7 @@ impl PipelineTask {
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
         }
-        let mut entry = CommitEntry {
+        let entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
             pipeline: self.name.clone(),
@@ -235,7 +248,7 @@ impl PipelineTask {
             add: files,
             remove: vec![],
             dead_letters,
-            sources: positions.clone(),
+            sources: positions,
             counts: Counts {
                 received,
                 decoded,
@@ -244,25 +257,35 @@ impl PipelineTask {
             },
             schema: self.schema.clone(),
         };
-        self.log.commit(&mut entry).await?;
+        Ok(Staged {
+            entry,
+            decode_dead,
+            started,
+        })
+    }
+
+    /// Commits a staged epoch (again, after a failed attempt: the same entry).
+    async fn commit_staged(&mut self, staged: &mut Staged) -> Result<()> {
+        let entry = &mut staged.entry;
+        self.log.commit(entry).await?;
         let epoch = entry.epoch;
         self.next_epoch = epoch + 1;
         crate::crash::point("after_commit");
-        let _ = self.committed.send(positions.get(&self.source).cloned());
-        self.positions = positions;
+        let _ = self.committed.send(entry.sources.get(&self.source).cloned());
+        self.positions = entry.sources.clone();
 
+        let (written, dl, received) = (entry.counts.output, entry.counts.dead_lettered, entry.counts.received);
         let name = self.name.clone();
         metrics::counter!("sluice_events_written_total", "pipeline" => name.clone()).increment(written);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "decode", "reason" => "dead_letter")
-            .increment(decode_dead);
+            .increment(staged.decode_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "transform", "reason" => "dead_letter")
-            .increment(dead.len() as u64 - decode_dead);
+            .increment(dl - staged.decode_dead);
         metrics::counter!("sluice_commits_total", "pipeline" => name.clone()).increment(1);
         metrics::histogram!("sluice_batch_duration_seconds", "pipeline" => name.clone())
-            .record(started.elapsed().as_secs_f64());
+            .record(staged.started.elapsed().as_secs_f64());
         metrics::histogram!("sluice_batch_records", "pipeline" => name).record(received as f64);
         let at = entry.committed_at.clone();
-        let dl = dead.len() as u64;
         update(&self.status, |s| {
             s.last_epoch = Some(epoch);
             s.last_commit_at = Some(at);
@@ -307,6 +330,21 @@ impl PipelineTask {
         out.sort_by_key(|(o, _)| *o);
         Ok(out.into_iter().flat_map(|(_, b)| b).collect())
     }
+}
+
+/// An epoch transformed and staged, waiting for its commit.
+struct Staged {
+    /// The entry that commits it.
+    entry: CommitEntry,
+    /// How many of its dead letters come from decoding (the rest from the transform).
+    decode_dead: u64,
+    /// When the epoch started, for the batch duration metric.
+    started: Instant,
+}
+
+/// Where the dead letters of `pipeline`'s `epoch` go: `_sluice/dead_letter/<pipeline>/<epoch>.ndjson`.
+pub fn dead_letter_path(pipeline: &str, epoch: u64) -> String {
+    format!("_sluice/dead_letter/{pipeline}/{epoch:020}.ndjson")
 }
 
 /// The row(s) of `batches` as NDJSON text.
