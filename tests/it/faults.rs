@@ -252,3 +252,172 @@ async fn faulty_object_store_over_many_seeds() {
     assert!(total > seeds, "faults were injected: {totals:?}");
     eprintln!("faulty store: {seeds} seeds, injected faults by call: {totals:?}");
 }
+
+/// A store that performs the first commit-entry put and then reports it failed (its answer
+/// lost), fails the next ones until the commit log's own retries give up, and remembers the
+/// bytes first staged under each path.
+struct LostAnswerStore {
+    inner: Arc<dyn ObjectStore>,
+    log_puts: AtomicU64,
+    first_staged: Arc<Mutex<BTreeMap<String, Bytes>>>,
+}
+
+impl fmt::Debug for LostAnswerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LostAnswerStore")
+    }
+}
+
+impl fmt::Display for LostAnswerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LostAnswerStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for LostAnswerStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        let path = location.to_string();
+        if path.contains("_sluice/staging/") {
+            let bytes: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+            self.first_staged
+                .lock()
+                .unwrap()
+                .entry(path.replace("_sluice/staging/out/", ""))
+                .or_insert_with(|| Bytes::from(bytes));
+        }
+        if path.contains("_sluice/log/") {
+            let n = self.log_puts.fetch_add(1, Ordering::SeqCst);
+            if n == 0 {
+                self.inner.put_opts(location, payload, opts).await?;
+                return Err(injected("put (performed, answer lost)"));
+            }
+            if n < u64::from(sluice_engine::retry::DEFAULT_RETRY_ATTEMPTS) {
+                return Err(injected("put"));
+            }
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+struct LostAnswerSinkFactory {
+    first_staged: Arc<Mutex<BTreeMap<String, Bytes>>>,
+}
+
+impl SinkFactory for LostAnswerSinkFactory {
+    fn spec(&self) -> ConnectorSpec {
+        ParquetSinkFactory.spec()
+    }
+
+    fn create(&self, def: &SinkDef) -> sluice_engine::Result<Arc<dyn Sink>> {
+        let table = TableStore::open(&def.location)?;
+        let store = Arc::new(LostAnswerStore {
+            inner: table.store.clone(),
+            log_puts: AtomicU64::new(0),
+            first_staged: self.first_staged.clone(),
+        });
+        sluice_connectors::parquet::sink_on(
+            TableStore::from_store(store, table.root.clone(), def.location.clone()),
+            def,
+        )
+    }
+}
+
+// Reproducer for #12 (item 4): the commit entry reached the log but its answer was lost. The
+// retry must re-commit exactly what was staged — not transform and stage again (`random()`
+// and the order of DataFusion's partitions make a second run differ), which made the entries
+// differ (a false "two servers" stop) or the committed files differ from what the entry says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_commit_recommits_what_was_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("in");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/out");
+    let body: Vec<String> = (0..2000).map(|i| format!("{{\"id\": {i}}}")).collect();
+    drop_file(&incoming, "000.ndjson", &body.join("\n"));
+    let sql = format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
+         OPTIONS ('poll_interval' '20ms', 'batch.interval' '20ms');
+         CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (part) LOCATION '{}';
+         INSERT INTO out SELECT id, random() AS r, id % 3 AS part FROM ev;",
+        incoming.display(),
+        sink.display()
+    );
+    let first_staged = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut registry = sluice_connectors::registry_with_state(&dir.path().join(".sluice"));
+    registry.add_sink(Arc::new(LostAnswerSinkFactory {
+        first_staged: first_staged.clone(),
+    }));
+    let text = PipelineText::new("lost.sql", sql).unwrap();
+    let server = start(&[text], &registry, ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = deadline + Duration::from_secs(10); // the commit log's back-off first
+    while committed_output(&sink) < 2000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the commit"
+        );
+        // Polling interval of a condition wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown_trigger().trigger();
+    server
+        .wait()
+        .await
+        .expect("the pipeline stops cleanly (no false 'two servers' error)");
+    let staged = first_staged.lock().unwrap();
+    let entries = crate::harness::log_entries(&sink);
+    let mut files = 0;
+    for e in &entries {
+        for f in e["add"].as_array().unwrap() {
+            let path = f["path"].as_str().unwrap();
+            let on_disk = std::fs::read(sink.join(path)).unwrap();
+            assert_eq!(
+                on_disk.len() as u64,
+                f["bytes"].as_u64().unwrap(),
+                "{path}: size in the entry"
+            );
+            assert_eq!(
+                Some(on_disk.as_slice()),
+                staged.get(path).map(|b| b.as_ref()),
+                "{path}: the committed file is the one first staged"
+            );
+            files += 1;
+        }
+    }
+    assert!(files >= 3, "{files} files committed");
+}
