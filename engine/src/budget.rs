@@ -178,17 +178,22 @@ impl Budget {
     pub fn try_acquire(&self, bytes: u64) -> bool {
         let (num, den) = self.policy.priority.share();
         let server_cap = self.server.max / den * num;
-        let mine = self.used.load(Ordering::Acquire);
-        let fits_mine = mine + bytes <= self.policy.max_bytes || mine == 0;
-        let server = self.server.used.load(Ordering::Acquire);
-        let fits_server = server + bytes <= server_cap || (server == 0 && mine == 0);
-        if !(fits_mine && fits_server) {
+        // Reserve atomically (compare-and-swap), so concurrent producers never overshoot the
+        // budget: the pipeline's share first, then the server's (undone if that fails).
+        let max = self.policy.max_bytes;
+        let Ok(mine) = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+            (m + bytes <= max || m == 0).then_some(m + bytes)
+        }) else {
+            return false;
+        };
+        let server = self.server.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            (s + bytes <= server_cap || (s == 0 && mine == 0)).then_some(s + bytes)
+        });
+        if server.is_err() {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            self.freed.notify_waiters();
             return false;
         }
-        // Racy between the check and the add by at most one chunk per concurrent producer;
-        // acceptable for a memory bound, and `used` stays exact.
-        self.used.fetch_add(bytes, Ordering::AcqRel);
-        self.server.used.fetch_add(bytes, Ordering::AcqRel);
         self.gauge();
         true
     }

@@ -3,6 +3,7 @@
 mod cli;
 mod delivery;
 mod dir_source;
+mod disconnect;
 mod faults;
 mod harness;
 mod http;

@@ -464,12 +464,44 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// `POST /v1/sources/{name}`.
+///
+/// The request is handled in a task of its own: a client that disconnects drops this future,
+/// never the handling, so a claimed request id is always settled and budget taken for some
+/// pipelines is always handed on or given back (the request completes as if the client had
+/// waited; a retry then finds it).
 pub async fn ingest(
     State(endpoints): State<Arc<Endpoints>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    match tokio::spawn(handle(endpoints, name, headers, body)).await {
+        Ok(response) => response,
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request handler failed: {e}"),
+        ),
+    }
+}
+
+/// Counts a request in `sluice_http_requests_in_flight` while it is handled.
+struct InFlight(String);
+
+impl InFlight {
+    fn new(name: &str) -> Self {
+        metrics::gauge!("sluice_http_requests_in_flight", "source" => name.to_string()).increment(1.0);
+        InFlight(name.to_string())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("sluice_http_requests_in_flight", "source" => self.0.clone()).decrement(1.0);
+    }
+}
+
+async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, body: Bytes) -> Response {
+    let _in_flight = InFlight::new(&name);
     // Only a producer's own X-Request-Id is an idempotency key. Without one, the id is minted
     // unique to this process start (it names the request in dead letters) and never deduplicated.
     // Reproducer: minted ids restarting at 0 after a restart collided with logged ones.
