@@ -32,9 +32,15 @@ enum Command {
         /// Address of the HTTP listener (ingest, metrics, health). Port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:7878")]
         listen: SocketAddr,
-        /// Directory for local state (the HTTP sources' ingest logs).
-        #[arg(long, default_value = sluice_connectors::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// Directory for local state (the HTTP sources' ingest logs). Default: `.sluice` beside
+        /// the first pipeline file, whatever the working directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Start even when an HTTP source's ingest log is not the one its sink's commits came
+        /// from (the original state directory is lost): the log is read from its beginning, and
+        /// records the old log acknowledged but had not committed are lost.
+        #[arg(long)]
+        adopt_ingest_log: bool,
         /// Bytes all pipelines together may buffer before sources are pushed back, by priority.
         #[arg(long, default_value_t = sluice_engine::budget::DEFAULT_SERVER_BUDGET)]
         max_buffer_bytes: u64,
@@ -150,12 +156,24 @@ async fn query(sql: &str, tables: &[(String, String)], format: OutputFormat) -> 
     Ok(())
 }
 
-async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path) -> Result<()> {
+/// The state directory: as given, or `.sluice` beside the first pipeline file.
+fn state_dir_for(files: &[PathBuf], given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let beside = files
+            .first()
+            .and_then(|f| f.parent())
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        beside.join(sluice_connectors::DEFAULT_STATE_DIR)
+    })
+}
+
+async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_ingest_log: bool) -> Result<()> {
     let texts = read_files(files)?;
     // Handlers go in before the server can report ready: a SIGTERM right after start (a
     // supervisor, a test) must be a graceful stop, not the default kill.
     let signal = shutdown_signal();
-    let registry = sluice_connectors::registry_with_state(state_dir);
+    let registry = sluice_connectors::registry_for_run(state_dir, adopt_ingest_log);
     let server = runtime::start(&texts, &registry, config).await?;
     // Whoever reads stdout may be gone; never fail (or panic) for that.
     let _ = writeln!(std::io::stdout(), "sluice listening on http://{}", server.addr());
@@ -222,13 +240,15 @@ fn main() -> ExitCode {
                 files,
                 listen,
                 state_dir,
+                adopt_ingest_log,
                 max_buffer_bytes,
             } => {
                 let config = ServerConfig {
                     listen,
                     max_buffer_bytes,
                 };
-                run(&files, config, &state_dir).await
+                let state_dir = state_dir_for(&files, state_dir);
+                run(&files, config, &state_dir, adopt_ingest_log).await
             }
             Command::Validate { files } => validate(&files).await,
             Command::Query { sql, tables, format } => {

@@ -23,7 +23,9 @@ use std::sync::Arc;
 
 use sluice_engine::server::registry::Registry;
 
-/// Where `sluice run` keeps local state (ingest logs) unless told otherwise.
+/// Where `sluice run` keeps local state (ingest logs) unless told otherwise: this directory
+/// beside the first pipeline file (not the working directory, so the state cannot drift with
+/// where the server is started from).
 pub const DEFAULT_STATE_DIR: &str = ".sluice";
 
 /// A registry with every connector of this build, keeping local state in [`DEFAULT_STATE_DIR`].
@@ -33,8 +35,17 @@ pub fn registry() -> Registry {
 
 /// A registry with every connector of this build, keeping local state under `state_dir`.
 pub fn registry_with_state(state_dir: &Path) -> Registry {
+    registry_for_run(state_dir, false)
+}
+
+/// A registry for `sluice run`: local state under `state_dir`; with `adopt_ingest_logs`, an
+/// HTTP source whose ingest log is not the one its sink's commits came from starts anyway and
+/// reads its log from the beginning (`--adopt-ingest-log`).
+pub fn registry_for_run(state_dir: &Path, adopt_ingest_logs: bool) -> Registry {
     let mut r = Registry::new();
-    r.add_source(Arc::new(http::HttpSourceFactory::new(state_dir)));
+    r.add_source(Arc::new(
+        http::HttpSourceFactory::new(state_dir).with_adopt_logs(adopt_ingest_logs),
+    ));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Ndjson)));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Csv)));
     r.add_sink(Arc::new(parquet::ParquetSinkFactory));

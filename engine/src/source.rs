@@ -93,6 +93,13 @@ impl SourceContext {
 /// - never panic on bad input: undecodable records become [`DeadLetter`]s in the chunk.
 #[async_trait::async_trait]
 pub trait Source: Send {
+    /// Checks, before the server starts, that the source can resume after `start` (the
+    /// position its pipeline's newest commit recorded); an error stops the server at start
+    /// with what to do, instead of resuming from the wrong place.
+    fn check_start(&self, _pipeline: &str, _start: Option<&serde_json::Value>) -> Result<()> {
+        Ok(())
+    }
+
     /// Runs until shutdown.
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<()>;
 }

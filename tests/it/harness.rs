@@ -54,6 +54,12 @@ impl Server {
     /// Starts `sluice run FILES --listen 127.0.0.1:PORT` (0 = any) in `cwd` with extra
     /// environment variables, and waits for it to listen.
     pub fn start_with(files: &[&Path], cwd: &Path, port: u16, env: &[(&str, &str)]) -> Server {
+        Server::start_full(files, cwd, port, env, &[])
+    }
+
+    /// Starts `sluice run FILES --listen 127.0.0.1:PORT ARGS...` in `cwd` with extra
+    /// environment variables, and waits for it to listen.
+    pub fn start_full(files: &[&Path], cwd: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Server {
         let stderr = cwd.join(format!(
             "sluice-stderr-{}.log",
             std::process::id() as u64 * 1000 + next_id()
@@ -63,6 +69,7 @@ impl Server {
             .arg("run")
             .args(files)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .envs(env.iter().copied())
             .current_dir(cwd)
             .env("RUST_LOG", "info")

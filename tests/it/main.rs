@@ -11,3 +11,4 @@ mod http;
 mod power_loss;
 mod quickstart;
 mod slt;
+mod state_dir;

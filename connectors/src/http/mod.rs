@@ -24,6 +24,7 @@ use source::{Endpoint, Endpoints, HttpSource};
 pub struct HttpSourceFactory {
     endpoints: Arc<Endpoints>,
     state_dir: PathBuf,
+    adopt_logs: bool,
 }
 
 impl HttpSourceFactory {
@@ -32,7 +33,15 @@ impl HttpSourceFactory {
         HttpSourceFactory {
             endpoints: Arc::default(),
             state_dir: state_dir.into(),
+            adopt_logs: false,
         }
+    }
+
+    /// Accepts ingest logs that are not the ones a sink's commits came from (each is then read
+    /// from its beginning) instead of refusing to start; see [`source::HttpSource::adopt_log`].
+    pub fn with_adopt_logs(mut self, adopt: bool) -> Self {
+        self.adopt_logs = adopt;
+        self
     }
 }
 
@@ -62,6 +71,7 @@ impl SourceFactory for HttpSourceFactory {
         Ok(Box::new(HttpSource {
             endpoints: self.endpoints.clone(),
             endpoint: config.endpoint,
+            adopt_log: self.adopt_logs,
         }))
     }
 

@@ -231,8 +231,40 @@ fn log_record(request_id: &str, body: &Bytes) -> Vec<Bytes> {
     vec![Bytes::from(format!("{request_id}\n")), body.clone()]
 }
 
+/// An HTTP source's position, as recorded in commit entries: the last ingest-log record a
+/// commit covers, and which log it is in (entries written before logs had identities carry
+/// none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogPosition {
+    /// Sequence number of the last record covered.
+    pub seq: u64,
+    /// The ingest log's identity ([`IngestLog::id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
+impl LogPosition {
+    /// The position after record `seq` of log `log`.
+    pub fn new(seq: u64, log: &str) -> Self {
+        LogPosition {
+            seq,
+            log: Some(log.to_string()),
+        }
+    }
+
+    /// Reads a recorded position (`None` when absent or not an HTTP source's).
+    pub fn from_value(v: Option<&Value>) -> Option<Self> {
+        serde_json::from_value(v?.clone()).ok()
+    }
+
+    /// The form recorded in a commit entry.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
 fn seq_of(position: &Option<Value>) -> Option<u64> {
-    position.as_ref()?.get("seq")?.as_u64()
+    LogPosition::from_value(position.as_ref()).map(|p| p.seq)
 }
 
 /// One pipeline's subscription to an endpoint.
@@ -241,13 +273,28 @@ pub struct HttpSource {
     pub endpoints: Arc<Endpoints>,
     /// The `{name}` subscribed to.
     pub endpoint: String,
+    /// Whether a committed position in another ingest log is accepted (`--adopt-ingest-log`):
+    /// this log is then read from its beginning.
+    pub adopt_log: bool,
 }
 
 impl HttpSource {
+    /// The first sequence of this source's log the pipeline has not committed.
+    fn resume_from(&self, start: &Option<Value>) -> u64 {
+        let Some(pos) = LogPosition::from_value(start.as_ref()) else {
+            return 0;
+        };
+        let ours = self.endpoints.with(&self.endpoint, |e| e.wal.id().to_string());
+        match (&pos.log, ours) {
+            (Some(theirs), Some(ours)) if *theirs != ours && self.adopt_log => 0,
+            _ => pos.seq + 1,
+        }
+    }
+
     /// Sends every logged record after the committed position to the pipeline, before intake
     /// opens (so nothing can interleave). Returns the next sequence.
     async fn replay(&self, ctx: &SourceContext) -> Result<u64> {
-        let from = seq_of(&ctx.start).map_or(0, |s| s + 1);
+        let from = self.resume_from(&ctx.start);
         let Some(reader) = self.reader(ctx) else {
             return Err(EngineError::Internal(format!("endpoint {} vanished", self.endpoint)));
         };
@@ -345,7 +392,7 @@ impl LogReader {
                 let chunk = Chunk {
                     batch,
                     dead_letters,
-                    position: Some(json!({ "seq": seq })),
+                    position: Some(LogPosition::new(seq, wal.id()).to_value()),
                     bytes,
                 };
                 tx.blocking_send(chunk)
@@ -363,12 +410,54 @@ impl LogReader {
 
 #[async_trait::async_trait]
 impl Source for HttpSource {
+    fn check_start(&self, pipeline: &str, start: Option<&Value>) -> Result<()> {
+        let Some(pos) = LogPosition::from_value(start) else {
+            return Ok(());
+        };
+        let Some((id, dir, durable)) = self.endpoints.with(&self.endpoint, |e| {
+            (e.wal.id().to_string(), e.wal.dir().to_path_buf(), e.wal.durable_seq())
+        }) else {
+            return Ok(());
+        };
+        let adopt_hint = "if that directory is lost for good, start once with --adopt-ingest-log: records it acknowledged that were not yet committed are then lost, and this log is read from its beginning";
+        match &pos.log {
+            Some(theirs) if *theirs != id && self.adopt_log => {
+                tracing::warn!(pipeline, log = %dir.display(), committed_log = %theirs, committed_seq = pos.seq,
+                    "adopting this ingest log: the sink's commits came from another one; reading this one from its beginning");
+                Ok(())
+            }
+            Some(theirs) if *theirs != id => Err(EngineError::config(
+                format!(
+                    "pipeline {pipeline}: the ingest log at {} (id {id}) is not the one whose records the sink has committed (log {theirs}, up to record {}); new requests would never be delivered",
+                    dir.display(),
+                    pos.seq
+                ),
+                Some(format!(
+                    "start with the --state-dir that holds log {theirs}; {adopt_hint}"
+                )),
+            )),
+            _ if pos.seq >= durable && !self.adopt_log => Err(EngineError::config(
+                format!(
+                    "pipeline {pipeline}: the sink has committed records up to {} of source {}'s ingest log, but the log at {} only reaches {}; it is not the log those records came from",
+                    pos.seq,
+                    self.endpoint,
+                    dir.display(),
+                    durable.saturating_sub(1)
+                ),
+                Some(format!(
+                    "start with the --state-dir that holds the original log; {adopt_hint}"
+                )),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<()> {
         {
             let mut stop = self.endpoints.stop.write().unwrap_or_else(|p| p.into_inner());
             stop.get_or_insert_with(|| ctx.shutdown.clone());
         }
-        let from = seq_of(&ctx.start).map_or(0, |s| s + 1);
+        let from = self.resume_from(&ctx.start);
         let next = match self.replay(&ctx).await {
             Ok(n) => n,
             Err(EngineError::Stopped(_)) => return Ok(()),
@@ -661,6 +750,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
     let batch = decoded.batch;
     let subs: Vec<Subscriber> = subscribers.into_values().collect();
     let size = body.len();
+    let log_id = wal.id().to_string();
     wal.append(
         log_record(&request_id, &body),
         Box::new(move |res| {
@@ -687,7 +777,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
                     let chunk = Chunk {
                         batch: batch.clone(),
                         dead_letters: dead_letters.clone(),
-                        position: Some(json!({ "seq": seq })),
+                        position: Some(LogPosition::new(seq, &log_id).to_value()),
                         bytes: size,
                     };
                     if s.tx.blocking_send(chunk).is_err() {

@@ -38,6 +38,8 @@ use crate::error::{EngineError, Result};
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Most appends covered by one fsync.
 pub const MAX_GROUP: usize = 4096;
+/// The file in a log's directory that holds its identity ([`IngestLog::id`]).
+pub const ID_FILE: &str = "log.id";
 /// Largest payload accepted in one frame.
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
 const HEADER: usize = 16;
@@ -74,6 +76,7 @@ pub struct OpenReport {
 /// The ingest log of one source.
 pub struct IngestLog {
     dir: PathBuf,
+    id: String,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
     /// Every seq below this is durable.
     durable: Arc<AtomicU64>,
@@ -201,12 +204,44 @@ fn quarantine(path: &Path, at: u64, report: &mut OpenReport) -> Result<()> {
     Ok(())
 }
 
+/// A new random identity (128 bits from the standard library's randomly seeded hasher).
+fn new_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let word = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    format!("{:016x}{:016x}", word(), word())
+}
+
+/// Reads the log's identity, creating it (durably) for a new log or one written before logs
+/// had identities.
+fn read_or_create_id(dir: &Path) -> Result<String> {
+    let path = dir.join(ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    }
+    let id = new_id();
+    durability::write_atomic(&path, id.as_bytes()).map_err(io(format!("writing {}", path.display())))?;
+    Ok(id)
+}
+
 impl IngestLog {
     /// Opens (or creates) the log in `dir`, repairing a torn tail and quarantining corrupt
     /// segments, and starts the writer thread.
     pub fn open(dir: &Path, segment_bytes: u64, fsync: bool) -> Result<(Self, OpenReport)> {
         durability::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let mut report = OpenReport::default();
+        let id = read_or_create_id(dir)?;
         let segs = list_segments(dir)?;
         let mut live: Vec<u64> = Vec::new();
         let mut next_seq = 0u64;
@@ -268,6 +303,7 @@ impl IngestLog {
         Ok((
             IngestLog {
                 dir: dir.to_path_buf(),
+                id,
                 tx: Mutex::new(Some(tx)),
                 durable,
                 segments,
@@ -280,6 +316,13 @@ impl IngestLog {
     /// The log's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The log's identity: random, created with the log and kept in its directory
+    /// ([`ID_FILE`]). Positions that name records of this log carry it, so records of another
+    /// log (a fresh state directory, another machine's) are never taken for these.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Every sequence below this is durable.

@@ -191,6 +191,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let (committed_tx, committed_rx) = watch::channel(positions.get(&def.source).cloned());
         let (tx, rx) = mpsc::channel(CHUNK_CHANNEL_CAPACITY);
         let source = source_factory.create(source_def, &def.name)?;
+        source.check_start(&def.name, positions.get(&def.source))?;
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         started.push(started_rx);
         let sctx = SourceContext {

@@ -1,0 +1,96 @@
+//! The ingest log is bound to the sink: a server started with another state directory (or from
+//! another working directory) never answers 200 to requests it would not deliver.
+//!
+//! Reproducer for #12 (item 2): with a fresh state directory the new log started at sequence 0
+//! while the sink had committed records up to N; every new request was acknowledged and
+//! silently never delivered.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::delivery::{check, http_pipeline, line};
+use crate::harness::{Server, bin, wait_until};
+
+/// Posts events `ids` with `X-Request-Id: id` and expects 200.
+fn post(server: &Server, id: &str, ids: std::ops::Range<i64>) {
+    let body = ids.map(line).collect::<Vec<_>>().join("\n");
+    let rt = crate::harness::runtime();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(server.url("/v1/sources/ev"))
+            .header("x-request-id", id)
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    assert_eq!(status, 200, "request {id}");
+}
+
+#[test]
+fn a_fresh_state_dir_is_refused_unless_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '50ms'");
+    let sink = dir.path().join("lake/out");
+
+    // Started from the pipeline's directory: state in <dir>/.sluice.
+    let server = Server::start(&[&sql], dir.path());
+    post(&server, "r0", 0..100);
+    server.stop();
+    assert!(dir.path().join(".sluice/ingest/ev").is_dir());
+
+    // Started from elsewhere: the default state directory is beside the pipeline file, so the
+    // same log is found.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let server = Server::start(&[&sql], &elsewhere);
+    post(&server, "r1", 100..200);
+    server.stop();
+    assert!(
+        !elsewhere.join(".sluice").exists(),
+        "no state next to the working directory"
+    );
+
+    // A fresh state directory: refused at start, saying what to do.
+    let fresh = dir.path().join("fresh");
+    let mut child = Command::new(bin())
+        .args(["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&fresh)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_until(Duration::from_secs(60), "the refused server to exit", || {
+        child.try_wait().ok().flatten()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "refused: {err}");
+    assert!(
+        err.contains("is not the one") || err.contains("not the log"),
+        "the error says the log does not match: {err}"
+    );
+    assert!(err.contains("--adopt-ingest-log"), "and what to do: {err}");
+
+    // Adopted: the new log is read from its beginning and its records are delivered.
+    let server = Server::start_full(
+        &[&sql],
+        dir.path(),
+        0,
+        &[],
+        &["--state-dir", fresh.to_str().unwrap(), "--adopt-ingest-log"],
+    );
+    post(&server, "r2", 200..300);
+    server.stop();
+    // And once adopted, the log is bound: a restart needs no flag.
+    let server = Server::start_full(&[&sql], dir.path(), 0, &[], &["--state-dir", fresh.to_str().unwrap()]);
+    post(&server, "r3", 300..400);
+    server.stop();
+
+    let sent: HashSet<i64> = (0..400).collect();
+    let rt = crate::harness::runtime();
+    rt.block_on(check(&sink, &sent, &sent));
+}
