@@ -34,8 +34,27 @@ pub struct DeadLetter {
     pub stage: Stage,
     /// Why.
     pub error: String,
-    /// The record as received (UTF-8; invalid bytes replaced).
+    /// The record as received, when it is valid UTF-8; otherwise a lossy copy (invalid bytes
+    /// replaced) and the exact bytes are in `raw_base64`.
     pub raw: String,
+    /// The record's exact bytes, base64 (standard alphabet), when they are not valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_base64: Option<String>,
+}
+
+impl DeadLetter {
+    /// The `raw` and `raw_base64` fields for a record's bytes: the text itself when it is
+    /// UTF-8, else a lossy copy and the exact bytes in base64.
+    pub fn raw_fields(bytes: &[u8]) -> (String, Option<String>) {
+        use base64::Engine;
+        match std::str::from_utf8(bytes) {
+            Ok(text) => (text.to_string(), None),
+            Err(_) => (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            ),
+        }
+    }
 }
 
 /// Encodes dead letters as NDJSON.

@@ -365,3 +365,64 @@ async fn requests_without_an_id_are_never_deduplicated_across_restarts() {
     }
     assert_eq!(committed_output(&sink), 6);
 }
+
+// Reproducer for #12 (item 9): hostile bodies. A line of 100,000 nested brackets (well under
+// the body limit) aborted the process; a body over the listener's limit got a plain-text 413;
+// a record that is not UTF-8 was kept only as a lossy copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_get_json_answers_and_exact_dead_letters() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let sql = crate::delivery::http_pipeline(dir.path(), "'batch.interval' '50ms'");
+    let sink = dir.path().join("lake/out");
+    let server = Server::start(&[&sql], dir.path());
+    let http = reqwest::Client::new();
+    let url = server.url("/v1/sources/ev");
+
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let r = http
+        .post(&url)
+        .body(format!("{{\"id\": 1, \"v\": 7}}\n{deep}\n{{\"id\": 2, \"v\": {deep}}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["rejected"].as_u64()),
+        (Some(1), Some(2)),
+        "{answer}"
+    );
+
+    let mut not_utf8 = b"{\"id\": 3, \"v\": \"".to_vec();
+    not_utf8.extend_from_slice(&[0xff, 0xfe, b'x']);
+    not_utf8.extend_from_slice(b"\"}");
+    let r = http.post(&url).body(not_utf8.clone()).send().await.unwrap();
+    assert!(r.status() == 200 || r.status() == 400, "{}", r.status());
+
+    // Over the listener's limit (the largest max_body_bytes, 16MB by default): JSON 413.
+    let r = http.post(&url).body(vec![b' '; 17 << 20]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let answer: Value = r.json().await.expect("a JSON error body");
+    assert!(answer["error"].is_string(), "{answer}");
+
+    assert_eq!(http.get(server.url("/healthz")).send().await.unwrap().status(), 200);
+    wait_until(Duration::from_secs(30), "the good record committed", || {
+        (committed_output(&sink) >= 1).then_some(())
+    });
+    server.stop();
+    let dead = dead_letters(&sink);
+    let nested = dead
+        .iter()
+        .filter(|d| d["error"].as_str().unwrap_or_default().contains("nested deeper"))
+        .count();
+    assert_eq!(nested, 2, "{dead:?}");
+    if let Some(d) = dead.iter().find(|d| d["raw_base64"].is_string()) {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(d["raw_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(bytes, not_utf8, "the exact bytes are kept");
+    } else {
+        panic!("the non-UTF-8 record is a dead letter with its exact bytes: {dead:?}");
+    }
+}

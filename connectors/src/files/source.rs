@@ -185,12 +185,14 @@ impl DecodeJob {
         let dead_letters = decoded
             .rejected
             .iter()
-            .map(|r| DeadLetter {
+            .map(|r| (r, DeadLetter::raw_fields(&buf[ranges[r.index].clone()])))
+            .map(|(r, raw)| DeadLetter {
                 source: self.source.clone(),
                 position: json!({ "file": self.file, "offset": self.start + ranges[r.index].start as u64 }),
                 stage: Stage::Decode,
                 error: r.error.clone(),
-                raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
+                raw: raw.0,
+                raw_base64: raw.1,
             })
             .collect();
         let position = FilePosition {

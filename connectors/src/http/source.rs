@@ -31,6 +31,7 @@ use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -215,12 +216,14 @@ fn decode_body(
     let dead = decoded
         .rejected
         .iter()
-        .map(|r| DeadLetter {
+        .map(|r| (r, DeadLetter::raw_fields(&buf[ranges[r.index].clone()])))
+        .map(|(r, raw)| DeadLetter {
             source: source.to_string(),
             position: json!({ "request_id": request_id, "record": r.index }),
             stage: Stage::Decode,
             error: r.error.clone(),
-            raw: String::from_utf8_lossy(&buf[ranges[r.index].clone()]).into_owned(),
+            raw: raw.0,
+            raw_base64: raw.1,
         })
         .collect();
     Ok((decoded, dead))
@@ -381,7 +384,8 @@ impl LogReader {
                             position: json!({ "request_id": request_id, "seq": seq }),
                             stage: Stage::Decode,
                             error: e,
-                            raw: String::from_utf8_lossy(body).into_owned(),
+                            raw: DeadLetter::raw_fields(body).0,
+                            raw_base64: DeadLetter::raw_fields(body).1,
                         }],
                     ),
                 };
@@ -562,8 +566,14 @@ pub async fn ingest(
     State(endpoints): State<Arc<Endpoints>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A body over the listener's limit (or one that could not be read) is answered here, as
+    // JSON like every other error.
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
     match tokio::spawn(handle(endpoints, name, headers, body)).await {
         Ok(response) => response,
         Err(e) => error(

@@ -128,7 +128,34 @@ impl RecordDecoder {
     ///
     /// Records are decoded in blocks of [`DECODE_BLOCK`]; a block that fails is bisected until
     /// each bad record stands alone, so good records are decoded about once whatever the mix.
+    ///
+    /// A JSON record nested deeper than [`MAX_JSON_DEPTH`] is rejected before any parser sees
+    /// it (some recurse, and a line of brackets must not overflow the stack).
     pub fn decode(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
+        if matches!(self.format, Format::Json) {
+            let deep: Vec<usize> = (0..records.len())
+                .filter(|&i| nested_too_deep(&buf[records[i].clone()]))
+                .collect();
+            if !deep.is_empty() {
+                let keep: Vec<usize> = (0..records.len()).filter(|i| deep.binary_search(i).is_err()).collect();
+                let kept: Vec<Range<usize>> = keep.iter().map(|&i| records[i].clone()).collect();
+                let mut out = self.decode_records(buf, &kept, false)?;
+                for r in &mut out.rejected {
+                    r.index = keep[r.index];
+                }
+                out.rejected.extend(deep.into_iter().map(|index| Rejected {
+                    index,
+                    error: format!("record is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"),
+                    syntax: false,
+                }));
+                out.rejected.sort_by_key(|r| r.index);
+                return Ok(out);
+            }
+        }
+        self.decode_records(buf, records, contiguous)
+    }
+
+    fn decode_records(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
         match &self.fast {
             Some(fast) => self.decode_fast(fast, buf, records),
             None => self.decode_arrow(buf, records, contiguous),
@@ -315,6 +342,41 @@ fn nullable(schema: &SchemaRef) -> SchemaRef {
     ))
 }
 
+/// Deepest nesting of arrays and objects a JSON record may have.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// True when the JSON text nests arrays and objects deeper than [`MAX_JSON_DEPTH`]. A record
+/// with no more opening brackets than that cannot, so most records cost one vectorised count.
+pub fn nested_too_deep(text: &[u8]) -> bool {
+    if memchr::memchr2_iter(b'[', b'{', text).take(MAX_JSON_DEPTH + 1).count() <= MAX_JSON_DEPTH {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Concatenates records with a newline after each.
 fn join(buf: &[u8], records: &[Range<usize>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 1).sum());
@@ -446,6 +508,44 @@ mod tests {
             Field::new("name", DataType::Utf8, true),
             Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
         ]))
+    }
+
+    // Reproducer for #12 (item 9): ~100k nested brackets overflowed the stack of a recursive
+    // parser and aborted the process. Run on a thread with the stack tokio gives its workers and blocking
+    // threads (2 MiB), through every tier and arrow alone, at the top level and inside an object.
+    #[test]
+    fn deep_nesting_is_rejected_not_a_stack_overflow() {
+        let deep = |open: &str, close: &str, n: usize| format!("{}{}", open.repeat(n), close.repeat(n));
+        let lines = [
+            deep("[", "]", 100_000),
+            format!("{{\"id\": 1, \"name\": {}}}", deep("[", "]", 100_000)),
+            format!("{{\"id\": 1, \"x\": {}}}", deep("{\"a\":", "}", 50_000)),
+            format!("{{\"id\": 2, \"x\": {}}}", deep("[", "]", MAX_JSON_DEPTH - 1)),
+        ];
+        let text = lines.join("\n");
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let buf = text.as_bytes();
+                let recs = lines_of(buf);
+                for decoder in [
+                    RecordDecoder::new(Format::Json, schema()),
+                    RecordDecoder::new(Format::Json, schema()).arrow_only(),
+                ] {
+                    let out = decoder.decode(buf, &recs, true).unwrap();
+                    let errs: Vec<&str> = out.rejected.iter().map(|r| r.error.as_str()).collect();
+                    assert_eq!(out.rejected.len(), 3, "{errs:?}");
+                    assert!(errs.iter().all(|e| e.contains("nested deeper")), "{errs:?}");
+                    // The line within the limit is decided by the decoder as usual.
+                    assert_eq!(out.batch.num_rows(), 1);
+                }
+            })
+            .unwrap();
+        handle.join().expect("no stack overflow");
+    }
+
+    fn lines_of(buf: &[u8]) -> Vec<Range<usize>> {
+        lines(buf)
     }
 
     #[test]

@@ -318,6 +318,7 @@ impl PipelineTask {
                     stage: Stage::Transform,
                     error: e.strip_backtrace(),
                     raw: row_json(&part),
+                    raw_base64: None,
                 }),
                 Err(_) => {
                     let half = len / 2;
