@@ -51,6 +51,16 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check a sink table against its commit log: every committed file exists with its recorded
+    /// size, and no uncommitted file sits where plain readers would read it. Exit 0 when all is
+    /// well, 1 when something is wrong (each problem printed), 2 on error.
+    Check {
+        /// The sink's LOCATION.
+        sink: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a read-only SQL query over committed sink tables.
     Query {
         /// The query (SELECT / EXPLAIN only).
@@ -168,6 +178,35 @@ fn state_dir_for(files: &[PathBuf], given: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// `sluice check`: prints the report; true when nothing is wrong.
+async fn check(sink: &str, json: bool) -> Result<bool> {
+    let table = sluice_engine::log::store::TableStore::open(sink)?;
+    let report = sluice_engine::log::check::check_table(&table).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(
+            out,
+            "{sink}: {} commit entries, {} live files ({} bytes), {} dead-letter files",
+            report.entries, report.files, report.bytes, report.dead_letter_files
+        )?;
+        for p in &report.problems {
+            writeln!(out, "  {:?}: {} ({})", p.kind, p.path, p.detail)?;
+        }
+        writeln!(
+            out,
+            "{}",
+            if report.problems.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("{} problem(s)", report.problems.len())
+            }
+        )?;
+    }
+    Ok(report.problems.is_empty())
+}
+
 async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_ingest_log: bool) -> Result<()> {
     let texts = read_files(files)?;
     // Handlers go in before the server can report ready: a SIGTERM right after start (a
@@ -234,7 +273,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
+    let result: Result<ExitCode> = rt.block_on(async {
         match cli.command {
             Command::Run {
                 files,
@@ -251,6 +290,11 @@ fn main() -> ExitCode {
                 run(&files, config, &state_dir, adopt_ingest_log).await
             }
             Command::Validate { files } => validate(&files).await,
+            Command::Check { sink, json } => match check(&sink, json).await {
+                Ok(true) => Ok(()),
+                Ok(false) => return Ok(ExitCode::from(1)),
+                Err(e) => return Err(e),
+            },
             Command::Query { sql, tables, format } => {
                 if tables.is_empty() {
                     bail!("name at least one table: --table NAME=LOCATION");
@@ -258,12 +302,13 @@ fn main() -> ExitCode {
                 query(&sql, &tables, format).await
             }
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("{e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

@@ -183,7 +183,7 @@ impl SinkFactory for FaultySinkFactory {
             percent: 10,
             injected: self.injected.clone(),
         });
-        let table = TableStore::from_store(faulty, table.root.clone(), def.location.clone());
+        let table = table.wrapped(faulty);
         sluice_connectors::parquet::sink_on(table, def)
     }
 }
@@ -348,10 +348,7 @@ impl SinkFactory for LostAnswerSinkFactory {
             log_puts: AtomicU64::new(0),
             first_staged: self.first_staged.clone(),
         });
-        sluice_connectors::parquet::sink_on(
-            TableStore::from_store(store, table.root.clone(), def.location.clone()),
-            def,
-        )
+        sluice_connectors::parquet::sink_on(table.wrapped(store), def)
     }
 }
 

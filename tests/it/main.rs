@@ -12,3 +12,4 @@ mod power_loss;
 mod quickstart;
 mod slt;
 mod state_dir;
+mod writers;

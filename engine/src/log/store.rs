@@ -18,6 +18,8 @@ pub struct TableStore {
     pub root: Path,
     /// The LOCATION the table was opened from, for messages.
     pub location: String,
+    /// The table's directory when it is on local disk (writer leases are OS locks there).
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 impl TableStore {
@@ -44,6 +46,7 @@ impl TableStore {
             store: Arc::new(store),
             root: Path::default(),
             location: location.to_string(),
+            local_dir: Some(std::path::PathBuf::from(local)),
         })
     }
 
@@ -53,7 +56,14 @@ impl TableStore {
             store,
             root,
             location: location.into(),
+            local_dir: None,
         }
+    }
+
+    /// The same table seen through another store (a wrapper of this one's, in tests): keeps
+    /// the local directory, so writer leases still apply.
+    pub fn wrapped(&self, store: Arc<dyn ObjectStore>) -> Self {
+        TableStore { store, ..self.clone() }
     }
 
     /// The absolute path of a table-relative path (`a/b/c`).

@@ -108,6 +108,8 @@ pub struct PipelineTask {
     pub shutdown: watch::Receiver<bool>,
     /// Back-off for failed commits.
     pub retry: RetryPolicy,
+    /// This pipeline's writer lease on its sink, held while it runs.
+    pub _lease: crate::log::lease::WriterLease,
 }
 
 impl PipelineTask {

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
 use crate::error::{EngineError, Result};
 use crate::log::commit::{ColumnSpec, CommitLog, TableSchema};
+use crate::log::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
 use crate::pipeline::exec::BatchPlan;
 use crate::pipeline::{PipelineStatus, PipelineTask, StatusHandle, update};
@@ -157,6 +158,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             .source(&source_def.connector)
             .ok_or_else(|| EngineError::Internal(format!("no source factory for {}", source_def.connector)))?;
         let sink = sink_factory.create(sink_def)?;
+        // One writer per pipeline and sink, checked before recovery touches anything.
+        let lease = WriterLease::acquire(sink.table(), &def.name)?;
         let log = CommitLog::new(sink.table().clone(), &def.name);
         let recovered = log.recover().await?;
         if recovered.orphans_removed + recovered.moves_completed > 0 {
@@ -227,6 +230,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             committed: committed_tx,
             shutdown: shutdown_rx.clone(),
             retry: crate::retry::RetryPolicy::default(),
+            _lease: lease,
         };
         let name = def.name.clone();
         tasks.spawn(async move { (name, task.run(rx).await) });

@@ -1,0 +1,111 @@
+//! One writer per pipeline and sink, and `sluice check`.
+//!
+//! Reproducer for #12 (item 5): a second instance of a running pipeline ran recovery on the
+//! sink and deleted the staged files of the running writer.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::delivery::{check, http_pipeline, line};
+use crate::harness::{Server, bin, committed_output, log_entries, wait_until};
+
+fn post(server: &Server, id: &str, ids: std::ops::Range<i64>) {
+    let body = ids.map(line).collect::<Vec<_>>().join("\n");
+    let rt = crate::harness::runtime();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(server.url("/v1/sources/ev"))
+            .header("x-request-id", id)
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    assert_eq!(status, 200, "request {id}");
+}
+
+/// Runs `sluice ARGS` to its end; returns (exit code, stdout + stderr).
+fn sluice(args: &[&str], cwd: &std::path::Path) -> (i32, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_until(Duration::from_secs(60), "sluice to exit", || {
+        child.try_wait().ok().flatten()
+    });
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut text).unwrap();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut text).unwrap();
+    (status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn a_second_instance_is_refused_and_check_reports_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '50ms'");
+    let sink = dir.path().join("lake/out");
+    let server = Server::start(&[&sql], dir.path());
+    post(&server, "r0", 0..200);
+    wait_until(Duration::from_secs(30), "a commit", || {
+        (committed_output(&sink) > 0).then_some(())
+    });
+
+    // A second instance (another listener, another state dir) is refused before it touches
+    // the sink.
+    let other = dir.path().join("other-state");
+    let (code, text) = sluice(
+        &[
+            "run",
+            "p.sql",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            other.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("already running"), "{text}");
+    // The first one is unharmed.
+    post(&server, "r1", 200..400);
+    server.stop();
+    let sent: HashSet<i64> = (0..400).collect();
+    crate::harness::runtime().block_on(check(&sink, &sent, &sent));
+
+    let (code, text) = sluice(&["check", "lake/out"], dir.path());
+    assert_eq!(code, 0, "{text}");
+    assert!(text.trim_end().ends_with("ok"), "{text}");
+
+    // Damage: a committed file truncated, another removed, a stray file where readers look.
+    let files: Vec<String> = log_entries(&sink)
+        .iter()
+        .flat_map(|e| e["add"].as_array().unwrap().clone())
+        .map(|a| a["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(files.len() >= 2, "{files:?}");
+    let truncated = sink.join(&files[0]);
+    let len = std::fs::metadata(&truncated).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    std::fs::remove_file(sink.join(&files[1])).unwrap();
+    std::fs::write(sink.join("part=0/stray.parquet"), b"not committed").unwrap();
+    let (code, text) = sluice(&["check", "lake/out"], dir.path());
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("WrongSize: {}", files[0])), "{text}");
+    assert!(text.contains(&format!("Missing: {}", files[1])), "{text}");
+    assert!(text.contains("NotCommitted: part=0/stray.parquet"), "{text}");
+    assert!(text.contains("3 problem(s)"), "{text}");
+    let (code, text) = sluice(&["check", "lake/out", "--json"], dir.path());
+    assert_eq!(code, 1);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["problems"].as_array().unwrap().len(), 3, "{report}");
+}
