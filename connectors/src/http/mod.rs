@@ -64,7 +64,7 @@ impl SourceFactory for HttpSourceFactory {
         self.endpoints.declare(&config.endpoint, || {
             let (wal, report) = IngestLog::open(&dir, config.segment_bytes, config.durable_ack)?;
             if report.truncated_bytes > 0 || !report.quarantined.is_empty() {
-                tracing::warn!(source = %def.name, truncated = report.truncated_bytes, quarantined = report.quarantined.len(), "ingest log repaired on open");
+                tracing::warn!(source = %def.name, truncated = report.truncated_bytes, repaired = report.quarantined.len(), lost = ?report.lost, "ingest log repaired on open");
             }
             Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal))
         })?;

@@ -12,15 +12,22 @@
 //! ```
 //!
 //! Invariants:
-//! 1. Sequence numbers are contiguous across segments; a frame's `seq` is checked on read.
+//! 1. Sequence numbers increase across frames and segments (contiguous unless damage repair
+//!    dropped some); a segment's first frame has at least the sequence in its name.
 //! 2. A callback sees `Ok(seq)` only after the frame is fsynced (unless `fsync` is off, which
 //!    exists only to measure what durability costs).
 //! 3. Callbacks run in sequence order, so whatever they forward arrives in log order.
-//! 4. On open, a torn tail (an incomplete or invalid frame with nothing valid after it, in the
-//!    newest segment) is truncated: it was never acknowledged. Any other invalid frame marks its
-//!    segment corrupt: the segment is renamed `*.quarantined`, logged and counted — never
-//!    silently skipped.
-//! 5. [`IngestLog::delete_before`] removes only segments whose every frame is below the given
+//! 4. On open, every frame whose checksum holds is kept. A torn tail (invalid bytes with no
+//!    valid frame after them, in the newest segment) is truncated: it was never acknowledged.
+//!    Any other damage — a bad frame with valid frames after it (a bit flip, or pages written
+//!    back out of order before a power cut), a bad tail in an older segment — is repaired: the
+//!    original is kept as `*.quarantined` for inspection (hard-linked first, so a crash during
+//!    the repair leaves it in place), and the segment is rewritten with its valid frames only.
+//!    The sequence numbers lost are logged and counted, never silently skipped, and never
+//!    reused.
+//! 5. After a failed write or fsync, nothing more is written to that segment: the next group
+//!    starts a new one (the failed one's state on disk is unknown).
+//! 6. [`IngestLog::delete_before`] removes only segments whose every frame is below the given
 //!    sequence (covered by commits).
 
 use std::fs::{File, OpenOptions};
@@ -67,8 +74,11 @@ impl Append {
 pub struct OpenReport {
     /// Bytes cut from a torn tail.
     pub truncated_bytes: u64,
-    /// Segments renamed `*.quarantined` because of a bad frame that is not a torn tail.
+    /// Damaged segments repaired (rewritten with their valid frames): the originals, kept as
+    /// `*.quarantined`.
     pub quarantined: Vec<PathBuf>,
+    /// Records lost to damage (not torn tails): inclusive sequence ranges.
+    pub lost: Vec<(u64, u64)>,
     /// The sequence the next append gets.
     pub next_seq: u64,
 }
@@ -91,88 +101,84 @@ impl std::fmt::Debug for IngestLog {
     }
 }
 
-/// How a segment's scan ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Tail {
-    Clean,
-    /// Invalid or incomplete frame at this offset with nothing valid after it.
-    Torn(u64),
-    /// Invalid frame at this offset followed by valid data, or a sequence gap.
-    Corrupt(u64),
+/// What scanning a segment found.
+struct Scan {
+    /// Valid frames, in order: (seq, payload offset, payload len).
+    frames: Vec<(u64, u64, usize)>,
+    /// Byte ranges of the segment holding no valid frame.
+    damage: Vec<(u64, u64)>,
 }
 
-struct Scan {
-    /// Frames read: (seq, payload offset, payload len).
-    frames: Vec<(u64, u64, usize)>,
-    tail: Tail,
+impl Scan {
+    /// Where the valid data ends (the start of a damaged tail, or the end).
+    fn valid_end(&self, len: u64) -> u64 {
+        match self.damage.last() {
+            Some((from, to)) if *to == len => *from,
+            _ => len,
+        }
+    }
+
+    /// True when the only damage is a tail with no valid frame after it.
+    fn only_torn_tail(&self, len: u64) -> bool {
+        self.damage.len() == 1 && self.damage[0].1 == len
+    }
 }
 
 fn seg_name(first: u64) -> String {
     format!("{first:020}{SEGMENT_SUFFIX}")
 }
 
-fn parse_frame(buf: &[u8], at: usize) -> Option<(u64, usize)> {
+/// Largest step in sequence numbers a frame may take over the previous one (damage repair
+/// drops some; anything further is not a frame of this log). Checked before the checksum, so
+/// resynchronising over damaged bytes does not checksum at every offset.
+const MAX_SEQ_STEP: u64 = 1 << 32;
+
+/// The frame at `at`, if its sequence is in `min..min + MAX_SEQ_STEP` and its checksum holds.
+fn parse_frame(buf: &[u8], at: usize, min: u64) -> Option<(u64, usize)> {
     let h = buf.get(at..at + HEADER)?;
     let len = u32::from_le_bytes(h[0..4].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(h[4..8].try_into().ok()?);
-    if len > MAX_FRAME_BYTES {
+    let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    if len > MAX_FRAME_BYTES || seq < min || seq - min >= MAX_SEQ_STEP {
         return None;
     }
     let body = buf.get(at + 8..at + HEADER + len)?;
-    (crc32c::crc32c(body) == crc).then(|| (u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8])), len))
+    (crc32c::crc32c(body) == crc).then_some((seq, len))
 }
 
-fn scan(buf: &[u8], expect_first: Option<u64>) -> Scan {
+/// Reads every frame of a segment whose checksum holds and whose sequence follows the previous
+/// one's (the first at least `first`). With `resync`, damaged bytes are skipped byte by byte
+/// to the next valid frame; without, the scan stops at the first bad frame (a reader of the
+/// live log stops where the writer is).
+fn scan(buf: &[u8], first: u64, resync: bool) -> Scan {
     let mut frames = Vec::new();
+    let mut damage: Vec<(u64, u64)> = Vec::new();
     let mut at = 0usize;
-    let mut expect = expect_first;
+    let mut bad_from: Option<usize> = None;
     while at < buf.len() {
-        match parse_frame(buf, at) {
-            Some((seq, len)) if expect.is_none_or(|e| e == seq) => {
+        let min = frames.last().map_or(first, |(s, _, _): &(u64, u64, usize)| s + 1);
+        match parse_frame(buf, at, min) {
+            Some((seq, len)) => {
+                if let Some(b) = bad_from.take() {
+                    damage.push((b as u64, at as u64));
+                }
                 frames.push((seq, (at + HEADER) as u64, len));
-                expect = Some(seq + 1);
                 at += HEADER + len;
             }
-            Some(_) => {
-                return Scan {
-                    frames,
-                    tail: Tail::Corrupt(at as u64),
-                };
+            None if !resync => {
+                bad_from = Some(at);
+                break;
             }
             None => {
-                // Anything valid after this point? Then it is corruption, not a torn write.
-                let later =
-                    (at + 1..buf.len()).any(|p| parse_frame(buf, p).is_some_and(|(s, _)| expect.is_none_or(|e| s > e)));
-                let tail = if later {
-                    Tail::Corrupt(at as u64)
-                } else {
-                    Tail::Torn(at as u64)
-                };
-                return Scan { frames, tail };
+                bad_from.get_or_insert(at);
+                at += 1;
             }
         }
     }
-    Scan {
-        frames,
-        tail: Tail::Clean,
+    if let Some(b) = bad_from {
+        damage.push((b as u64, buf.len() as u64));
     }
-}
-
-/// The highest sequence of any valid frame found anywhere in `buf` (resynchronising byte by
-/// byte after damage).
-fn max_seq_anywhere(buf: &[u8]) -> Option<u64> {
-    let mut at = 0;
-    let mut max = None;
-    while at < buf.len() {
-        match parse_frame(buf, at) {
-            Some((seq, len)) => {
-                max = Some(max.map_or(seq, |m: u64| m.max(seq)));
-                at += HEADER + len;
-            }
-            None => at += 1,
-        }
-    }
-    max
+    Scan { frames, damage }
 }
 
 fn io(ctx: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -192,16 +198,44 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(segs)
 }
 
-fn quarantine(path: &Path, at: u64, report: &mut OpenReport) -> Result<()> {
+/// Rewrites a damaged segment with its valid frames only, keeping the original as
+/// `*.quarantined`. Crash-safe: the original is hard-linked to its quarantine name first, then
+/// the rewritten segment replaces it atomically.
+fn repair(path: &Path, buf: &[u8], s: &Scan) -> Result<PathBuf> {
     let q = PathBuf::from(format!("{}{QUARANTINE_SUFFIX}", path.display()));
-    std::fs::rename(path, &q).map_err(io(format!("quarantining {}", path.display())))?;
-    durability::sync_dir(path.parent().unwrap_or(Path::new(".")))
-        .map_err(io(format!("quarantining {}", path.display())))?;
-    tracing::error!(segment = %path.display(), offset = at, quarantined_as = %q.display(),
-        "ingest log segment has a bad frame that is not a torn tail; quarantined, its records are not replayed");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match std::fs::hard_link(path, &q) {
+        Ok(()) => {}
+        // A repair interrupted earlier: the original is already kept.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(format!("quarantining {}", path.display()))(e)),
+    }
+    durability::sync_dir(dir).map_err(io(format!("quarantining {}", path.display())))?;
+    let mut kept = Vec::with_capacity(buf.len());
+    for (_, off, len) in &s.frames {
+        let start = *off as usize - HEADER;
+        kept.extend_from_slice(&buf[start..*off as usize + len]);
+    }
+    durability::write_atomic(path, &kept).map_err(io(format!("rewriting {}", path.display())))?;
     metrics::counter!("sluice_ingest_log_quarantined_segments_total").increment(1);
-    report.quarantined.push(q);
-    Ok(())
+    Ok(q)
+}
+
+/// Sequence ranges missing between `first` (or the previous frame) and each valid frame, and
+/// up to `next` (the next segment's first sequence, for older segments).
+fn gaps(first: u64, frames: &[(u64, u64, usize)], next: Option<u64>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut expect = first;
+    for (seq, _, _) in frames {
+        if *seq > expect {
+            out.push((expect, seq - 1));
+        }
+        expect = seq + 1;
+    }
+    if let Some(n) = next.filter(|n| *n > expect) {
+        out.push((expect, n - 1));
+    }
+    out
 }
 
 /// A new random identity (128 bits from the standard library's randomly seeded hasher).
@@ -248,31 +282,36 @@ impl IngestLog {
         let mut max_seen = None::<u64>;
         for (i, (first, path)) in segs.iter().enumerate() {
             let buf = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
-            let s = scan(&buf, Some(*first));
+            let s = scan(&buf, *first, true);
             if let Some((last, _, _)) = s.frames.last() {
                 max_seen = Some(max_seen.map_or(*last, |m: u64| m.max(*last)));
             }
             let newest = i + 1 == segs.len();
-            match s.tail {
-                Tail::Clean => {}
-                Tail::Torn(at) if newest => {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .map_err(io(format!("opening {}", path.display())))?;
-                    f.set_len(at).map_err(io(format!("truncating {}", path.display())))?;
-                    durability::sync_file(&f, path).map_err(io(format!("syncing {}", path.display())))?;
-                    report.truncated_bytes += buf.len() as u64 - at;
-                    tracing::warn!(segment = %path.display(), cut = buf.len() as u64 - at, "truncated a torn tail of the ingest log");
-                }
-                Tail::Torn(at) | Tail::Corrupt(at) => {
-                    // Sequence numbers past the bad frame are never reused.
-                    if let Some(m) = max_seq_anywhere(&buf[at as usize..]) {
-                        max_seen = Some(max_seen.map_or(m, |x: u64| x.max(m)));
-                    }
-                    quarantine(path, at, &mut report)?;
-                    continue;
-                }
+            let len = buf.len() as u64;
+            if s.damage.is_empty() {
+                // Clean.
+            } else if newest && s.only_torn_tail(len) {
+                let at = s.valid_end(len);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io(format!("opening {}", path.display())))?;
+                f.set_len(at).map_err(io(format!("truncating {}", path.display())))?;
+                durability::sync_file(&f, path).map_err(io(format!("syncing {}", path.display())))?;
+                report.truncated_bytes += len - at;
+                tracing::warn!(segment = %path.display(), cut = len - at, "truncated a torn tail of the ingest log");
+            } else {
+                let q = repair(path, &buf, &s)?;
+                // A damaged tail of the newest segment was never acknowledged when nothing valid
+                // follows it (a torn write); anything else may have been.
+                let next = segs.get(i + 1).map(|(n, _)| *n);
+                let lost = gaps(*first, &s.frames, next);
+                let count: u64 = lost.iter().map(|(a, b)| b - a + 1).sum();
+                metrics::counter!("sluice_ingest_log_lost_records_total").increment(count);
+                tracing::error!(segment = %path.display(), damaged = ?s.damage, lost_records = ?lost, original = %q.display(),
+                    "ingest log segment damaged; rewritten with its valid frames, the original kept");
+                report.lost.extend(lost);
+                report.quarantined.push(q);
             }
             live.push(*first);
             next_seq = s.frames.last().map_or(*first, |(seq, _, _)| seq + 1);
@@ -376,7 +415,7 @@ impl IngestLog {
             File::open(&path)
                 .and_then(|mut fh| fh.read_to_end(&mut buf))
                 .map_err(io(format!("reading {}", path.display())))?;
-            let s = scan(&buf, Some(*first));
+            let s = scan(&buf, *first, false);
             for (seq, off, len) in s.frames {
                 if seq >= durable {
                     return Ok(());
@@ -713,14 +752,91 @@ mod tests {
         assert_eq!(records(&log, 0).len(), 4);
         log.close();
         drop(log);
-        // Corrupt: flip a payload bit of the second frame (valid frames follow it).
+        // Corrupt: flip a payload bit of the second frame (valid frames follow it). Every
+        // other frame is kept; the lost one is reported; the original is kept aside.
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes[HEADER + 100 + HEADER + 3] ^= 0x01;
         std::fs::write(&seg, &bytes).unwrap();
         let (log, rep) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
         assert_eq!(rep.quarantined.len(), 1);
         assert!(rep.quarantined[0].display().to_string().ends_with(".quarantined"));
+        assert_eq!(
+            std::fs::read(&rep.quarantined[0]).unwrap(),
+            bytes,
+            "the original is kept"
+        );
+        assert_eq!(rep.lost, vec![(1, 1)]);
         assert_eq!(rep.next_seq, 4, "sequence numbers are never reused");
-        assert!(records(&log, 0).is_empty());
+        let seqs: Vec<u64> = records(&log, 0).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![0, 2, 3]);
+        // Appends go on after the repaired segment, and a reopen finds it clean.
+        log.append_wait(vec![9; 10]).await.unwrap();
+        log.close();
+        drop(log);
+        let (log, rep) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
+        assert!(
+            rep.quarantined.is_empty() && rep.lost.is_empty() && rep.truncated_bytes == 0,
+            "{rep:?}"
+        );
+        let seqs: Vec<u64> = records(&log, 0).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![0, 2, 3, 4]);
+    }
+
+    // Reproducer for #12 (item 7): pages written back out of order before a power cut leave
+    // a bad frame followed by valid ones at the tail of the newest segment. That was classed
+    // as corruption and the whole segment quarantined (nothing replayed); every frame whose
+    // checksum holds is now kept.
+    #[tokio::test]
+    async fn out_of_order_writeback_keeps_every_valid_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
+            for i in 0..5u8 {
+                log.append_wait(vec![i; 100]).await.unwrap();
+            }
+        }
+        let seg = list_segments(dir.path()).unwrap()[0].1.clone();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let frame = HEADER + 100;
+        // Frame 2 never reached the disk (zeros); frames 3 and 4 did.
+        bytes[2 * frame..3 * frame].fill(0);
+        std::fs::write(&seg, &bytes).unwrap();
+        let (log, rep) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!(rep.lost, vec![(2, 2)]);
+        assert_eq!(rep.next_seq, 5);
+        let got = records(&log, 0);
+        assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 1, 3, 4]);
+        assert!(got.iter().all(|(s, p)| p == &vec![*s as u8; 100]), "payloads intact");
+    }
+
+    // A bad tail in an older segment (it was synced before the next one started, so this is
+    // damage, not a torn write): its valid frames are kept, the lost ones reported up to the
+    // next segment's first sequence.
+    #[tokio::test]
+    async fn a_damaged_older_segment_keeps_its_valid_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = IngestLog::open(dir.path(), 300, true).unwrap();
+            for i in 0..9u8 {
+                log.append_wait(vec![i; 100]).await.unwrap();
+            }
+        }
+        let segs = list_segments(dir.path()).unwrap();
+        assert!(segs.len() >= 3, "{segs:?}");
+        let (first, seg) = segs[0].clone();
+        let next_first = segs[1].0;
+        let len = std::fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 30)
+            .unwrap();
+        let (log, rep) = IngestLog::open(dir.path(), 300, true).unwrap();
+        assert_eq!(rep.truncated_bytes, 0);
+        assert_eq!(rep.lost, vec![(next_first - 1, next_first - 1)]);
+        let seqs: Vec<u64> = records(&log, first).iter().map(|(s, _)| *s).collect();
+        let want: Vec<u64> = (0..9).filter(|s| *s != next_first - 1).collect();
+        assert_eq!(seqs, want);
     }
 }
