@@ -3,6 +3,9 @@
 //! reaches `<point>`. Crash points exist only in builds with the `fault-injection` feature (the
 //! test suite's); elsewhere [`point`] is empty and the variable is ignored.
 //!
+//! `SLUICE_FAIL_AT=<name>[,<name>...]` makes [`fails`] return true at those names, for faults
+//! that are errors rather than crashes (`catch_up`: the HTTP source's catch-up reader fails).
+//!
 //! Points: `after_wal_append` (durable, not yet acknowledged), `after_stage` (files staged, no
 //! log entry), `after_log_put` (entry written, files not moved), `after_move` (some files moved),
 //! `after_commit` (commit done, not yet reported to the source), `before_segment_delete`.
@@ -40,4 +43,17 @@ pub fn point(name: &str) {
         eprintln!("SLUICE_CRASH_AT={name}: aborting");
         std::process::abort();
     }
+}
+
+/// True when `SLUICE_FAIL_AT` names `name` (an injected error, in fault-injection builds).
+#[cfg(feature = "fault-injection")]
+pub fn fails(name: &str) -> bool {
+    std::env::var("SLUICE_FAIL_AT").is_ok_and(|v| v.split(',').any(|n| n == name))
+}
+
+/// True when `SLUICE_FAIL_AT` names `name` (never, outside fault-injection builds).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fails(_name: &str) -> bool {
+    false
 }

@@ -37,6 +37,10 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The plan failed for a reason outside the data (a static table missing or unreadable, a
+    /// store): retried with back-off like transient I/O, never dead-lettered.
+    #[error("the pipeline's plan cannot run (not a data error; retrying): {0}")]
+    Environment(datafusion::error::DataFusionError),
     /// DataFusion failed to plan or run a batch.
     #[error("query execution failed: {0}")]
     Execution(#[from] datafusion::error::DataFusionError),

@@ -38,7 +38,7 @@ impl Default for RetryPolicy {
 /// "already exists" and precondition failures (those are answers, not accidents).
 pub fn is_transient(e: &EngineError) -> bool {
     match e {
-        EngineError::Io { .. } => true,
+        EngineError::Io { .. } | EngineError::Environment(_) => true,
         EngineError::Store { source, .. } => !matches!(
             source,
             object_store::Error::NotFound { .. }

@@ -47,6 +47,30 @@ impl Chunk {
     }
 }
 
+/// Whether a pipeline takes input, shared by the pipeline, its source and the server's health
+/// endpoints. Set (with the reason) while the pipeline is failed or stopped, or its source
+/// cannot deliver; a source refuses intake while it is set (HTTP answers 503 with the reason),
+/// so nothing is acknowledged that would not be delivered.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Health {
+    /// Marks the pipeline as not taking input, and why.
+    pub fn fail(&self, why: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.into());
+    }
+
+    /// Marks the pipeline as taking input again.
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Why the pipeline does not take input, if it does not.
+    pub fn failed(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// What a running source gets from the engine.
 #[derive(Debug)]
 pub struct SourceContext {
@@ -68,6 +92,9 @@ pub struct SourceContext {
     /// The newest committed position of this source for this pipeline (after each commit), so
     /// the source can discard what is durable downstream (ingest-log segments, offsets).
     pub committed: watch::Receiver<Option<serde_json::Value>>,
+    /// The pipeline's health: refuse intake while it is failed; set it when this source can
+    /// no longer deliver (with the reason).
+    pub health: Health,
 }
 
 impl SourceContext {

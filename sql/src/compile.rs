@@ -474,7 +474,7 @@ impl<'a> Compiler<'a> {
         }
         let mut c = c.clone();
         let location = self.location(p, &c)?;
-        c.locations = vec![location];
+        c.locations = vec![location.clone()];
         for (k, v) in c.options.iter_mut() {
             if let Some(s) = v.clone().into_string() {
                 let sub = substitute_env(&s).map_err(|m| err_at(p, p.tokens.option_value(k), m, None))?;
@@ -502,7 +502,10 @@ impl<'a> Compiler<'a> {
         let provider = self.ctx.table_provider(name).await.map_err(|e| self.df_error(p, e))?;
         self.ctx.deregister_table(name).map_err(|e| self.df_error(p, e))?;
         self.ctx
-            .register_table(name, Arc::new(crate::StaticTable::new(provider)))
+            .register_table(
+                name,
+                Arc::new(crate::StaticTable::new(provider).with_location(name, &location)),
+            )
             .map_err(|e| self.df_error(p, e))?;
         self.program.static_tables.push(name.to_string());
         Ok(())

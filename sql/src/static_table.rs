@@ -22,12 +22,26 @@ use datafusion::physical_plan::{ExecutionPlan, collect};
 #[derive(Debug)]
 pub struct StaticTable {
     inner: Arc<dyn TableProvider>,
+    /// The table's name and its LOCATION when that is a local path, checked at each scan.
+    local: Option<(String, std::path::PathBuf)>,
 }
 
 impl StaticTable {
     /// Wraps the provider DataFusion made for the table's format.
     pub fn new(inner: Arc<dyn TableProvider>) -> Self {
-        StaticTable { inner }
+        StaticTable { inner, local: None }
+    }
+
+    /// Checks at each scan that a local LOCATION still exists. Without the check a missing
+    /// file reads as an empty table (DataFusion lists no files), and a join with it silently
+    /// drops every row; with it, the scan fails, which the engine retries as an environment
+    /// failure.
+    pub fn with_location(mut self, name: &str, location: &str) -> Self {
+        let path = location.strip_prefix("file://").unwrap_or(location);
+        if !path.contains("://") {
+            self.local = Some((name.to_string(), std::path::PathBuf::from(path)));
+        }
+        self
     }
 }
 
@@ -52,6 +66,14 @@ impl TableProvider for StaticTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some((name, path)) = &self.local
+            && !path.exists()
+        {
+            return Err(datafusion::error::DataFusionError::Execution(format!(
+                "static table {name}: its LOCATION {} does not exist",
+                path.display()
+            )));
+        }
         let plan = self.inner.scan(state, projection, filters, limit).await?;
         let schema = plan.schema();
         let batches = collect(plan, state.task_ctx()).await?;

@@ -11,5 +11,6 @@ mod http;
 mod power_loss;
 mod quickstart;
 mod slt;
+mod stalls;
 mod state_dir;
 mod writers;

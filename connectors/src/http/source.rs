@@ -40,7 +40,7 @@ use sluice_engine::budget::{Budget, WhenFull};
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::{Decoded, RecordDecoder, lines};
 use sluice_engine::ingest::wal::IngestLog;
-use sluice_engine::source::{Chunk, Source, SourceContext};
+use sluice_engine::source::{Chunk, Health, Source, SourceContext};
 
 use super::config::DEDUP_WINDOW;
 use sluice_engine::{EngineError, Result};
@@ -62,6 +62,7 @@ pub const MAX_ERRORS_IN_REPLY: usize = 10;
 #[derive(Clone)]
 struct Subscriber {
     tx: mpsc::Sender<Chunk>,
+    health: Health,
     budget: Arc<Budget>,
     delivery: Arc<std::sync::Mutex<Delivery>>,
     wake: Arc<tokio::sync::Notify>,
@@ -334,6 +335,12 @@ impl HttpSource {
                 continue;
             }
             let from = delivery.lock().unwrap_or_else(|p| p.into_inner()).next;
+            if sluice_engine::crash::fails("catch_up") {
+                return Err(EngineError::Io {
+                    context: "reading the ingest log to catch up".into(),
+                    source: std::io::Error::other("injected fault (SLUICE_FAIL_AT=catch_up)"),
+                });
+            }
             let d = delivery.clone();
             let next = reader
                 .send_from(from, move |seq| {
@@ -481,16 +488,26 @@ impl Source for HttpSource {
         }));
         let wake = Arc::new(tokio::sync::Notify::new());
         if let Some(reader) = self.reader(&ctx) {
-            let (d, w, pipeline) = (delivery.clone(), wake.clone(), ctx.pipeline.clone());
+            let (d, w, pipeline, health) = (delivery.clone(), wake.clone(), ctx.pipeline.clone(), ctx.health.clone());
             tokio::spawn(async move {
                 match HttpSource::catch_up(reader, d, w).await {
                     Ok(()) | Err(EngineError::Stopped(_)) => {}
-                    Err(e) => tracing::error!(pipeline = %pipeline, error = %e, "catch-up from the ingest log failed"),
+                    Err(e) => {
+                        // Records stay in the log (acknowledged, not delivered): stop intake
+                        // rather than acknowledge more that would not be delivered either.
+                        tracing::error!(pipeline = %pipeline, error = %e, "catch-up from the ingest log failed; intake stopped");
+                        metrics::counter!("sluice_http_catch_up_failures_total", "pipeline" => pipeline.clone())
+                            .increment(1);
+                        health.fail(format!(
+                            "catching up from the ingest log failed: {e}; restart the server to replay it"
+                        ));
+                    }
                 }
             });
         }
         let sub = Subscriber {
             tx: ctx.tx.clone(),
+            health: ctx.health.clone(),
             budget: ctx.budget.clone(),
             delivery,
             wake,
@@ -658,6 +675,21 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
             "the source is starting or shutting down",
         );
     };
+    // Nothing is acknowledged that a pipeline would not take.
+    for (pipeline, sub) in &subscribers {
+        if let Some(why) = sub.health.failed() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("pipeline {pipeline} does not take input: {why}"),
+            );
+        }
+        if sub.tx.is_closed() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("pipeline {pipeline} has stopped"),
+            );
+        }
+    }
     match seen {
         Some(Some(seq)) => {
             metrics::counter!("sluice_http_duplicates_total", "source" => source.clone()).increment(1);

@@ -17,13 +17,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::budget::Budget;
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::log::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::pipeline::exec::{BatchPlan, slice_rows};
 use crate::retry::{RetryPolicy, is_transient};
 use crate::sink::Sink;
-use crate::source::Chunk;
+use crate::source::{Chunk, Health};
 
 /// The life-cycle state of a pipeline, as shown by `GET /v1/pipelines`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -67,6 +67,8 @@ pub struct PipelineStatus {
     pub buffered_records: u64,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// Why the pipeline does not take input right now (its sources answer 503), if it does not.
+    pub intake_error: Option<String>,
 }
 
 /// Shared, updatable status of one pipeline.
@@ -110,11 +112,23 @@ pub struct PipelineTask {
     pub retry: RetryPolicy,
     /// This pipeline's writer lease on its sink, held while it runs.
     pub _lease: crate::log::lease::WriterLease,
+    /// Whether the pipeline takes input (failed or stopped: its sources refuse intake).
+    pub health: Health,
 }
 
 impl PipelineTask {
     /// Runs until the source side closes the channel, then commits what is buffered.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Chunk>) -> Result<()> {
+    pub async fn run(mut self, rx: mpsc::Receiver<Chunk>) -> Result<()> {
+        let health = self.health.clone();
+        let result = self.run_loop(rx).await;
+        health.fail(match &result {
+            Ok(()) => "the pipeline has stopped".to_string(),
+            Err(e) => format!("the pipeline has stopped: {e}"),
+        });
+        result
+    }
+
+    async fn run_loop(&mut self, mut rx: mpsc::Receiver<Chunk>) -> Result<()> {
         update(&self.status, |s| s.state = PipelineState::Running);
         let mut batcher = Batcher::new(self.policy);
         loop {
@@ -174,6 +188,9 @@ impl PipelineTask {
             match result {
                 Ok(()) => {
                     self.budget.release(bytes);
+                    if attempt > 1 {
+                        self.health.clear();
+                    }
                     update(&self.status, |s| {
                         s.state = PipelineState::Running;
                         s.buffered_records = 0;
@@ -194,6 +211,7 @@ impl PipelineTask {
                         return Err(e);
                     }
                     let state = if attempt >= self.retry.max_attempts {
+                        self.health.fail(format!("pipeline {} cannot commit: {msg}", self.name));
                         PipelineState::Failed
                     } else {
                         PipelineState::Retrying
@@ -303,8 +321,15 @@ impl PipelineTask {
         let rows: usize = input.iter().map(|b| b.num_rows()).sum();
         match self.plan.execute(input).await {
             Ok(out) => return Ok(out),
-            Err(e) if rows == 0 => return Err(e.into()),
+            Err(e) if rows == 0 => return Err(EngineError::Environment(e)),
             Err(e) => {
+                // A plan that fails without any row fails for its environment (a static table
+                // missing or half-written, the store), not for a row: retried, never
+                // dead-lettered.
+                let empty = RecordBatch::new_empty(self.plan.input_schema().clone());
+                if let Err(env) = self.plan.execute(&[empty]).await {
+                    return Err(EngineError::Environment(env));
+                }
                 tracing::warn!(pipeline = %self.name, error = %e, "batch failed in the plan; isolating bad rows")
             }
         }

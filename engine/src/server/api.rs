@@ -13,12 +13,17 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::pipeline::{PipelineState, PipelineStatus, StatusHandle};
+use crate::source::Health;
 
 /// What the management endpoints read.
 #[derive(Clone)]
 pub struct ApiState {
     /// Every pipeline's status.
     pub statuses: Arc<Vec<StatusHandle>>,
+    /// Every pipeline's health (whether it takes input), in the same order.
+    pub healths: Arc<Vec<Health>>,
+    /// Becomes true when the server shuts down (stopped pipelines are then expected).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     /// True once every pipeline has recovered and its source runs.
     pub ready: Arc<AtomicBool>,
     /// Renders metrics.
@@ -39,12 +44,20 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     if !s.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_string());
     }
+    // Not ready while any pipeline is failed or does not take input (its source stopped, its
+    // catch-up failed, it stopped outside a shutdown).
+    let stopping = *s.stopping.borrow();
     let failed: Vec<String> = s
         .statuses
         .iter()
-        .filter_map(|h| {
+        .zip(s.healths.iter())
+        .filter_map(|(h, health)| {
             let st = h.lock().unwrap_or_else(|p| p.into_inner());
-            matches!(st.state, PipelineState::Failed).then(|| st.name.clone())
+            let down = matches!(st.state, PipelineState::Failed) || (health.failed().is_some() && !stopping);
+            down.then(|| match health.failed() {
+                Some(why) => format!("{} ({why})", st.name),
+                None => st.name.clone(),
+            })
         })
         .collect();
     if failed.is_empty() {
@@ -65,7 +78,12 @@ async fn pipelines(State(s): State<ApiState>) -> Json<Vec<PipelineStatus>> {
     Json(
         s.statuses
             .iter()
-            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .zip(s.healths.iter())
+            .map(|(h, health)| {
+                let mut st = h.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                st.intake_error = health.failed();
+                st
+            })
             .collect(),
     )
 }

@@ -17,11 +17,11 @@ use crate::log::commit::{ColumnSpec, CommitLog, TableSchema};
 use crate::log::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
 use crate::pipeline::exec::BatchPlan;
-use crate::pipeline::{PipelineStatus, PipelineTask, StatusHandle, update};
+use crate::pipeline::{PipelineState, PipelineStatus, PipelineTask, StatusHandle, update};
 use crate::server::api::{self, ApiState};
 use crate::server::registry::Registry;
 use crate::server::telemetry;
-use crate::source::SourceContext;
+use crate::source::{Health, SourceContext};
 
 /// Chunks a pipeline's channel holds; memory is bounded by the byte budget, this only bounds
 /// the count of tiny chunks.
@@ -130,6 +130,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
     let shutdown = Arc::new(shutdown_tx);
     let ready = Arc::new(AtomicBool::new(false));
     let mut statuses: Vec<StatusHandle> = Vec::new();
+    let mut healths: Vec<Health> = Vec::new();
     let mut tasks = JoinSet::new();
     let mut started = Vec::new();
 
@@ -193,6 +194,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let budget = Budget::new(&def.name, buffer, server_budget.clone());
         let (committed_tx, committed_rx) = watch::channel(positions.get(&def.source).cloned());
         let (tx, rx) = mpsc::channel(CHUNK_CHANNEL_CAPACITY);
+        let health = Health::default();
+        healths.push(health.clone());
         let source = source_factory.create(source_def, &def.name)?;
         source.check_start(&def.name, positions.get(&def.source))?;
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -206,13 +209,19 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             started: Some(started_tx),
             budget: budget.clone(),
             committed: committed_rx,
+            health: health.clone(),
         };
         let source_status = status.clone();
         let source_name = def.name.clone();
+        let source_health = health.clone();
         tokio::spawn(async move {
             if let Err(e) = source.run(sctx).await {
                 tracing::error!(pipeline = %source_name, error = %e, "source stopped with an error");
-                update(&source_status, |s| s.last_error = Some(e.to_string()));
+                source_health.fail(format!("the source stopped: {e}"));
+                update(&source_status, |s| {
+                    s.state = PipelineState::Failed;
+                    s.last_error = Some(e.to_string());
+                });
             }
         });
         let task = PipelineTask {
@@ -231,6 +240,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             shutdown: shutdown_rx.clone(),
             retry: crate::retry::RetryPolicy::default(),
             _lease: lease,
+            health,
         };
         let name = def.name.clone();
         tasks.spawn(async move { (name, task.run(rx).await) });
@@ -238,6 +248,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
 
     let mut app = api::router(ApiState {
         statuses: Arc::new(statuses),
+        healths: Arc::new(healths),
+        stopping: shutdown_rx.clone(),
         ready: ready.clone(),
         metrics,
     });
