@@ -6,8 +6,9 @@
 #                             external services) — nothing beyond the toolchain today
 #   scripts/setup.sh --test   also what the test suite needs
 #
-# External services used by later tests (a Kafka-protocol broker, an S3-compatible server) are
-# installed here, cached under ~/.cache/sluice-tools, when those tests exist.
+# What the tests need beyond the toolchain is installed here, cached under ~/.cache/sluice-tools:
+# today the Parquet readers of tests/it/readers.rs (a Python virtualenv); later a Kafka-protocol
+# broker and an S3-compatible server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -20,6 +21,18 @@ need python3 "install Python 3"
 
 mkdir -p "$CARGO_TARGET_DIR"
 if [[ "${1:-}" == "--test" ]]; then
-  : # no external test services are needed yet
+  # The readers the sink's output must work with (tests/it/readers.rs): Spark, DuckDB,
+  # Polars and pyarrow from PyPI, in a virtualenv cached under ~/.cache/sluice-tools (Java,
+  # which Spark runs on, must be on the machine).
+  need java "install a Java runtime (17 or later) for Spark"
+  TOOLS="${SLUICE_TOOLS:-$HOME/.cache/sluice-tools}"
+  READERS="pyspark==4.3.0 duckdb==2.0.1 polars==2.1.0 pyarrow==26.0.1"
+  if [[ ! -f "$TOOLS/venv/.readers" ]] || [[ "$(cat "$TOOLS/venv/.readers")" != "$READERS" ]]; then
+    echo "setup: installing $READERS into $TOOLS/venv"
+    python3 -m venv "$TOOLS/venv"
+    # shellcheck disable=SC2086
+    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check $READERS
+    echo "$READERS" > "$TOOLS/venv/.readers"
+  fi
 fi
 echo "setup: ok (build directory: $CARGO_TARGET_DIR)"

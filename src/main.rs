@@ -180,6 +180,10 @@ fn state_dir_for(files: &[PathBuf], given: Option<PathBuf>) -> PathBuf {
 
 /// `sluice check`: prints the report; true when nothing is wrong.
 async fn check(sink: &str, json: bool) -> Result<bool> {
+    let local = sink.strip_prefix("file://").unwrap_or(sink);
+    if !local.contains("://") && !Path::new(local).is_dir() {
+        bail!("no table at {sink}: the directory does not exist");
+    }
     let table = sluice_engine::log::store::TableStore::open(sink)?;
     let report = sluice_engine::log::check::check_table(&table).await?;
     let mut out = std::io::stdout().lock();

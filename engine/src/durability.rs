@@ -41,24 +41,41 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates `dir` and its missing parents, syncing the parent of each directory it creates.
+/// Directories this process has made durable (created and synced into their parent, or found
+/// and synced into their parent once).
+static DURABLE_DIRS: std::sync::Mutex<Option<std::collections::HashSet<std::path::PathBuf>>> =
+    std::sync::Mutex::new(None);
+
+/// Creates `dir` and its missing parents, and makes sure each one's entry in its parent is
+/// durable: the parent of every directory created is synced, and so is the parent of a
+/// directory found already there the first time this process meets it (a process killed
+/// between creating it and syncing its parent left it in the page cache only).
 pub fn create_dir_all(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+    let key = std::path::absolute(dir)?;
+    {
+        let known = DURABLE_DIRS.lock().unwrap_or_else(|p| p.into_inner());
+        if known.as_ref().is_some_and(|k| k.contains(&key)) {
+            return Ok(());
+        }
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let parent = key.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
         create_dir_all(parent)?;
     }
-    match std::fs::create_dir(dir) {
+    match std::fs::create_dir(&key) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && key.is_dir() => {}
         Err(e) => return Err(e),
     }
-    sync_dir(
-        dir.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new(".")),
-    )
+    if let Some(parent) = parent {
+        sync_dir(parent)?;
+    }
+    DURABLE_DIRS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(Default::default)
+        .insert(key);
+    Ok(())
 }
 
 /// Writes `bytes` to `path` atomically and durably: a temporary file in the same directory is
@@ -121,7 +138,7 @@ mod journal {
             .created()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+            .map_or_else(|| "nobirth".to_string(), |d| d.as_nanos().to_string());
         format!("{}-{}-{born}", meta.dev(), meta.ino())
     }
 
@@ -198,6 +215,11 @@ mod journal {
                     dirs.insert(path, entries);
                 }
             }
+        }
+        if files.keys().any(|k| k.ends_with("nobirth")) {
+            return Err(std::io::Error::other(
+                "this filesystem gives no birth times: the power-cut model cannot tell a reused inode from the file it replaced",
+            ));
         }
         let roots: Vec<PathBuf> = roots
             .iter()

@@ -20,6 +20,10 @@ pub trait Sink: Send + Sync {
     /// The table's store.
     fn table(&self) -> &TableStore;
 
+    /// The table's columns as stored (the pipeline's output, with any type the sink stores
+    /// differently, e.g. timestamps at a coarser unit); recorded in commit entries.
+    fn stored_schema(&self) -> arrow::datatypes::SchemaRef;
+
     /// Stages the output of one epoch.
     async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>>;
 }

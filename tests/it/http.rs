@@ -136,7 +136,8 @@ async fn read_rows(sink: &Path) -> Vec<Row> {
         sink,
         &[("order_date", DataType::Utf8)],
         "SELECT order_id, customer_id, amount_usd, arrow_cast(status, 'Utf8') AS status,
-                arrow_cast(ts, 'Int64') AS ts, arrow_cast(order_date, 'Utf8') AS d
+                arrow_cast(arrow_cast(ts, 'Timestamp(Nanosecond, None)'), 'Int64') AS ts,
+                arrow_cast(order_date, 'Utf8') AS d
          FROM t ORDER BY order_id",
     )
     .await;

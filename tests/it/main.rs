@@ -10,6 +10,7 @@ mod http;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
 mod quickstart;
+mod readers;
 mod slt;
 mod stalls;
 mod state_dir;

@@ -85,7 +85,7 @@ fn power_cut_at_each_step_loses_nothing_acknowledged() {
     }
 }
 
-// SIGKILL at random moments, each followed by a power cut, under load.
+// SIGKILL at random moments, most followed by a power cut, under load.
 #[test]
 fn power_cuts_at_random_moments_lose_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -102,16 +102,22 @@ fn power_cuts_at_random_moments_lose_nothing_acknowledged() {
     let mut server = start(&sql, dir.path(), port, &journal, &[]);
     let load = Load::start(&rt, port, reqs.clone(), 3);
     let mut rng = Rng(0x90_7e12_c075);
-    let cuts = 8;
+    // Kills alone alternate (at random) with kills followed by a power cut: a server that
+    // restarts after a kill must not trust what the killed one wrote but never synced.
+    let rounds = 12;
+    let mut cuts = 0;
     let mut acked_before = HashSet::new();
-    for _ in 0..cuts {
+    for _ in 0..rounds {
         let target = (load.acked() + rng.range(3, 25) as usize).min(load.total);
-        wait_until(Duration::from_secs(120), "acknowledgements before the cut", || {
+        wait_until(Duration::from_secs(120), "acknowledgements before the kill", || {
             (load.acked() >= target).then_some(())
         });
         server.kill9();
-        acked_before = load.acked_ids(&reqs);
-        power_cut(&journal, &[&state, &sink]).unwrap();
+        if rng.range(0, 3) > 0 {
+            acked_before = load.acked_ids(&reqs);
+            power_cut(&journal, &[&state, &sink]).unwrap();
+            cuts += 1;
+        }
         server = start(&sql, dir.path(), port, &journal, &[]);
     }
     wait_until(Duration::from_secs(300), "every request acknowledged", || {
@@ -122,5 +128,8 @@ fn power_cuts_at_random_moments_lose_nothing_acknowledged() {
     let acked = load.acked_ids(&reqs);
     assert!(acked_before.is_subset(&acked));
     let (out, dead) = rt.block_on(check(&sink, &sent, &acked));
-    eprintln!("power cuts at random moments: {cuts} cuts, output {out}, dead letters {dead}");
+    assert!(cuts >= 4, "{cuts} cuts");
+    eprintln!(
+        "power cuts at random moments: {rounds} kills, {cuts} followed by a cut, output {out}, dead letters {dead}"
+    );
 }

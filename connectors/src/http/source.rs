@@ -290,7 +290,8 @@ impl HttpSource {
         };
         let ours = self.endpoints.with(&self.endpoint, |e| e.wal.id().to_string());
         match (&pos.log, ours) {
-            (Some(theirs), Some(ours)) if *theirs != ours && self.adopt_log => 0,
+            // Adopted: the position is in another log (or in one that had no identity).
+            (theirs, Some(ours)) if self.adopt_log && theirs.as_deref() != Some(ours.as_str()) => 0,
             _ => pos.seq + 1,
         }
     }
@@ -447,7 +448,19 @@ impl Source for HttpSource {
                     "start with the --state-dir that holds log {theirs}; {adopt_hint}"
                 )),
             )),
-            _ if pos.seq >= durable && !self.adopt_log => Err(EngineError::config(
+            Some(_) if pos.seq >= durable => Err(EngineError::config(
+                format!(
+                    "pipeline {pipeline}: the sink has committed records up to {} of the ingest log at {}, which only reaches {}: the log lost records it had acknowledged (with ack = 'written', a power cut can do that)",
+                    pos.seq,
+                    dir.display(),
+                    durable.saturating_sub(1)
+                ),
+                Some(format!(
+                    "move {} aside and start with --adopt-ingest-log to begin a new log",
+                    dir.display()
+                )),
+            )),
+            None if pos.seq >= durable && !self.adopt_log => Err(EngineError::config(
                 format!(
                     "pipeline {pipeline}: the sink has committed records up to {} of source {}'s ingest log, but the log at {} only reaches {}; it is not the log those records came from",
                     pos.seq,

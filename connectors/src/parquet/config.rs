@@ -29,6 +29,10 @@ pub fn option_specs() -> Vec<OptionSpec> {
             doc: "Parquet codec: zstd, zstd(N), snappy, lz4, uncompressed (default zstd, level 1)",
         },
         OptionSpec {
+            key: "timestamp_precision",
+            doc: "how timestamps are stored: 'micros' (default: every reader reads them, Spark included) or 'nanos' (exact, but Spark and older readers refuse INT64 TIMESTAMP(NANOS))",
+        },
+        OptionSpec {
             key: "dictionary_page_limit",
             doc: "bytes a column's dictionary may reach before the column is written plain (default 16384; 0 = no dictionaries)",
         },
@@ -43,6 +47,8 @@ pub struct ParquetSinkConfig {
     /// Bytes a column chunk's dictionary may reach before the column is written plain; 0
     /// turns dictionaries off.
     pub dictionary_page_limit: usize,
+    /// Whether nanosecond timestamps are stored as they are (else as microseconds).
+    pub nanosecond_timestamps: bool,
 }
 
 impl Default for ParquetSinkConfig {
@@ -50,6 +56,7 @@ impl Default for ParquetSinkConfig {
         ParquetSinkConfig {
             compression: default_compression(),
             dictionary_page_limit: DEFAULT_DICTIONARY_PAGE_LIMIT,
+            nanosecond_timestamps: false,
         }
     }
 }
@@ -71,9 +78,24 @@ impl ParquetSinkConfig {
                 message: format!("expected a number of bytes, got '{v}'"),
             })?,
         };
+        let nanosecond_timestamps = match options
+            .get("timestamp_precision")
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
+            None => false,
+            Some(v) if v == "micros" => false,
+            Some(v) if v == "nanos" => true,
+            Some(v) => {
+                return Err(OptionError {
+                    key: "timestamp_precision".into(),
+                    message: format!("expected 'micros' or 'nanos', got '{v}'"),
+                });
+            }
+        };
         Ok(ParquetSinkConfig {
             compression,
             dictionary_page_limit,
+            nanosecond_timestamps,
         })
     }
 

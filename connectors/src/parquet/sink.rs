@@ -51,7 +51,7 @@ impl ParquetSink {
             );
         }
         let data_columns: Vec<usize> = (0..schema.fields().len()).filter(|i| !pidx.contains(i)).collect();
-        let file_schema = Arc::new(schema.project(&data_columns)?);
+        let file_schema = stored_schema(&schema.project(&data_columns)?, config.nanosecond_timestamps);
         let props = config.writer_properties();
         Ok(ParquetSink {
             table,
@@ -111,6 +111,35 @@ impl ParquetSink {
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
     }
+
+    /// The type a column is stored with (timestamps may be stored at a coarser unit).
+    fn stored_type(&self, column: usize) -> arrow::datatypes::DataType {
+        let field = self.schema.field(column);
+        self.file_schema
+            .field_with_name(field.name())
+            .map_or_else(|_| field.data_type().clone(), |f| f.data_type().clone())
+    }
+}
+
+/// The schema a file stores for `schema`: nanosecond timestamps as microseconds unless
+/// `nanos` (Spark and other readers refuse INT64 TIMESTAMP(NANOS)).
+pub fn stored_schema(schema: &arrow::datatypes::Schema, nanos: bool) -> SchemaRef {
+    use arrow::datatypes::{DataType, Field, TimeUnit};
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Timestamp(TimeUnit::Nanosecond, tz) if !nanos => f
+                .as_ref()
+                .clone()
+                .with_data_type(DataType::Timestamp(TimeUnit::Microsecond, tz.clone())),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    ))
 }
 
 /// Encodes the data columns of `batches` as one Parquet file on up to `threads` threads.
@@ -124,10 +153,20 @@ fn encode(
     let data = batches
         .iter()
         .map(|b| {
-            Ok(RecordBatch::try_new(
-                file_schema.clone(),
-                b.project(data_columns)?.columns().to_vec(),
-            )?)
+            let columns = b
+                .project(data_columns)?
+                .columns()
+                .iter()
+                .zip(file_schema.fields())
+                .map(|(c, f)| {
+                    if c.data_type() == f.data_type() {
+                        Ok(c.clone())
+                    } else {
+                        arrow::compute::cast(c, f.data_type())
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(file_schema.clone(), columns)?)
         })
         .collect::<Result<Vec<_>>>()?;
     encode_file(&data, &file_schema, &props, threads)
@@ -154,6 +193,13 @@ pub fn escape_partition_value(v: &str) -> String {
 impl Sink for ParquetSink {
     fn table(&self) -> &TableStore {
         &self.table
+    }
+
+    fn stored_schema(&self) -> SchemaRef {
+        let fields: Vec<arrow::datatypes::Field> = (0..self.schema.fields().len())
+            .map(|i| self.schema.field(i).clone().with_data_type(self.stored_type(i)))
+            .collect();
+        Arc::new(arrow::datatypes::Schema::new(fields))
     }
 
     async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>> {

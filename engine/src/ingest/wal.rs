@@ -87,6 +87,8 @@ pub struct OpenReport {
 pub struct IngestLog {
     dir: PathBuf,
     id: String,
+    /// The exclusive lock on the directory, held until the log is closed.
+    lock: Mutex<Option<File>>,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
     /// Every seq below this is durable.
     durable: Arc<AtomicU64>,
@@ -133,13 +135,13 @@ fn seg_name(first: u64) -> String {
 /// resynchronising over damaged bytes does not checksum at every offset.
 const MAX_SEQ_STEP: u64 = 1 << 32;
 
-/// The frame at `at`, if its sequence is in `min..min + MAX_SEQ_STEP` and its checksum holds.
-fn parse_frame(buf: &[u8], at: usize, min: u64) -> Option<(u64, usize)> {
+/// The frame at `at`, if its sequence is in `min..min + step` and its checksum holds.
+fn parse_frame(buf: &[u8], at: usize, min: u64, step: u64) -> Option<(u64, usize)> {
     let h = buf.get(at..at + HEADER)?;
     let len = u32::from_le_bytes(h[0..4].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(h[4..8].try_into().ok()?);
     let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
-    if len > MAX_FRAME_BYTES || seq < min || seq - min >= MAX_SEQ_STEP {
+    if len > MAX_FRAME_BYTES || seq < min || seq - min >= step {
         return None;
     }
     let body = buf.get(at + 8..at + HEADER + len)?;
@@ -157,7 +159,14 @@ fn scan(buf: &[u8], first: u64, resync: bool) -> Scan {
     let mut bad_from: Option<usize> = None;
     while at < buf.len() {
         let min = frames.last().map_or(first, |(s, _, _): &(u64, u64, usize)| s + 1);
-        match parse_frame(buf, at, min) {
+        // Past damage, a frame may skip at most as many sequences as frames could have fit in
+        // the damaged bytes: bytes inside a payload (a producer's, perhaps crafted) rarely pass
+        // for the next frame.
+        let step = match bad_from {
+            Some(b) => (at - b) as u64 / HEADER as u64 + 1,
+            None => MAX_SEQ_STEP,
+        };
+        match parse_frame(buf, at, min, step) {
             Some((seq, len)) => {
                 if let Some(b) = bad_from.take() {
                     damage.push((b as u64, at as u64));
@@ -238,6 +247,29 @@ fn gaps(first: u64, frames: &[(u64, u64, usize)], next: Option<u64>) -> Vec<(u64
     out
 }
 
+/// Takes the exclusive lock of a log directory (one process writes a log; a second would
+/// truncate or repair the first one's in-flight tail).
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::config(
+            format!("the ingest log at {} is in use by another process", dir.display()),
+            Some(
+                "give each server its own --state-dir (the default is .sluice beside the first pipeline file)"
+                    .to_string(),
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(format!("locking {}", path.display()))(e)),
+    }
+}
+
 /// A new random identity (128 bits from the standard library's randomly seeded hasher).
 fn new_id() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -259,7 +291,12 @@ fn new_id() -> String {
 fn read_or_create_id(dir: &Path) -> Result<String> {
     let path = dir.join(ID_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(text) if !text.trim().is_empty() => {
+            // Written by a process that may have died before syncing it.
+            let f = File::open(&path).map_err(io(format!("opening {}", path.display())))?;
+            durability::sync_file(&f, &path).map_err(io(format!("syncing {}", path.display())))?;
+            return Ok(text.trim().to_string());
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
@@ -274,6 +311,7 @@ impl IngestLog {
     /// segments, and starts the writer thread.
     pub fn open(dir: &Path, segment_bytes: u64, fsync: bool) -> Result<(Self, OpenReport)> {
         durability::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let lock = lock_dir(dir)?;
         let mut report = OpenReport::default();
         let id = read_or_create_id(dir)?;
         let segs = list_segments(dir)?;
@@ -282,7 +320,17 @@ impl IngestLog {
         let mut max_seen = None::<u64>;
         for (i, (first, path)) in segs.iter().enumerate() {
             let buf = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
-            let s = scan(&buf, *first, true);
+            let mut s = scan(&buf, *first, true);
+            // Frames at or past the next segment's first sequence are left over from a write
+            // that failed before that segment started (its sequences were given out again).
+            if let Some((next, _)) = segs.get(i + 1)
+                && let Some(cut) = s.frames.iter().position(|(seq, _, _)| seq >= next)
+            {
+                let from = s.frames[cut].1 - HEADER as u64;
+                s.frames.truncate(cut);
+                s.damage.retain(|(a, _)| *a < from);
+                s.damage.push((from, buf.len() as u64));
+            }
             if let Some((last, _, _)) = s.frames.last() {
                 max_seen = Some(max_seen.map_or(*last, |m: u64| m.max(*last)));
             }
@@ -313,9 +361,14 @@ impl IngestLog {
                 report.lost.extend(lost);
                 report.quarantined.push(q);
             }
+            // What a killed process wrote may still be only in the page cache: everything
+            // kept (and replayed, and remembered as logged) is made durable before use.
+            let f = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+            durability::sync_file(&f, path).map_err(io(format!("syncing {}", path.display())))?;
             live.push(*first);
             next_seq = s.frames.last().map_or(*first, |(seq, _, _)| seq + 1);
         }
+        durability::sync_dir(dir).map_err(io(format!("syncing {}", dir.display())))?;
         if let Some(m) = max_seen {
             next_seq = next_seq.max(m + 1);
         }
@@ -343,6 +396,7 @@ impl IngestLog {
             IngestLog {
                 dir: dir.to_path_buf(),
                 id,
+                lock: Mutex::new(Some(lock)),
                 tx: Mutex::new(Some(tx)),
                 durable,
                 segments,
@@ -450,12 +504,14 @@ impl IngestLog {
         Ok(n)
     }
 
-    /// Stops the writer after it has handled every queued append.
+    /// Stops the writer after it has handled every queued append, and releases the
+    /// directory's lock.
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
         }
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -553,11 +609,10 @@ impl Writer {
             })?;
             segs.pop();
         }
-        let f = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .read(true)
-            .open(&path)?;
+        // Not in the list, a file of this name holds no frame: it was created by a roll whose
+        // directory sync failed. Start it again.
+        let f = OpenOptions::new().create(true).append(true).read(true).open(&path)?;
+        f.set_len(0)?;
         durability::sync_dir(&self.dir)?;
         segs.push(first);
         drop(segs);

@@ -84,7 +84,7 @@ impl DurableLocalStore {
     fn tmp_path(&self, target: &FsPath) -> PathBuf {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let mut name = target.file_name().unwrap_or_default().to_os_string();
-        name.push(format!("#{}{n}", std::process::id()));
+        name.push(format!("#{:010}{n:010}", std::process::id()));
         target.with_file_name(name)
     }
 }
@@ -94,7 +94,7 @@ fn put_durably(tmp: &FsPath, target: &FsPath, payload: &PutPayload, create: bool
     use std::io::Write;
     durability::create_dir_all(parent(target)).map_err(generic)?;
     let result = (|| {
-        let mut f = std::fs::File::create(tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(tmp)?;
         for part in payload.iter() {
             f.write_all(part)?;
         }
@@ -109,6 +109,11 @@ fn put_durably(tmp: &FsPath, target: &FsPath, payload: &PutPayload, create: bool
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(tmp);
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            // The existing object may be the work of a process killed before it synced the
+            // directory: make it durable before anyone acts on "it exists".
+            durability::sync_dir(parent(target)).map_err(generic)?;
+        }
         return Err(match e.kind() {
             std::io::ErrorKind::AlreadyExists => object_store::Error::AlreadyExists {
                 path: target.display().to_string(),
@@ -219,6 +224,12 @@ impl ObjectStore for DurableLocalStore {
         let (from, to) = (self.fs_path(from)?, self.fs_path(to)?);
         blocking(move || {
             if let Err(e) = std::fs::symlink_metadata(&from) {
+                // Perhaps moved already by a process killed before it synced the move: make
+                // whatever is there durable before the caller takes "moved" for done.
+                if to.exists() {
+                    durability::sync_dir(parent(&to)).map_err(generic)?;
+                    durability::sync_dir(parent(&from)).map_err(generic)?;
+                }
                 return Err(object_store::Error::NotFound {
                     path: from.display().to_string(),
                     source: Box::new(e),

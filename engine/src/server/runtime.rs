@@ -177,8 +177,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let policy = BatchPolicy::from_options(&source_def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let schema = TableSchema {
-            columns: plan
-                .output_schema()
+            columns: sink
+                .stored_schema()
                 .fields()
                 .iter()
                 .map(|f| ColumnSpec {
