@@ -238,3 +238,63 @@ async fn plan_failures_are_isolated_across_chunks() {
     failed.sort();
     assert_eq!(failed, bad);
 }
+
+// Reproducers for #12 (item 11): the producer contract's violations were silent. A file that
+// grew after it was read lost its tail; a file replaced under the same name was read at the
+// old offset; a late file sorting before the position was skipped without a word; a source
+// error ended the server with exit 0.
+#[test]
+fn contract_violations_are_never_silent() {
+    let (dir, incoming, sql, sink) = workspace(ndjson_pipeline);
+    let server = Server::start(&[&sql], dir.path());
+    drop_file(&incoming, "005.ndjson", &lines(0..10));
+    wait_until(Duration::from_secs(30), "the first file committed", || {
+        (committed_output(&sink) >= 10).then_some(())
+    });
+    // Appended in place after it was read to its end: the new lines are read, and reported.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(incoming.join("005.ndjson"))
+            .unwrap();
+        f.write_all(lines(10..15).as_bytes()).unwrap();
+    }
+    wait_until(Duration::from_secs(30), "the appended lines committed", || {
+        (committed_output(&sink) >= 15).then_some(())
+    });
+    // A late file (sorts before the position): not read, but reported.
+    drop_file(&incoming, "003.ndjson", &lines(100..110));
+    let rt = crate::harness::runtime();
+    let metrics_url = server.url("/metrics");
+    wait_until(Duration::from_secs(30), "the late file reported", || {
+        let m = rt.block_on(async { reqwest::get(&metrics_url).await.ok()?.text().await.ok() })?;
+        m.lines()
+            .any(|l| l.starts_with("sluice_files_skipped_total") && l.contains("reason=\"late\""))
+            .then_some(())
+    });
+    server.stop();
+    let counts = rt.block_on(id_counts(&sink));
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), (0..15).collect::<Vec<_>>());
+    assert!(counts.values().all(|n| *n == 1));
+
+    // Replaced under the same name while stopped: the next start stops with an error (exit
+    // code not 0) instead of reading the new file at the old offset.
+    std::fs::remove_file(incoming.join("003.ndjson")).unwrap();
+    drop_file(&incoming, "005.ndjson", &lines(200..230));
+    let log = dir.path().join("replaced.log");
+    let mut child = std::process::Command::new(crate::harness::bin())
+        .args(["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_until(Duration::from_secs(60), "the server to stop on its own", || {
+        child.try_wait().ok().flatten()
+    });
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("was replaced"), "{err}");
+    assert_eq!(committed_output(&sink), 15, "nothing of the replaced file was read");
+}

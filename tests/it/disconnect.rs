@@ -67,14 +67,14 @@ fn a_request_abandoned_while_waiting_for_budget_completes() {
     let dir = tempfile::tempdir().unwrap();
     let sql = http_pipeline(
         dir.path(),
-        "'when_full' 'block', 'buffer.max_bytes' '1KB', 'batch.interval' '1s'",
+        "'when_full' 'block', 'buffer.max_bytes' '1KB', 'batch.interval' '3s'",
     );
     let sink = dir.path().join("lake/out");
     let server = Server::start(&[&sql], dir.path());
     let rt = crate::harness::runtime();
     let url = server.url("/v1/sources/ev");
     let http = reqwest::Client::new();
-    // A fills the budget until its micro-batch commits (batch.interval 1s).
+    // A fills the budget until its micro-batch commits (batch.interval 3s: B waits that long).
     let (a, b) = (body(0..30), body(30..60));
     assert!(a.len() > 512 && b.len() > 512 && a.len() < 1024);
     let ra = rt.block_on(retry_until_ok(&http, &url, "a", &a));

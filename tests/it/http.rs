@@ -427,3 +427,72 @@ async fn hostile_bodies_get_json_answers_and_exact_dead_letters() {
         panic!("the non-UTF-8 record is a dead letter with its exact bytes: {dead:?}");
     }
 }
+
+// SIGTERM drains: what is buffered (the batch interval is an hour, so nothing was committed on
+// its own) is committed before the process exits 0.
+#[test]
+fn sigterm_commits_what_is_buffered_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = crate::delivery::http_pipeline(dir.path(), "'batch.interval' '1h', 'batch.max_rows' '1000000'");
+    let sink = dir.path().join("lake/out");
+    let server = Server::start(&[&sql], dir.path());
+    let rt = crate::harness::runtime();
+    let body = (0..500).map(crate::delivery::line).collect::<Vec<_>>().join("\n");
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(server.url("/v1/sources/ev"))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    assert_eq!(committed_output(&sink), 0, "nothing committed before the signal");
+    server.stop(); // fails unless the exit status is 0
+    let sent: std::collections::HashSet<i64> = (0..500).collect();
+    rt.block_on(crate::delivery::check(&sink, &sent, &sent));
+}
+
+// Reproducer for #12 (item 10): the dedup window was rebuilt from the ingest log alone, so
+// after its segment was deleted (committed) and the server restarted, a retried request was
+// appended again and its events written twice.
+#[test]
+fn a_retry_after_its_segment_was_deleted_and_a_restart_is_still_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = crate::delivery::http_pipeline(dir.path(), "'batch.interval' '20ms', 'log.segment_bytes' '2KB'");
+    let sink = dir.path().join("lake/out");
+    let rt = crate::harness::runtime();
+    let http = reqwest::Client::new();
+    let post = |server: &Server, id: &str, ids: std::ops::Range<i64>| -> Value {
+        let body = ids.map(crate::delivery::line).collect::<Vec<_>>().join("\n");
+        rt.block_on(async {
+            let r = http
+                .post(server.url("/v1/sources/ev"))
+                .header("x-request-id", id)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json().await.unwrap()
+        })
+    };
+    let server = Server::start(&[&sql], dir.path());
+    let first = post(&server, "x", 0..20);
+    assert_eq!(first["seq"], 0);
+    let log_dir = dir.path().join(".sluice/ingest/ev");
+    let mut next = 20;
+    wait_until(Duration::from_secs(60), "the segment holding request x deleted", || {
+        post(&server, &format!("more-{next}"), next..next + 20);
+        next += 20;
+        (!log_dir.join(format!("{:020}.wal", 0)).exists()).then_some(())
+    });
+    server.stop();
+    let server = Server::start(&[&sql], dir.path());
+    let again = post(&server, "x", 0..20);
+    assert_eq!(again["duplicate"], true, "{again}");
+    server.stop();
+    let sent: std::collections::HashSet<i64> = (0..next).collect();
+    rt.block_on(crate::delivery::check(&sink, &sent, &sent));
+}

@@ -128,6 +128,16 @@ fn a_missing_static_table_is_retried_not_dead_lettered() {
         let s: Value = rt.block_on(async { http.get(&pipelines).send().await.ok()?.json().await.ok() })?;
         s[0]["last_error"].as_str()?.contains("not a data error").then_some(())
     });
+    // Once the retries run out the pipeline is failed: not ready, intake closed with why.
+    wait_until(Duration::from_secs(60), "the pipeline to be failed", || {
+        let s: Value = rt.block_on(async { http.get(&pipelines).send().await.ok()?.json().await.ok() })?;
+        (s[0]["state"] == "failed").then_some(())
+    });
+    let ready = rt.block_on(async { http.get(server.url("/readyz")).send().await.unwrap().status() });
+    assert_eq!(ready, 503);
+    let (status, text) = rt.block_on(post(&http, &url, "c", body(200..210)));
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("cannot commit"), "{text}");
     // Back in place: the same rows commit, none dead-lettered.
     std::fs::write(&fx, fx_text).unwrap();
     wait_until(Duration::from_secs(60), "the retried batch committed", || {

@@ -8,6 +8,13 @@
 //! Producer contract: a file appears complete (write it elsewhere, or under a name starting with
 //! `.` or `_`, then rename it into place), and new files sort after the ones already there (e.g.
 //! a timestamp or sequence prefix). Names starting with `.` or `_` are ignored.
+//!
+//! Violations are never silent. A file replaced under a name already read (its identity,
+//! device and inode, is in the position) stops the source with an error. A file that grows
+//! after it was read to its end is reported and its new bytes are read. A file that appears
+//! sorting before the current position, or whose name is not UTF-8, is reported (it is not
+//! read). A file that disappears before it is read, or an I/O error, stops the source with an
+//! error, and the server exits non-zero.
 
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
@@ -34,6 +41,18 @@ pub struct FilePosition {
     pub offset: u64,
     /// Whether it is finished.
     pub complete: bool,
+    /// The file's identity when it was read (device and inode), so a file replaced under the
+    /// same name is detected instead of read at the old offset. Absent in positions recorded
+    /// before identities were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// The identity of the file at `path` (device and inode).
+fn identity(path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(EngineError::io(format!("reading {}", path.display())))?;
+    Ok(format!("{}:{}", m.dev(), m.ino()))
 }
 
 /// A directory source feeding one pipeline.
@@ -48,14 +67,33 @@ pub struct DirSource {
     pub decoder: RecordDecoder,
 }
 
-/// Names of the files to read after `pos`, in order.
-fn pending(dir: &Path, pos: Option<&FilePosition>) -> Result<Vec<String>> {
+/// What the source has seen of its directory, to report contract violations once each.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Names present at the previous listing (`None` before the first).
+    names: Option<std::collections::BTreeSet<String>>,
+    /// Names already reported.
+    reported: std::collections::BTreeSet<std::ffi::OsString>,
+}
+
+/// Names of the files to read after `pos`, in order. Files it will never read are reported
+/// loudly (logged as errors and counted in `sluice_files_skipped_total{reason}`): names that
+/// are not UTF-8, and files that appeared after the source had passed their place in name order.
+fn pending(dir: &Path, pos: Option<&FilePosition>, seen: &mut Seen, source: &str) -> Result<Vec<String>> {
     let mut names = Vec::new();
+    let mut listed = std::collections::BTreeSet::new();
     let rd = std::fs::read_dir(dir).map_err(EngineError::io(format!("listing {}", dir.display())))?;
     for entry in rd {
         let entry = entry.map_err(EngineError::io(format!("listing {}", dir.display())))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
+        let name = match entry.file_name().into_string() {
+            Ok(n) => n,
+            Err(raw) => {
+                if seen.reported.insert(raw.clone()) {
+                    tracing::error!(source, dir = %dir.display(), name = ?raw, "file name is not UTF-8; it will not be read (rename it)");
+                    metrics::counter!("sluice_files_skipped_total", "source" => source.to_string(), "reason" => "name_not_utf8").increment(1);
+                }
+                continue;
+            }
         };
         if name.starts_with('.') || name.starts_with('_') {
             continue;
@@ -67,10 +105,20 @@ fn pending(dir: &Path, pos: Option<&FilePosition>) -> Result<Vec<String>> {
             None => true,
             Some(p) => name.as_str() > p.file.as_str() || (name == p.file && !p.complete),
         };
+        if !after
+            && seen.names.as_ref().is_some_and(|prev| !prev.contains(&name))
+            && seen.reported.insert(name.clone().into())
+        {
+            tracing::error!(source, dir = %dir.display(), file = %name, "a file appeared whose name sorts before files already read; it will not be read (producers must name new files to sort last)");
+            metrics::counter!("sluice_files_skipped_total", "source" => source.to_string(), "reason" => "late")
+                .increment(1);
+        }
+        listed.insert(name.clone());
         if after {
             names.push(name);
         }
     }
+    seen.names = Some(listed);
     names.sort();
     Ok(names)
 }
@@ -110,7 +158,7 @@ impl DirSource {
     /// Reads `name` from `offset`, sending chunks; returns false when the pipeline is gone.
     /// Chunks are read in order, decoded [`DECODE_PARALLELISM`] at a time on blocking threads,
     /// and sent in order.
-    async fn read_file(&self, ctx: &SourceContext, name: &str, offset: u64) -> Result<bool> {
+    async fn read_file(&self, ctx: &SourceContext, name: &str, offset: u64, identity: &str) -> Result<Option<u64>> {
         let path = self.config.dir.join(name);
         let mut pending: VecDeque<tokio::task::JoinHandle<Result<Chunk>>> = VecDeque::new();
         let (mut next, mut eof) = (offset, false);
@@ -133,26 +181,27 @@ impl DirSource {
                     config: self.config.clone(),
                     source: self.source.clone(),
                     file: name.to_string(),
+                    identity: identity.to_string(),
                     start,
                     eof,
                 };
                 pending.push_back(tokio::task::spawn_blocking(move || job.run(buf)));
             }
             let Some(handle) = pending.pop_front() else {
-                return Ok(true);
+                return Ok(Some(next));
             };
             let chunk = handle
                 .await
                 .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
             let mut stop = ctx.shutdown.clone();
             if !ctx.budget.acquire(chunk.bytes as u64, &mut stop).await {
-                return Ok(false);
+                return Ok(None);
             }
             if ctx.tx.send(chunk).await.is_err() {
-                return Ok(false);
+                return Ok(None);
             }
             if *ctx.shutdown.borrow() {
-                return Ok(false);
+                return Ok(None);
             }
         }
     }
@@ -165,6 +214,7 @@ struct DecodeJob {
     config: DirSourceConfig,
     source: String,
     file: String,
+    identity: String,
     start: u64,
     eof: bool,
 }
@@ -199,6 +249,7 @@ impl DecodeJob {
             file: self.file.clone(),
             offset: self.start + buf.len() as u64,
             complete: self.eof,
+            identity: Some(self.identity.clone()),
         };
         Ok(Chunk {
             batch: decoded.batch,
@@ -223,11 +274,28 @@ impl Source for DirSource {
         };
         ctx.mark_started();
         let mut idle_sent = false;
+        let mut seen = Seen::default();
         loop {
             if *ctx.shutdown.borrow() {
                 return Ok(());
             }
-            let names = pending(&dir, pos.as_ref())?;
+            // The last file read, if complete, must not have grown or been replaced since.
+            if let Some(p) = pos.as_mut().filter(|p| p.complete) {
+                let path = dir.join(&p.file);
+                if let Ok(meta) = std::fs::metadata(&path) {
+                    let now = identity(&path)?;
+                    if p.identity.as_ref().is_some_and(|id| *id != now) {
+                        return Err(replaced(&dir, p));
+                    }
+                    if meta.len() > p.offset {
+                        tracing::error!(source = %self.source, file = %p.file, read = p.offset, now = meta.len(),
+                            "a file grew after it was read to its end; reading the rest (producers must write files whole, then rename them into place)");
+                        metrics::counter!("sluice_files_appended_total", "source" => self.source.clone()).increment(1);
+                        p.complete = false;
+                    }
+                }
+            }
+            let names = pending(&dir, pos.as_ref(), &mut seen, &self.source)?;
             if names.is_empty() {
                 // Drained: let the pipeline commit now rather than at its batch interval.
                 if !idle_sent {
@@ -244,18 +312,36 @@ impl Source for DirSource {
             }
             idle_sent = false;
             for name in names {
+                let path = dir.join(&name);
+                let id = match identity(&path) {
+                    Ok(id) => id,
+                    // Listed, then gone before it was read: a producer broke the contract.
+                    Err(e) => {
+                        return Err(EngineError::BadInput(format!(
+                            "file {} disappeared before it was read ({e}); files must stay until read",
+                            path.display()
+                        )));
+                    }
+                };
                 let offset = match &pos {
-                    Some(p) if p.file == name => p.offset,
+                    Some(p) if p.file == name => {
+                        if p.identity.as_ref().is_some_and(|recorded| *recorded != id) {
+                            return Err(replaced(&dir, p));
+                        }
+                        p.offset
+                    }
                     _ => 0,
                 };
-                if !self.read_file(&ctx, &name, offset).await? {
+                // The offset actually read, not the size now: bytes appended after the last
+                // read are read on the next pass.
+                let Some(read_to) = self.read_file(&ctx, &name, offset, &id).await? else {
                     return Ok(());
-                }
-                let len = std::fs::metadata(dir.join(&name)).map(|m| m.len()).unwrap_or(offset);
+                };
                 pos = Some(FilePosition {
                     file: name,
-                    offset: len,
+                    offset: read_to,
                     complete: true,
+                    identity: Some(id),
                 });
                 if *ctx.shutdown.borrow() {
                     return Ok(());
@@ -263,6 +349,18 @@ impl Source for DirSource {
             }
         }
     }
+}
+
+/// The error for a file replaced under a name already (partly) read.
+fn replaced(dir: &Path, p: &FilePosition) -> EngineError {
+    EngineError::config(
+        format!(
+            "file {} was replaced after it was read up to byte {} (another file now has its name); the source stops rather than read the new file at the old offset",
+            dir.join(&p.file).display(),
+            p.offset
+        ),
+        Some("producers must never reuse a file name; give the new file a new name that sorts last".to_string()),
+    )
 }
 
 /// The decoder format of a directory format.

@@ -4,8 +4,6 @@ use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice};
 
 /// Default `log.segment_bytes`: ingest log segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
-/// Request ids remembered for de-duplicating retried requests.
-pub const DEDUP_WINDOW: usize = 1_000_000;
 
 /// The path prefix every HTTP source's LOCATION starts with.
 pub const PATH_PREFIX: &str = "/v1/sources/";

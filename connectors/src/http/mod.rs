@@ -1,6 +1,7 @@
 //! `STORED AS HTTP` sources: producers `POST /v1/sources/{name}` with NDJSON or a JSON array.
 
 pub mod config;
+pub mod dedup;
 pub mod source;
 
 use std::path::PathBuf;

@@ -7,9 +7,9 @@
 //! the highest sequence it covers, and on restart the log is replayed after it. Segments every
 //! pipeline has committed are deleted.
 //!
-//! Retries are idempotent by `X-Request-Id`: the ids of the last [`DEDUP_WINDOW`] logged
-//! requests are remembered (rebuilt from the log on start), and a request whose id is already
-//! logged is answered 200 without being appended again. A producer that retries every request
+//! Retries are idempotent by `X-Request-Id`: the ids of logged requests are remembered
+//! ([`super::dedup`]: bounded, persisted before log segments are deleted, rebuilt on start), and
+//! a request whose id is already logged is answered 200 without being appended again. A producer that retries every request
 //! with the same id until it gets a 2xx gets exactly-once delivery.
 //!
 //! | answer | when |
@@ -24,7 +24,7 @@
 //! | 503 `{error}` + `Retry-After` | starting, shutting down, or the ingest log cannot write |
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -42,7 +42,7 @@ use sluice_engine::decode::{Decoded, RecordDecoder, lines};
 use sluice_engine::ingest::wal::IngestLog;
 use sluice_engine::source::{Chunk, Health, Source, SourceContext};
 
-use super::config::DEDUP_WINDOW;
+use super::dedup::DedupWindow;
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 
@@ -92,9 +92,8 @@ pub struct Endpoint {
     pub expected: usize,
     subscribers: BTreeMap<String, Subscriber>,
     committed: BTreeMap<String, u64>,
-    /// Request ids in the log (`Some(seq)`) or being written (`None`), oldest first in `order`.
-    seen: HashMap<String, Option<u64>>,
-    order: VecDeque<String>,
+    /// Request ids in the log (`Some(seq)`) or being written (`None`).
+    seen: DedupWindow,
 }
 
 impl Endpoint {
@@ -108,34 +107,27 @@ impl Endpoint {
             expected: 0,
             subscribers: BTreeMap::new(),
             committed: BTreeMap::new(),
-            seen: HashMap::new(),
-            order: VecDeque::new(),
+            seen: DedupWindow::default(),
         };
         let wal = e.wal.clone();
+        // Ids of requests whose segments were deleted, then those still in the log.
+        e.seen.load(wal.dir())?;
         wal.read_from(0, |seq, payload| {
             let split = payload.iter().position(|b| *b == b'\n').unwrap_or(payload.len());
-            e.remember(String::from_utf8_lossy(&payload[..split]).into_owned(), Some(seq));
+            e.remember(&String::from_utf8_lossy(&payload[..split]), Some(seq));
             Ok(())
         })?;
         Ok(e)
     }
 
-    fn remember(&mut self, id: String, seq: Option<u64>) {
-        if self.seen.insert(id.clone(), seq).is_none() {
-            self.order.push_back(id);
-            while self.order.len() > DEDUP_WINDOW {
-                if let Some(old) = self.order.pop_front() {
-                    self.seen.remove(&old);
-                }
-            }
-        }
+    fn remember(&mut self, id: &str, seq: Option<u64>) {
+        self.seen.remember(id, seq);
+        metrics::gauge!("sluice_http_dedup_window_bytes", "source" => self.source.clone())
+            .set(self.seen.bytes() as f64);
     }
 
     fn forget(&mut self, id: &str) {
-        self.seen.remove(id);
-        if let Some(i) = self.order.iter().rposition(|x| x == id) {
-            self.order.remove(i);
-        }
+        self.seen.forget(id);
     }
 }
 
@@ -556,19 +548,27 @@ impl HttpSource {
     /// Records that `pipeline` committed through `seq` and deletes the log segments every
     /// pipeline has committed.
     async fn discard_committed(&self, pipeline: &str, seq: u64) {
-        let Some((wal, min)) = self.endpoints.with(&self.endpoint, |e| {
+        let Some((wal, min, snapshot)) = self.endpoints.with(&self.endpoint, |e| {
             e.committed.insert(pipeline.to_string(), seq);
             let min = if e.committed.len() == e.expected {
                 e.committed.values().min().copied()
             } else {
                 None
             };
-            (e.wal.clone(), min)
+            // The ids in the segments about to go are kept in the snapshot first.
+            let snapshot = min.filter(|m| e.wal.deletable_before(m + 1)).map(|_| e.seen.snapshot());
+            (e.wal.clone(), min, snapshot)
         }) else {
             return;
         };
-        if let Some(min) = min {
-            let res = tokio::task::spawn_blocking(move || wal.delete_before(min + 1)).await;
+        if let (Some(min), Some(snapshot)) = (min, snapshot) {
+            let res = tokio::task::spawn_blocking(move || {
+                let path = wal.dir().join(super::dedup::SNAPSHOT_FILE);
+                sluice_engine::durability::write_atomic(&path, &snapshot)
+                    .map_err(EngineError::io(format!("writing {}", path.display())))?;
+                wal.delete_before(min + 1)
+            })
+            .await;
             match res {
                 Ok(Ok(n)) if n > 0 => tracing::debug!(segments = n, "deleted committed ingest log segments"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not delete committed ingest log segments"),
@@ -649,11 +649,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
     });
     let found = endpoints.with(&name, |e| {
         let open = e.subscribers.len() == e.expected;
-        let seen = if idempotent {
-            e.seen.get(&request_id).copied()
-        } else {
-            None
-        };
+        let seen = if idempotent { e.seen.get(&request_id) } else { None };
         (
             e.decoder.clone(),
             e.source.clone(),
@@ -729,7 +725,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
         Some(_) => false,
         None => {
             if idempotent {
-                e.remember(request_id.clone(), None);
+                e.remember(&request_id, None);
             }
             true
         }
@@ -745,7 +741,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
             return;
         }
         endpoints.with(&name, |e| match seq {
-            Some(s) => e.remember(request_id.clone(), Some(s)),
+            Some(s) => e.remember(&request_id, Some(s)),
             None => e.forget(&request_id),
         });
     };

@@ -482,6 +482,12 @@ impl IngestLog {
         Ok(())
     }
 
+    /// True when [`IngestLog::delete_before`]`(seq)` would delete a segment.
+    pub fn deletable_before(&self, seq: u64) -> bool {
+        let segs = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        segs.len() > 1 && segs[1] <= seq
+    }
+
     /// Deletes segments all of whose records are below `seq` (the newest segment is kept).
     /// Returns how many were deleted.
     pub fn delete_before(&self, seq: u64) -> Result<usize> {

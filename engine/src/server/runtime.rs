@@ -214,8 +214,9 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let source_status = status.clone();
         let source_name = def.name.clone();
         let source_health = health.clone();
-        tokio::spawn(async move {
-            if let Err(e) = source.run(sctx).await {
+        let source_task = tokio::spawn(async move {
+            let result = source.run(sctx).await;
+            if let Err(e) = &result {
                 tracing::error!(pipeline = %source_name, error = %e, "source stopped with an error");
                 source_health.fail(format!("the source stopped: {e}"));
                 update(&source_status, |s| {
@@ -223,6 +224,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
                     s.last_error = Some(e.to_string());
                 });
             }
+            result
         });
         let task = PipelineTask {
             name: def.name.clone(),
@@ -243,7 +245,18 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             health,
         };
         let name = def.name.clone();
-        tasks.spawn(async move { (name, task.run(rx).await) });
+        // A pipeline whose source failed ends with the source's error (the pipeline itself
+        // commits what it had first), so the server never exits 0 after a source error.
+        tasks.spawn(async move {
+            let result = match task.run(rx).await {
+                Ok(()) => match source_task.await {
+                    Ok(r) => r,
+                    Err(e) => Err(EngineError::Internal(format!("source task panicked: {e}"))),
+                },
+                Err(e) => Err(e),
+            };
+            (name, result)
+        });
     }
 
     let mut app = api::router(ApiState {
