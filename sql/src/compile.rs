@@ -392,6 +392,33 @@ impl<'a> Compiler<'a> {
         let options = self.options(p, c)?;
         let location = self.location(p, c)?;
         let connector = self.check_connector(p, c, Role::Source, &options, &location)?;
+        // Two source tables on one LOCATION would split (or silently lose) one input: the
+        // second HTTP endpoint of a path is never served. Pipelines share a source by reading
+        // the same table.
+        if let Some(other) = self
+            .program
+            .sources
+            .values()
+            .find(|s| s.connector == connector && s.location == location)
+        {
+            let at = other
+                .defined_at
+                .as_ref()
+                .map(|l| format!(" (defined at {}:{})", l.file, l.line))
+                .unwrap_or_default();
+            return Err(err_at(
+                p,
+                p.tokens.after_keyword(Keyword::LOCATION),
+                format!(
+                    "source \"{}\"{at} already reads {connector} LOCATION '{location}'",
+                    other.name
+                ),
+                Some(format!(
+                    "read \"{}\" from every pipeline that needs it instead of declaring a second source",
+                    other.name
+                )),
+            ));
+        }
         if c.columns.is_empty() {
             return Err(err_at(
                 p,

@@ -46,7 +46,10 @@ impl SourceFactory for DirSourceFactory {
     fn create(&self, def: &SourceDef, _pipeline: &str) -> Result<Box<dyn Source>> {
         let config = DirSourceConfig::new(&def.options, &def.location)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        let decoder = RecordDecoder::new(decoder_format(self.format, &config), def.schema.clone());
+        let unit = sluice_engine::decode::timestamp::epoch_unit_from_options(&def.options)
+            .map_err(|e| EngineError::config(e.message, None::<String>))?;
+        let decoder =
+            RecordDecoder::new(decoder_format(self.format, &config), def.schema.clone()).with_epoch_unit(unit);
         Ok(Box::new(DirSource {
             source: def.name.clone(),
             config,

@@ -67,7 +67,10 @@ impl SourceFactory for HttpSourceFactory {
             if report.truncated_bytes > 0 || !report.quarantined.is_empty() {
                 tracing::warn!(source = %def.name, truncated = report.truncated_bytes, repaired = report.quarantined.len(), lost = ?report.lost, "ingest log repaired on open");
             }
-            Endpoint::new(def.name.clone(), RecordDecoder::new(Format::Json, def.schema.clone()), config.max_body_bytes, Arc::new(wal))
+            let unit = sluice_engine::decode::timestamp::epoch_unit_from_options(&def.options)
+                .map_err(|e| EngineError::config(e.message, None::<String>))?;
+            let decoder = RecordDecoder::new(Format::Json, def.schema.clone()).with_epoch_unit(unit);
+            Endpoint::new(def.name.clone(), decoder, config.max_body_bytes, Arc::new(wal))
         })?;
         Ok(Box::new(HttpSource {
             endpoints: self.endpoints.clone(),

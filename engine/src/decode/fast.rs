@@ -37,7 +37,7 @@ use arrow::record_batch::RecordBatch;
 use sonic_rs::{JsonValueTrait, LazyValue};
 
 use crate::decode::flat_scan::{Members, NotFlat, Token, scan_members};
-use crate::decode::timestamp::{nanos_per, parse_timestamp_nanos};
+use crate::decode::timestamp::{nanos_per, parse_timestamp_nanos_in};
 
 /// What the fast path made of a set of records.
 #[derive(Debug)]
@@ -73,7 +73,8 @@ enum Kind {
     F32,
     F64,
     Text,
-    Ts(TimeUnit),
+    /// Declared unit, and nanoseconds per unit of numeric input.
+    Ts(TimeUnit, i64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +108,7 @@ struct Defer;
 impl FastJson {
     /// A fast decoder for `schema`, or `None` when a column type is one it does not handle
     /// (the caller then uses arrow-json for everything).
-    pub fn new(schema: &SchemaRef) -> Option<FastJson> {
+    pub fn new(schema: &SchemaRef, epoch_nanos: i64) -> Option<FastJson> {
         let columns = schema
             .fields()
             .iter()
@@ -125,7 +126,7 @@ impl FastJson {
                     DataType::Float32 => Kind::F32,
                     DataType::Float64 => Kind::F64,
                     DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Kind::Text,
-                    DataType::Timestamp(unit, _) => Kind::Ts(*unit),
+                    DataType::Timestamp(unit, _) => Kind::Ts(*unit, epoch_nanos),
                     _ => return None,
                 };
                 let name = f.name().as_str();
@@ -335,9 +336,11 @@ fn convert(kind: Kind, t: Token<'_>) -> Result<Cell<'_>, Defer> {
         (Kind::F32, Token::Num(n)) => Cell::F32(lexical_core::parse::<f32>(n.as_bytes()).map_err(|_| Defer)?),
         (Kind::Text, Token::Str(s) | Token::Num(s)) => Cell::Text(s),
         (Kind::Text, Token::Bool(b)) => Cell::Text(if b { "true" } else { "false" }),
-        (Kind::Ts(unit), Token::Str(s) | Token::Num(s)) => {
-            Cell::Ts(parse_timestamp_nanos(s).ok_or(Defer)?.div_euclid(nanos_per(unit)))
-        }
+        (Kind::Ts(unit, epoch), Token::Str(s) | Token::Num(s)) => Cell::Ts(
+            parse_timestamp_nanos_in(s, epoch)
+                .ok_or(Defer)?
+                .div_euclid(nanos_per(unit)),
+        ),
         _ => return Err(Defer),
     })
 }
@@ -502,7 +505,7 @@ mod tests {
                 .map(|n| Field::new(*n, DataType::Int64, true))
                 .collect::<Vec<_>>(),
         ));
-        let fast = FastJson::new(&schema).unwrap();
+        let fast = FastJson::new(&schema, 1_000_000).unwrap();
         let mut lines = Vec::new();
         for order in [names.to_vec(), names.iter().rev().copied().collect()] {
             let members: Vec<String> = order

@@ -79,6 +79,8 @@ pub struct RecordDecoder {
     raw_schema: SchemaRef,
     /// The schema-specialised JSON path, when the format is JSON and the schema allows it.
     fast: Option<FastJson>,
+    /// Nanoseconds per unit of a numeric timestamp (`timestamp.unit`; milliseconds by default).
+    epoch_nanos: i64,
 }
 
 impl RecordDecoder {
@@ -93,8 +95,9 @@ impl RecordDecoder {
             })
             .collect();
         let raw_schema = Arc::new(Schema::new(raw_fields));
+        let epoch_nanos = nanos_per(timestamp::DEFAULT_EPOCH_UNIT);
         let fast = match format {
-            Format::Json => FastJson::new(&schema),
+            Format::Json => FastJson::new(&schema, epoch_nanos),
             Format::Csv { .. } => None,
         };
         RecordDecoder {
@@ -102,7 +105,17 @@ impl RecordDecoder {
             schema,
             raw_schema,
             fast,
+            epoch_nanos,
         }
+    }
+
+    /// Reads numeric timestamps (integers since the epoch) in `unit` instead of milliseconds.
+    pub fn with_epoch_unit(mut self, unit: TimeUnit) -> Self {
+        self.epoch_nanos = nanos_per(unit);
+        if self.fast.is_some() {
+            self.fast = FastJson::new(&self.schema, self.epoch_nanos);
+        }
+        self
     }
 
     /// The same decoder with arrow-json doing all the work (the reference the fast path is
@@ -311,7 +324,14 @@ impl RecordDecoder {
                         .as_any()
                         .downcast_ref::<StringArray>()
                         .ok_or_else(|| EngineError::Internal("timestamp column not decoded as text".into()))?;
-                    columns.push(parse_timestamps(text, *unit, tz.clone(), field.name(), &mut bad));
+                    columns.push(parse_timestamps(
+                        text,
+                        *unit,
+                        tz.clone(),
+                        field.name(),
+                        self.epoch_nanos,
+                        &mut bad,
+                    ));
                 }
                 _ => columns.push(col.clone()),
             }
@@ -413,12 +433,13 @@ fn parse_timestamps(
     unit: TimeUnit,
     tz: Option<Arc<str>>,
     column: &str,
+    epoch_nanos: i64,
     bad: &mut Vec<(usize, String)>,
 ) -> ArrayRef {
     let nanos_per_unit = nanos_per(unit);
     let values = text.iter().enumerate().map(|(i, v)| {
         let v = v?;
-        match parse_timestamp_nanos(v) {
+        match timestamp::parse_timestamp_nanos_in(v, epoch_nanos) {
             Some(ns) => Some(ns.div_euclid(nanos_per_unit)),
             None => {
                 bad.push((i, format!("column \"{column}\": cannot parse '{v}' as a timestamp (expected RFC 3339 or epoch milliseconds)")));
@@ -542,6 +563,43 @@ mod tests {
             })
             .unwrap();
         handle.join().expect("no stack overflow");
+    }
+
+    // Reproducer for #12 (item 12): a numeric timestamp was always read as epoch milliseconds.
+    #[test]
+    fn numeric_timestamps_take_the_source_unit() {
+        let buf = b"{\"id\": 1, \"ts\": 1700000000}\n{\"id\": 2, \"ts\": \"1700000001\"}\n{\"id\": 3, \"ts\": \"2023-11-14T22:13:20Z\"}\n";
+        let recs = lines(buf);
+        for (unit, per) in [
+            (None, 1_000_000i64),
+            (Some(TimeUnit::Second), 1_000_000_000),
+            (Some(TimeUnit::Microsecond), 1_000),
+        ] {
+            for fast in [true, false] {
+                let mut d = RecordDecoder::new(Format::Json, schema());
+                if let Some(u) = unit {
+                    d = d.with_epoch_unit(u);
+                }
+                if !fast {
+                    d = d.arrow_only();
+                }
+                let out = d.decode(buf, &recs, true).unwrap();
+                assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+                let ts = out
+                    .batch
+                    .column(2)
+                    .as_any()
+                    .downcast_ref::<TimestampNanosecondArray>()
+                    .unwrap();
+                assert_eq!(ts.value(0), 1_700_000_000 * per, "{unit:?} fast={fast}");
+                assert_eq!(ts.value(1), 1_700_000_001 * per, "{unit:?} fast={fast}");
+                assert_eq!(
+                    ts.value(2),
+                    1_700_000_000 * 1_000_000_000,
+                    "text is RFC 3339 whatever the unit"
+                );
+            }
+        }
     }
 
     fn lines_of(buf: &[u8]) -> Vec<Range<usize>> {

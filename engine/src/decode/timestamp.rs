@@ -88,13 +88,49 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 
 /// Nanoseconds since the epoch for RFC 3339 text or an integer count of epoch milliseconds.
 pub fn parse_timestamp_nanos(v: &str) -> Option<i64> {
+    parse_timestamp_nanos_in(v, DEFAULT_EPOCH_NANOS)
+}
+
+/// The unit of numeric timestamps unless a source says otherwise (`timestamp.unit`).
+pub const DEFAULT_EPOCH_UNIT: arrow::datatypes::TimeUnit = arrow::datatypes::TimeUnit::Millisecond;
+const DEFAULT_EPOCH_NANOS: i64 = 1_000_000;
+
+/// The OPTIONS key every source accepts for numeric timestamps.
+pub fn option_specs() -> Vec<sluice_sql::OptionSpec> {
+    vec![sluice_sql::OptionSpec {
+        key: "timestamp.unit",
+        doc: "the unit of numeric timestamps (integers since the epoch): 's', 'ms' (default), 'us' or 'ns'; text is RFC 3339 whatever the unit",
+    }]
+}
+
+/// Reads `timestamp.unit`.
+pub fn epoch_unit_from_options(
+    options: &sluice_sql::Options,
+) -> Result<arrow::datatypes::TimeUnit, sluice_sql::OptionError> {
+    use arrow::datatypes::TimeUnit;
+    sluice_sql::option_choice(
+        options,
+        "timestamp.unit",
+        DEFAULT_EPOCH_UNIT,
+        &[
+            ("s", TimeUnit::Second),
+            ("ms", TimeUnit::Millisecond),
+            ("us", TimeUnit::Microsecond),
+            ("ns", TimeUnit::Nanosecond),
+        ],
+    )
+}
+
+/// Nanoseconds since the epoch for RFC 3339 text or an integer count of epoch units of
+/// `epoch_nanos` nanoseconds each.
+pub fn parse_timestamp_nanos_in(v: &str, epoch_nanos: i64) -> Option<i64> {
     let t = v.trim();
     if let Some(nanos) = rfc3339_nanos(t.as_bytes()) {
         return Some(nanos);
     }
     let digits = t.strip_prefix('-').unwrap_or(t);
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        return t.parse::<i64>().ok()?.checked_mul(1_000_000);
+        return t.parse::<i64>().ok()?.checked_mul(epoch_nanos);
     }
     arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(t).ok()
 }

@@ -85,10 +85,12 @@ impl Registry {
             spec.role = Role::Source;
             spec.options.extend(BatchPolicy::option_specs());
             spec.options.extend(BufferPolicy::option_specs());
+            spec.options.extend(crate::decode::timestamp::option_specs());
             let inner = spec.check.take();
             spec.check = Some(Arc::new(move |opts, location| {
                 BatchPolicy::from_options(opts)?;
                 BufferPolicy::from_options(opts)?;
+                crate::decode::timestamp::epoch_unit_from_options(opts)?;
                 match &inner {
                     Some(check) => check(opts, location),
                     None => Ok(()),
