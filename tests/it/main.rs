@@ -5,6 +5,7 @@ mod delivery;
 mod dir_source;
 mod disconnect;
 mod faults;
+mod fuzz;
 mod harness;
 mod http;
 #[cfg(feature = "fault-injection")]
