@@ -407,7 +407,9 @@ async fn hostile_bodies_get_json_answers_and_exact_dead_letters() {
     let answer: Value = r.json().await.expect("a JSON error body");
     assert!(answer["error"].is_string(), "{answer}");
 
-    assert_eq!(http.get(server.url("/healthz")).send().await.unwrap().status(), 200);
+    // (A fresh connection: the server closes the one whose body it refused unread.)
+    let fresh = reqwest::Client::new();
+    assert_eq!(fresh.get(server.url("/healthz")).send().await.unwrap().status(), 200);
     wait_until(Duration::from_secs(30), "the good record committed", || {
         (committed_output(&sink) >= 1).then_some(())
     });

@@ -1,7 +1,11 @@
 //! `STORED AS HTTP` sources: producers `POST /v1/sources/{name}` with NDJSON or a JSON array.
 
+mod body;
 pub mod config;
 pub mod dedup;
+pub mod delivery;
+pub mod endpoint;
+pub mod handler;
 pub mod source;
 
 use std::path::PathBuf;
@@ -18,7 +22,8 @@ use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 
 use config::HttpSourceConfig;
-use source::{Endpoint, Endpoints, HttpSource};
+use endpoint::{Endpoint, Endpoints};
+use source::HttpSource;
 
 /// Makes HTTP sources and serves their endpoint. Each source's ingest log lives under
 /// `<state_dir>/ingest/<source>/`.
@@ -86,7 +91,7 @@ impl SourceFactory for HttpSourceFactory {
             usize::try_from(self.endpoints.max_body_bytes().max(config::DEFAULT_MAX_BODY_BYTES)).unwrap_or(usize::MAX);
         Some(
             Router::new()
-                .route("/v1/sources/{name}", post(source::ingest))
+                .route("/v1/sources/{name}", post(handler::ingest))
                 .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
                 .with_state(self.endpoints.clone()),
         )
