@@ -10,6 +10,22 @@ use crate::budget::Budget;
 use crate::dead_letter::DeadLetter;
 use crate::error::Result;
 
+/// What a source sends its pipeline.
+#[derive(Debug)]
+pub enum Message {
+    /// Records.
+    Chunk(Chunk),
+    /// The source has nothing more to read right now: the pipeline closes its open micro-batch
+    /// instead of waiting for `batch.interval`.
+    Idle,
+}
+
+impl From<Chunk> for Message {
+    fn from(c: Chunk) -> Self {
+        Message::Chunk(c)
+    }
+}
+
 /// A group of decoded records from one source, with the source position after them.
 #[derive(Debug)]
 pub struct Chunk {
@@ -25,22 +41,6 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// An idle marker: the source has nothing more to read right now, so the pipeline closes its
-    /// open micro-batch instead of waiting for `batch.interval`.
-    pub fn idle(schema: arrow::datatypes::SchemaRef) -> Self {
-        Chunk {
-            batch: RecordBatch::new_empty(schema),
-            dead_letters: vec![],
-            position: None,
-            bytes: 0,
-        }
-    }
-
-    /// True for an idle marker (no records, no position, no bytes).
-    pub fn is_idle(&self) -> bool {
-        self.batch.num_rows() == 0 && self.dead_letters.is_empty() && self.position.is_none() && self.bytes == 0
-    }
-
     /// Records received: decoded plus dead-lettered.
     pub fn received(&self) -> usize {
         self.batch.num_rows() + self.dead_letters.len()
@@ -81,7 +81,7 @@ pub struct SourceContext {
     /// The position recorded by the last commit, if any: resume after it.
     pub start: Option<serde_json::Value>,
     /// Where chunks go. Bounded: a full channel is back-pressure.
-    pub tx: mpsc::Sender<Chunk>,
+    pub tx: mpsc::Sender<Message>,
     /// Becomes `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// Fired by [`SourceContext::mark_started`].

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::{Format, RecordDecoder, csv_records, lines};
-use sluice_engine::source::{Chunk, Source, SourceContext};
+use sluice_engine::source::{Chunk, Message, Source, SourceContext};
 use sluice_engine::{EngineError, Result};
 
 use super::config::{DirFormat, DirSourceConfig, READ_CHUNK_BYTES};
@@ -197,7 +197,7 @@ impl DirSource {
             if !ctx.budget.acquire(chunk.bytes as u64, &mut stop).await {
                 return Ok(None);
             }
-            if ctx.tx.send(chunk).await.is_err() {
+            if ctx.tx.send(chunk.into()).await.is_err() {
                 return Ok(None);
             }
             if *ctx.shutdown.borrow() {
@@ -300,7 +300,7 @@ impl Source for DirSource {
                 // Drained: let the pipeline commit now rather than at its batch interval.
                 if !idle_sent {
                     idle_sent = true;
-                    if ctx.tx.send(Chunk::idle(self.decoder.schema().clone())).await.is_err() {
+                    if ctx.tx.send(Message::Idle).await.is_err() {
                         return Ok(());
                     }
                 }

@@ -8,7 +8,7 @@ use sluice_engine::budget::Budget;
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::RecordDecoder;
 use sluice_engine::ingest::wal::IngestLog;
-use sluice_engine::source::Chunk;
+use sluice_engine::source::{Chunk, Message};
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 
@@ -55,7 +55,7 @@ pub(super) struct LogReader {
     pub(super) wal: Arc<IngestLog>,
     pub(super) decoder: RecordDecoder,
     pub(super) source: String,
-    pub(super) tx: mpsc::Sender<Chunk>,
+    pub(super) tx: mpsc::Sender<Message>,
     pub(super) budget: Arc<Budget>,
     pub(super) stop: watch::Receiver<bool>,
 }
@@ -97,7 +97,7 @@ impl LogReader {
                     position: Some(LogPosition::new(seq, wal.id()).to_value()),
                     bytes,
                 };
-                tx.blocking_send(chunk)
+                tx.blocking_send(chunk.into())
                     .map_err(|_| EngineError::Stopped(source.clone()))?;
                 next = seq + 1;
                 sent(seq);

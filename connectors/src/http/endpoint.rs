@@ -10,7 +10,7 @@ use sluice_engine::Result;
 use sluice_engine::budget::Budget;
 use sluice_engine::decode::RecordDecoder;
 use sluice_engine::ingest::wal::IngestLog;
-use sluice_engine::source::{Chunk, Health};
+use sluice_engine::source::{Health, Message};
 use tokio::sync::{mpsc, watch};
 
 use super::dedup::DedupWindow;
@@ -18,7 +18,7 @@ use super::dedup::DedupWindow;
 /// A pipeline reading an endpoint.
 #[derive(Clone)]
 pub(super) struct Subscriber {
-    pub(super) tx: mpsc::Sender<Chunk>,
+    pub(super) tx: mpsc::Sender<Message>,
     pub(super) health: Health,
     pub(super) budget: Arc<Budget>,
     pub(super) delivery: Arc<std::sync::Mutex<Delivery>>,

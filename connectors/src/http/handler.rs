@@ -284,7 +284,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
                         position: Some(LogPosition::new(seq, &log_id).to_value()),
                         bytes: size,
                     };
-                    if s.tx.blocking_send(chunk).is_err() {
+                    if s.tx.blocking_send(chunk.into()).is_err() {
                         s.budget.release(bytes);
                     }
                 }

@@ -23,7 +23,7 @@ use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::pipeline::exec::{BatchPlan, slice_rows};
 use crate::retry::{RetryPolicy, is_transient};
 use crate::sink::Sink;
-use crate::source::{Chunk, Health};
+use crate::source::{Chunk, Health, Message};
 
 /// The life-cycle state of a pipeline, as shown by `GET /v1/pipelines`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -118,7 +118,7 @@ pub struct PipelineTask {
 
 impl PipelineTask {
     /// Runs until the source side closes the channel, then commits what is buffered.
-    pub async fn run(mut self, rx: mpsc::Receiver<Chunk>) -> Result<()> {
+    pub async fn run(mut self, rx: mpsc::Receiver<Message>) -> Result<()> {
         let health = self.health.clone();
         let result = self.run_loop(rx).await;
         health.fail(match &result {
@@ -128,19 +128,19 @@ impl PipelineTask {
         result
     }
 
-    async fn run_loop(&mut self, mut rx: mpsc::Receiver<Chunk>) -> Result<()> {
+    async fn run_loop(&mut self, mut rx: mpsc::Receiver<Message>) -> Result<()> {
         update(&self.status, |s| s.state = PipelineState::Running);
         let mut batcher = Batcher::new(self.policy);
         loop {
             let deadline = batcher.deadline();
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(chunk) if chunk.is_idle() => {
+                    Some(Message::Idle) => {
                         if !batcher.is_empty() {
                             self.flush(&mut batcher).await?;
                         }
                     }
-                    Some(chunk) => {
+                    Some(Message::Chunk(chunk)) => {
                         let n = chunk.received() as u64;
                         metrics::counter!("sluice_events_received_total", "pipeline" => self.name.clone()).increment(n);
                         let full = batcher.push(chunk);
