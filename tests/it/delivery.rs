@@ -54,6 +54,23 @@ pub(crate) fn http_pipeline(dir: &Path, options: &str) -> std::path::PathBuf {
     sql
 }
 
+/// Posts the events `ids` to the `ev` source with `X-Request-Id: id` and expects 200.
+pub(crate) fn post_events(server: &Server, id: &str, ids: std::ops::Range<i64>) {
+    let body = ids.map(line).collect::<Vec<_>>().join("\n");
+    let rt = crate::harness::runtime();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(server.url("/v1/sources/ev"))
+            .header("x-request-id", id)
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    assert_eq!(status, 200, "request {id}");
+}
+
 /// Requests of `per` events each, ids 0..n.
 pub(crate) fn requests(n: i64, per: i64) -> Vec<(String, String, Vec<i64>)> {
     (0..(n + per - 1) / per)

@@ -9,25 +9,8 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::delivery::{check, http_pipeline, line};
+use crate::delivery::{check, http_pipeline, post_events};
 use crate::harness::{Server, bin, wait_until};
-
-/// Posts events `ids` with `X-Request-Id: id` and expects 200.
-fn post(server: &Server, id: &str, ids: std::ops::Range<i64>) {
-    let body = ids.map(line).collect::<Vec<_>>().join("\n");
-    let rt = crate::harness::runtime();
-    let status = rt.block_on(async {
-        reqwest::Client::new()
-            .post(server.url("/v1/sources/ev"))
-            .header("x-request-id", id)
-            .body(body)
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    });
-    assert_eq!(status, 200, "request {id}");
-}
 
 #[test]
 fn a_fresh_state_dir_is_refused_unless_adopted() {
@@ -37,7 +20,7 @@ fn a_fresh_state_dir_is_refused_unless_adopted() {
 
     // Started from the pipeline's directory: state in <dir>/.sluice.
     let server = Server::start(&[&sql], dir.path());
-    post(&server, "r0", 0..100);
+    post_events(&server, "r0", 0..100);
     server.stop();
     assert!(dir.path().join(".sluice/ingest/ev").is_dir());
 
@@ -46,7 +29,7 @@ fn a_fresh_state_dir_is_refused_unless_adopted() {
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
     let server = Server::start(&[&sql], &elsewhere);
-    post(&server, "r1", 100..200);
+    post_events(&server, "r1", 100..200);
     server.stop();
     assert!(
         !elsewhere.join(".sluice").exists(),
@@ -83,11 +66,11 @@ fn a_fresh_state_dir_is_refused_unless_adopted() {
         &[],
         &["--state-dir", fresh.to_str().unwrap(), "--adopt-ingest-log"],
     );
-    post(&server, "r2", 200..300);
+    post_events(&server, "r2", 200..300);
     server.stop();
     // And once adopted, the log is bound: a restart needs no flag.
     let server = Server::start_full(&[&sql], dir.path(), 0, &[], &["--state-dir", fresh.to_str().unwrap()]);
-    post(&server, "r3", 300..400);
+    post_events(&server, "r3", 300..400);
     server.stop();
 
     let sent: HashSet<i64> = (0..400).collect();

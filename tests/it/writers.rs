@@ -7,24 +7,8 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::delivery::{check, http_pipeline, line};
+use crate::delivery::{check, http_pipeline, post_events};
 use crate::harness::{Server, bin, committed_output, log_entries, wait_until};
-
-fn post(server: &Server, id: &str, ids: std::ops::Range<i64>) {
-    let body = ids.map(line).collect::<Vec<_>>().join("\n");
-    let rt = crate::harness::runtime();
-    let status = rt.block_on(async {
-        reqwest::Client::new()
-            .post(server.url("/v1/sources/ev"))
-            .header("x-request-id", id)
-            .body(body)
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    });
-    assert_eq!(status, 200, "request {id}");
-}
 
 /// Runs `sluice ARGS` to its end; returns (exit code, stdout + stderr).
 fn sluice(args: &[&str], cwd: &std::path::Path) -> (i32, String) {
@@ -50,7 +34,7 @@ fn a_second_instance_is_refused_and_check_reports_damage() {
     let sql = http_pipeline(dir.path(), "'batch.interval' '50ms'");
     let sink = dir.path().join("lake/out");
     let server = Server::start(&[&sql], dir.path());
-    post(&server, "r0", 0..200);
+    post_events(&server, "r0", 0..200);
     wait_until(Duration::from_secs(30), "a commit", || {
         (committed_output(&sink) > 0).then_some(())
     });
@@ -72,7 +56,7 @@ fn a_second_instance_is_refused_and_check_reports_damage() {
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("already running"), "{text}");
     // The first one is unharmed.
-    post(&server, "r1", 200..400);
+    post_events(&server, "r1", 200..400);
     server.stop();
     let sent: HashSet<i64> = (0..400).collect();
     crate::harness::runtime().block_on(check(&sink, &sent, &sent));
