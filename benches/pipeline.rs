@@ -232,6 +232,54 @@ fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
     )
 }
 
+/// The source options a user gets without tuning (only the poll interval is shortened, so the
+/// run does not wait for the first poll).
+const DIR_DEFAULT_OPTIONS: &str = "OPTIONS ('poll_interval' '20ms')";
+
+/// The directory source with the default options, over the input files (`in/`) or over the
+/// same data as one large file (`in-one/`).
+fn run_directory_defaults(work: &Path, events: u64, bytes: u64, files: u64, one_file: bool) -> Row {
+    let (dir, last, name, tag) = if one_file {
+        (
+            "in-one",
+            "orders.ndjson".to_string(),
+            "sluice: directory source, default options, one file",
+            "dir-one",
+        )
+    } else {
+        (
+            "in",
+            format!("orders-{:05}.ndjson", files - 1),
+            "sluice: directory source, default options",
+            "dir-defaults",
+        )
+    };
+    let sink = work.join(format!("lake/sluice-{tag}"));
+    let sql = pipeline_sql(
+        &format!("STORED AS NDJSON LOCATION '{dir}' {DIR_DEFAULT_OPTIONS}"),
+        sink.to_str().unwrap_or_default(),
+    );
+    run_dir_sql(work, name, tag, &sql, &sink, "orders", &last, events, bytes)
+}
+
+/// Concatenates the input files into `in-one/orders.ndjson`.
+fn write_one_file(work: &Path) {
+    let one = work.join("in-one");
+    std::fs::create_dir_all(&one).expect("in-one");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(work.join("in"))
+        .expect("list input")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    names.sort();
+    let mut out = std::fs::File::create(one.join(".orders.tmp")).expect("create one file");
+    for n in names {
+        let mut f = std::fs::File::open(n).expect("open input");
+        std::io::copy(&mut f, &mut out).expect("copy input");
+    }
+    drop(out);
+    std::fs::rename(one.join(".orders.tmp"), one.join("orders.ndjson")).expect("rename one file");
+}
+
 /// Nexmark q0 (pass-through), q1 (projection with arithmetic), q2 (filter) and q10 (log to
 /// files partitioned by date and minute) over a bid stream, through the directory source.
 fn run_nexmark(work: &Path, events: u64, with_duckdb: bool) -> Vec<(Row, Option<Row>)> {
@@ -748,7 +796,12 @@ fn main() {
     let rounds: usize = arg(&args, "--rounds").and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let with_duckdb = !args.iter().any(|a| a == "--no-duckdb");
     let with_http = !args.iter().any(|a| a == "--no-http");
+    let with_defaults = !args.iter().any(|a| a == "--no-defaults");
+    if with_defaults {
+        write_one_file(&work);
+    }
     let (mut dirs, mut https, mut ducks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut defaults, mut ones) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         for old in [
             "lake/sluice-dir",
@@ -756,10 +809,18 @@ fn main() {
             "lake/sluice-http",
             "state-http",
             "lake/duckdb",
+            "lake/sluice-dir-defaults",
+            "state-dir-defaults",
+            "lake/sluice-dir-one",
+            "state-dir-one",
         ] {
             let _ = std::fs::remove_dir_all(work.join(old));
         }
         dirs.push(run_directory(&work, events, bytes, files));
+        if with_defaults {
+            defaults.push(run_directory_defaults(&work, events, bytes, files, false));
+            ones.push(run_directory_defaults(&work, events, bytes, files, true));
+        }
         if with_http {
             https.push(run_http(&work, events, bytes));
         }
@@ -780,7 +841,18 @@ fn main() {
         walls(&https),
         walls(&ducks)
     );
+    let defaults_note = if with_defaults {
+        format!(
+            "- default options: the directory source with no tuning (`batch.max_rows` 100000, `batch.max_bytes` 32MB, `buffer.max_bytes` 64MB), over the same files and over all of them as one file (walls s: files {}; one file {})\n",
+            walls(&defaults),
+            walls(&ones)
+        )
+    } else {
+        String::new()
+    };
     let dir = median(dirs).expect("at least one round");
+    let default_row = median(defaults);
+    let one_row = median(ones);
     let http = median(https);
     let duck = median(ducks);
     let nexmark = if args.iter().any(|a| a == "--no-nexmark") {
@@ -804,7 +876,10 @@ fn main() {
 
     let floor_wall = decode.wall + encode.wall;
     let (dir_wall, http_wall) = (dir.wall, http.as_ref().map(|h| h.wall));
+    let (default_wall, one_wall) = (default_row.as_ref().map(|r| r.wall), one_row.as_ref().map(|r| r.wall));
     let mut rows = vec![dir];
+    rows.extend(default_row);
+    rows.extend(one_row);
     rows.extend(http);
     let duck_wall = duck.as_ref().map(|d| d.wall);
     rows.extend(duck);
@@ -861,6 +936,13 @@ fn main() {
             },
         ));
     }
+    if let (Some(d), Some(o)) = (default_wall, one_wall) {
+        table.push_str(&format!(
+            "\n**Default options** (same run): files {:.0}% and one file {:.0}% of the tuned directory run's throughput.\n",
+            100.0 * dir_wall / d,
+            100.0 * dir_wall / o
+        ));
+    }
     table.push_str(&targets(
         dir_wall,
         http_wall,
@@ -911,7 +993,7 @@ fn main() {
 - transform: filter, projection, arithmetic, join with a 5-row CSV table, derived date column → zstd Parquet partitioned by date\n\
 - DuckDB: the same SQL over the same files, `threads=2`, `COPY ... (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)`; Nexmark likewise (`to_char` spelled `strftime`; q0–q2 to one file, q10 partitioned by `(dt, hm)`)\n\
 - floor: the engine's decoder alone (schema-specialised: a one-pass flat-object scanner, sonic-rs for lines it gives up on, arrow-json for what both defer), then the Parquet encoder alone with the sink's default settings (zstd level 1, 16 KiB dictionary limit), one thread each; \"floor / this wall\" = (decode + encode wall) / the run's wall; the arrow-json row is the same decode with the fast path off\n\
-{rounds_note}- the HTTP run's load generator ({HTTP_CONNECTIONS} connections, {HTTP_BODY_LINES} lines per request) runs in the harness process on the same 2 cores\n\n{table}\n",
+{rounds_note}{defaults_note}- the HTTP run's load generator ({HTTP_CONNECTIONS} connections, {HTTP_BODY_LINES} lines per request) runs in the harness process on the same 2 cores\n\n{table}\n",
         bytes as f64 / 1e6,
         bytes as f64 / events as f64,
     );

@@ -124,6 +124,11 @@ impl BufferPolicy {
 pub struct ServerBudget {
     max: u64,
     used: AtomicU64,
+    /// Woken whenever any pipeline gives bytes back (a waiter may be short of the server's
+    /// share, not its own).
+    freed: Notify,
+    /// Held while a reservation checks and adds (see [`Budget::try_acquire`]).
+    reserve: std::sync::Mutex<()>,
 }
 
 impl ServerBudget {
@@ -132,6 +137,8 @@ impl ServerBudget {
         Arc::new(ServerBudget {
             max,
             used: AtomicU64::new(0),
+            freed: Notify::new(),
+            reserve: std::sync::Mutex::new(()),
         })
     }
 
@@ -178,22 +185,19 @@ impl Budget {
     pub fn try_acquire(&self, bytes: u64) -> bool {
         let (num, den) = self.policy.priority.share();
         let server_cap = self.server.max / den * num;
-        // Reserve atomically (compare-and-swap), so concurrent producers never overshoot the
-        // budget: the pipeline's share first, then the server's (undone if that fails).
-        let max = self.policy.max_bytes;
-        let Ok(mine) = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
-            (m + bytes <= max || m == 0).then_some(m + bytes)
-        }) else {
-            return false;
-        };
-        let server = self.server.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-            (s + bytes <= server_cap || (s == 0 && mine == 0)).then_some(s + bytes)
-        });
-        if server.is_err() {
-            self.used.fetch_sub(bytes, Ordering::AcqRel);
-            self.freed.notify_waiters();
+        // Check and add both counters under one lock, so concurrent producers never overshoot
+        // the budget and no reservation is ever taken back (an undo would have to wake
+        // waiters, and would wake the reserver itself). Reads and releases stay lock-free.
+        let _reserving = self.server.reserve.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = self.used.load(Ordering::Acquire);
+        let server = self.server.used.load(Ordering::Acquire);
+        let fits_mine = mine + bytes <= self.policy.max_bytes || mine == 0;
+        let fits_server = server + bytes <= server_cap || (server == 0 && mine == 0);
+        if !(fits_mine && fits_server) {
             return false;
         }
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+        self.server.used.fetch_add(bytes, Ordering::AcqRel);
         self.gauge();
         true
     }
@@ -202,6 +206,7 @@ impl Budget {
     pub async fn acquire(&self, bytes: u64, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
         loop {
             let notified = self.freed.notified();
+            let server_freed = self.server.freed.notified();
             if self.try_acquire(bytes) {
                 return true;
             }
@@ -210,6 +215,7 @@ impl Budget {
             }
             tokio::select! {
                 _ = notified => {}
+                _ = server_freed => {}
                 _ = stop.changed() => {}
             }
         }
@@ -226,6 +232,7 @@ impl Budget {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(bytes)));
         self.gauge();
         self.freed.notify_waiters();
+        self.server.freed.notify_waiters();
     }
 
     fn gauge(&self) {
@@ -288,5 +295,31 @@ mod tests {
         b.release(100);
         assert!(waiter.await.unwrap());
         assert_eq!(b.used(), 50);
+    }
+
+    // A waiter short of the server's share (not its own) wakes when another pipeline frees
+    // bytes; it used to wait for its own pipeline's release, which never came.
+    #[tokio::test]
+    async fn a_waiter_short_of_the_server_share_wakes_when_another_pipeline_frees() {
+        let server = ServerBudget::new(1000);
+        let policy = BufferPolicy {
+            max_bytes: 1000,
+            priority: Priority::High,
+            ..Default::default()
+        };
+        let (a, b) = (
+            Budget::new("a", policy, server.clone()),
+            Budget::new("b", policy, server),
+        );
+        assert!(a.try_acquire(1000));
+        let (_tx, mut rx) = tokio::sync::watch::channel(false);
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.acquire(500, &mut rx).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        a.release(1000);
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
+        assert!(woke.expect("woken by the other pipeline's release").unwrap());
+        assert_eq!(b.used(), 500);
     }
 }

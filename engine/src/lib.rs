@@ -1,11 +1,18 @@
 //! `sluice-engine` is the Sluice runtime: it turns a compiled pipeline program into running
 //! micro-batch loops. It defines the [`Source`](source::Source) and [`Sink`](sink::Sink) traits and
-//! knows no concrete connector; connectors register factories in a [`Registry`](registry::Registry).
+//! knows no concrete connector; connectors register factories in a [`Registry`](server::registry::Registry).
 //!
 //! Data flow per pipeline: source → [`Chunk`](source::Chunk)s (decoded with
-//! [`decode::RecordDecoder`], bad records as dead letters) → [`batcher::Batcher`] →
-//! [`exec::BatchPlan`] (the pipeline's DataFusion plan) → sink staging → one
-//! [`commit::CommitLog`] entry per epoch.
+//! [`decode::RecordDecoder`], bad records as dead letters) → [`pipeline::batcher::Batcher`] →
+//! [`pipeline::exec::BatchPlan`] (the pipeline's DataFusion plan) → sink staging → one
+//! [`log::commit::CommitLog`] entry per epoch. Every durability step on local disk goes
+//! through [`durability`].
+//!
+//! Subsystems, each a folder, imports pointing down: [`decode`] (records to Arrow),
+//! [`ingest`] (the ingest log), [`log`] (a table's store, commit log, lease, check, reader),
+//! [`pipeline`] (batching, plan, epoch commit), [`server`] (runtime, API, registry, metrics).
+//! At the root: the [`source`] and [`sink`] traits, [`budget`], [`dead_letter`], [`retry`],
+//! [`durability`], [`crash`] points and the [`error`] type.
 //!
 //! Invariants:
 //! - every record received ends as an output row, a dead letter, or a row removed by the

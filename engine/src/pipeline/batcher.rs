@@ -1,5 +1,13 @@
 //! The micro-batcher: gathers chunks until the batch is full by rows or bytes, or its interval
 //! has passed since the first chunk arrived, whichever comes first.
+//!
+//! Batches grow while the pipeline is behind: when a batch closes full and more input is
+//! already waiting (a backlog), the next one may hold twice as much (rows and bytes), up to
+//! [`MAX_GROWTH`] times the configured sizes and never more bytes than the cap the pipeline
+//! gives (half its memory budget, so the source can read ahead meanwhile). Once the pipeline
+//! catches up (a batch closes by its interval, or the source is idle), sizes return to the
+//! configured ones. Small configured batches thus cost little per event on a backlog, and
+//! freshness at low rates is what the interval says.
 
 use std::time::Duration;
 
@@ -14,6 +22,8 @@ pub const DEFAULT_BATCH_MAX_ROWS: usize = 100_000;
 pub const DEFAULT_BATCH_MAX_BYTES: u64 = 32 << 20;
 /// Default `batch.interval`.
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Most a batch may grow over the configured sizes while the pipeline is behind.
+pub const MAX_GROWTH: u64 = 64;
 
 /// When a micro-batch closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +83,10 @@ pub struct Batcher {
     rows: usize,
     bytes: u64,
     opened: Option<Instant>,
+    /// How many times the configured sizes the current batch may hold (1 when caught up).
+    growth: u64,
+    /// The most bytes a grown batch may hold.
+    byte_cap: u64,
 }
 
 impl Batcher {
@@ -84,7 +98,30 @@ impl Batcher {
             rows: 0,
             bytes: 0,
             opened: None,
+            growth: 1,
+            byte_cap: policy.max_bytes,
         }
+    }
+
+    /// Lets grown batches hold up to `cap` bytes (never less than the configured size).
+    pub fn with_byte_cap(mut self, cap: u64) -> Self {
+        self.byte_cap = cap.max(self.policy.max_bytes);
+        self
+    }
+
+    /// The pipeline is behind: the next batches may hold twice as much (see the module docs).
+    pub fn grow(&mut self) {
+        self.growth = (self.growth * 2).min(MAX_GROWTH);
+    }
+
+    /// The pipeline has caught up: back to the configured sizes.
+    pub fn reset_growth(&mut self) {
+        self.growth = 1;
+    }
+
+    /// How many times the configured sizes a batch may hold now.
+    pub fn growth(&self) -> u64 {
+        self.growth
     }
 
     /// Adds a chunk; returns true when the batch is now full and should close.
@@ -98,7 +135,9 @@ impl Batcher {
 
     /// True when rows or bytes reached their limit.
     pub fn is_full(&self) -> bool {
-        self.rows >= self.policy.max_rows || self.bytes >= self.policy.max_bytes
+        let rows = self.policy.max_rows.saturating_mul(self.growth as usize);
+        let bytes = self.policy.max_bytes.saturating_mul(self.growth).min(self.byte_cap);
+        self.rows >= rows || self.bytes >= bytes
     }
 
     /// When the open batch closes by time (`None` when empty).
@@ -155,6 +194,33 @@ mod tests {
         assert!(b.push(chunk(60)));
         assert_eq!(b.take().len(), 2);
         assert!(b.is_empty() && b.deadline().is_none());
+    }
+
+    // Reproducer for #12 (item 14): with small configured batches, a backlog was committed in
+    // small epochs, each paying the per-epoch cost (plan, file, fsyncs).
+    #[test]
+    fn batches_grow_while_behind_within_the_byte_cap_and_reset() {
+        let mut b = Batcher::new(BatchPolicy {
+            max_rows: 10,
+            max_bytes: 100,
+            interval: Duration::from_millis(50),
+        })
+        .with_byte_cap(350);
+        assert!(b.push(chunk(100)), "configured size");
+        b.take();
+        b.grow();
+        assert!(!b.push(chunk(100)));
+        assert!(b.push(chunk(100)), "twice the size");
+        b.take();
+        for _ in 0..10 {
+            b.grow();
+        }
+        assert_eq!(b.growth(), MAX_GROWTH);
+        assert!(!b.push(chunk(300)));
+        assert!(b.push(chunk(50)), "never more bytes than the cap");
+        b.take();
+        b.reset_growth();
+        assert!(b.push(chunk(100)), "back to the configured size");
     }
 
     #[test]

@@ -130,12 +130,13 @@ impl PipelineTask {
 
     async fn run_loop(&mut self, mut rx: mpsc::Receiver<Message>) -> Result<()> {
         update(&self.status, |s| s.state = PipelineState::Running);
-        let mut batcher = Batcher::new(self.policy);
+        let mut batcher = Batcher::new(self.policy).with_byte_cap(self.budget.policy().max_bytes / 2);
         loop {
             let deadline = batcher.deadline();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(Message::Idle) => {
+                        batcher.reset_growth();
                         if !batcher.is_empty() {
                             self.flush(&mut batcher).await?;
                         }
@@ -148,6 +149,12 @@ impl PipelineTask {
                         update(&self.status, |s| { s.events_received += n; s.buffered_records = rows; });
                         if full {
                             self.flush(&mut batcher).await?;
+                            // Input already waiting: behind, so the next batch may be bigger.
+                            if rx.is_empty() {
+                                batcher.reset_growth();
+                            } else {
+                                batcher.grow();
+                            }
                         }
                     }
                     None => {
@@ -158,7 +165,10 @@ impl PipelineTask {
                         return Ok(());
                     }
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => self.flush(&mut batcher).await?,
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    batcher.reset_growth();
+                    self.flush(&mut batcher).await?
+                }
             }
         }
     }
