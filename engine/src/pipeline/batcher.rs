@@ -2,9 +2,10 @@
 //! has passed since the first chunk arrived, whichever comes first.
 //!
 //! Batches grow while the pipeline is behind: when a batch closes full and more input is
-//! already waiting (a backlog), the next one may hold twice as much (rows and bytes), up to
-//! [`MAX_GROWTH`] times the configured sizes and never more bytes than the cap the pipeline
-//! gives (half its memory budget, so the source can read ahead meanwhile). Once the pipeline
+//! already waiting (a backlog), the next one may hold twice as many rows, up to [`MAX_GROWTH`]
+//! times the configured count, while its bytes stay under the cap the pipeline gives (a quarter
+//! of its memory budget, and never more than `batch.max_bytes`): the batch being committed,
+//! the next one and the requests in flight must fit without pushing producers back. Once the pipeline
 //! catches up (a batch closes by its interval, or the source is idle), sizes return to the
 //! configured ones. Small configured batches thus cost little per event on a backlog, and
 //! freshness at low rates is what the interval says.
@@ -103,15 +104,23 @@ impl Batcher {
         }
     }
 
-    /// Lets grown batches hold up to `cap` bytes (never less than the configured size).
+    /// Lets grown batches hold up to `cap` bytes.
     pub fn with_byte_cap(mut self, cap: u64) -> Self {
-        self.byte_cap = cap.max(self.policy.max_bytes);
+        self.byte_cap = cap;
         self
     }
 
-    /// The pipeline is behind: the next batches may hold twice as much (see the module docs).
-    pub fn grow(&mut self) {
-        self.growth = (self.growth * 2).min(MAX_GROWTH);
+    /// The pipeline is behind and the batch that just closed held `closed_bytes`: unless that
+    /// already reached the byte cap, the next batches may hold twice as many rows.
+    pub fn grow(&mut self, closed_bytes: u64) {
+        if closed_bytes < self.byte_cap {
+            self.growth = (self.growth * 2).min(MAX_GROWTH);
+        }
+    }
+
+    /// Raw bytes buffered.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// The pipeline has caught up: back to the configured sizes.
@@ -136,7 +145,11 @@ impl Batcher {
     /// True when rows or bytes reached their limit.
     pub fn is_full(&self) -> bool {
         let rows = self.policy.max_rows.saturating_mul(self.growth as usize);
-        let bytes = self.policy.max_bytes.saturating_mul(self.growth).min(self.byte_cap);
+        let bytes = if self.growth > 1 {
+            self.policy.max_bytes.min(self.byte_cap)
+        } else {
+            self.policy.max_bytes
+        };
         self.rows >= rows || self.bytes >= bytes
     }
 
@@ -181,6 +194,22 @@ mod tests {
         }
     }
 
+    /// A chunk of one record of one byte.
+    fn row_chunk() -> Chunk {
+        let schema = Arc::new(Schema::new(vec![arrow::datatypes::Field::new(
+            "x",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(arrow::array::Int64Array::from(vec![1]))]).unwrap();
+        Chunk {
+            batch,
+            dead_letters: vec![],
+            position: None,
+            bytes: 1,
+        }
+    }
+
     #[test]
     fn closes_on_bytes_and_reports_deadline() {
         let mut b = Batcher::new(BatchPolicy {
@@ -205,22 +234,28 @@ mod tests {
             max_bytes: 100,
             interval: Duration::from_millis(50),
         })
-        .with_byte_cap(350);
-        assert!(b.push(chunk(100)), "configured size");
+        .with_byte_cap(60);
+        // Rows close it (10 rows of 1 byte each).
+        let rows = |b: &mut Batcher, n: usize| (0..n).map(|_| b.push(row_chunk())).last().unwrap_or(false);
+        assert!(rows(&mut b, 10), "configured size");
+        let closed = b.bytes();
         b.take();
-        b.grow();
-        assert!(!b.push(chunk(100)));
-        assert!(b.push(chunk(100)), "twice the size");
+        b.grow(closed);
+        assert!(!rows(&mut b, 10));
+        assert!(rows(&mut b, 10), "twice the rows");
         b.take();
         for _ in 0..10 {
-            b.grow();
+            b.grow(0);
         }
         assert_eq!(b.growth(), MAX_GROWTH);
-        assert!(!b.push(chunk(300)));
-        assert!(b.push(chunk(50)), "never more bytes than the cap");
+        assert!(!b.push(chunk(59)));
+        assert!(b.push(chunk(1)), "never more bytes than the cap");
         b.take();
         b.reset_growth();
-        assert!(b.push(chunk(100)), "back to the configured size");
+        assert!(rows(&mut b, 10), "back to the configured size");
+        // A batch that closed at the cap does not grow the next.
+        b.grow(60);
+        assert_eq!(b.growth(), 1);
     }
 
     #[test]

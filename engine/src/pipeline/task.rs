@@ -130,7 +130,9 @@ impl PipelineTask {
 
     async fn run_loop(&mut self, mut rx: mpsc::Receiver<Message>) -> Result<()> {
         update(&self.status, |s| s.state = PipelineState::Running);
-        let mut batcher = Batcher::new(self.policy).with_byte_cap(self.budget.policy().max_bytes / 2);
+        // Grown batches stay within a quarter of the budget: the batch being committed, the one
+        // filling and the requests in flight must fit without pushing producers back.
+        let mut batcher = Batcher::new(self.policy).with_byte_cap(self.budget.policy().max_bytes / 4);
         loop {
             let deadline = batcher.deadline();
             tokio::select! {
@@ -148,12 +150,13 @@ impl PipelineTask {
                         let rows = batcher.rows() as u64;
                         update(&self.status, |s| { s.events_received += n; s.buffered_records = rows; });
                         if full {
+                            let closed_bytes = batcher.bytes();
                             self.flush(&mut batcher).await?;
                             // Input already waiting: behind, so the next batch may be bigger.
                             if rx.is_empty() {
                                 batcher.reset_growth();
                             } else {
-                                batcher.grow();
+                                batcher.grow(closed_bytes);
                             }
                         }
                     }
