@@ -216,7 +216,7 @@ async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_in
     // Handlers go in before the server can report ready: a SIGTERM right after start (a
     // supervisor, a test) must be a graceful stop, not the default kill.
     let signal = shutdown_signal();
-    let registry = sluice_connectors::registry_for_run(state_dir, adopt_ingest_log);
+    let registry = sluice_connectors::registry_for_run(state_dir, adopt_ingest_log, config.max_buffer_bytes);
     let server = runtime::start(&texts, &registry, config).await?;
     // Whoever reads stdout may be gone; never fail (or panic) for that.
     let _ = writeln!(std::io::stdout(), "sluice listening on http://{}", server.addr());

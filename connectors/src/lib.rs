@@ -35,16 +35,19 @@ pub fn registry() -> Registry {
 
 /// A registry with every connector of this build, keeping local state under `state_dir`.
 pub fn registry_with_state(state_dir: &Path) -> Registry {
-    registry_for_run(state_dir, false)
+    registry_for_run(state_dir, false, sluice_engine::budget::DEFAULT_SERVER_BUDGET)
 }
 
 /// A registry for `sluice run`: local state under `state_dir`; with `adopt_ingest_logs`, an
 /// HTTP source whose ingest log is not the one its sink's commits came from starts anyway and
-/// reads its log from the beginning (`--adopt-ingest-log`).
-pub fn registry_for_run(state_dir: &Path, adopt_ingest_logs: bool) -> Registry {
+/// reads its log from the beginning (`--adopt-ingest-log`); request bodies arriving at once
+/// are bounded by `body_budget` bytes (the server budget).
+pub fn registry_for_run(state_dir: &Path, adopt_ingest_logs: bool, body_budget: u64) -> Registry {
     let mut r = Registry::new();
     r.add_source(Arc::new(
-        http::HttpSourceFactory::new(state_dir).with_adopt_logs(adopt_ingest_logs),
+        http::HttpSourceFactory::new(state_dir)
+            .with_adopt_logs(adopt_ingest_logs)
+            .with_body_budget(body_budget),
     ));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Ndjson)));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Csv)));

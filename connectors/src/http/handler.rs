@@ -31,7 +31,8 @@ pub const RETRY_AFTER_SECONDS: u64 = 1;
 /// Errors listed in a 200 reply (the rest are only counted).
 pub const MAX_ERRORS_IN_REPLY: usize = 10;
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+/// A JSON error answer (`Retry-After` on 429 and 503).
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let mut r = (status, Json(json!({ "error": message.into() }))).into_response();
     if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
         r.headers_mut().insert(header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
@@ -310,4 +311,76 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not make the events durable: {e}")),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the ingest log stopped"),
     }
+}
+
+/// The bytes of request bodies being received at once, across every HTTP source: a request is
+/// admitted (before its body is read) only if its declared length fits, so slow or many
+/// clients cannot pin unbounded memory in bodies that are still arriving.
+#[derive(Debug)]
+pub struct BodyBudget {
+    max: u64,
+    per_body: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl BodyBudget {
+    /// At most `max` bytes of bodies at once; a body without a declared length counts as
+    /// `per_body` (the largest accepted).
+    pub fn new(max: u64, per_body: u64) -> Arc<Self> {
+        Arc::new(BodyBudget {
+            max,
+            per_body,
+            used: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn try_take(self: &Arc<Self>, bytes: u64) -> Option<BodyCharge> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u == 0 || u + bytes <= self.max).then_some(u + bytes)
+            })
+            .ok()
+            .map(|u| {
+                metrics::gauge!("sluice_http_body_bytes_in_flight").set((u + bytes) as f64);
+                BodyCharge(self.clone(), bytes)
+            })
+    }
+}
+
+/// Bytes of a body in flight, given back when the request is done (or its client gone).
+struct BodyCharge(Arc<BodyBudget>, u64);
+
+impl Drop for BodyCharge {
+    fn drop(&mut self) {
+        let before = self.0.used.fetch_sub(self.1, Ordering::AcqRel);
+        metrics::gauge!("sluice_http_body_bytes_in_flight").set(before.saturating_sub(self.1) as f64);
+    }
+}
+
+/// Middleware of the ingest routes: admits a request against the [`BodyBudget`] by its
+/// declared length before the body is read; 429 (JSON, `Retry-After`) when it does not fit.
+pub async fn limit_bodies(
+    State(budget): State<Arc<BodyBudget>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // Over the per-body limit: refused with 413 before it is read, so nothing to hold.
+    let bytes = declared
+        .unwrap_or(budget.per_body)
+        .min(budget.per_body.saturating_add(1));
+    let Some(_charge) = budget.try_take(bytes) else {
+        metrics::counter!("sluice_http_rejected_total", "source" => "*", "reason" => "bodies_in_flight").increment(1);
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many request bodies in flight (over {} bytes); retry later",
+                budget.max
+            ),
+        );
+    };
+    next.run(request).await
 }

@@ -31,6 +31,7 @@ pub struct HttpSourceFactory {
     endpoints: Arc<Endpoints>,
     state_dir: PathBuf,
     adopt_logs: bool,
+    body_budget: u64,
 }
 
 impl HttpSourceFactory {
@@ -40,7 +41,15 @@ impl HttpSourceFactory {
             endpoints: Arc::default(),
             state_dir: state_dir.into(),
             adopt_logs: false,
+            body_budget: sluice_engine::budget::DEFAULT_SERVER_BUDGET,
         }
+    }
+
+    /// Bytes of request bodies that may be arriving at once, across every HTTP source
+    /// (default: the default server budget); see [`handler::BodyBudget`].
+    pub fn with_body_budget(mut self, bytes: u64) -> Self {
+        self.body_budget = bytes;
+        self
     }
 
     /// Accepts ingest logs that are not the ones a sink's commits came from (each is then read
@@ -89,10 +98,12 @@ impl SourceFactory for HttpSourceFactory {
         // applies each endpoint's own limit.
         let limit =
             usize::try_from(self.endpoints.max_body_bytes().max(config::DEFAULT_MAX_BODY_BYTES)).unwrap_or(usize::MAX);
+        let bodies = handler::BodyBudget::new(self.body_budget, limit as u64);
         Some(
             Router::new()
                 .route("/v1/sources/{name}", post(handler::ingest))
                 .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
+                .layer(axum::middleware::from_fn_with_state(bodies, handler::limit_bodies))
                 .with_state(self.endpoints.clone()),
         )
     }
