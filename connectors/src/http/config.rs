@@ -9,6 +9,8 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 pub const PATH_PREFIX: &str = "/v1/sources/";
 /// Default `max_body_bytes`: the largest request body accepted.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+/// The largest `max_body_bytes` accepted: a body and its request id are one ingest-log record.
+pub const MAX_BODY_BYTES: u64 = sluice_engine::ingest::wal::MAX_FRAME_BYTES as u64 - 4096;
 
 /// The accepted OPTIONS keys.
 pub fn option_specs() -> Vec<OptionSpec> {
@@ -19,7 +21,7 @@ pub fn option_specs() -> Vec<OptionSpec> {
         },
         OptionSpec {
             key: "max_body_bytes",
-            doc: "largest request body, e.g. '16MB' (default 16MB); larger gets 413",
+            doc: "largest request body, e.g. '16MB' (default 16MB, at most 256MB less 4KB: one ingest-log record); larger gets 413",
         },
         OptionSpec {
             key: "log.segment_bytes",
@@ -57,9 +59,19 @@ impl HttpSourceConfig {
             })?
             .to_string();
         option_choice(options, "format", (), &[("json", ())])?;
+        let max_body_bytes = option_bytes(options, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)?;
+        if max_body_bytes > MAX_BODY_BYTES {
+            return Err(OptionError {
+                key: "max_body_bytes".into(),
+                message: format!(
+                    "at most {MAX_BODY_BYTES} bytes: a request is one ingest-log record, and a record is at most {} bytes",
+                    sluice_engine::ingest::wal::MAX_FRAME_BYTES
+                ),
+            });
+        }
         Ok(HttpSourceConfig {
             endpoint,
-            max_body_bytes: option_bytes(options, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)?,
+            max_body_bytes,
             durable_ack: option_choice(options, "ack", true, &[("durable", true), ("written", false)])?,
             segment_bytes: option_bytes(options, "log.segment_bytes", DEFAULT_SEGMENT_BYTES)?,
         })
