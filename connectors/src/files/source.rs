@@ -9,8 +9,9 @@
 //! `.` or `_`, then rename it into place), and new files sort after the ones already there (e.g.
 //! a timestamp or sequence prefix). Names starting with `.` or `_` are ignored.
 //!
-//! Violations are never silent. A file replaced under a name already read (its identity,
-//! device and inode, is in the position) stops the source with an error. A file that grows
+//! Violations are never silent. The file of the position (the one being read, or the last one
+//! read) replaced under its name — its identity, device and inode, is in the position — stops
+//! the source with an error; files read before it are not watched. A file that grows
 //! after it was read to its end is reported and its new bytes are read. A file that appears
 //! sorting before the current position, or whose name is not UTF-8, is reported (it is not
 //! read). A file that disappears before it is read, or an I/O error, stops the source with an
