@@ -95,6 +95,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Takes an exclusive OS lock (`flock`) on `path`, creating the file if needed. `None` when
+/// another process holds it. The kernel releases it when the file is dropped or the process
+/// exits in any way (kill -9 included).
+pub fn lock_file(path: &Path) -> io::Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 #[cfg(feature = "fault-injection")]
 pub use journal::power_cut;
 

@@ -282,19 +282,9 @@ fn contract_violations_are_never_silent() {
     // code not 0) instead of reading the new file at the old offset.
     std::fs::remove_file(incoming.join("003.ndjson")).unwrap();
     drop_file(&incoming, "005.ndjson", &lines(200..230));
-    let log = dir.path().join("replaced.log");
-    let mut child = std::process::Command::new(crate::harness::bin())
-        .args(["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let status = wait_until(Duration::from_secs(60), "the server to stop on its own", || {
-        child.try_wait().ok().flatten()
-    });
-    let err = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "{err}");
+    let (code, err) =
+        crate::harness::run_to_exit(&["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0"], dir.path());
+    assert_ne!(code, 0, "{err}");
     assert!(err.contains("was replaced"), "{err}");
     assert_eq!(committed_output(&sink), 15, "nothing of the replaced file was read");
 }

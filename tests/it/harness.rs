@@ -277,6 +277,27 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Runs `sluice ARGS` in `cwd` until it exits by itself (deadline 60 s); returns its exit code
+/// and its stdout followed by its stderr (through files, so a chatty process cannot block on a
+/// full pipe).
+pub fn run_to_exit(args: &[&str], cwd: &Path) -> (i32, String) {
+    let out = tempfile::NamedTempFile::new().expect("stdout file");
+    let err = tempfile::NamedTempFile::new().expect("stderr file");
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .stdout(out.reopen().expect("stdout"))
+        .stderr(err.reopen().expect("stderr"))
+        .spawn()
+        .expect("spawn sluice");
+    let status = wait_until(Duration::from_secs(60), "sluice to exit by itself", || {
+        child.try_wait().ok().flatten()
+    });
+    let mut text = std::fs::read_to_string(out.path()).unwrap_or_default();
+    text.push_str(&std::fs::read_to_string(err.path()).unwrap_or_default());
+    (status.code().unwrap_or(-1), text)
+}
+
 /// A free loopback port (bound and released; the server binds it again right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

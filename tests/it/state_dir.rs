@@ -6,11 +6,9 @@
 //! silently never delivered.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use crate::delivery::{check, http_pipeline, post_events};
-use crate::harness::{Server, bin, wait_until};
+use crate::harness::{Server, run_to_exit};
 
 #[test]
 fn a_fresh_state_dir_is_refused_unless_adopted() {
@@ -38,20 +36,18 @@ fn a_fresh_state_dir_is_refused_unless_adopted() {
 
     // A fresh state directory: refused at start, saying what to do.
     let fresh = dir.path().join("fresh");
-    let mut child = Command::new(bin())
-        .args(["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(&fresh)
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_until(Duration::from_secs(60), "the refused server to exit", || {
-        child.try_wait().ok().flatten()
-    });
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "refused: {err}");
+    let (code, err) = run_to_exit(
+        &[
+            "run",
+            sql.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            fresh.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_ne!(code, 0, "refused: {err}");
     assert!(
         err.contains("is not the one") || err.contains("not the log"),
         "the error says the log does not match: {err}"

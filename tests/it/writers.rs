@@ -4,29 +4,10 @@
 //! sink and deleted the staged files of the running writer.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::delivery::{check, http_pipeline, post_events};
-use crate::harness::{Server, bin, committed_output, log_entries, wait_until};
-
-/// Runs `sluice ARGS` to its end; returns (exit code, stdout + stderr).
-fn sluice(args: &[&str], cwd: &std::path::Path) -> (i32, String) {
-    let mut child = Command::new(bin())
-        .args(args)
-        .current_dir(cwd)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_until(Duration::from_secs(60), "sluice to exit", || {
-        child.try_wait().ok().flatten()
-    });
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut text).unwrap();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut text).unwrap();
-    (status.code().unwrap_or(-1), text)
-}
+use crate::harness::{Server, committed_output, log_entries, run_to_exit, wait_until};
 
 #[test]
 fn a_second_instance_is_refused_and_check_reports_damage() {
@@ -42,7 +23,7 @@ fn a_second_instance_is_refused_and_check_reports_damage() {
     // A second instance (another listener, another state dir) is refused before it touches
     // the sink.
     let other = dir.path().join("other-state");
-    let (code, text) = sluice(
+    let (code, text) = run_to_exit(
         &[
             "run",
             "p.sql",
@@ -61,7 +42,7 @@ fn a_second_instance_is_refused_and_check_reports_damage() {
     let sent: HashSet<i64> = (0..400).collect();
     crate::harness::runtime().block_on(check(&sink, &sent, &sent));
 
-    let (code, text) = sluice(&["check", "lake/out"], dir.path());
+    let (code, text) = run_to_exit(&["check", "lake/out"], dir.path());
     assert_eq!(code, 0, "{text}");
     assert!(text.trim_end().ends_with("ok"), "{text}");
 
@@ -82,13 +63,13 @@ fn a_second_instance_is_refused_and_check_reports_damage() {
         .unwrap();
     std::fs::remove_file(sink.join(&files[1])).unwrap();
     std::fs::write(sink.join("part=0/stray.parquet"), b"not committed").unwrap();
-    let (code, text) = sluice(&["check", "lake/out"], dir.path());
+    let (code, text) = run_to_exit(&["check", "lake/out"], dir.path());
     assert_eq!(code, 1, "{text}");
     assert!(text.contains(&format!("WrongSize: {}", files[0])), "{text}");
     assert!(text.contains(&format!("Missing: {}", files[1])), "{text}");
     assert!(text.contains("NotCommitted: part=0/stray.parquet"), "{text}");
     assert!(text.contains("3 problem(s)"), "{text}");
-    let (code, text) = sluice(&["check", "lake/out", "--json"], dir.path());
+    let (code, text) = run_to_exit(&["check", "lake/out", "--json"], dir.path());
     assert_eq!(code, 1);
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(report["problems"].as_array().unwrap().len(), 3, "{report}");

@@ -49,11 +49,16 @@ pub struct FilePosition {
     pub identity: Option<String>,
 }
 
-/// The identity of the file at `path` (device and inode).
-fn identity(path: &Path) -> Result<String> {
+/// The identity of a file (device and inode).
+fn identity_of(m: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt;
+    format!("{}:{}", m.dev(), m.ino())
+}
+
+/// The identity of the file at `path`.
+fn identity(path: &Path) -> Result<String> {
     let m = std::fs::metadata(path).map_err(EngineError::io(format!("reading {}", path.display())))?;
-    Ok(format!("{}:{}", m.dev(), m.ino()))
+    Ok(identity_of(&m))
 }
 
 /// A directory source feeding one pipeline.
@@ -284,7 +289,7 @@ impl Source for DirSource {
             if let Some(p) = pos.as_mut().filter(|p| p.complete) {
                 let path = dir.join(&p.file);
                 if let Ok(meta) = std::fs::metadata(&path) {
-                    let now = identity(&path)?;
+                    let now = identity_of(&meta);
                     if p.identity.as_ref().is_some_and(|id| *id != now) {
                         return Err(replaced(&dir, p));
                     }

@@ -110,13 +110,6 @@ impl DedupWindow {
         out
     }
 
-    /// Writes the snapshot to `dir` durably (before ingest-log segments are deleted).
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(SNAPSHOT_FILE);
-        durability::write_atomic(&path, &self.snapshot())
-            .map_err(EngineError::io(format!("writing {}", path.display())))
-    }
-
     /// Loads the snapshot in `dir`, if any (ids requests were logged with, oldest first).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let path = dir.join(SNAPSHOT_FILE);
@@ -136,6 +129,13 @@ impl DedupWindow {
         }
         Ok(())
     }
+}
+
+/// Writes a [`DedupWindow::snapshot`] to `dir` durably (before ingest-log segments are
+/// deleted).
+pub fn write_snapshot(dir: &Path, snapshot: &[u8]) -> Result<()> {
+    let path = dir.join(SNAPSHOT_FILE);
+    durability::write_atomic(&path, snapshot).map_err(EngineError::io(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]
@@ -186,7 +186,7 @@ mod tests {
         w.remember("a", Some(1));
         w.remember("b\twith tab", Some(2));
         w.remember("pending", None);
-        w.save(dir.path()).unwrap();
+        write_snapshot(dir.path(), &w.snapshot()).unwrap();
         let mut r = DedupWindow::default();
         r.load(dir.path()).unwrap();
         assert_eq!(r.get("a"), Some(Some(1)));

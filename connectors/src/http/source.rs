@@ -272,9 +272,7 @@ impl HttpSource {
         };
         if let (Some(min), Some(snapshot)) = (min, snapshot) {
             let res = tokio::task::spawn_blocking(move || {
-                let path = wal.dir().join(super::dedup::SNAPSHOT_FILE);
-                sluice_engine::durability::write_atomic(&path, &snapshot)
-                    .map_err(EngineError::io(format!("writing {}", path.display())))?;
+                super::dedup::write_snapshot(wal.dir(), &snapshot)?;
                 wal.delete_before(min + 1)
             })
             .await;

@@ -4,7 +4,7 @@ use std::str::FromStr;
 
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use sluice_sql::{OptionError, OptionSpec, Options};
+use sluice_sql::{OptionError, OptionSpec, Options, option_choice};
 
 /// Default zstd level for `compression` = `zstd` (fast, and much smaller than snappy).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
@@ -78,20 +78,12 @@ impl ParquetSinkConfig {
                 message: format!("expected a number of bytes, got '{v}'"),
             })?,
         };
-        let nanosecond_timestamps = match options
-            .get("timestamp_precision")
-            .map(|v| v.trim().to_ascii_lowercase())
-        {
-            None => false,
-            Some(v) if v == "micros" => false,
-            Some(v) if v == "nanos" => true,
-            Some(v) => {
-                return Err(OptionError {
-                    key: "timestamp_precision".into(),
-                    message: format!("expected 'micros' or 'nanos', got '{v}'"),
-                });
-            }
-        };
+        let nanosecond_timestamps = option_choice(
+            options,
+            "timestamp_precision",
+            false,
+            &[("micros", false), ("nanos", true)],
+        )?;
         Ok(ParquetSinkConfig {
             compression,
             dictionary_page_limit,

@@ -31,6 +31,8 @@ pub struct ParquetSink {
     partition_by: Vec<usize>,
     data_columns: Vec<usize>,
     file_schema: SchemaRef,
+    /// The whole table as stored: data columns as in the files, partition columns as output.
+    stored: SchemaRef,
     props: WriterProperties,
 }
 
@@ -52,6 +54,16 @@ impl ParquetSink {
         }
         let data_columns: Vec<usize> = (0..schema.fields().len()).filter(|i| !pidx.contains(i)).collect();
         let file_schema = stored_schema(&schema.project(&data_columns)?, config.nanosecond_timestamps);
+        let stored = Arc::new(arrow::datatypes::Schema::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| match file_schema.field_with_name(f.name()) {
+                    Ok(stored) => stored.clone(),
+                    Err(_) => f.as_ref().clone(),
+                })
+                .collect::<Vec<_>>(),
+        ));
         let props = config.writer_properties();
         Ok(ParquetSink {
             table,
@@ -59,6 +71,7 @@ impl ParquetSink {
             partition_by: pidx,
             data_columns,
             file_schema,
+            stored,
             props,
         })
     }
@@ -110,14 +123,6 @@ impl ParquetSink {
     /// The output schema this sink accepts.
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
-    }
-
-    /// The type a column is stored with (timestamps may be stored at a coarser unit).
-    fn stored_type(&self, column: usize) -> arrow::datatypes::DataType {
-        let field = self.schema.field(column);
-        self.file_schema
-            .field_with_name(field.name())
-            .map_or_else(|_| field.data_type().clone(), |f| f.data_type().clone())
     }
 }
 
@@ -196,10 +201,7 @@ impl Sink for ParquetSink {
     }
 
     fn stored_schema(&self) -> SchemaRef {
-        let fields: Vec<arrow::datatypes::Field> = (0..self.schema.fields().len())
-            .map(|i| self.schema.field(i).clone().with_data_type(self.stored_type(i)))
-            .collect();
-        Arc::new(arrow::datatypes::Schema::new(fields))
+        self.stored.clone()
     }
 
     async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>> {

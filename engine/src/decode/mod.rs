@@ -548,7 +548,7 @@ mod tests {
             .stack_size(2 << 20)
             .spawn(move || {
                 let buf = text.as_bytes();
-                let recs = lines_of(buf);
+                let recs = super::lines(buf);
                 for decoder in [
                     RecordDecoder::new(Format::Json, schema()),
                     RecordDecoder::new(Format::Json, schema()).arrow_only(),
@@ -600,10 +600,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    fn lines_of(buf: &[u8]) -> Vec<Range<usize>> {
-        lines(buf)
     }
 
     #[test]

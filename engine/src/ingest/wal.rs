@@ -251,23 +251,17 @@ fn gaps(first: u64, frames: &[(u64, u64, usize)], next: Option<u64>) -> Vec<(u64
 /// truncate or repair the first one's in-flight tail).
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join("lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io(format!("opening {}", path.display())))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::config(
-            format!("the ingest log at {} is in use by another process", dir.display()),
-            Some(
-                "give each server its own --state-dir (the default is .sluice beside the first pipeline file)"
-                    .to_string(),
-            ),
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(format!("locking {}", path.display()))(e)),
-    }
+    durability::lock_file(&path)
+        .map_err(io(format!("locking {}", path.display())))?
+        .ok_or_else(|| {
+            EngineError::config(
+                format!("the ingest log at {} is in use by another process", dir.display()),
+                Some(
+                    "give each server its own --state-dir (the default is .sluice beside the first pipeline file)"
+                        .to_string(),
+                ),
+            )
+        })
 }
 
 /// A new random identity (128 bits from the standard library's randomly seeded hasher).
@@ -337,7 +331,10 @@ impl IngestLog {
             let newest = i + 1 == segs.len();
             let len = buf.len() as u64;
             if s.damage.is_empty() {
-                // Clean.
+                // What a killed process wrote may still be only in the page cache: everything
+                // kept (and replayed, and remembered as logged) is made durable before use.
+                let f = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+                durability::sync_file(&f, path).map_err(io(format!("syncing {}", path.display())))?;
             } else if newest && s.only_torn_tail(len) {
                 let at = s.valid_end(len);
                 let f = OpenOptions::new()
@@ -361,10 +358,7 @@ impl IngestLog {
                 report.lost.extend(lost);
                 report.quarantined.push(q);
             }
-            // What a killed process wrote may still be only in the page cache: everything
-            // kept (and replayed, and remembered as logged) is made durable before use.
-            let f = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-            durability::sync_file(&f, path).map_err(io(format!("syncing {}", path.display())))?;
+            // (Truncated and repaired segments were synced by their repair.)
             live.push(*first);
             next_seq = s.frames.last().map_or(*first, |(seq, _, _)| seq + 1);
         }
@@ -605,18 +599,11 @@ impl Writer {
         let path = self.dir.join(seg_name(first));
         let mut segs = self.segments.lock().unwrap_or_else(|p| p.into_inner());
         if segs.last() == Some(&first) {
-            // The newest segment holds no frame (its first write failed): replace it.
-            std::fs::remove_file(&path).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
+            // The newest segment holds no frame (its first write failed): started again below.
             segs.pop();
         }
-        // Not in the list, a file of this name holds no frame: it was created by a roll whose
-        // directory sync failed. Start it again.
+        // A file of this name holds no frame (its first write failed, or it was created by a
+        // roll whose directory sync failed): start it again.
         let f = OpenOptions::new().create(true).append(true).read(true).open(&path)?;
         f.set_len(0)?;
         durability::sync_dir(&self.dir)?;

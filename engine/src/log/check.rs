@@ -7,7 +7,7 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
-use crate::log::commit::CommitLog;
+use crate::log::commit::{CommitLog, live_files};
 use crate::log::store::TableStore;
 
 /// What is wrong with one file or entry.
@@ -71,28 +71,34 @@ pub async fn check_table(table: &TableStore) -> Result<CheckReport> {
         }
     }
     report.entries = entries.len();
-    // Live files: added and not removed, in commit order.
-    let mut live: Vec<(String, u64)> = Vec::new();
-    let mut dead_letters: Vec<(String, u64)> = Vec::new();
-    for e in &entries {
-        live.retain(|(p, _)| !e.remove.contains(p) && !e.add.iter().any(|a| &a.path == p));
-        live.extend(e.add.iter().map(|a| (a.path.clone(), a.bytes)));
-        dead_letters.extend(e.dead_letters.iter().map(|d| (d.path.clone(), u64::MAX)));
-    }
+    let live = live_files(&entries);
+    // Dead-letter files are never removed, and their sizes are not recorded.
+    let dead_letters: Vec<&str> = entries
+        .iter()
+        .flat_map(|e| e.dead_letters.iter().map(|d| d.path.as_str()))
+        .collect();
     report.files = live.len();
     report.dead_letter_files = dead_letters.len();
-    report.bytes = live.iter().map(|(_, b)| b).sum();
-    for (path, bytes) in live.iter().chain(&dead_letters) {
+    report.bytes = live.iter().map(|f| f.bytes).sum();
+    let expected = live
+        .iter()
+        .map(|f| (f.path.as_str(), Some(f.bytes)))
+        .chain(dead_letters.iter().map(|p| (*p, None)));
+    for (path, bytes) in expected {
         match table.store.head(&table.path(path)).await {
-            Ok(meta) if *bytes != u64::MAX && meta.size != *bytes => report.problems.push(Problem {
+            Ok(meta) if bytes.is_some_and(|b| b != meta.size) => report.problems.push(Problem {
                 kind: ProblemKind::WrongSize,
-                path: path.clone(),
-                detail: format!("{} bytes on the store, {bytes} in the log", meta.size),
+                path: path.to_string(),
+                detail: format!(
+                    "{} bytes on the store, {} in the log",
+                    meta.size,
+                    bytes.unwrap_or_default()
+                ),
             }),
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => report.problems.push(Problem {
                 kind: ProblemKind::Missing,
-                path: path.clone(),
+                path: path.to_string(),
                 detail: "named by the log, not on the store".into(),
             }),
             Err(e) => return Err(EngineError::store(format!("checking {path}"))(e)),
@@ -106,7 +112,7 @@ pub async fn check_table(table: &TableStore) -> Result<CheckReport> {
         .map_err(EngineError::store(format!("listing {}", table.location)))?;
     for meta in all {
         let path = table.relative(&meta.location);
-        if path.starts_with("_sluice/") || live.iter().any(|(p, _)| *p == path) {
+        if path.starts_with("_sluice/") || live.iter().any(|f| f.path == path) {
             continue;
         }
         report.problems.push(Problem {

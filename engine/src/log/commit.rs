@@ -141,6 +141,17 @@ impl CommitEntry {
     }
 }
 
+/// The files `entries` (in epoch order) leave in the table: added and not removed, in commit
+/// order (invariant 1).
+pub fn live_files(entries: &[CommitEntry]) -> Vec<FileAction> {
+    let mut files: Vec<FileAction> = Vec::new();
+    for entry in entries {
+        files.retain(|f| !entry.remove.contains(&f.path) && !entry.add.iter().any(|a| a.path == f.path));
+        files.extend(entry.add.iter().cloned());
+    }
+    files
+}
+
 /// The commit log of one table, as seen by one writer (a pipeline or a job).
 #[derive(Debug, Clone)]
 pub struct CommitLog {
@@ -284,15 +295,8 @@ impl CommitLog {
 
     /// The files of the committed table: added and not removed, in commit order.
     pub async fn committed_files(&self) -> Result<(Vec<FileAction>, Option<TableSchema>)> {
-        let mut files: Vec<FileAction> = Vec::new();
-        let mut schema = None;
-        for entry in self.entries().await? {
-            files.retain(|f| !entry.remove.contains(&f.path));
-            files.retain(|f| !entry.add.iter().any(|a| a.path == f.path));
-            files.extend(entry.add.iter().cloned());
-            schema = Some(entry.schema.clone());
-        }
-        Ok((files, schema))
+        let entries = self.entries().await?;
+        Ok((live_files(&entries), entries.last().map(|e| e.schema.clone())))
     }
 
     /// Brings the table to a clean state for this writer: finishes the moves of its newest entry

@@ -9,7 +9,7 @@
 //! network filesystems without working `flock` (NFS before v4). Stores that are not local
 //! disk have no lease yet (a create-if-absent lease object with renewal comes with S3).
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::File;
 
 use crate::durability;
 use crate::error::{EngineError, Result};
@@ -31,15 +31,9 @@ impl WriterLease {
         let lock_dir = dir.join("_sluice").join("lock");
         durability::create_dir_all(&lock_dir).map_err(EngineError::io(format!("creating {}", lock_dir.display())))?;
         let path = lock_dir.join(format!("{writer}.lock"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(EngineError::io(format!("opening {}", path.display())))?;
-        match file.try_lock() {
-            Ok(()) => Ok(WriterLease { _file: Some(file) }),
-            Err(TryLockError::WouldBlock) => Err(EngineError::config(
+        match durability::lock_file(&path).map_err(EngineError::io(format!("locking {}", path.display())))? {
+            Some(file) => Ok(WriterLease { _file: Some(file) }),
+            None => Err(EngineError::config(
                 format!(
                     "pipeline {writer} on {} is already running in another process (it holds {})",
                     table.location,
@@ -50,7 +44,6 @@ impl WriterLease {
                         .to_string(),
                 ),
             )),
-            Err(TryLockError::Error(e)) => Err(EngineError::io(format!("locking {}", path.display()))(e)),
         }
     }
 }

@@ -109,17 +109,15 @@ fn put_durably(tmp: &FsPath, target: &FsPath, payload: &PutPayload, create: bool
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(tmp);
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            // The existing object may be the work of a process killed before it synced the
-            // directory: make it durable before anyone acts on "it exists".
-            durability::sync_dir(parent(target)).map_err(generic)?;
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(generic(e));
         }
-        return Err(match e.kind() {
-            std::io::ErrorKind::AlreadyExists => object_store::Error::AlreadyExists {
-                path: target.display().to_string(),
-                source: Box::new(e),
-            },
-            _ => generic(e),
+        // The existing object may be the work of a process killed before it synced the
+        // directory: make it durable before anyone acts on "it exists".
+        durability::sync_dir(parent(target)).map_err(generic)?;
+        return Err(object_store::Error::AlreadyExists {
+            path: target.display().to_string(),
+            source: Box::new(e),
         });
     }
     durability::sync_dir(parent(target)).map_err(generic)

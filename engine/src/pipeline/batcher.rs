@@ -88,6 +88,8 @@ pub struct Batcher {
     growth: u64,
     /// The most bytes a grown batch may hold.
     byte_cap: u64,
+    /// Bytes of the batch [`Batcher::take`] closed last.
+    closed_bytes: u64,
 }
 
 impl Batcher {
@@ -101,6 +103,7 @@ impl Batcher {
             opened: None,
             growth: 1,
             byte_cap: policy.max_bytes,
+            closed_bytes: 0,
         }
     }
 
@@ -110,17 +113,12 @@ impl Batcher {
         self
     }
 
-    /// The pipeline is behind and the batch that just closed held `closed_bytes`: unless that
-    /// already reached the byte cap, the next batches may hold twice as many rows.
-    pub fn grow(&mut self, closed_bytes: u64) {
-        if closed_bytes < self.byte_cap {
+    /// The pipeline is behind: unless the batch that closed last already reached the byte
+    /// cap, the next batches may hold twice as many rows.
+    pub fn grow(&mut self) {
+        if self.closed_bytes < self.byte_cap {
             self.growth = (self.growth * 2).min(MAX_GROWTH);
         }
-    }
-
-    /// Raw bytes buffered.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 
     /// The pipeline has caught up: back to the configured sizes.
@@ -170,6 +168,7 @@ impl Batcher {
 
     /// Closes the batch, returning its chunks.
     pub fn take(&mut self) -> Vec<Chunk> {
+        self.closed_bytes = self.bytes;
         self.rows = 0;
         self.bytes = 0;
         self.opened = None;
@@ -238,24 +237,23 @@ mod tests {
         // Rows close it (10 rows of 1 byte each).
         let rows = |b: &mut Batcher, n: usize| (0..n).map(|_| b.push(row_chunk())).last().unwrap_or(false);
         assert!(rows(&mut b, 10), "configured size");
-        let closed = b.bytes();
         b.take();
-        b.grow(closed);
+        b.grow();
         assert!(!rows(&mut b, 10));
         assert!(rows(&mut b, 10), "twice the rows");
         b.take();
         for _ in 0..10 {
-            b.grow(0);
+            b.grow();
         }
         assert_eq!(b.growth(), MAX_GROWTH);
         assert!(!b.push(chunk(59)));
         assert!(b.push(chunk(1)), "never more bytes than the cap");
         b.take();
         b.reset_growth();
-        assert!(rows(&mut b, 10), "back to the configured size");
         // A batch that closed at the cap does not grow the next.
-        b.grow(60);
+        b.grow();
         assert_eq!(b.growth(), 1);
+        assert!(rows(&mut b, 10), "back to the configured size");
     }
 
     #[test]

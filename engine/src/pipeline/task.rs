@@ -150,13 +150,12 @@ impl PipelineTask {
                         let rows = batcher.rows() as u64;
                         update(&self.status, |s| { s.events_received += n; s.buffered_records = rows; });
                         if full {
-                            let closed_bytes = batcher.bytes();
                             self.flush(&mut batcher).await?;
                             // Input already waiting: behind, so the next batch may be bigger.
                             if rx.is_empty() {
                                 batcher.reset_growth();
                             } else {
-                                batcher.grow(closed_bytes);
+                                batcher.grow();
                             }
                         }
                     }

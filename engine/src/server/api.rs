@@ -53,8 +53,9 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
         .zip(s.healths.iter())
         .filter_map(|(h, health)| {
             let st = h.lock().unwrap_or_else(|p| p.into_inner());
-            let down = matches!(st.state, PipelineState::Failed) || (health.failed().is_some() && !stopping);
-            down.then(|| match health.failed() {
+            let why = health.failed();
+            let down = matches!(st.state, PipelineState::Failed) || (why.is_some() && !stopping);
+            down.then(|| match why {
                 Some(why) => format!("{} ({why})", st.name),
                 None => st.name.clone(),
             })
