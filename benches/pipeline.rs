@@ -520,7 +520,7 @@ fn decode_all(decoder: &RecordDecoder, files: &[Vec<u8>]) -> (Vec<RecordBatch>, 
                 end = f[..end].iter().rposition(|b| *b == b'\n').map_or(f.len(), |p| p + 1);
             }
             let chunk = &f[start..end];
-            batches.push(decoder.decode(chunk, &lines(chunk), true).expect("decode").batch);
+            batches.push(decoder.decode(chunk, &lines(chunk)).expect("decode").batch);
             start = end;
         }
     }

@@ -26,7 +26,7 @@
 //! use std::sync::Arc;
 //! let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
 //! let buf = b"{\"id\": 1}\nnot json\n{\"id\": 3}\n";
-//! let out = RecordDecoder::new(Format::Json, schema).decode(buf, &lines(buf), true).unwrap();
+//! let out = RecordDecoder::new(Format::Json, schema).decode(buf, &lines(buf)).unwrap();
 //! assert_eq!(out.batch.num_rows(), 2);
 //! assert_eq!(out.rejected[0].index, 1);
 //! ```

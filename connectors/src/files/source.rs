@@ -227,17 +227,17 @@ struct DecodeJob {
 
 impl DecodeJob {
     fn run(self, buf: Vec<u8>) -> Result<Chunk> {
-        let (ranges, contiguous) = match self.format {
-            DirFormat::Ndjson => (lines(&buf), true),
+        let ranges = match self.format {
+            DirFormat::Ndjson => lines(&buf),
             DirFormat::Csv => {
                 let mut r = csv_records(&buf, self.config.delimiter);
                 if self.config.has_header && !r.is_empty() {
                     r.remove(0);
                 }
-                (r, false)
+                r
             }
         };
-        let decoded = self.decoder.decode(&buf, &ranges, contiguous)?;
+        let decoded = self.decoder.decode(&buf, &ranges)?;
         let dead_letters = decoded
             .rejected
             .iter()

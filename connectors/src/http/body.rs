@@ -43,7 +43,7 @@ pub(super) fn decode_body(
 ) -> Result<(Decoded, Vec<DeadLetter>), (StatusCode, String)> {
     let (buf, ranges) = split_body(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     let decoded = decoder
-        .decode(&buf, &ranges, true)
+        .decode(&buf, &ranges)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("decoding failed: {e}")))?;
     if decoded.batch.num_rows() == 0 && !decoded.rejected.is_empty() && decoded.rejected.iter().all(|r| r.syntax) {
         return Err((

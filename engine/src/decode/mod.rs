@@ -135,16 +135,15 @@ impl RecordDecoder {
         &self.schema
     }
 
-    /// Decodes the records `records` (byte ranges of `buf`). When the ranges are the non-blank
-    /// lines of `buf` in order (NDJSON), pass `contiguous = true` so runs of records are decoded
-    /// straight from `buf` without copying.
+    /// Decodes the records `records` (byte ranges of `buf`), each to exactly one row or one
+    /// [`Rejected`]: rows are matched to records one by one, never by count.
     ///
     /// Records are decoded in blocks of [`DECODE_BLOCK`]; a block that fails is bisected until
     /// each bad record stands alone, so good records are decoded about once whatever the mix.
     ///
     /// A JSON record nested deeper than [`MAX_JSON_DEPTH`] is rejected before any parser sees
     /// it (some recurse, and a line of brackets must not overflow the stack).
-    pub fn decode(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
+    pub fn decode(&self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         if matches!(self.format, Format::Json) {
             let deep: Vec<usize> = (0..records.len())
                 .filter(|&i| nested_too_deep(&buf[records[i].clone()]))
@@ -152,7 +151,7 @@ impl RecordDecoder {
             if !deep.is_empty() {
                 let keep: Vec<usize> = (0..records.len()).filter(|i| deep.binary_search(i).is_err()).collect();
                 let kept: Vec<Range<usize>> = keep.iter().map(|&i| records[i].clone()).collect();
-                let mut out = self.decode_records(buf, &kept, false)?;
+                let mut out = self.decode_records(buf, &kept)?;
                 for r in &mut out.rejected {
                     r.index = keep[r.index];
                 }
@@ -165,13 +164,13 @@ impl RecordDecoder {
                 return Ok(out);
             }
         }
-        self.decode_records(buf, records, contiguous)
+        self.decode_records(buf, records)
     }
 
-    fn decode_records(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
+    fn decode_records(&self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         match &self.fast {
             Some(fast) => self.decode_fast(fast, buf, records),
-            None => self.decode_arrow(buf, records, contiguous),
+            None => self.decode_arrow(buf, records),
         }
     }
 
@@ -186,7 +185,7 @@ impl RecordDecoder {
             });
         }
         let slow_records: Vec<Range<usize>> = out.deferred.iter().map(|&i| records[i].clone()).collect();
-        let slow = self.decode_arrow(buf, &slow_records, false)?;
+        let slow = self.decode_arrow(buf, &slow_records)?;
         let rejected: Vec<Rejected> = slow
             .rejected
             .into_iter()
@@ -221,7 +220,7 @@ impl RecordDecoder {
     }
 
     /// arrow-json or arrow-csv over all records, in blocks with bisection.
-    fn decode_arrow(&self, buf: &[u8], records: &[Range<usize>], contiguous: bool) -> Result<Decoded> {
+    fn decode_arrow(&self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         let mut parts: Vec<(usize, usize, RecordBatch)> = Vec::new();
         let mut rejected = Vec::new();
         let mut stack: Vec<(usize, usize)> = (0..records.len())
@@ -231,26 +230,14 @@ impl RecordDecoder {
             .collect();
         while let Some((lo, hi)) = stack.pop() {
             let n = hi - lo;
-            // A lone record is always given its newline, so its error does not depend on
-            // where it sat in the input (arrow-json reports `1` as truncated without one).
-            let res = if contiguous && n > 1 {
-                self.decode_raw(&buf[records[lo].start..records[hi - 1].end], n)
-            } else {
-                self.decode_raw(&join(buf, &records[lo..hi]), n)
-            };
-            match res {
-                Ok(b) if b.num_rows() == n => parts.push((lo, hi, b)),
-                Ok(b) if n == 1 => rejected.push(Rejected {
-                    index: lo,
-                    error: format!("expected one record, found {}", b.num_rows()),
-                    syntax: true,
-                }),
+            match self.decode_raw(buf, &records[lo..hi]) {
+                Ok(b) => parts.push((lo, hi, b)),
                 Err(e) if n == 1 => rejected.push(Rejected {
                     index: lo,
-                    syntax: is_syntax_error(&e),
-                    error: clean(&e),
+                    syntax: e.syntax(),
+                    error: e.to_string(),
                 }),
-                _ => {
+                Err(_) => {
                     let mid = lo + n / 2;
                     stack.push((mid, hi));
                     stack.push((lo, mid));
@@ -270,9 +257,12 @@ impl RecordDecoder {
         Ok(Decoded { batch, rejected })
     }
 
-    /// Runs arrow's decoder over `buf`, expecting about `rows` records.
-    fn decode_raw(&self, buf: &[u8], rows: usize) -> Result<RecordBatch, ArrowError> {
-        let batch_size = rows.max(1) + 1;
+    /// Runs arrow's decoder over `records`, one row per record: each record is fed alone
+    /// (followed by a newline, so its error does not depend on where it sat in the input) and
+    /// must complete exactly one row. Counting rows at the end is not enough: a record holding
+    /// two values next to one split over two records decodes to the right number of rows.
+    fn decode_raw(&self, buf: &[u8], records: &[Range<usize>]) -> Result<RecordBatch, RawError> {
+        let batch_size = records.len() + 1;
         let mut out = Vec::new();
         match &self.format {
             Format::Json => {
@@ -280,13 +270,14 @@ impl RecordDecoder {
                     .with_coerce_primitive(true)
                     .with_batch_size(batch_size)
                     .build_decoder()?;
-                let mut off = 0;
-                while off < buf.len() {
-                    let n = d.decode(&buf[off..])?;
-                    if n == 0 {
-                        out.extend(d.flush()?);
+                for (i, r) in records.iter().enumerate() {
+                    feed(&buf[r.clone()], |b| d.decode(b))?;
+                    if d.has_partial_record() {
+                        return Err(RawError::Values(0));
                     }
-                    off += n;
+                    if d.len() != i + 1 {
+                        return Err(RawError::Values(d.len().saturating_sub(i)));
+                    }
                 }
                 out.extend(d.flush()?);
             }
@@ -296,20 +287,17 @@ impl RecordDecoder {
                     .with_delimiter(*delimiter)
                     .with_batch_size(batch_size)
                     .build_decoder();
-                let mut off = 0;
-                loop {
-                    let n = d.decode(&buf[off..])?;
-                    off += n;
-                    if n == 0 {
-                        match d.flush()? {
-                            Some(b) => out.push(b),
-                            None => break,
-                        }
+                for (i, r) in records.iter().enumerate() {
+                    feed(&buf[r.clone()], |b| d.decode(b))?;
+                    let rows = batch_size - d.capacity();
+                    if rows != i + 1 {
+                        return Err(RawError::Values(rows.saturating_sub(i)));
                     }
                 }
+                out.extend(d.flush()?);
             }
         }
-        arrow::compute::concat_batches(&self.raw_schema, &out)
+        Ok(arrow::compute::concat_batches(&self.raw_schema, &out)?)
     }
 
     /// Converts text timestamps to the declared types. Returns the batch without the rows whose
@@ -397,33 +385,67 @@ pub fn nested_too_deep(text: &[u8]) -> bool {
     false
 }
 
-/// Concatenates records with a newline after each.
-fn join(buf: &[u8], records: &[Range<usize>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 1).sum());
-    for r in records {
-        out.extend_from_slice(&buf[r.clone()]);
-        out.push(b'\n');
+/// Hands `record` and then a newline to an arrow decoder that takes what it can per call.
+fn feed(record: &[u8], mut decode: impl FnMut(&[u8]) -> Result<usize, ArrowError>) -> Result<(), ArrowError> {
+    for mut part in [record, b"\n".as_slice()] {
+        while !part.is_empty() {
+            let n = decode(part)?;
+            if n == 0 {
+                return Err(ArrowError::ParseError("decoder stopped before the end of a record".into()));
+            }
+            part = &part[n..];
+        }
     }
-    out
+    Ok(())
 }
 
-fn is_syntax_error(e: &ArrowError) -> bool {
-    let m = e.to_string();
-    m.contains("Json error: Encountered unexpected")
-        || m.contains("Json error: expected")
-        || m.contains("Json error: Encountered truncated")
-        || m.contains("Json error: Invalid")
-        || m.contains("Json error: Unterminated")
-        || m.contains("Csv error: incorrect number of fields")
+/// Why a block of records did not decode one row per record.
+#[derive(Debug)]
+enum RawError {
+    /// arrow-json or arrow-csv refused the input.
+    Arrow(ArrowError),
+    /// A record completed this many values instead of one.
+    Values(usize),
 }
 
-fn clean(e: &ArrowError) -> String {
-    let m = e.to_string();
-    m.strip_prefix("Json error: ")
-        .or_else(|| m.strip_prefix("Csv error: "))
-        .or_else(|| m.strip_prefix("Parser error: "))
-        .unwrap_or(&m)
-        .to_string()
+impl From<ArrowError> for RawError {
+    fn from(e: ArrowError) -> Self {
+        RawError::Arrow(e)
+    }
+}
+
+impl RawError {
+    /// True when the record is not syntactically valid, as opposed to a value the schema refuses.
+    fn syntax(&self) -> bool {
+        let RawError::Arrow(e) = self else {
+            return true;
+        };
+        let m = e.to_string();
+        m.contains("Json error: Encountered unexpected")
+            || m.contains("Json error: expected")
+            || m.contains("Json error: Encountered truncated")
+            || m.contains("Json error: Invalid")
+            || m.contains("Json error: Unterminated")
+            || m.contains("Csv error: incorrect number of fields")
+    }
+}
+
+impl std::fmt::Display for RawError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RawError::Values(0) => f.write_str("record ends inside a value"),
+            RawError::Values(n) => write!(f, "record holds {n} values, expected one"),
+            RawError::Arrow(e) => {
+                let m = e.to_string();
+                let m = m
+                    .strip_prefix("Json error: ")
+                    .or_else(|| m.strip_prefix("Csv error: "))
+                    .or_else(|| m.strip_prefix("Parser error: "))
+                    .unwrap_or(&m);
+                f.write_str(m)
+            }
+        }
+    }
 }
 
 /// Parses timestamp text (RFC 3339 or epoch milliseconds) into `unit`; unparseable values are
@@ -553,7 +575,7 @@ mod tests {
                     RecordDecoder::new(Format::Json, schema()),
                     RecordDecoder::new(Format::Json, schema()).arrow_only(),
                 ] {
-                    let out = decoder.decode(buf, &recs, true).unwrap();
+                    let out = decoder.decode(buf, &recs).unwrap();
                     let errs: Vec<&str> = out.rejected.iter().map(|r| r.error.as_str()).collect();
                     assert_eq!(out.rejected.len(), 3, "{errs:?}");
                     assert!(errs.iter().all(|e| e.contains("nested deeper")), "{errs:?}");
@@ -583,7 +605,7 @@ mod tests {
                 if !fast {
                     d = d.arrow_only();
                 }
-                let out = d.decode(buf, &recs, true).unwrap();
+                let out = d.decode(buf, &recs).unwrap();
                 assert!(out.rejected.is_empty(), "{:?}", out.rejected);
                 let ts = out
                     .batch
@@ -606,7 +628,7 @@ mod tests {
     fn good_json_takes_the_fast_path() {
         let buf = b"{\"id\":1,\"name\":\"a\",\"ts\":\"2025-11-22T10:00:00Z\"}\n\n{\"id\":2,\"name\":7,\"ts\":1763805600000}\n";
         let d = RecordDecoder::new(Format::Json, schema());
-        let out = d.decode(buf, &lines(buf), true).unwrap();
+        let out = d.decode(buf, &lines(buf)).unwrap();
         assert!(out.rejected.is_empty());
         assert_eq!(out.batch.num_rows(), 2);
         let ts = out
@@ -626,7 +648,7 @@ mod tests {
         let buf =
             b"{\"id\":1}\nnot json\n{\"id\":\"x\"}\n{\"name\":\"no id\"}\n{\"id\":5,\"ts\":\"yesterday\"}\n{\"id\":6}";
         let d = RecordDecoder::new(Format::Json, schema());
-        let out = d.decode(buf, &lines(buf), true).unwrap();
+        let out = d.decode(buf, &lines(buf)).unwrap();
         let ids = out.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(ids.values().to_vec(), vec![1, 6]);
         let idx: Vec<usize> = out.rejected.iter().map(|r| r.index).collect();
@@ -636,13 +658,32 @@ mod tests {
         assert!(out.rejected[3].error.contains("yesterday"));
     }
 
+    // Rows are matched to records one by one, not by count: a line holding two objects next to
+    // a value split over two lines decodes to as many rows as records, yet every one is bad.
+    #[test]
+    fn rows_are_aligned_with_records_not_counted() {
+        let buf = b"{\"id\":1} {\"id\":2}\n{\"id\":\n3}\n{\"id\":4}\n";
+        for d in [
+            RecordDecoder::new(Format::Json, schema()),
+            RecordDecoder::new(Format::Json, schema()).arrow_only(),
+        ] {
+            let out = d.decode(buf, &lines(buf)).unwrap();
+            let ids = out.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            assert_eq!(ids.values().to_vec(), vec![4], "{:?}", out.rejected);
+            let idx: Vec<usize> = out.rejected.iter().map(|r| r.index).collect();
+            assert_eq!(idx, vec![0, 1, 2]);
+            assert!(out.rejected[0].error.contains("holds 2 values"), "{:?}", out.rejected[0]);
+            assert!(out.rejected.iter().all(|r| r.syntax), "{:?}", out.rejected);
+        }
+    }
+
     #[test]
     fn csv_records_respect_quotes() {
         let buf = b"1,\"a\nb\",2026-01-01T00:00:00Z\n\n2,c,0\n3,d,bad\n";
         let recs = csv_records(buf, b',');
         assert_eq!(recs.len(), 3);
         let d = RecordDecoder::new(Format::Csv { delimiter: b',' }, schema());
-        let out = d.decode(buf, &recs, false).unwrap();
+        let out = d.decode(buf, &recs).unwrap();
         assert_eq!(out.batch.num_rows(), 2);
         assert_eq!(out.rejected.len(), 1);
         assert_eq!(out.rejected[0].index, 2);
@@ -673,7 +714,7 @@ mod tests {
             buf.push(b'\n');
         }
         let out = RecordDecoder::new(Format::Json, schema())
-            .decode(&buf, &lines(&buf), true)
+            .decode(&buf, &lines(&buf))
             .unwrap();
         assert_eq!(out.rejected.iter().map(|r| r.index).collect::<Vec<_>>(), bad);
         let ids = out.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
@@ -954,8 +995,8 @@ mod differential {
                 buf.push(b'\n');
             }
             let records = lines(&buf);
-            let a = fast.decode(&buf, &records, true).unwrap();
-            let b = slow.decode(&buf, &records, true).unwrap();
+            let a = fast.decode(&buf, &records).unwrap();
+            let b = slow.decode(&buf, &records).unwrap();
             same_rejects(&buf, &records, &a, &b);
             same_rows(&a, &b);
             let direct = fast
@@ -995,8 +1036,8 @@ mod differential {
         }
         let records = lines(&buf);
         let (a, b) = (
-            fast.decode(&buf, &records, true).unwrap(),
-            slow.decode(&buf, &records, true).unwrap(),
+            fast.decode(&buf, &records).unwrap(),
+            slow.decode(&buf, &records).unwrap(),
         );
         same_rejects(&buf, &records, &a, &b);
         same_rows(&a, &b);
