@@ -40,6 +40,7 @@ pub mod error;
 pub mod ingest;
 pub mod log;
 pub mod pipeline;
+pub mod quality;
 pub mod retry;
 pub mod server;
 pub mod sink;

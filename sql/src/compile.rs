@@ -30,6 +30,7 @@ use datafusion::sql::sqlparser::tokenizer::{Location, Span};
 
 use crate::catalog::{ConnectorCatalog, Options, Role};
 use crate::error::{SourceLocation, SqlError, nearest};
+use crate::expect::{ExpectationDef, Written, is_expectation};
 use crate::text::{PipelineText, StatementTokens, strip_position};
 
 /// An unbounded source table.
@@ -93,6 +94,8 @@ pub struct Program {
     pub static_tables: Vec<String>,
     /// Pipelines in file order.
     pub pipelines: Vec<PipelineDef>,
+    /// `CREATE EXPECTATION`s in file order.
+    pub expectations: Vec<ExpectationDef>,
 }
 
 impl Program {
@@ -114,8 +117,11 @@ pub async fn compile(
     files: &[PipelineText],
 ) -> Result<Program, SqlError> {
     let mut stmts = Vec::new();
+    let mut expectations = Vec::new();
     for text in files {
-        stmts.extend(parse_file(text)?);
+        let (s, e) = parse_file(text)?;
+        stmts.extend(s);
+        expectations.extend(e);
     }
     Compiler {
         ctx,
@@ -123,7 +129,7 @@ pub async fn compile(
         program: Program::default(),
         defined: BTreeMap::new(),
     }
-    .run(stmts)
+    .run(stmts, expectations)
     .await
 }
 
@@ -134,8 +140,21 @@ struct Parsed<'a> {
     stmt: DFStatement,
 }
 
-fn parse_file(text: &PipelineText) -> Result<Vec<Parsed<'_>>, SqlError> {
-    let statements = DFParser::parse_sql_with_dialect(&text.text, &GenericDialect {}).map_err(|e| {
+/// Parses a file: its `CREATE EXPECTATION`s by [`crate::expect`], the rest by DataFusion's
+/// parser (which sees the expectations blanked out, so every span stays file-absolute).
+fn parse_file(text: &PipelineText) -> Result<(Vec<Parsed<'_>>, Vec<Written<'_>>), SqlError> {
+    let mut expectations = Vec::new();
+    let mut tokens = Vec::new();
+    let mut sql = text.text.clone();
+    for st in text.statements() {
+        if is_expectation(&st) {
+            blank(&mut sql, text, &st);
+            expectations.push(crate::expect::parse(text, st)?);
+        } else {
+            tokens.push(st);
+        }
+    }
+    let statements = DFParser::parse_sql_with_dialect(&sql, &GenericDialect {}).map_err(|e| {
         let msg = strip_position(
             &e.strip_backtrace()
                 .replace("SQL error: ParserError(\"", "")
@@ -151,7 +170,6 @@ fn parse_file(text: &PipelineText) -> Result<Vec<Parsed<'_>>, SqlError> {
             .map(|rest| format!("expected {}", rest.split(", found").next().unwrap_or(rest)));
         SqlError::invalid(msg.clone(), at, hint)
     })?;
-    let tokens = text.statements();
     if tokens.len() != statements.len() {
         return Err(SqlError::Internal(format!(
             "{}: {} statements parsed but {} found by the tokenizer",
@@ -160,11 +178,28 @@ fn parse_file(text: &PipelineText) -> Result<Vec<Parsed<'_>>, SqlError> {
             tokens.len()
         )));
     }
-    Ok(statements
+    let parsed = statements
         .into_iter()
         .zip(tokens)
         .map(|(stmt, tokens)| Parsed { text, tokens, stmt })
-        .collect())
+        .collect();
+    Ok((parsed, expectations))
+}
+
+/// Replaces a statement's text by spaces (newlines kept, so positions do not move).
+fn blank(sql: &mut String, text: &PipelineText, st: &StatementTokens<'_>) {
+    let (Some(first), Some(last)) = (st.tokens.first(), st.tokens.last()) else {
+        return;
+    };
+    let (Some(start), Some(end)) = (text.offset(first.span.start), text.offset(last.span.end)) else {
+        return;
+    };
+    // Each character becomes as many spaces as it has bytes, so offsets stay valid.
+    let bytes: String = sql[start..end]
+        .chars()
+        .map(|c| if c == '\n' { "\n".to_string() } else { " ".repeat(c.len_utf8()) })
+        .collect();
+    sql.replace_range(start..end, &bytes);
 }
 
 fn to_sp(s: datafusion::common::Span) -> Span {
@@ -190,7 +225,7 @@ fn err_at(p: &Parsed<'_>, span: Option<Span>, message: impl Into<String>, hint: 
 }
 
 impl<'a> Compiler<'a> {
-    async fn run(mut self, stmts: Vec<Parsed<'_>>) -> Result<Program, SqlError> {
+    async fn run(mut self, stmts: Vec<Parsed<'_>>, expectations: Vec<Written<'_>>) -> Result<Program, SqlError> {
         // Pass 1: which tables are INSERT targets.
         let mut sink_names = BTreeSet::new();
         for p in &stmts {
@@ -240,7 +275,45 @@ impl<'a> Compiler<'a> {
         for p in inserts {
             self.pipeline(p).await?;
         }
+        // Pass 4: expectations, against the sources' and sinks' final columns.
+        for e in expectations {
+            self.expectation(e).await?;
+        }
         Ok(self.program)
+    }
+
+    async fn expectation(&mut self, e: Written<'_>) -> Result<(), SqlError> {
+        if let Some(prev) = self.program.expectations.iter().find(|x| x.name == e.name()) {
+            return Err(e.error_at_name(
+                format!("expectation \"{}\" is defined twice", e.name()),
+                prev.defined_at.as_ref().map(|l| format!("\"{}\" is first defined at {l}", prev.name)),
+            ));
+        }
+        let schema = if let Some(s) = self.program.sources.get(e.table()) {
+            s.schema.clone()
+        } else if let Some(s) = self.program.sinks.get(e.table()) {
+            s.schema.clone()
+        } else {
+            let names: Vec<&str> = self
+                .program
+                .sources
+                .keys()
+                .chain(self.program.sinks.keys())
+                .map(String::as_str)
+                .collect();
+            let hint = if self.defined.contains_key(e.table()) {
+                format!("\"{}\" is a static table; an expectation checks a pipeline's source or sink", e.table())
+            } else {
+                match nearest(e.table(), names.iter().copied()) {
+                    Some(n) => format!("did you mean \"{n}\"?"),
+                    None => format!("an expectation checks a pipeline's source or sink: {}", names.join(", ")),
+                }
+            };
+            return Err(e.error_at_table(format!("unknown table \"{}\"", e.table()), Some(hint)));
+        };
+        let def = e.plan(schema).await?;
+        self.program.expectations.push(def);
+        Ok(())
     }
 
     fn table_name(&self, p: &Parsed<'_>, name: &ObjectName) -> Result<String, SqlError> {

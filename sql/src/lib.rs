@@ -28,6 +28,7 @@
 mod catalog;
 mod compile;
 mod error;
+mod expect;
 mod static_table;
 mod text;
 
@@ -37,6 +38,7 @@ pub use catalog::{
 };
 pub use compile::{PipelineDef, Program, SinkDef, SourceDef, compile, substitute_env};
 pub use error::{SourceLocation, SqlError, nearest};
+pub use expect::{Action, EXPECTATION_INPUT, ExpectationDef, Level};
 pub use static_table::StaticTable;
 pub use text::PipelineText;
 

@@ -68,6 +68,20 @@ impl PipelineText {
         out
     }
 
+    /// The byte offset of a tokenizer location (1-based line, column in characters).
+    pub fn offset(&self, at: Location) -> Option<usize> {
+        let mut line_start = 0;
+        for _ in 1..at.line {
+            line_start += self.text[line_start..].find('\n')? + 1;
+        }
+        let line = &self.text[line_start..];
+        let col = (at.column as usize).saturating_sub(1);
+        match line.char_indices().nth(col) {
+            Some((i, _)) => Some(line_start + i),
+            None => Some(line_start + line.len()),
+        }
+    }
+
     /// A location for a parser span (1-based line/column from the tokenizer).
     pub fn locate(&self, span: Span) -> Option<SourceLocation> {
         let width = if span.end.line == span.start.line && span.end.column > span.start.column {
