@@ -11,6 +11,8 @@ pub enum Stage {
     Decode,
     /// The pipeline's SELECT failed on the record (a cast, a division, a function error).
     Transform,
+    /// The record (or its batch) failed an expectation whose action sends it here.
+    Expectation,
 }
 
 impl Stage {
@@ -19,6 +21,7 @@ impl Stage {
         match self {
             Stage::Decode => "decode",
             Stage::Transform => "transform",
+            Stage::Expectation => "expectation",
         }
     }
 }

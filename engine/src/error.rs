@@ -55,6 +55,18 @@ pub enum EngineError {
         /// What is wrong.
         message: String,
     },
+    /// A batch-level expectation with `ON VIOLATION FAIL` failed: the epoch is not committed.
+    #[error(
+        "pipeline {pipeline} stopped: expectation {expectation} failed (CHECK ({check}), ON VIOLATION FAIL); the batch was not committed and stays in the source for a retry after a fix"
+    )]
+    ExpectationFailed {
+        /// The pipeline.
+        pipeline: String,
+        /// The expectation's name.
+        expectation: String,
+        /// Its CHECK condition.
+        check: String,
+    },
     /// The runtime is shutting down or a channel closed.
     #[error("pipeline {0} stopped")]
     Stopped(String),

@@ -33,6 +33,10 @@ pub fn option_specs() -> Vec<OptionSpec> {
             doc: "how timestamps are stored: 'micros' (default: every reader reads them, Spark included) or 'nanos' (exact, but Spark and older readers refuse INT64 TIMESTAMP(NANOS))",
         },
         OptionSpec {
+            key: "quality.profile",
+            doc: "'on' (default): profile every epoch's source and sink columns into _sluice/quality/profiles/; 'off': no profiles (expectations still run)",
+        },
+        OptionSpec {
             key: "dictionary_page_limit",
             doc: "bytes a column's dictionary may reach before the column is written plain (default 16384; 0 = no dictionaries)",
         },
@@ -78,6 +82,8 @@ impl ParquetSinkConfig {
                 message: format!("expected a number of bytes, got '{v}'"),
             })?,
         };
+        // Read by the engine; checked here so `sluice validate` reports a bad value.
+        option_choice(options, "quality.profile", true, &[("on", true), ("off", false)])?;
         let nanosecond_timestamps = option_choice(
             options,
             "timestamp_precision",

@@ -72,10 +72,14 @@ pub async fn check_table(table: &TableStore) -> Result<CheckReport> {
     }
     report.entries = entries.len();
     let live = live_files(&entries);
-    // Dead-letter files are never removed, and their sizes are not recorded.
+    // Dead-letter and profile files are never removed, and their sizes are not recorded.
     let dead_letters: Vec<&str> = entries
         .iter()
         .flat_map(|e| e.dead_letters.iter().map(|d| d.path.as_str()))
+        .collect();
+    let profiles: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e.quality.as_ref()?.profile.as_deref())
         .collect();
     report.files = live.len();
     report.dead_letter_files = dead_letters.len();
@@ -83,7 +87,8 @@ pub async fn check_table(table: &TableStore) -> Result<CheckReport> {
     let expected = live
         .iter()
         .map(|f| (f.path.as_str(), Some(f.bytes)))
-        .chain(dead_letters.iter().map(|p| (*p, None)));
+        .chain(dead_letters.iter().map(|p| (*p, None)))
+        .chain(profiles.iter().map(|p| (*p, None)));
     for (path, bytes) in expected {
         match table.store.head(&table.path(path)).await {
             Ok(meta) if bytes.is_some_and(|b| b != meta.size) => report.problems.push(Problem {

@@ -68,8 +68,11 @@ pub struct Counts {
     pub received: u64,
     /// Records that decoded.
     pub decoded: u64,
-    /// Records sent to dead letters (decode or transform).
+    /// Records sent to dead letters (decode, transform or expectation).
     pub dead_lettered: u64,
+    /// Rows removed by expectations with `ON VIOLATION DROP`.
+    #[serde(default)]
+    pub dropped: u64,
     /// Rows written.
     pub output: u64,
 }
@@ -122,6 +125,33 @@ pub struct CommitEntry {
     pub counts: Counts,
     /// The table's schema.
     pub schema: TableSchema,
+    /// Quality figures of this epoch (profile file, violations, summary), when profiled or checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualityEntry>,
+}
+
+/// What a commit records about the quality of its epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QualityEntry {
+    /// The profile file committed with the epoch (table-relative), when profiling is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Violations per expectation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expectations: BTreeMap<String, crate::quality::expect::Violations>,
+    /// Rows and nulls per column, by `source.<table>` / `sink.<table>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub summary: BTreeMap<String, TableSummary>,
+}
+
+/// Rows and nulls per column of one side of an epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSummary {
+    /// Rows.
+    pub rows: u64,
+    /// Nulls per column (columns without nulls left out).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nulls: BTreeMap<String, u64>,
 }
 
 impl CommitEntry {
@@ -138,6 +168,7 @@ impl CommitEntry {
             .iter()
             .map(|a| a.path.as_str())
             .chain(self.dead_letters.iter().map(|d| d.path.as_str()))
+            .chain(self.quality.iter().filter_map(|q| q.profile.as_deref()))
     }
 }
 
@@ -473,6 +504,7 @@ mod tests {
                 .collect(),
             remove: vec![],
             dead_letters: vec![],
+            quality: None,
             sources: BTreeMap::new(),
             counts: Counts::default(),
             schema: TableSchema::default(),

@@ -18,9 +18,15 @@ use tokio::sync::{mpsc, watch};
 use crate::budget::Budget;
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
 use crate::error::{EngineError, Result};
-use crate::log::commit::{CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, TableSchema};
+use crate::log::commit::{
+    CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema, TableSummary,
+};
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::pipeline::exec::{BatchPlan, slice_rows};
+use crate::quality::Quality;
+use crate::quality::expect::FailedRow;
+use crate::quality::profile::{self, ColumnProfile, Side, profile_batches};
+use crate::quality::store::{self, ProfileRow, profile_path};
 use crate::retry::{RetryPolicy, is_transient};
 use crate::sink::Sink;
 use crate::source::{Chunk, Health, Message};
@@ -114,6 +120,8 @@ pub struct PipelineTask {
     pub _lease: crate::log::lease::WriterLease,
     /// Whether the pipeline takes input (failed or stopped: its sources refuse intake).
     pub health: Health,
+    /// Expectations and profiles.
+    pub quality: Quality,
 }
 
 impl PipelineTask {
@@ -239,11 +247,12 @@ impl PipelineTask {
         }
     }
 
-    /// Runs the plan over one epoch and stages its files and dead letters; returns the entry
-    /// that commits them.
+    /// Runs the plan over one epoch, checks and profiles both sides, and stages its files,
+    /// dead letters and profile; returns the entry that commits them.
     async fn stage_epoch(&mut self, chunks: &[Chunk]) -> Result<Staged> {
         let started = Instant::now();
         let epoch = self.next_epoch;
+        let now = chrono::Utc::now();
         let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
         let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
         // The chunks as they are (no concatenated copy of the epoch).
@@ -254,8 +263,29 @@ impl PipelineTask {
             .collect();
         let decoded: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         let decode_dead = dead.len() as u64;
-        let output = self.transform(&input, &mut dead).await?;
+        let mut profiles = Vec::new();
+        if self.quality.profile {
+            let p = profile_batches(&input, self.plan.input_schema())?;
+            profiles.push((Side::Source, self.source.clone(), p));
+        }
+        let checked = self.quality.source.check(&self.name, input).await?;
+        let mut violations = checked.violations;
+        let mut dropped = decoded - checked.kept.iter().map(|b| b.num_rows() as u64).sum::<u64>() - checked.dead.len() as u64;
+        dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Source, epoch, f)));
+        let output = self.transform(&checked.kept, &mut dead).await?;
+        let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        let checked = self.quality.sink.check(&self.name, output).await?;
+        violations.extend(checked.violations);
+        let output = checked.kept;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        dropped += produced - written - checked.dead.len() as u64;
+        dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Sink, epoch, f)));
+        let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
+        if self.quality.profile {
+            let mut p = profile_batches(&output, self.plan.output_schema())?;
+            profile::set_freshness(&mut p, self.plan.output_schema(), now);
+            profiles.push((Side::Sink, self.name.clone(), p));
+        }
 
         let files = self.sink.stage(&self.log, epoch, output).await?;
         let mut dead_letters = Vec::new();
@@ -268,6 +298,7 @@ impl PipelineTask {
                 records: dead.len() as u64,
             });
         }
+        let quality = self.stage_quality(epoch, now, profiles, violations).await?;
         let mut positions = self.positions.clone();
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
@@ -276,7 +307,7 @@ impl PipelineTask {
             version: LOG_VERSION,
             epoch,
             pipeline: self.name.clone(),
-            committed_at: chrono::Utc::now().to_rfc3339(),
+            committed_at: now.to_rfc3339(),
             add: files,
             remove: vec![],
             dead_letters,
@@ -285,15 +316,72 @@ impl PipelineTask {
                 received,
                 decoded,
                 dead_lettered: dead.len() as u64,
+                dropped,
                 output: written,
             },
             schema: self.schema.clone(),
+            quality,
         };
         Ok(Staged {
             entry,
             decode_dead,
+            expectation_dead,
             started,
         })
+    }
+
+    /// Stages the epoch's profile file (when profiling) and returns the entry's quality part.
+    async fn stage_quality(
+        &self,
+        epoch: u64,
+        now: chrono::DateTime<chrono::Utc>,
+        profiles: Vec<(Side, String, Vec<ColumnProfile>)>,
+        expectations: BTreeMap<String, crate::quality::expect::Violations>,
+    ) -> Result<Option<QualityEntry>> {
+        if profiles.is_empty() && expectations.is_empty() {
+            return Ok(None);
+        }
+        let mut summary = BTreeMap::new();
+        let mut rows = Vec::new();
+        for (side, table, columns) in profiles {
+            let s = TableSummary {
+                rows: columns.first().map_or(0, |c| c.rows),
+                nulls: columns.iter().filter(|c| c.nulls > 0).map(|c| (c.column.clone(), c.nulls)).collect(),
+            };
+            summary.insert(format!("{}.{table}", side.as_str()), s);
+            rows.extend(columns.into_iter().map(|profile| ProfileRow {
+                epoch,
+                pipeline: self.name.clone(),
+                side,
+                table: table.clone(),
+                committed_at_us: now.timestamp_micros(),
+                profile,
+            }));
+        }
+        let profile = if rows.is_empty() {
+            None
+        } else {
+            let path = profile_path(&self.name, epoch);
+            self.log.stage(&path, store::encode(&rows)?.to_vec()).await?;
+            Some(path)
+        };
+        Ok(Some(QualityEntry {
+            profile,
+            expectations,
+            summary,
+        }))
+    }
+
+    /// The dead letter of a row that failed an expectation (or was in a quarantined batch).
+    fn expectation_letter(&self, side: Side, epoch: u64, f: FailedRow) -> DeadLetter {
+        DeadLetter {
+            source: self.source.clone(),
+            position: serde_json::json!({ "epoch": epoch, "side": side.as_str(), "row": f.index }),
+            stage: Stage::Expectation,
+            error: f.reason,
+            raw: row_json(std::slice::from_ref(&f.row)),
+            raw_base64: None,
+        }
     }
 
     /// Commits a staged epoch (again, after a failed attempt: the same entry).
@@ -312,7 +400,15 @@ impl PipelineTask {
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "decode", "reason" => "dead_letter")
             .increment(staged.decode_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "transform", "reason" => "dead_letter")
-            .increment(dl - staged.decode_dead);
+            .increment(dl - staged.decode_dead - staged.expectation_dead);
+        metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "expectation", "reason" => "dead_letter")
+            .increment(staged.expectation_dead);
+        metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "expectation", "reason" => "drop")
+            .increment(entry.counts.dropped);
+        for (expectation, v) in entry.quality.iter().flat_map(|q| q.expectations.iter()) {
+            metrics::counter!("sluice_expectation_violations_total", "pipeline" => name.clone(), "expectation" => expectation.clone(), "action" => v.action.clone())
+                .increment(v.violations);
+        }
         metrics::counter!("sluice_commits_total", "pipeline" => name.clone()).increment(1);
         metrics::histogram!("sluice_batch_duration_seconds", "pipeline" => name.clone())
             .record(staged.started.elapsed().as_secs_f64());
@@ -376,8 +472,10 @@ impl PipelineTask {
 struct Staged {
     /// The entry that commits it.
     entry: CommitEntry,
-    /// How many of its dead letters come from decoding (the rest from the transform).
+    /// How many of its dead letters come from decoding.
     decode_dead: u64,
+    /// How many come from expectations (the rest from the transform).
+    expectation_dead: u64,
     /// When the epoch started, for the batch duration metric.
     started: Instant,
 }

@@ -1,1 +1,271 @@
-//! Expectations (placeholder).
+//! Expectations at run time: the `CREATE EXPECTATION`s of one side of a pipeline (its source
+//! or its sink), evaluated on each micro-batch before the commit.
+//!
+//! - row-level checks are physical expressions evaluated on each Arrow batch (vectorised); a
+//!   row fails when its CHECK is FALSE (NULL passes). A row failing several checks is counted
+//!   under each and routed once: DEAD_LETTER before DROP before WARN;
+//! - batch-level checks are aggregate plans run over the whole micro-batch (the rows the row
+//!   checks kept), giving one boolean: WARN logs, QUARANTINE sends every row of the batch to
+//!   dead letters, FAIL stops the pipeline before the commit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray};
+use arrow::compute::{filter_record_batch, not, or, prep_null_mask_filter};
+use arrow::record_batch::RecordBatch;
+use datafusion::common::DFSchema;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::SessionContext;
+use serde::{Deserialize, Serialize};
+use sluice_sql::{Action, EXPECTATION_INPUT, ExpectationDef, Level, PipelineDef};
+
+use crate::error::{EngineError, Result};
+use crate::pipeline::exec::BatchPlan;
+
+/// What an epoch's checks found, per expectation, as recorded in the commit entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violations {
+    /// The action the expectation takes.
+    pub action: String,
+    /// `row` or `batch`.
+    pub level: String,
+    /// Rows that failed (row-level), or 1 when the batch failed (batch-level).
+    pub violations: u64,
+}
+
+/// The checks of one side of a pipeline.
+pub struct Checks {
+    checks: Vec<Check>,
+}
+
+struct Check {
+    def: ExpectationDef,
+    row: Option<Arc<dyn PhysicalExpr>>,
+    batch: Option<BatchPlan>,
+}
+
+/// A row that failed a DEAD_LETTER check: the row and why.
+pub struct FailedRow {
+    /// The row, alone in a batch.
+    pub row: RecordBatch,
+    /// Its index among the rows checked.
+    pub index: usize,
+    /// The expectations it failed.
+    pub reason: String,
+}
+
+/// The result of checking one micro-batch.
+#[derive(Default)]
+pub struct Checked {
+    /// The rows that go on.
+    pub kept: Vec<RecordBatch>,
+    /// Rows for dead letters (DEAD_LETTER rows, or the whole batch on QUARANTINE).
+    pub dead: Vec<FailedRow>,
+    /// Violations per expectation.
+    pub violations: BTreeMap<String, Violations>,
+}
+
+impl Checks {
+    /// Compiles the expectations on `table` among `all`.
+    pub fn new(ctx: &SessionContext, all: &[ExpectationDef], table: &str) -> Result<Checks> {
+        let mut checks = Vec::new();
+        for def in all.iter().filter(|d| d.table == table) {
+            let (row, batch) = match (&def.plan, def.level) {
+                (Some(plan), Level::Batch) => {
+                    let as_pipeline = PipelineDef {
+                        name: def.name.clone(),
+                        source: EXPECTATION_INPUT.to_string(),
+                        plan: plan.clone(),
+                        defined_at: None,
+                    };
+                    (None, Some(BatchPlan::new(ctx, &as_pipeline, def.schema.clone())?))
+                }
+                _ => {
+                    let schema = DFSchema::try_from_qualified_schema(EXPECTATION_INPUT, &def.schema)?;
+                    (Some(ctx.state().create_physical_expr(def.expr.clone(), &schema)?), None)
+                }
+            };
+            checks.push(Check {
+                def: def.clone(),
+                row,
+                batch,
+            });
+        }
+        Ok(Checks { checks })
+    }
+
+    /// No checks.
+    pub fn empty() -> Checks {
+        Checks { checks: Vec::new() }
+    }
+
+    /// True when there is nothing to check.
+    pub fn is_empty(&self) -> bool {
+        self.checks.is_empty()
+    }
+
+    /// Checks one micro-batch. A FAIL check that fails is an error
+    /// ([`EngineError::ExpectationFailed`]); nothing is committed.
+    pub async fn check(&self, pipeline: &str, batches: Vec<RecordBatch>) -> Result<Checked> {
+        let mut out = Checked::default();
+        if self.checks.is_empty() {
+            out.kept = batches;
+            return Ok(out);
+        }
+        for c in &self.checks {
+            out.violations.insert(
+                c.def.name.clone(),
+                Violations {
+                    action: c.def.action.as_str().to_string(),
+                    level: match c.def.level {
+                        Level::Row => "row",
+                        Level::Batch => "batch",
+                    }
+                    .to_string(),
+                    violations: 0,
+                },
+            );
+        }
+        let mut offset = 0;
+        for batch in batches {
+            let n = batch.num_rows();
+            let (keep, dead) = self.check_rows(&batch, offset, &mut out.violations)?;
+            out.dead.extend(dead);
+            match keep {
+                Some(mask) => out.kept.push(filter_record_batch(&batch, &mask)?),
+                None => out.kept.push(batch),
+            }
+            offset += n;
+        }
+        for c in self.checks.iter().filter(|c| c.batch.is_some()) {
+            let Some(plan) = &c.batch else { continue };
+            if batch_passes(plan, &out.kept).await? {
+                continue;
+            }
+            if let Some(v) = out.violations.get_mut(&c.def.name) {
+                v.violations += 1;
+            }
+            let rows: usize = out.kept.iter().map(|b| b.num_rows()).sum();
+            match c.def.action {
+                Action::Fail => {
+                    return Err(EngineError::ExpectationFailed {
+                        pipeline: pipeline.to_string(),
+                        expectation: c.def.name.clone(),
+                        check: c.def.check.clone(),
+                    });
+                }
+                Action::Quarantine => {
+                    tracing::warn!(pipeline, expectation = %c.def.name, rows, "batch failed its expectation; quarantined to dead letters");
+                    let reason = format!("batch quarantined by expectation {}: CHECK ({})", c.def.name, c.def.check);
+                    let mut index = 0;
+                    for b in std::mem::take(&mut out.kept) {
+                        for r in 0..b.num_rows() {
+                            out.dead.push(FailedRow {
+                                row: b.slice(r, 1),
+                                index,
+                                reason: reason.clone(),
+                            });
+                            index += 1;
+                        }
+                    }
+                }
+                _ => {
+                    tracing::warn!(pipeline, expectation = %c.def.name, check = %c.def.check, rows, "batch failed its expectation");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Evaluates the row-level checks on one batch: the rows to keep (None = all) and the
+    /// dead-lettered rows.
+    fn check_rows(
+        &self,
+        batch: &RecordBatch,
+        offset: usize,
+        violations: &mut BTreeMap<String, Violations>,
+    ) -> Result<(Option<BooleanArray>, Vec<FailedRow>)> {
+        let n = batch.num_rows();
+        let mut dead_mask: Option<BooleanArray> = None;
+        let mut drop_mask: Option<BooleanArray> = None;
+        let mut failed: Vec<(&Check, BooleanArray)> = Vec::new();
+        let mut warned = Vec::new();
+        for c in &self.checks {
+            let Some(expr) = &c.row else { continue };
+            let value = expr.evaluate(batch)?.into_array(n)?;
+            let ok = value
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .cloned()
+                .unwrap_or_else(|| BooleanArray::from(vec![None; n]));
+            // FALSE fails; TRUE and NULL pass.
+            let fails = prep_null_mask_filter(&not(&ok)?);
+            let count = fails.true_count() as u64;
+            if count == 0 {
+                continue;
+            }
+            if let Some(v) = violations.get_mut(&c.def.name) {
+                v.violations += count;
+            }
+            let merge = |m: Option<BooleanArray>| -> Result<BooleanArray> {
+                Ok(match m {
+                    Some(m) => or(&m, &fails)?,
+                    None => fails.clone(),
+                })
+            };
+            match c.def.action {
+                Action::DeadLetter => {
+                    dead_mask = Some(merge(dead_mask)?);
+                    failed.push((c, fails.clone()));
+                }
+                Action::Drop => drop_mask = Some(merge(drop_mask)?),
+                _ => warned.push((c.def.name.as_str(), count)),
+            }
+        }
+        for (name, count) in warned {
+            tracing::warn!(expectation = name, rows = count, "rows failed their expectation (kept)");
+        }
+        let gone = match (&dead_mask, &drop_mask) {
+            (Some(d), Some(p)) => Some(or(d, p)?),
+            (Some(d), None) => Some(d.clone()),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        };
+        let mut dead = Vec::new();
+        if let Some(d) = &dead_mask {
+            for i in (0..n).filter(|&i| d.value(i)) {
+                let names: Vec<String> = failed
+                    .iter()
+                    .filter(|(_, f)| f.value(i))
+                    .map(|(c, _)| format!("{}: CHECK ({})", c.def.name, c.def.check))
+                    .collect();
+                dead.push(FailedRow {
+                    row: batch.slice(i, 1),
+                    index: offset + i,
+                    reason: format!("failed expectation {}", names.join("; ")),
+                });
+            }
+        }
+        Ok((gone.map(|g| not(&g)).transpose()?, dead))
+    }
+}
+
+/// Runs a batch-level check; an empty result or NULL passes.
+async fn batch_passes(plan: &BatchPlan, batches: &[RecordBatch]) -> Result<bool> {
+    let input: Vec<RecordBatch> = if batches.is_empty() {
+        vec![RecordBatch::new_empty(plan.input_schema().clone())]
+    } else {
+        batches.to_vec()
+    };
+    let out = plan.execute(&input).await.map_err(EngineError::Environment)?;
+    for b in out {
+        if b.num_columns() == 0 || b.num_rows() == 0 {
+            continue;
+        }
+        if let Some(ok) = b.column(0).as_any().downcast_ref::<BooleanArray>() {
+            return Ok(ok.is_null(0) || ok.value(0));
+        }
+    }
+    Ok(true)
+}

@@ -6,3 +6,48 @@ pub mod expect;
 pub mod profile;
 pub mod sketch;
 pub mod store;
+
+use datafusion::prelude::SessionContext;
+use sluice_sql::{ExpectationDef, Options, option_choice};
+
+use crate::error::{EngineError, Result};
+use crate::quality::expect::Checks;
+
+/// The quality work of one pipeline: the checks on its source and on its sink, and whether
+/// both sides are profiled.
+pub struct Quality {
+    /// Expectations on the pipeline's source, checked before the SQL.
+    pub source: Checks,
+    /// Expectations on the pipeline's sink, checked on the SQL's output.
+    pub sink: Checks,
+    /// Whether each epoch's source and sink columns are profiled (`quality.profile`).
+    pub profile: bool,
+}
+
+impl Quality {
+    /// The quality work of the pipeline reading `source` into `sink`, whose sink has `options`.
+    pub fn new(
+        ctx: &SessionContext,
+        expectations: &[ExpectationDef],
+        source: &str,
+        sink: &str,
+        options: &Options,
+    ) -> Result<Quality> {
+        let profile = option_choice(options, "quality.profile", true, &[("on", true), ("off", false)])
+            .map_err(|e| EngineError::config(e.message, None::<String>))?;
+        Ok(Quality {
+            source: Checks::new(ctx, expectations, source)?,
+            sink: Checks::new(ctx, expectations, sink)?,
+            profile,
+        })
+    }
+
+    /// No checks and no profiles.
+    pub fn none() -> Quality {
+        Quality {
+            source: Checks::empty(),
+            sink: Checks::empty(),
+            profile: false,
+        }
+    }
+}

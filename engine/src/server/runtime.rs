@@ -226,6 +226,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             }
             result
         });
+        let quality = crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options)?;
         let task = PipelineTask {
             name: def.name.clone(),
             source: def.source.clone(),
@@ -243,6 +244,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             retry: crate::retry::RetryPolicy::default(),
             _lease: lease,
             health,
+            quality,
         };
         let name = def.name.clone();
         // A pipeline whose source failed ends with the source's error (the pipeline itself
