@@ -61,6 +61,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Data quality of a sink table, from the profiles committed with its epochs.
+    Quality {
+        #[command(subcommand)]
+        command: QualityCommand,
+    },
     /// Run a read-only SQL query over committed sink tables.
     Query {
         /// The query (SELECT / EXPLAIN only).
@@ -71,6 +76,18 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum QualityCommand {
+    /// Merge every committed epoch's profile and print one row per column (source and sink).
+    Profile {
+        /// The sink's LOCATION.
+        sink: String,
+        /// Print the profile as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -211,6 +228,61 @@ async fn check(sink: &str, json: bool) -> Result<bool> {
     Ok(report.problems.is_empty())
 }
 
+async fn quality_profile(sink: &str, json: bool) -> Result<()> {
+    let local = sink.strip_prefix("file://").unwrap_or(sink);
+    if !local.contains("://") && !Path::new(local).is_dir() {
+        bail!("no table at {sink}: the directory does not exist");
+    }
+    let table = sluice_engine::log::store::TableStore::open(sink)?;
+    let profile = sluice_engine::quality::report::table_profile(&table).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&profile)?)?;
+        return Ok(());
+    }
+    writeln!(out, "{sink}: profiles of {} epochs", profile.epochs)?;
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
+    let header = ["side", "table", "column", "type", "rows", "null %", "distinct", "min", "max", "mean", "p50", "p99"];
+    let rows: Vec<Vec<String>> = profile
+        .columns
+        .iter()
+        .map(|c| {
+            vec![
+                c.side.clone(),
+                c.table.clone(),
+                c.column.clone(),
+                c.data_type.clone(),
+                c.rows.to_string(),
+                format!("{:.2}", 100.0 * c.null_fraction),
+                c.distinct.to_string(),
+                c.min.clone().unwrap_or_default(),
+                c.max.clone().unwrap_or_default(),
+                num(c.mean),
+                num(c.p50),
+                num(c.p99),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<String>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.iter().map(|h| h.to_string()).collect()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r))?;
+    }
+    Ok(())
+}
+
 async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_ingest_log: bool) -> Result<()> {
     let texts = read_files(files)?;
     // Handlers go in before the server can report ready: a SIGTERM right after start (a
@@ -299,6 +371,9 @@ fn main() -> ExitCode {
                 Ok(false) => return Ok(ExitCode::from(1)),
                 Err(e) => return Err(e),
             },
+            Command::Quality {
+                command: QualityCommand::Profile { sink, json },
+            } => quality_profile(&sink, json).await,
             Command::Query { sql, tables, format } => {
                 if tables.is_empty() {
                     bail!("name at least one table: --table NAME=LOCATION");

@@ -10,6 +10,7 @@ mod harness;
 mod http;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
+mod quality;
 mod quickstart;
 mod readers;
 mod slt;

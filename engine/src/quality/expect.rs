@@ -200,7 +200,8 @@ impl Checks {
                 .cloned()
                 .unwrap_or_else(|| BooleanArray::from(vec![None; n]));
             // FALSE fails; TRUE and NULL pass.
-            let fails = prep_null_mask_filter(&not(&ok)?);
+            let fails = not(&ok)?;
+            let fails = if fails.nulls().is_some() { prep_null_mask_filter(&fails) } else { fails };
             let count = fails.true_count() as u64;
             if count == 0 {
                 continue;

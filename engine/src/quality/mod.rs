@@ -4,6 +4,7 @@
 
 pub mod expect;
 pub mod profile;
+pub mod report;
 pub mod sketch;
 pub mod store;
 

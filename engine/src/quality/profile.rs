@@ -487,6 +487,11 @@ mod tests {
         let finite: Vec<f64> = floats.iter().copied().filter(|v| v.is_finite()).collect();
         assert_eq!(p[1].moments_n, finite.len() as u64);
         assert_eq!(p[1].min_float, finite.iter().copied().reduce(f64::min));
+        let mut bits: Vec<u64> = floats.iter().map(|v| if v.is_nan() { f64::NAN.to_bits() } else { v.to_bits() }).collect();
+        bits.sort_unstable();
+        bits.dedup();
+        let est = p[1].distinct_estimate() as f64;
+        assert!((est - bits.len() as f64).abs() <= 0.05 * bits.len() as f64 + 1.0, "{est} vs {}", bits.len());
         assert_eq!(p[1].max_float, finite.iter().copied().reduce(f64::max));
         let strs: Vec<&str> = all.column(2).as_string::<i32>().iter().flatten().collect();
         assert_eq!(p[2].nulls, (all.num_rows() - strs.len()) as u64);

@@ -12,8 +12,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BinaryArray};
-use arrow::datatypes::{DataType, Field, FieldRef, Schema};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array};
+use arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Schema};
 use datafusion::functions_aggregate::approx_distinct::approx_distinct_udaf;
 use datafusion::logical_expr::Accumulator;
 use datafusion::logical_expr::function::AccumulatorArgs;
@@ -52,6 +52,16 @@ impl Distinct {
         let array = match array.data_type() {
             DataType::Boolean | DataType::Int8 | DataType::Int16 | DataType::UInt8 | DataType::UInt16 => {
                 arrow::compute::cast(array, &DataType::Int32).ok()?
+            }
+            // approx_distinct takes no floats: hash their bits (one +0.0 for ±0, one NaN).
+            t if t.is_floating() || matches!(t, DataType::Decimal128(_, _) | DataType::Decimal256(_, _)) => {
+                let f = arrow::compute::cast(array, &DataType::Float64).ok()?;
+                let f = f.as_primitive::<Float64Type>();
+                let bits: Int64Array = f.unary(|v| {
+                    let v = if v == 0.0 { 0.0 } else if v.is_nan() { f64::NAN } else { v };
+                    v.to_bits() as i64
+                });
+                Arc::new(bits)
             }
             _ => array.clone(),
         };
@@ -268,6 +278,8 @@ mod tests {
         let again = Distinct::from_bytes(merged.bytes()).unwrap();
         assert_eq!(again.estimate().unwrap(), merged.estimate().unwrap());
         assert!(Distinct::from_bytes(&[1, 2, 3]).is_err());
+        let f: ArrayRef = Arc::new(arrow::array::Float64Array::from(vec![Some(1.5), Some(-0.0), Some(0.0), None, Some(1.5)]));
+        assert_eq!(Distinct::of(&f).unwrap().estimate().unwrap(), 2);
         let s: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), None, Some("y"), Some("x")]));
         assert_eq!(Distinct::of(&s).unwrap().estimate().unwrap(), 2);
     }

@@ -1,0 +1,171 @@
+//! Reading a sink's committed profiles back: every profile file its commit log names, merged
+//! per (side, table, column) — the profile of the whole table without re-reading its data.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use arrow::datatypes::DataType;
+
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+
+use crate::error::{EngineError, Result};
+use crate::log::commit::CommitLog;
+use crate::log::store::TableStore;
+use crate::decode::nanos_per;
+use crate::quality::profile::{ColumnProfile, merge};
+use crate::quality::store::{ProfileRow, decode};
+
+/// The merged profile of one column, in the plain figures people read.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnSummary {
+    /// `source` or `sink`.
+    pub side: String,
+    /// The source or sink table.
+    pub table: String,
+    /// Column name.
+    pub column: String,
+    /// Arrow type.
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// Rows.
+    pub rows: u64,
+    /// Nulls.
+    pub nulls: u64,
+    /// nulls / rows.
+    pub null_fraction: f64,
+    /// Approximate distinct values.
+    pub distinct: u64,
+    /// Smallest value (text form).
+    pub min: Option<String>,
+    /// Largest value (text form).
+    pub max: Option<String>,
+    /// Mean of the finite values.
+    pub mean: Option<f64>,
+    /// Sample standard deviation.
+    pub stddev: Option<f64>,
+    /// Approximate median.
+    pub p50: Option<f64>,
+    /// Approximate 99th percentile.
+    pub p99: Option<f64>,
+    /// NaN values.
+    pub nan: u64,
+    /// ±infinity values.
+    pub infinite: u64,
+    /// Shortest, longest and mean length (text, binary).
+    pub min_len: Option<u64>,
+    /// Longest length.
+    pub max_len: Option<u64>,
+    /// Mean length.
+    pub mean_len: Option<f64>,
+    /// Empty values.
+    pub empty: u64,
+    /// True values (booleans).
+    pub true_count: Option<u64>,
+    /// Most frequent values with lower-bound counts (text).
+    pub top_values: Vec<(String, u64)>,
+    /// Freshness of the newest epoch, in milliseconds (timestamps).
+    pub freshness_ms: Option<i64>,
+}
+
+/// A table's merged profile.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableProfile {
+    /// Epochs whose profiles were merged.
+    pub epochs: usize,
+    /// One entry per (side, table, column), source side first.
+    pub columns: Vec<ColumnSummary>,
+}
+
+/// Reads every committed profile file of `table` (all writers) and merges them.
+pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
+    let log = CommitLog::new(table.clone(), "sluice-quality-reader");
+    let entries = log.entries().await?;
+    let mut rows: Vec<ProfileRow> = Vec::new();
+    let mut epochs = 0;
+    let mut newest_freshness: BTreeMap<(String, String, String), Option<i64>> = BTreeMap::new();
+    for e in &entries {
+        let Some(path) = e.quality.as_ref().and_then(|q| q.profile.as_deref()) else {
+            continue;
+        };
+        let bytes = table
+            .store
+            .get(&table.path(path))
+            .await
+            .map_err(EngineError::store(format!("reading profile {path}")))?
+            .bytes()
+            .await
+            .map_err(EngineError::store(format!("reading profile {path}")))?;
+        let part = decode(bytes)?;
+        for r in &part {
+            newest_freshness.insert(
+                (r.side.as_str().to_string(), r.table.clone(), r.profile.column.clone()),
+                r.profile.freshness_ms,
+            );
+        }
+        rows.extend(part);
+        epochs += 1;
+    }
+    let mut groups: BTreeMap<(u8, String, String), Vec<(usize, &ColumnProfile)>> = BTreeMap::new();
+    let mut order: BTreeMap<(u8, String, String), usize> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        let key = (r.side as u8, r.table.clone(), r.profile.column.clone());
+        order.entry(key.clone()).or_insert(i);
+        groups.entry(key).or_default().push((i, &r.profile));
+    }
+    let mut keyed: Vec<_> = groups.into_iter().collect();
+    keyed.sort_by_key(|(k, _)| (k.0, order.get(k).copied().unwrap_or(0)));
+    let mut columns = Vec::new();
+    for ((side, table, column), parts) in keyed {
+        let profiles: Vec<&ColumnProfile> = parts.into_iter().map(|(_, p)| p).collect();
+        let mut m = merge(&profiles)?;
+        let side = if side == 0 { "source" } else { "sink" };
+        m.freshness_ms = newest_freshness
+            .get(&(side.to_string(), table.clone(), column.clone()))
+            .copied()
+            .flatten();
+        columns.push(summarize(side, &table, &m));
+    }
+    Ok(TableProfile { epochs, columns })
+}
+
+fn summarize(side: &str, table: &str, p: &ColumnProfile) -> ColumnSummary {
+    let unit = match DataType::from_str(&p.data_type) {
+        Ok(DataType::Timestamp(unit, _)) => Some(unit),
+        _ => None,
+    };
+    let text = |v: i64| match unit {
+        Some(u) => chrono::DateTime::from_timestamp_nanos(v.saturating_mul(nanos_per(u))).to_rfc3339(),
+        None => v.to_string(),
+    };
+    let (min, max) = if p.min_int.is_some() {
+        (p.min_int.map(text), p.max_int.map(text))
+    } else {
+        (p.min_float.map(|v| v.to_string()), p.max_float.map(|v| v.to_string()))
+    };
+    ColumnSummary {
+        side: side.to_string(),
+        table: table.to_string(),
+        column: p.column.clone(),
+        data_type: p.data_type.clone(),
+        rows: p.rows,
+        nulls: p.nulls,
+        null_fraction: p.null_fraction(),
+        distinct: p.distinct_estimate(),
+        min,
+        max,
+        mean: p.mean,
+        stddev: p.variance().map(f64::sqrt),
+        p50: p.quantile(0.5),
+        p99: p.quantile(0.99),
+        nan: p.nan,
+        infinite: p.infinite,
+        min_len: p.min_len,
+        max_len: p.max_len,
+        mean_len: p.mean_len(),
+        empty: p.empty,
+        true_count: p.true_count,
+        top_values: p.top.as_ref().map(|t| t.items.iter().take(10).cloned().collect()).unwrap_or_default(),
+        freshness_ms: p.freshness_ms,
+    }
+}

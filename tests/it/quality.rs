@@ -1,0 +1,193 @@
+//! Expectations and profiles end to end: each action does exactly what it says (counts in the
+//! commit entry, reasons in dead letters), FAIL stops before the commit and a fix loses and
+//! duplicates nothing, QUARANTINE sends a whole batch to dead letters, and `sluice quality
+//! profile` merges the committed profiles.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+
+use crate::harness::{Server, dead_letters, drop_file, log_entries, read_hive, run_to_exit, wait_until};
+
+fn pipeline(dir: &Path, expectations: &str) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (id BIGINT NOT NULL, amount DOUBLE, currency VARCHAR)
+         STORED AS NDJSON LOCATION '{incoming}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
+         CREATE EXTERNAL TABLE orders_out STORED AS PARQUET LOCATION '{sink}';
+         INSERT INTO orders_out SELECT id, amount * 2 AS doubled, currency FROM orders;
+         {expectations}",
+        incoming = dir.join("incoming").display(),
+        sink = dir.join("lake/orders_out").display()
+    )
+}
+
+fn setup(expectations: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("incoming")).unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline(dir.path(), expectations)).unwrap();
+    (dir, sql, std::path::PathBuf::new())
+}
+
+/// Records accounted for by the commit log: output + dead letters + dropped.
+fn accounted(sink: &Path) -> u64 {
+    log_entries(sink)
+        .iter()
+        .map(|e| {
+            let c = &e["counts"];
+            c["output"].as_u64().unwrap_or(0) + c["dead_lettered"].as_u64().unwrap_or(0) + c["dropped"].as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
+fn violations(sink: &Path, name: &str) -> u64 {
+    log_entries(sink)
+        .iter()
+        .map(|e| e["quality"]["expectations"][name]["violations"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+async fn output_ids(sink: &Path) -> Vec<i64> {
+    let batches = read_hive(sink, &[], "SELECT id FROM t ORDER BY id").await;
+    batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn row_expectations_do_exactly_what_their_action_says() {
+    let (dir, sql, _) = setup(
+        "CREATE EXPECTATION positive ON orders CHECK (amount > 0) ON VIOLATION DEAD_LETTER;
+         CREATE EXPECTATION not_13 ON orders CHECK (abs(amount) <> 13) ON VIOLATION DROP;
+         CREATE EXPECTATION known_currency ON orders_out CHECK (currency IN ('USD', 'EUR')) ON VIOLATION WARN;
+         CREATE EXPECTATION enough ON orders_out CHECK (count(*) >= 1) ON VIOLATION WARN;",
+    );
+    let sink = dir.path().join("lake/orders_out");
+    let n = 500i64;
+    let amount = |i: i64| match i {
+        2 => -13.0, // fails positive (DEAD_LETTER) and not_13 (DROP): counted twice, routed once
+        _ if i % 10 == 0 => -(i as f64),
+        _ if i % 10 == 1 => 13.0,
+        _ if i == 7 => f64::NAN, // written as null: NULL passes a CHECK, as in SQL
+        _ => i as f64 + 0.5,
+    };
+    let currency = |i: i64| if i % 7 == 0 { "GBP" } else { "USD" };
+    let body: String = (0..n)
+        .map(|i| {
+            let a = amount(i);
+            let a = if a.is_nan() { "null".to_string() } else { a.to_string() };
+            format!("{{\"id\": {i}, \"amount\": {a}, \"currency\": \"{}\"}}\n", currency(i))
+        })
+        .collect();
+    drop_file(&dir.path().join("incoming"), "a.ndjson", &body);
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(60), "every record accounted for", || {
+        (accounted(&sink) == n as u64).then_some(())
+    });
+    server.stop();
+
+    // amount null (id 7 is written as null: NULL passes a CHECK) stays.
+    let dead_ids: BTreeSet<i64> = (0..n).filter(|&i| i == 2 || (i % 10 == 0)).collect();
+    let dropped_ids: BTreeSet<i64> = (0..n).filter(|&i| i % 10 == 1).collect();
+    let kept: Vec<i64> = (0..n).filter(|i| !dead_ids.contains(i) && !dropped_ids.contains(i)).collect();
+    assert_eq!(output_ids(&sink).await, kept);
+    let letters = dead_letters(&sink);
+    let letter_ids: BTreeSet<i64> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l["stage"], "expectation", "{l}");
+            assert!(l["error"].as_str().unwrap().contains("positive: CHECK (amount > 0)"), "{l}");
+            let raw: serde_json::Value = serde_json::from_str(l["raw"].as_str().unwrap()).unwrap();
+            raw["id"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(letter_ids, dead_ids);
+    assert_eq!(violations(&sink, "positive"), dead_ids.len() as u64);
+    assert_eq!(violations(&sink, "not_13"), dropped_ids.len() as u64 + 1, "id 2 fails both");
+    let gbp_kept = kept.iter().filter(|&&i| currency(i) == "GBP").count() as u64;
+    assert_eq!(violations(&sink, "known_currency"), gbp_kept, "WARN counts and keeps");
+    assert_eq!(violations(&sink, "enough"), 0);
+    let dropped: u64 = log_entries(&sink).iter().map(|e| e["counts"]["dropped"].as_u64().unwrap()).sum();
+    assert_eq!(dropped, dropped_ids.len() as u64);
+
+    // The profiles merge to the committed table: rows, nulls and the distinct currencies.
+    let (code, out) = run_to_exit(&["quality", "profile", sink.to_str().unwrap(), "--json"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    let profile: serde_json::Value = serde_json::from_str(&out).expect("JSON profile");
+    let col = |side: &str, name: &str| {
+        profile["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["side"] == side && c["column"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {side} column {name} in {profile}"))
+    };
+    assert_eq!(col("sink", "id")["rows"].as_u64(), Some(kept.len() as u64));
+    assert_eq!(col("source", "id")["rows"].as_u64(), Some(n as u64));
+    assert_eq!(col("source", "amount")["nulls"].as_u64(), Some(1));
+    assert_eq!(col("sink", "currency")["distinct"].as_u64(), Some(2));
+    assert_eq!(col("sink", "id")["min"].as_str(), Some(kept[0].to_string().as_str()));
+    let (code, out) = run_to_exit(&["quality", "profile", sink.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("currency") && out.contains("null %"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_batch_check_stops_before_the_commit_and_a_fix_loses_nothing() {
+    let (dir, sql, _) = setup("CREATE EXPECTATION all_positive ON orders CHECK (min(amount) > 0) ON VIOLATION FAIL;");
+    let sink = dir.path().join("lake/orders_out");
+    let body: String = (0..200)
+        .map(|i| format!("{{\"id\": {i}, \"amount\": {}, \"currency\": \"USD\"}}\n", if i == 150 { -1 } else { i + 1 }))
+        .collect();
+    drop_file(&dir.path().join("incoming"), "a.ndjson", &body);
+    let (code, out) = run_to_exit(&["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0"], dir.path());
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("expectation all_positive failed"), "{out}");
+    assert!(log_entries(&sink).is_empty(), "nothing of the failing batch is committed");
+
+    // The fix: relax the check; the batch is read again from the source and committed once.
+    std::fs::write(
+        &sql,
+        pipeline(dir.path(), "CREATE EXPECTATION all_positive ON orders CHECK (min(amount) > -10) ON VIOLATION FAIL;"),
+    )
+    .unwrap();
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(60), "the batch committed after the fix", || {
+        (accounted(&sink) == 200).then_some(())
+    });
+    server.stop();
+    assert_eq!(output_ids(&sink).await, (0..200).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quarantine_sends_the_whole_batch_to_dead_letters_and_moves_on() {
+    let (dir, sql, _) = setup(
+        "CREATE EXPECTATION unique_ids ON orders CHECK (count(DISTINCT id) = count(id)) ON VIOLATION QUARANTINE;",
+    );
+    let sink = dir.path().join("lake/orders_out");
+    let incoming = dir.path().join("incoming");
+    let lines = |ids: &[i64]| -> String {
+        ids.iter().map(|i| format!("{{\"id\": {i}, \"amount\": 1, \"currency\": \"USD\"}}\n")).collect()
+    };
+    let server = Server::start(&[&sql], dir.path());
+    drop_file(&incoming, "a.ndjson", &lines(&[1, 2, 3]));
+    wait_until(Duration::from_secs(60), "the first file committed", || (accounted(&sink) == 3).then_some(()));
+    drop_file(&incoming, "b.ndjson", &lines(&[4, 5, 5, 6]));
+    wait_until(Duration::from_secs(60), "the second file accounted for", || (accounted(&sink) == 7).then_some(()));
+    drop_file(&incoming, "c.ndjson", &lines(&[7, 8]));
+    wait_until(Duration::from_secs(60), "the third file committed", || (accounted(&sink) == 9).then_some(()));
+    server.stop();
+    assert_eq!(output_ids(&sink).await, vec![1, 2, 3, 7, 8]);
+    let letters = dead_letters(&sink);
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    for l in &letters {
+        assert_eq!(l["stage"], "expectation");
+        assert!(l["error"].as_str().unwrap().contains("quarantined by expectation unique_ids"), "{l}");
+    }
+    assert_eq!(violations(&sink, "unique_ids"), 1);
+}
