@@ -191,3 +191,61 @@ async fn quarantine_sends_the_whole_batch_to_dead_letters_and_moves_on() {
     }
     assert_eq!(violations(&sink, "unique_ids"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_null_fraction_jump_is_one_anomaly_episode_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/m");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, v DOUBLE, kind VARCHAR, x BIGINT)
+             STORED AS NDJSON LOCATION '{}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
+             CREATE EXTERNAL TABLE m STORED AS PARQUET LOCATION '{}' OPTIONS ('quality.min_batches' '5');
+             INSERT INTO m SELECT v, kind, x FROM ev;",
+            incoming.display(),
+            sink.display()
+        ),
+    )
+    .unwrap();
+    // Every file has the same shape but for v's nulls: 1% normally, 30% during the excursion.
+    let file = |k: usize, null_pct: usize| -> String {
+        (0..200)
+            .map(|i| {
+                let v = if i * 100 / 200 < null_pct { "null".to_string() } else { "7.0".to_string() };
+                format!("{{\"id\": {}, \"v\": {v}, \"kind\": \"k{}\", \"x\": {}}}\n", k * 1000 + i, i % 4, i % 100)
+            })
+            .collect()
+    };
+    let plan: Vec<usize> = [vec![1; 12], vec![30; 5], vec![1; 5]].concat();
+    let mut server = Some(Server::start(&[&sql], dir.path()));
+    for (k, pct) in plan.iter().enumerate() {
+        if k == 14 {
+            // A restart in the middle of the excursion: the baseline and the open episode survive.
+            server.take().unwrap().stop();
+            server = Some(Server::start(&[&sql], dir.path()));
+        }
+        drop_file(&incoming, &format!("f{k:03}.ndjson"), &file(k, *pct));
+        let want = 200 * (k as u64 + 1);
+        wait_until(Duration::from_secs(60), "the file committed", || (accounted(&sink) == want).then_some(()));
+    }
+    server.take().unwrap().stop();
+    let events: Vec<serde_json::Value> = log_entries(&sink)
+        .iter()
+        .flat_map(|e| e["quality"]["anomalies"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(events.len(), 2, "one start and one end: {events:?}");
+    assert_eq!((events[0]["event"].as_str(), events[1]["event"].as_str()), (Some("start"), Some("end")));
+    for e in &events {
+        assert_eq!((e["column"].as_str(), e["metric"].as_str()), (Some("v"), Some("null_fraction")), "{e}");
+        assert!((e["baseline"].as_f64().unwrap() - 0.01).abs() < 1e-9, "the baseline is the normal 1%: {e}");
+    }
+    assert_eq!(events[0]["value"].as_f64(), Some(0.30));
+    assert_eq!(events[0]["started"], events[1]["started"]);
+    // The anomaly files hold the same two events.
+    let files: Vec<String> = crate::harness::files_under(&sink.join("_sluice/quality/anomalies"));
+    assert_eq!(files.len(), 2, "{files:?}");
+}

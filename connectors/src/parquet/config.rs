@@ -37,6 +37,18 @@ pub fn option_specs() -> Vec<OptionSpec> {
             doc: "'on' (default): profile every epoch's source and sink columns into _sluice/quality/profiles/; 'off': no profiles (expectations still run)",
         },
         OptionSpec {
+            key: "quality.window",
+            doc: "how far back the drift baseline reaches (default 1h; at most 1000 batches)",
+        },
+        OptionSpec {
+            key: "quality.threshold",
+            doc: "robust score (scaled MADs from the baseline's median) above which a batch's metric is an anomaly (default 4)",
+        },
+        OptionSpec {
+            key: "quality.min_batches",
+            doc: "batches of baseline before anomalies are flagged (default 10)",
+        },
+        OptionSpec {
             key: "dictionary_page_limit",
             doc: "bytes a column's dictionary may reach before the column is written plain (default 16384; 0 = no dictionaries)",
         },
@@ -84,6 +96,16 @@ impl ParquetSinkConfig {
         };
         // Read by the engine; checked here so `sluice validate` reports a bad value.
         option_choice(options, "quality.profile", true, &[("on", true), ("off", false)])?;
+        sluice_sql::option_duration(options, "quality.window", std::time::Duration::from_secs(3600))?;
+        sluice_sql::option_count(options, "quality.min_batches", 10)?;
+        if let Some(v) = options.get("quality.threshold")
+            && !v.trim().parse::<f64>().is_ok_and(|t| t.is_finite() && t > 0.0)
+        {
+            return Err(OptionError {
+                key: "quality.threshold".into(),
+                message: format!("quality.threshold must be a positive number of MADs, got '{v}'"),
+            });
+        }
         let nanosecond_timestamps = option_choice(
             options,
             "timestamp_precision",

@@ -79,7 +79,8 @@ pub async fn check_table(table: &TableStore) -> Result<CheckReport> {
         .collect();
     let profiles: Vec<&str> = entries
         .iter()
-        .filter_map(|e| e.quality.as_ref()?.profile.as_deref())
+        .filter_map(|e| e.quality.as_ref())
+        .flat_map(|q| q.profile.iter().chain(q.anomaly_file.iter()).map(String::as_str))
         .collect();
     report.files = live.len();
     report.dead_letter_files = dead_letters.len();

@@ -142,6 +142,15 @@ pub struct QualityEntry {
     /// Rows and nulls per column, by `source.<table>` / `sink.<table>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub summary: BTreeMap<String, TableSummary>,
+    /// The sink's drift metrics for this epoch, by `column.metric` (the baseline's input).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    /// Anomaly episodes that started or ended with this epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomalies: Vec<crate::quality::drift::AnomalyEvent>,
+    /// The anomaly file committed with the epoch (table-relative), when there were events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_file: Option<String>,
 }
 
 /// Rows and nulls per column of one side of an epoch.
@@ -169,6 +178,7 @@ impl CommitEntry {
             .map(|a| a.path.as_str())
             .chain(self.dead_letters.iter().map(|d| d.path.as_str()))
             .chain(self.quality.iter().filter_map(|q| q.profile.as_deref()))
+            .chain(self.quality.iter().filter_map(|q| q.anomaly_file.as_deref()))
     }
 }
 

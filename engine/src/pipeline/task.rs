@@ -24,6 +24,7 @@ use crate::log::commit::{
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::pipeline::exec::{BatchPlan, slice_rows};
 use crate::quality::Quality;
+use crate::quality::drift::AnomalyEvent;
 use crate::quality::expect::FailedRow;
 use crate::quality::profile::{self, ColumnProfile, Side, profile_batches};
 use crate::quality::store::{self, ProfileRow, profile_path};
@@ -281,9 +282,13 @@ impl PipelineTask {
         dropped += produced - written - checked.dead.len() as u64;
         dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Sink, epoch, f)));
         let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
+        let mut drift = (BTreeMap::new(), Vec::new());
         if self.quality.profile {
             let mut p = profile_batches(&output, self.plan.output_schema())?;
             profile::set_freshness(&mut p, self.plan.output_schema(), now);
+            let values = crate::quality::drift::metrics(written, &p);
+            let events = self.quality.drift.evaluate(epoch, now.timestamp_millis(), &values);
+            drift = (values, events);
             profiles.push((Side::Sink, self.name.clone(), p));
         }
 
@@ -298,7 +303,7 @@ impl PipelineTask {
                 records: dead.len() as u64,
             });
         }
-        let quality = self.stage_quality(epoch, now, profiles, violations).await?;
+        let quality = self.stage_quality(epoch, now, profiles, violations, drift).await?;
         let mut positions = self.positions.clone();
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
@@ -337,6 +342,7 @@ impl PipelineTask {
         now: chrono::DateTime<chrono::Utc>,
         profiles: Vec<(Side, String, Vec<ColumnProfile>)>,
         expectations: BTreeMap<String, crate::quality::expect::Violations>,
+        (metrics, anomalies): (BTreeMap<String, f64>, Vec<AnomalyEvent>),
     ) -> Result<Option<QualityEntry>> {
         if profiles.is_empty() && expectations.is_empty() {
             return Ok(None);
@@ -365,10 +371,21 @@ impl PipelineTask {
             self.log.stage(&path, store::encode(&rows)?.to_vec()).await?;
             Some(path)
         };
+        let anomaly_file = if anomalies.is_empty() {
+            None
+        } else {
+            let path = store::anomaly_path(&self.name, epoch);
+            let bytes = store::encode_anomalies(&self.name, epoch, now.timestamp_micros(), &anomalies)?;
+            self.log.stage(&path, bytes.to_vec()).await?;
+            Some(path)
+        };
         Ok(Some(QualityEntry {
             profile,
             expectations,
             summary,
+            metrics,
+            anomalies,
+            anomaly_file,
         }))
     }
 
@@ -412,7 +429,20 @@ impl PipelineTask {
         metrics::counter!("sluice_commits_total", "pipeline" => name.clone()).increment(1);
         metrics::histogram!("sluice_batch_duration_seconds", "pipeline" => name.clone())
             .record(staged.started.elapsed().as_secs_f64());
-        metrics::histogram!("sluice_batch_records", "pipeline" => name).record(received as f64);
+        metrics::histogram!("sluice_batch_records", "pipeline" => name.clone()).record(received as f64);
+        if let Some(q) = &entry.quality {
+            let at_ms = chrono::DateTime::parse_from_rfc3339(&entry.committed_at).map_or(0, |t| t.timestamp_millis());
+            self.quality.drift.apply(at_ms, &q.metrics, &q.anomalies);
+            for a in &q.anomalies {
+                if a.event == "start" {
+                    tracing::warn!(pipeline = %name, column = %a.column, metric = %a.metric, value = a.value, baseline = a.baseline, mad = a.mad, score = a.score, epoch, "quality anomaly started");
+                    metrics::counter!("sluice_quality_anomalies_total", "pipeline" => name.clone(), "column" => a.column.clone(), "metric" => a.metric.clone())
+                        .increment(1);
+                } else {
+                    tracing::info!(pipeline = %name, column = %a.column, metric = %a.metric, value = a.value, started = a.started, epoch, "quality anomaly ended");
+                }
+            }
+        }
         let at = entry.committed_at.clone();
         update(&self.status, |s| {
             s.last_epoch = Some(epoch);

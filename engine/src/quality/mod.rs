@@ -2,6 +2,7 @@
 //! [`profile`]s and the [`sketch`]es in them, the profile files committed with each epoch
 //! ([`store`]), and expectations ([`expect`]).
 
+pub mod drift;
 pub mod expect;
 pub mod profile;
 pub mod report;
@@ -12,6 +13,7 @@ use datafusion::prelude::SessionContext;
 use sluice_sql::{ExpectationDef, Options, option_choice};
 
 use crate::error::{EngineError, Result};
+use crate::quality::drift::{Drift, DriftPolicy};
 use crate::quality::expect::Checks;
 
 /// The quality work of one pipeline: the checks on its source and on its sink, and whether
@@ -23,6 +25,8 @@ pub struct Quality {
     pub sink: Checks,
     /// Whether each epoch's source and sink columns are profiled (`quality.profile`).
     pub profile: bool,
+    /// The sink's drift baselines (used when profiling).
+    pub drift: Drift,
 }
 
 impl Quality {
@@ -40,6 +44,7 @@ impl Quality {
             source: Checks::new(ctx, expectations, source)?,
             sink: Checks::new(ctx, expectations, sink)?,
             profile,
+            drift: Drift::new(DriftPolicy::from_options(options)?),
         })
     }
 
@@ -49,6 +54,7 @@ impl Quality {
             source: Checks::empty(),
             sink: Checks::empty(),
             profile: false,
+            drift: Drift::default(),
         }
     }
 }

@@ -26,6 +26,50 @@ pub fn profile_path(pipeline: &str, epoch: u64) -> String {
     format!("_sluice/quality/profiles/{pipeline}/{epoch:020}.parquet")
 }
 
+/// Where the anomaly events of `pipeline`'s `epoch` go (table-relative).
+pub fn anomaly_path(pipeline: &str, epoch: u64) -> String {
+    format!("_sluice/quality/anomalies/{pipeline}/{epoch:020}.parquet")
+}
+
+/// Anomaly events of one epoch as a zstd Parquet file: one row per episode start or end.
+pub fn encode_anomalies(
+    pipeline: &str,
+    epoch: u64,
+    at_us: i64,
+    events: &[crate::quality::drift::AnomalyEvent],
+) -> Result<Bytes> {
+    let f = |n: &str| Field::new(n, DataType::Float64, false);
+    let s = |n: &str| Field::new(n, DataType::Utf8, false);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("epoch", DataType::UInt64, false),
+        s("pipeline"),
+        Field::new("at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        s("event"),
+        s("column"),
+        s("metric"),
+        f("value"),
+        f("baseline"),
+        f("mad"),
+        f("score"),
+        Field::new("started_epoch", DataType::UInt64, false),
+    ]));
+    let n = events.len();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from(vec![epoch; n])),
+        texts((0..n).map(|_| Some(pipeline.to_string()))),
+        Arc::new(TimestampMicrosecondArray::from(vec![at_us; n]).with_timezone("UTC")),
+        texts(events.iter().map(|e| Some(e.event.clone()))),
+        texts(events.iter().map(|e| Some(e.column.clone()))),
+        texts(events.iter().map(|e| Some(e.metric.clone()))),
+        Arc::new(Float64Array::from_iter_values(events.iter().map(|e| e.value))),
+        Arc::new(Float64Array::from_iter_values(events.iter().map(|e| e.baseline))),
+        Arc::new(Float64Array::from_iter_values(events.iter().map(|e| e.mad))),
+        Arc::new(Float64Array::from_iter_values(events.iter().map(|e| e.score))),
+        Arc::new(UInt64Array::from_iter_values(events.iter().map(|e| e.started))),
+    ];
+    write_parquet(&RecordBatch::try_new(schema, columns)?)
+}
+
 /// One stored profile: a column of one side of one epoch.
 #[derive(Debug, Clone)]
 pub struct ProfileRow {
@@ -145,13 +189,16 @@ pub fn to_batch(rows: &[ProfileRow]) -> Result<RecordBatch> {
 
 /// The rows as a zstd Parquet file.
 pub fn encode(rows: &[ProfileRow]) -> Result<Bytes> {
-    let batch = to_batch(rows)?;
+    write_parquet(&to_batch(rows)?)
+}
+
+fn write_parquet(batch: &RecordBatch) -> Result<Bytes> {
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
     let mut buf = Vec::new();
     let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(parquet_err)?;
-    w.write(&batch).map_err(parquet_err)?;
+    w.write(batch).map_err(parquet_err)?;
     w.close().map_err(parquet_err)?;
     Ok(Bytes::from(buf))
 }

@@ -226,7 +226,19 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             }
             result
         });
-        let quality = crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options)?;
+        let mut quality = crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options)?;
+        if quality.profile {
+            // The drift baselines and open anomaly episodes, from the newest commits.
+            let epochs = log.epochs().await?;
+            let mut recent = Vec::new();
+            for &epoch in epochs.iter().rev().take(crate::quality::drift::MAX_BASELINE_BATCHES).rev() {
+                let entry = log.read(epoch).await?;
+                if entry.pipeline == def.name {
+                    recent.push(entry);
+                }
+            }
+            quality.drift.restore(&recent);
+        }
         let task = PipelineTask {
             name: def.name.clone(),
             source: def.source.clone(),
