@@ -89,6 +89,11 @@ enum QualityCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print CREATE EXPECTATION statements the data committed so far satisfies (from the profiles).
+    Suggest {
+        /// The sink's LOCATION.
+        sink: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -197,11 +202,7 @@ fn state_dir_for(files: &[PathBuf], given: Option<PathBuf>) -> PathBuf {
 
 /// `sluice check`: prints the report; true when nothing is wrong.
 async fn check(sink: &str, json: bool) -> Result<bool> {
-    let local = sink.strip_prefix("file://").unwrap_or(sink);
-    if !local.contains("://") && !Path::new(local).is_dir() {
-        bail!("no table at {sink}: the directory does not exist");
-    }
-    let table = sluice_engine::log::store::TableStore::open(sink)?;
+    let table = open_table(sink)?;
     let report = sluice_engine::log::check::check_table(&table).await?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -228,12 +229,17 @@ async fn check(sink: &str, json: bool) -> Result<bool> {
     Ok(report.problems.is_empty())
 }
 
-async fn quality_profile(sink: &str, json: bool) -> Result<()> {
+/// The sink table at `sink` (a path or URL); a missing local directory is an error.
+fn open_table(sink: &str) -> Result<sluice_engine::log::store::TableStore> {
     let local = sink.strip_prefix("file://").unwrap_or(sink);
     if !local.contains("://") && !Path::new(local).is_dir() {
         bail!("no table at {sink}: the directory does not exist");
     }
-    let table = sluice_engine::log::store::TableStore::open(sink)?;
+    Ok(sluice_engine::log::store::TableStore::open(sink)?)
+}
+
+async fn quality_profile(sink: &str, json: bool) -> Result<()> {
+    let table = open_table(sink)?;
     let profile = sluice_engine::quality::report::table_profile(&table).await?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -374,6 +380,13 @@ fn main() -> ExitCode {
             Command::Quality {
                 command: QualityCommand::Profile { sink, json },
             } => quality_profile(&sink, json).await,
+            Command::Quality {
+                command: QualityCommand::Suggest { sink },
+            } => {
+                let profile = sluice_engine::quality::report::table_profile(&open_table(&sink)?).await?;
+                print!("{}", sluice_engine::quality::suggest::suggest(&profile));
+                Ok(())
+            }
             Command::Query { sql, tables, format } => {
                 if tables.is_empty() {
                     bail!("name at least one table: --table NAME=LOCATION");

@@ -135,6 +135,24 @@ async fn row_expectations_do_exactly_what_their_action_says() {
     let (code, out) = run_to_exit(&["quality", "profile", sink.to_str().unwrap()], dir.path());
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("currency") && out.contains("null %"), "{out}");
+
+    // Suggested checks: pasted into the pipeline file, they pass validate.
+    let (code, suggested) = run_to_exit(&["quality", "suggest", sink.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{suggested}");
+    for want in [
+        "CREATE EXPECTATION id_not_null ON orders_out CHECK (id IS NOT NULL) ON VIOLATION WARN;",
+        "CREATE EXPECTATION currency_values ON orders_out CHECK (currency IN ('GBP', 'USD')) ON VIOLATION WARN;",
+        "CREATE EXPECTATION id_range ON orders_out CHECK (id BETWEEN",
+        "CREATE EXPECTATION orders_out_volume ON orders_out CHECK (count(*) >=",
+    ] {
+        assert!(suggested.contains(want), "{want} missing from:\n{suggested}");
+    }
+    assert!(!suggested.contains("doubled_not_null"), "doubled has a null: {suggested}");
+    let mut text = std::fs::read_to_string(&sql).unwrap();
+    text.push_str(&suggested);
+    std::fs::write(&sql, text).unwrap();
+    let (code, out) = run_to_exit(&["validate", sql.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

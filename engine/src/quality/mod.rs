@@ -8,6 +8,7 @@ pub mod profile;
 pub mod report;
 pub mod sketch;
 pub mod store;
+pub mod suggest;
 
 use datafusion::prelude::SessionContext;
 use sluice_sql::{ExpectationDef, Options, option_choice};

@@ -75,6 +75,8 @@ pub struct TableProfile {
     pub epochs: usize,
     /// One entry per (side, table, column), source side first.
     pub columns: Vec<ColumnSummary>,
+    /// Rows of the smallest committed batch on the sink side.
+    pub min_batch_rows: Option<u64>,
 }
 
 /// Reads every committed profile file of `table` (all writers) and merges them.
@@ -83,6 +85,7 @@ pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
     let entries = log.entries().await?;
     let mut rows: Vec<ProfileRow> = Vec::new();
     let mut epochs = 0;
+    let mut min_batch_rows = None;
     let mut newest_freshness: BTreeMap<(String, String, String), Option<i64>> = BTreeMap::new();
     for e in &entries {
         let Some(path) = e.quality.as_ref().and_then(|q| q.profile.as_deref()) else {
@@ -102,6 +105,9 @@ pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
                 (r.side.as_str().to_string(), r.table.clone(), r.profile.column.clone()),
                 r.profile.freshness_ms,
             );
+        }
+        if let Some(first) = part.iter().find(|r| r.side == crate::quality::profile::Side::Sink) {
+            min_batch_rows = Some(min_batch_rows.map_or(first.profile.rows, |m: u64| m.min(first.profile.rows)));
         }
         rows.extend(part);
         epochs += 1;
@@ -126,7 +132,11 @@ pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
             .flatten();
         columns.push(summarize(side, &table, &m));
     }
-    Ok(TableProfile { epochs, columns })
+    Ok(TableProfile {
+        epochs,
+        columns,
+        min_batch_rows,
+    })
 }
 
 fn summarize(side: &str, table: &str, p: &ColumnProfile) -> ColumnSummary {
