@@ -6,9 +6,9 @@
 #                             external services) — nothing beyond the toolchain today
 #   scripts/setup.sh --test   also what the test suite needs
 #
-# What the tests need beyond the toolchain is installed here, cached under ~/.cache/sluice-tools:
-# today the Parquet readers of tests/it/readers.rs (a Python virtualenv); later a Kafka-protocol
-# broker and an S3-compatible server.
+# What the tests need beyond the toolchain is installed here: the Parquet readers of
+# tests/it/readers.rs (a Python virtualenv cached under ~/.cache/sluice-tools) and Debian's
+# chromium for the HTML quality report; later a Kafka-protocol broker and an S3-compatible server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,6 +33,13 @@ if [[ "${1:-}" == "--test" ]]; then
     # shellcheck disable=SC2086
     "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check $READERS
     echo "$READERS" > "$TOOLS/venv/.readers"
+  fi
+  # Headless Chromium opens the HTML quality report (tests/it/quality.rs): Debian's package.
+  if ! command -v "${SLUICE_CHROMIUM:-chromium}" >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium"
+    SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
   fi
 fi
 echo "setup: ok (build directory: $CARGO_TARGET_DIR)"

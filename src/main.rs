@@ -89,6 +89,24 @@ enum QualityCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Per column: current value and baseline of each metric, violations per expectation,
+    /// anomaly episodes; `--html` writes one self-contained page with charts.
+    Report {
+        /// The sink's LOCATION.
+        sink: String,
+        /// Only commits at or after this instant (RFC 3339, or a date: YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only commits before this instant (RFC 3339, or a date).
+        #[arg(long)]
+        until: Option<String>,
+        /// Also write the report as an HTML file here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Print the report as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print CREATE EXPECTATION statements the data committed so far satisfies (from the profiles).
     Suggest {
         /// The sink's LOCATION.
@@ -238,6 +256,38 @@ fn open_table(sink: &str) -> Result<sluice_engine::log::store::TableStore> {
     Ok(sluice_engine::log::store::TableStore::open(sink)?)
 }
 
+/// An instant given as RFC 3339 or as a date (midnight UTC), in ms since the Unix epoch.
+fn parse_instant(s: &str) -> Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    match chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        Ok(d) => Ok(d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis()),
+        Err(_) => bail!("'{s}' is neither an RFC 3339 instant (2026-11-25T10:00:00Z) nor a date (2026-11-25)"),
+    }
+}
+
+async fn quality_report(sink: &str, since: Option<&str>, until: Option<&str>, html: Option<&Path>, json: bool) -> Result<()> {
+    let table = open_table(sink)?;
+    let since = since.map(parse_instant).transpose()?;
+    let until = until.map(parse_instant).transpose()?;
+    let report = sluice_engine::quality::health::build(&table, since, until).await?;
+    if let Some(path) = html {
+        std::fs::write(path, sluice_engine::quality::health::to_html(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        write!(out, "{}", sluice_engine::quality::health::to_text(&report))?;
+        if let Some(path) = html {
+            writeln!(out, "\nreport: {}", path.display())?;
+        }
+    }
+    Ok(())
+}
+
 async fn quality_profile(sink: &str, json: bool) -> Result<()> {
     let table = open_table(sink)?;
     let profile = sluice_engine::quality::report::table_profile(&table).await?;
@@ -380,6 +430,16 @@ fn main() -> ExitCode {
             Command::Quality {
                 command: QualityCommand::Profile { sink, json },
             } => quality_profile(&sink, json).await,
+            Command::Quality {
+                command:
+                    QualityCommand::Report {
+                        sink,
+                        since,
+                        until,
+                        html,
+                        json,
+                    },
+            } => quality_report(&sink, since.as_deref(), until.as_deref(), html.as_deref(), json).await,
             Command::Quality {
                 command: QualityCommand::Suggest { sink },
             } => {

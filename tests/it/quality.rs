@@ -267,3 +267,92 @@ async fn a_null_fraction_jump_is_one_anomaly_episode_across_a_restart() {
     let files: Vec<String> = crate::harness::files_under(&sink.join("_sluice/quality/anomalies"));
     assert_eq!(files.len(), 2, "{files:?}");
 }
+
+/// The HTML report of a sink with an anomaly episode, opened in headless Chromium: no console
+/// errors, the charts are there, and the screenshot has real content.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_html_report_renders_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/m");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (v DOUBLE, kind VARCHAR)
+             STORED AS NDJSON LOCATION '{}' OPTIONS ('poll_interval' '50ms');
+             CREATE EXTERNAL TABLE m STORED AS PARQUET LOCATION '{}' OPTIONS ('quality.min_batches' '3');
+             INSERT INTO m SELECT v, kind FROM ev;
+             CREATE EXPECTATION v_small ON m CHECK (v < 150) ON VIOLATION WARN;",
+            incoming.display(),
+            sink.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[&sql], dir.path());
+    for k in 0..10u64 {
+        let nulls = if (5..7).contains(&k) { 40 } else { 1 };
+        let body: String = (0..100)
+            .map(|i| {
+                let v = if i < nulls { "null".to_string() } else { format!("{}", (i * 7 + k) % 200) };
+                format!("{{\"v\": {v}, \"kind\": \"k{}\"}}\n", i % 3)
+            })
+            .collect();
+        drop_file(&incoming, &format!("f{k:02}.ndjson"), &body);
+        wait_until(Duration::from_secs(60), "the file committed", || {
+            (accounted(&sink) == 100 * (k + 1)).then_some(())
+        });
+    }
+    server.stop();
+    let html = dir.path().join("report.html");
+    let (code, out) = run_to_exit(
+        &["quality", "report", sink.to_str().unwrap(), "--html", html.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("v.null_fraction: ended from epoch 6"), "{out}");
+    assert!(out.contains("v_small") && out.contains(&format!("report: {}", html.display())), "{out}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.matches("<svg").count() >= 6, "charts missing");
+    assert!(page.contains("class=\"anomaly\""), "the episode is marked on a chart");
+    assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("<script"), "self-contained");
+
+    let chromium = std::env::var("SLUICE_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let shot = dir.path().join("shot.png");
+    let log = std::process::Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1240,1400",
+        ])
+        .arg(format!("--user-data-dir={}", dir.path().join("chromium").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {chromium} (scripts/setup.sh --test installs it): {e}"));
+    let stderr = String::from_utf8_lossy(&log.stderr);
+    assert!(log.status.success(), "{stderr}");
+    assert!(!stderr.contains("CONSOLE"), "console messages: {stderr}");
+    // Non-trivial content: many colours, and a good share of the page not background white.
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).expect("screenshot written")));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("a frame");
+    let px = info.color_type.samples();
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    let colours: std::collections::HashSet<&[u8]> = pixels.iter().map(|p| &p[..3.min(px)]).collect();
+    let inked = pixels.iter().filter(|p| p[..3.min(px)].iter().any(|c| *c < 235)).count();
+    assert!(colours.len() > 50, "{} colours", colours.len());
+    assert!(inked * 100 / pixels.len() > 3, "{inked} of {} pixels inked", pixels.len());
+    let _ = std::fs::copy(&shot, std::env::temp_dir().join("sluice-quality-report.png"));
+}

@@ -1,9 +1,12 @@
 //! Data quality on the Arrow columns each micro-batch already holds: mergeable column
 //! [`profile`]s and the [`sketch`]es in them, the profile files committed with each epoch
-//! ([`store`]), and expectations ([`expect`]).
+//! ([`store`]), expectations ([`expect`]), drift baselines and anomaly episodes ([`drift`]), and
+//! what reads them back: merged profiles ([`report`]), suggested checks ([`suggest`]) and the
+//! quality report ([`health`]).
 
 pub mod drift;
 pub mod expect;
+pub mod health;
 pub mod profile;
 pub mod report;
 pub mod sketch;

@@ -139,6 +139,22 @@ pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
     })
 }
 
+/// The columns of one profile file, each summarized alone (the newest epoch's profile).
+pub async fn summarize_rows(table: &TableStore, path: &str) -> Result<Vec<ColumnSummary>> {
+    let bytes = table
+        .store
+        .get(&table.path(path))
+        .await
+        .map_err(EngineError::store(format!("reading profile {path}")))?
+        .bytes()
+        .await
+        .map_err(EngineError::store(format!("reading profile {path}")))?;
+    Ok(decode(bytes)?
+        .iter()
+        .map(|r| summarize(r.side.as_str(), &r.table, &r.profile))
+        .collect())
+}
+
 fn summarize(side: &str, table: &str, p: &ColumnProfile) -> ColumnSummary {
     let unit = match DataType::from_str(&p.data_type) {
         Ok(DataType::Timestamp(unit, _)) => Some(unit),
