@@ -98,12 +98,44 @@ FROM orders o JOIN fx ON o.currency = fx.currency
 WHERE o.status <> 'test'";
 
 fn pipeline_sql(source: &str, sink: &str) -> String {
+    pipeline_sql_with(source, sink, "", "")
+}
+
+/// The reference pipeline with sink OPTIONS (`sink_options`, e.g. `OPTIONS (...)`) and extra
+/// statements (expectations) appended.
+fn pipeline_sql_with(source: &str, sink: &str, sink_options: &str, extra: &str) -> String {
     format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders ({COLUMNS}) {source};
 CREATE EXTERNAL TABLE fx STORED AS CSV LOCATION 'fx.csv' OPTIONS ('format.has_header' 'true');
-CREATE EXTERNAL TABLE orders_usd STORED AS PARQUET PARTITIONED BY (order_date) LOCATION '{sink}';
-INSERT INTO orders_usd {SELECT};"
+CREATE EXTERNAL TABLE orders_usd STORED AS PARQUET PARTITIONED BY (order_date) LOCATION '{sink}' {sink_options};
+INSERT INTO orders_usd {SELECT};
+{extra}"
     )
+}
+
+/// The quality row's expectations: two row-level (one on the source, one on the sink) and one
+/// batch-level.
+const EXPECTATIONS: &str = "CREATE EXPECTATION positive_amount ON orders CHECK (amount > 0) ON VIOLATION DEAD_LETTER;
+CREATE EXPECTATION known_status ON orders_usd CHECK (status IN ('NEW', 'PAID', 'SHIPPED', 'CANCELLED', 'REFUNDED')) ON VIOLATION WARN;
+CREATE EXPECTATION enough_rows ON orders_usd CHECK (count(*) >= 10 AND avg(amount_usd) BETWEEN 1 AND 500) ON VIOLATION WARN;";
+
+/// The tuned directory run with quality work off (`quality.profile` off, no expectations), or
+/// with profiles and [`EXPECTATIONS`].
+fn run_directory_quality(work: &Path, events: u64, bytes: u64, files: u64, on: bool) -> Row {
+    let (tag, name, opts, extra) = if on {
+        ("dir-quality", "sluice: directory source, profiles + 3 expectations", "", EXPECTATIONS)
+    } else {
+        ("dir-noquality", "sluice: directory source, quality.profile off", "OPTIONS ('quality.profile' 'off')", "")
+    };
+    let sink = work.join(format!("lake/sluice-{tag}"));
+    let sql = pipeline_sql_with(
+        &format!("STORED AS NDJSON LOCATION 'in' {DIR_OPTIONS}"),
+        sink.to_str().unwrap_or_default(),
+        opts,
+        extra,
+    );
+    let last = format!("orders-{:05}.ndjson", files - 1);
+    run_dir_sql(work, name, tag, &sql, &sink, "orders", &last, events, bytes)
 }
 
 fn log_totals(sink: &Path) -> (u64, u64, Option<serde_json::Value>) {
@@ -802,6 +834,8 @@ fn main() {
     }
     let (mut dirs, mut https, mut ducks) = (Vec::new(), Vec::new(), Vec::new());
     let (mut defaults, mut ones) = (Vec::new(), Vec::new());
+    let with_quality = !args.iter().any(|a| a == "--no-quality");
+    let (mut quality_off, mut quality_on) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         for old in [
             "lake/sluice-dir",
@@ -813,10 +847,18 @@ fn main() {
             "state-dir-defaults",
             "lake/sluice-dir-one",
             "state-dir-one",
+            "lake/sluice-dir-quality",
+            "state-dir-quality",
+            "lake/sluice-dir-noquality",
+            "state-dir-noquality",
         ] {
             let _ = std::fs::remove_dir_all(work.join(old));
         }
         dirs.push(run_directory(&work, events, bytes, files));
+        if with_quality {
+            quality_off.push(run_directory_quality(&work, events, bytes, files, false));
+            quality_on.push(run_directory_quality(&work, events, bytes, files, true));
+        }
         if with_defaults {
             defaults.push(run_directory_defaults(&work, events, bytes, files, false));
             ones.push(run_directory_defaults(&work, events, bytes, files, true));
@@ -850,7 +892,20 @@ fn main() {
     } else {
         String::new()
     };
+    let quality_note = if with_quality {
+        format!(
+            "- quality: the tuned directory run with `quality.profile` off and no expectations, and with profiles on plus two row-level and one batch-level expectation (walls s: off {}; on {}); the main directory row profiles too (the default)\n",
+            walls(&quality_off),
+            walls(&quality_on)
+        )
+    } else {
+        String::new()
+    };
+    // The quality cost compares CPU time, rounds paired (each round runs both back to back).
+    let quality_cost: Vec<f64> = quality_on.iter().zip(&quality_off).map(|(a, b)| a.cpu / b.cpu - 1.0).collect();
     let dir = median(dirs).expect("at least one round");
+    let quality_off_row = median(quality_off);
+    let quality_on_row = median(quality_on);
     let default_row = median(defaults);
     let one_row = median(ones);
     let http = median(https);
@@ -880,6 +935,8 @@ fn main() {
     let mut rows = vec![dir];
     rows.extend(default_row);
     rows.extend(one_row);
+    rows.extend(quality_off_row);
+    rows.extend(quality_on_row);
     rows.extend(http);
     let duck_wall = duck.as_ref().map(|d| d.wall);
     rows.extend(duck);
@@ -943,6 +1000,17 @@ fn main() {
             100.0 * dir_wall / o
         ));
     }
+    if !quality_cost.is_empty() {
+        let mut sorted = quality_cost.clone();
+        sorted.sort_by(f64::total_cmp);
+        let med = sorted[sorted.len() / 2];
+        table.push_str(&format!(
+            "\n**Quality cost** (same run): profiles + 3 expectations cost {:.1}% more CPU time than `quality.profile` off (median of the paired rounds: {}). Target ≤ 10%: {}.\n",
+            100.0 * med,
+            quality_cost.iter().map(|c| format!("{:+.1}%", 100.0 * c)).collect::<Vec<_>>().join(", "),
+            if med <= 0.10 { "met" } else { "NOT met" }
+        ));
+    }
     table.push_str(&targets(
         dir_wall,
         http_wall,
@@ -993,7 +1061,7 @@ fn main() {
 - transform: filter, projection, arithmetic, join with a 5-row CSV table, derived date column → zstd Parquet partitioned by date\n\
 - DuckDB: the same SQL over the same files, `threads=2`, `COPY ... (FORMAT PARQUET, PARTITION_BY (order_date), COMPRESSION ZSTD)`; Nexmark likewise (`to_char` spelled `strftime`; q0–q2 to one file, q10 partitioned by `(dt, hm)`)\n\
 - floor: the engine's decoder alone (schema-specialised: a one-pass flat-object scanner, sonic-rs for lines it gives up on, arrow-json for what both defer), then the Parquet encoder alone with the sink's default settings (zstd level 1, 16 KiB dictionary limit), one thread each; \"floor / this wall\" = (decode + encode wall) / the run's wall; the arrow-json row is the same decode with the fast path off\n\
-{rounds_note}{defaults_note}- the HTTP run's load generator ({HTTP_CONNECTIONS} connections, {HTTP_BODY_LINES} lines per request) runs in the harness process on the same 2 cores\n\n{table}\n",
+{rounds_note}{defaults_note}{quality_note}- the HTTP run's load generator ({HTTP_CONNECTIONS} connections, {HTTP_BODY_LINES} lines per request) runs in the harness process on the same 2 cores\n\n{table}\n",
         bytes as f64 / 1e6,
         bytes as f64 / events as f64,
     );

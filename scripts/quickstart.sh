@@ -49,3 +49,7 @@ echo "== sluice query"
   "SELECT order_date, status, count(*) AS orders, round(sum(amount_usd), 2) AS usd
    FROM orders_usd GROUP BY order_date, status ORDER BY order_date, status" \
   --table orders_usd="$LAKE/orders_usd/"
+
+echo
+echo "== sluice quality report"
+"$SLUICE" quality report "$LAKE/orders_usd/" --html "$LAKE/quality-report.html"

@@ -81,10 +81,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum QualityCommand {
-    /// Merge every committed epoch's profile and print one row per column (source and sink).
+    /// Merge every committed epoch's profile and print one row per column (source and sink);
+    /// with `--partition`, the partition's rows, nulls, min and max from its files' footers.
     Profile {
         /// The sink's LOCATION.
         sink: String,
+        /// Only the committed files of this partition (KEY=VALUE, repeatable), from their footers.
+        #[arg(long = "partition", value_parser = parse_table_arg)]
+        partition: Vec<(String, String)>,
         /// Print the profile as JSON.
         #[arg(long)]
         json: bool,
@@ -288,15 +292,23 @@ async fn quality_report(sink: &str, since: Option<&str>, until: Option<&str>, ht
     Ok(())
 }
 
-async fn quality_profile(sink: &str, json: bool) -> Result<()> {
+async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool) -> Result<()> {
     let table = open_table(sink)?;
-    let profile = sluice_engine::quality::report::table_profile(&table).await?;
+    let profile = if partition.is_empty() {
+        sluice_engine::quality::report::table_profile(&table).await?
+    } else {
+        sluice_engine::quality::report::partition_profile(&table, partition).await?
+    };
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&profile)?)?;
         return Ok(());
     }
-    writeln!(out, "{sink}: profiles of {} epochs", profile.epochs)?;
+    if partition.is_empty() {
+        writeln!(out, "{sink}: profiles of {} epochs", profile.epochs)?;
+    } else {
+        writeln!(out, "{sink}: footers of {} committed files in the partition", profile.epochs)?;
+    }
     let num = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
     let header = ["side", "table", "column", "type", "rows", "null %", "distinct", "min", "max", "mean", "p50", "p99"];
     let rows: Vec<Vec<String>> = profile
@@ -428,8 +440,8 @@ fn main() -> ExitCode {
                 Err(e) => return Err(e),
             },
             Command::Quality {
-                command: QualityCommand::Profile { sink, json },
-            } => quality_profile(&sink, json).await,
+                command: QualityCommand::Profile { sink, partition, json },
+            } => quality_profile(&sink, &partition, json).await,
             Command::Quality {
                 command:
                     QualityCommand::Report {

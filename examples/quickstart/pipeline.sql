@@ -34,3 +34,9 @@ SELECT o.order_id,
        CAST(o.ts AS DATE) AS order_date
 FROM orders o JOIN fx ON o.currency = fx.currency
 WHERE o.status <> 'test';
+
+-- Expectations, checked on every micro-batch before its commit: a row-level check on the
+-- source (failing records go to dead letters with the expectation's name) and one on the sink
+-- (counted and logged, rows kept). `sluice quality report` shows them with the profiles.
+CREATE EXPECTATION positive_amount ON orders CHECK (amount > 0) ON VIOLATION DEAD_LETTER;
+CREATE EXPECTATION known_status ON orders_usd CHECK (status IN ('NEW', 'PAID', 'SHIPPED')) ON VIOLATION WARN;

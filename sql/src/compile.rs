@@ -146,9 +146,13 @@ fn parse_file(text: &PipelineText) -> Result<(Vec<Parsed<'_>>, Vec<Written<'_>>)
     let mut expectations = Vec::new();
     let mut tokens = Vec::new();
     let mut sql = text.text.clone();
-    for st in text.statements() {
+    let statements = text.statements();
+    // Blanked from the last to the first, so the byte offsets of those before stay valid.
+    for st in statements.iter().rev().filter(|st| is_expectation(st)) {
+        blank(&mut sql, text, st);
+    }
+    for st in statements {
         if is_expectation(&st) {
-            blank(&mut sql, text, &st);
             expectations.push(crate::expect::parse(text, st)?);
         } else {
             tokens.push(st);
@@ -186,7 +190,8 @@ fn parse_file(text: &PipelineText) -> Result<(Vec<Parsed<'_>>, Vec<Written<'_>>)
     Ok((parsed, expectations))
 }
 
-/// Replaces a statement's text by spaces (newlines kept, so positions do not move).
+/// Replaces a statement's text by spaces (newlines kept, so line and column positions of the
+/// rest do not move).
 fn blank(sql: &mut String, text: &PipelineText, st: &StatementTokens<'_>) {
     let (Some(first), Some(last)) = (st.tokens.first(), st.tokens.last()) else {
         return;
@@ -194,12 +199,9 @@ fn blank(sql: &mut String, text: &PipelineText, st: &StatementTokens<'_>) {
     let (Some(start), Some(end)) = (text.offset(first.span.start), text.offset(last.span.end)) else {
         return;
     };
-    // Each character becomes as many spaces as it has bytes, so offsets stay valid.
-    let bytes: String = sql[start..end]
-        .chars()
-        .map(|c| if c == '\n' { "\n".to_string() } else { " ".repeat(c.len_utf8()) })
-        .collect();
-    sql.replace_range(start..end, &bytes);
+    // One space per character (DataFusion counts columns in characters), newlines kept.
+    let spaces: String = sql[start..end].chars().map(|c| if c == '\n' { '\n' } else { ' ' }).collect();
+    sql.replace_range(start..end, &spaces);
 }
 
 fn to_sp(s: datafusion::common::Span) -> Span {

@@ -29,8 +29,12 @@ use crate::text::{PipelineText, StatementTokens, strip_position};
 /// The table name a batch-level check's plan scans; the engine binds it to each micro-batch.
 pub const EXPECTATION_INPUT: &str = "__sluice_expectation_input";
 
-/// Deepest nesting of parentheses and operators accepted in a CHECK (the parser recurses).
+/// Deepest nesting of parentheses accepted in a CHECK (the parser recurses).
 const MAX_CHECK_DEPTH: usize = 32;
+
+/// Most operators accepted in a CHECK: a chain of operators parses in a loop but builds a tree
+/// as deep as the chain is long, which later passes walk recursively.
+const MAX_CHECK_OPERATORS: usize = 64;
 
 /// Whether a CHECK looks at one row or at the whole batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +149,36 @@ fn parse_error(text: &PipelineText, tokens: &StatementTokens<'_>, e: ParserError
 /// Parses one `CREATE EXPECTATION` statement.
 pub(crate) fn parse<'a>(text: &'a PipelineText, tokens: StatementTokens<'a>) -> Result<Written<'a>, SqlError> {
     let err = |e| parse_error(text, &tokens, e);
+    let operators = tokens
+        .tokens
+        .iter()
+        .filter(|t| match &t.token {
+            Token::Word(w) => matches!(w.keyword, Keyword::AND | Keyword::OR | Keyword::NOT | Keyword::IS | Keyword::LIKE | Keyword::BETWEEN),
+            Token::Eq
+            | Token::Neq
+            | Token::Lt
+            | Token::Gt
+            | Token::LtEq
+            | Token::GtEq
+            | Token::Plus
+            | Token::Minus
+            | Token::Mul
+            | Token::Div
+            | Token::Mod
+            | Token::StringConcat
+            | Token::Ampersand
+            | Token::Pipe
+            | Token::Caret => true,
+            _ => false,
+        })
+        .count();
+    if operators > MAX_CHECK_OPERATORS {
+        return Err(SqlError::invalid(
+            format!("this CHECK has {operators} operators; at most {MAX_CHECK_OPERATORS} are accepted"),
+            text.locate(tokens.first_span()),
+            Some("split it into several expectations, or use IN (...) for a list of values".into()),
+        ));
+    }
     let mut p = Parser::new(&GenericDialect {})
         .with_recursion_limit(MAX_CHECK_DEPTH)
         .with_tokens_with_locations(tokens.tokens.to_vec());
@@ -234,6 +268,13 @@ impl Written<'_> {
             Ok(df) => df.into_unoptimized_plan(),
             Err(e) => return Err(self.check_error(e)),
         };
+        if let Some(what) = unsupported(&plan) {
+            return Err(SqlError::invalid(
+                format!("expectation \"{}\": a CHECK cannot hold {what}", self.name),
+                self.at(self.check_span),
+                Some("a CHECK reads the columns of one batch: per row, or through aggregate functions".into()),
+            ));
+        }
         let level = if has_aggregate(&plan) { Level::Batch } else { Level::Row };
         let out = plan.schema().field(0).data_type().clone();
         if out != DataType::Boolean && out != DataType::Null {
@@ -330,6 +371,32 @@ impl Written<'_> {
             hint,
         )
     }
+}
+
+/// What a CHECK's plan holds that expectations do not run: a subquery or a window function.
+fn unsupported(plan: &LogicalPlan) -> Option<&'static str> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        found = match node {
+            LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_) | LogicalPlan::TableScan(_) => None,
+            LogicalPlan::Window(_) => Some("a window function"),
+            _ => Some("a subquery"),
+        };
+        Ok(if found.is_some() { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    if found.is_none() {
+        let _ = plan.apply_expressions(|e| {
+            if e.exists(|x| Ok(matches!(x, Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_))))
+                .unwrap_or(false)
+            {
+                found = Some("a subquery");
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    found
 }
 
 fn has_aggregate(plan: &LogicalPlan) -> bool {

@@ -32,6 +32,21 @@ fn setup(expectations: &str) -> (tempfile::TempDir, std::path::PathBuf, std::pat
     (dir, sql, std::path::PathBuf::new())
 }
 
+/// A scratch directory with `incoming/`, a pipeline file written by `text(incoming, sink)`
+/// (the sink at `lake/<sink_name>`): the directory, `incoming/`, the sink and the file.
+fn scratch(
+    sink_name: &str,
+    text: impl FnOnce(&Path, &Path) -> String,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake").join(sink_name);
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, text(&incoming, &sink)).unwrap();
+    (dir, incoming, sink, sql)
+}
+
 /// Records accounted for by the commit log: output + dead letters + dropped.
 fn accounted(sink: &Path) -> u64 {
     log_entries(sink)
@@ -212,13 +227,7 @@ async fn quarantine_sends_the_whole_batch_to_dead_letters_and_moves_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_null_fraction_jump_is_one_anomaly_episode_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/m");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
+    let (dir, incoming, sink, sql) = scratch("m", |incoming, sink| {
         format!(
             "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, v DOUBLE, kind VARCHAR, x BIGINT)
              STORED AS NDJSON LOCATION '{}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
@@ -226,9 +235,8 @@ async fn a_null_fraction_jump_is_one_anomaly_episode_across_a_restart() {
              INSERT INTO m SELECT v, kind, x FROM ev;",
             incoming.display(),
             sink.display()
-        ),
-    )
-    .unwrap();
+        )
+    });
     // Every file has the same shape but for v's nulls: 1% normally, 30% during the excursion.
     let file = |k: usize, null_pct: usize| -> String {
         (0..200)
@@ -272,13 +280,7 @@ async fn a_null_fraction_jump_is_one_anomaly_episode_across_a_restart() {
 /// errors, the charts are there, and the screenshot has real content.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_html_report_renders_in_a_browser() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/m");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
+    let (dir, incoming, sink, sql) = scratch("m", |incoming, sink| {
         format!(
             "CREATE UNBOUNDED EXTERNAL TABLE ev (v DOUBLE, kind VARCHAR)
              STORED AS NDJSON LOCATION '{}' OPTIONS ('poll_interval' '50ms');
@@ -287,9 +289,8 @@ async fn the_html_report_renders_in_a_browser() {
              CREATE EXPECTATION v_small ON m CHECK (v < 150) ON VIOLATION WARN;",
             incoming.display(),
             sink.display()
-        ),
-    )
-    .unwrap();
+        )
+    });
     let server = Server::start(&[&sql], dir.path());
     for k in 0..10u64 {
         let nulls = if (5..7).contains(&k) { 40 } else { 1 };
@@ -355,4 +356,69 @@ async fn the_html_report_renders_in_a_browser() {
     assert!(colours.len() > 50, "{} colours", colours.len());
     assert!(inked * 100 / pixels.len() > 3, "{inked} of {} pixels inked", pixels.len());
     let _ = std::fs::copy(&shot, std::env::temp_dir().join("sluice-quality-report.png"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_profile_comes_from_its_footers() {
+    let (dir, incoming, sink, sql) = scratch("p", |incoming, sink| {
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, amount DOUBLE, currency VARCHAR)
+             STORED AS NDJSON LOCATION '{}' OPTIONS ('poll_interval' '50ms');
+             CREATE EXTERNAL TABLE p STORED AS PARQUET PARTITIONED BY (currency) LOCATION '{}';
+             INSERT INTO p SELECT id, amount, currency FROM ev;",
+            incoming.display(),
+            sink.display()
+        )
+    });
+    let server = Server::start(&[&sql], dir.path());
+    for k in 0..2i64 {
+        let body: String = (0..100)
+            .map(|i| {
+                let id = k * 100 + i;
+                let amount = if id % 10 == 0 { "null".to_string() } else { format!("{}", id * 3) };
+                let cur = if id % 4 == 0 { "EUR" } else { "USD" };
+                format!("{{\"id\": {id}, \"amount\": {amount}, \"currency\": \"{cur}\"}}\n")
+            })
+            .collect();
+        drop_file(&incoming, &format!("f{k}.ndjson"), &body);
+        wait_until(Duration::from_secs(60), "the file committed", || {
+            (accounted(&sink) == 100 * (k as u64 + 1)).then_some(())
+        });
+    }
+    server.stop();
+    let (code, out) = run_to_exit(
+        &["quality", "profile", sink.to_str().unwrap(), "--partition", "currency=EUR", "--json"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    let p: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let eur: Vec<i64> = (0..200).filter(|id| id % 4 == 0).collect();
+    let col = |name: &str| p["columns"].as_array().unwrap().iter().find(|c| c["column"] == name).cloned().unwrap();
+    assert_eq!(col("id")["rows"].as_u64(), Some(eur.len() as u64));
+    assert_eq!(col("id")["min"], "0");
+    assert_eq!(col("id")["max"], eur.last().unwrap().to_string());
+    assert_eq!(col("amount")["nulls"].as_u64(), Some(eur.iter().filter(|id| *id % 10 == 0).count() as u64));
+    let max: f64 = col("amount")["max"].as_str().unwrap().parse().unwrap();
+    assert_eq!(max, (eur.iter().filter(|id| *id % 10 != 0).max().unwrap() * 3) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_that_cannot_be_computed_on_a_row_dead_letters_that_row_only() {
+    let (dir, sql, _) = setup("CREATE EXPECTATION numeric_currency ON orders CHECK (CAST(currency AS INT) >= 0) ON VIOLATION WARN;");
+    let sink = dir.path().join("lake/orders_out");
+    let body: String = (0..50)
+        .map(|i| {
+            let cur = if i == 17 { "abc".to_string() } else { i.to_string() };
+            format!("{{\"id\": {i}, \"amount\": 1, \"currency\": \"{cur}\"}}\n")
+        })
+        .collect();
+    drop_file(&dir.path().join("incoming"), "a.ndjson", &body);
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(60), "every record accounted for", || (accounted(&sink) == 50).then_some(()));
+    server.stop();
+    assert_eq!(output_ids(&sink).await, (0..50).filter(|i| *i != 17).collect::<Vec<i64>>());
+    let letters = dead_letters(&sink);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0]["error"].as_str().unwrap().contains("could not be evaluated"), "{}", letters[0]);
+    assert_eq!(violations(&sink, "numeric_currency"), 1);
 }

@@ -66,4 +66,12 @@ fn quickstart_pipeline_runs_and_is_queryable() {
         csv.trim(),
         "order_id,status,amount_usd,order_date\n1,NEW,108.0,2026-11-22\n3,PAID,12.7,2026-11-21"
     );
+    // The quality report the quickstart prints, with its expectations.
+    let (code, out) = crate::harness::run_to_exit(
+        &["quality", "report", "examples/quickstart/lake/orders_usd/", "--html", "examples/quickstart/lake/quality-report.html"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("positive_amount") && out.contains("known_status"), "{out}");
+    assert!(out.contains("report: examples/quickstart/lake/quality-report.html"), "{out}");
 }

@@ -34,7 +34,7 @@ pub fn option_specs() -> Vec<OptionSpec> {
         },
         OptionSpec {
             key: "quality.profile",
-            doc: "'on' (default): profile every epoch's source and sink columns into _sluice/quality/profiles/; 'off': no profiles (expectations still run)",
+            doc: "'on' (default): profile every epoch into _sluice/quality/profiles/, the sink's columns fully and the source's exact figures (rows, nulls, min, max, lengths); 'full': the source's columns fully too; 'off': no profiles (expectations still run)",
         },
         OptionSpec {
             key: "quality.window",
@@ -95,7 +95,7 @@ impl ParquetSinkConfig {
             })?,
         };
         // Read by the engine; checked here so `sluice validate` reports a bad value.
-        option_choice(options, "quality.profile", true, &[("on", true), ("off", false)])?;
+        option_choice(options, "quality.profile", 0, &[("on", 0), ("full", 1), ("off", 2)])?;
         sluice_sql::option_duration(options, "quality.window", std::time::Duration::from_secs(3600))?;
         sluice_sql::option_count(options, "quality.min_batches", 10)?;
         if let Some(v) = options.get("quality.threshold")

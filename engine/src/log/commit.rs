@@ -165,10 +165,18 @@ pub struct TableSummary {
 
 impl CommitEntry {
     /// True when `other` commits the same thing (everything equal but the wall-clock time).
+    /// The floats of the quality figures are compared to within a few units in the last place:
+    /// one side usually was read back from the log, and serde_json's float parsing need not
+    /// give back the last bit.
     pub fn same_commit(&self, other: &CommitEntry) -> bool {
-        let mut a = self.clone();
-        a.committed_at.clone_from(&other.committed_at);
-        &a == other
+        let (mut a, mut b) = (self.clone(), other.clone());
+        a.committed_at.clone_from(&b.committed_at);
+        let (qa, qb) = (a.quality.take(), b.quality.take());
+        a == b
+            && match (serde_json::to_value(&qa), serde_json::to_value(&qb)) {
+                (Ok(x), Ok(y)) => json_close(&x, &y),
+                _ => false,
+            }
     }
 
     /// Every table-relative target this entry moves into place.
@@ -179,6 +187,23 @@ impl CommitEntry {
             .chain(self.dead_letters.iter().map(|d| d.path.as_str()))
             .chain(self.quality.iter().filter_map(|q| q.profile.as_deref()))
             .chain(self.quality.iter().filter_map(|q| q.anomaly_file.as_deref()))
+    }
+}
+
+/// JSON trees equal but for floats within a few units in the last place.
+fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            _ if x == y => true,
+            (Some(p), Some(q)) => (p - q).abs() <= 8.0 * f64::EPSILON * p.abs().max(q.abs()),
+            _ => false,
+        },
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_close(p, q)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w)))
+        }
+        _ => a == b,
     }
 }
 
@@ -519,6 +544,32 @@ mod tests {
             counts: Counts::default(),
             schema: TableSchema::default(),
         }
+    }
+
+    // A retried commit compares its entry with the one in the log: floats in the quality
+    // figures must not make the same commit look like another writer's.
+    #[test]
+    fn an_entry_with_floats_is_the_same_commit_after_a_trip_through_the_log() {
+        let mut e = entry(1, &["a"]);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let metrics = (0..2000)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (format!("c{i}.mean"), f64::from_bits(x >> 2) * if i % 2 == 0 { 1.0 } else { -1.0 })
+            })
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        e.quality = Some(QualityEntry {
+            metrics,
+            ..Default::default()
+        });
+        let back: CommitEntry = serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap();
+        assert!(back.same_commit(&e) && e.same_commit(&back));
+        let mut other = back.clone();
+        other.add[0].rows = 2;
+        assert!(!other.same_commit(&e));
     }
 
     #[tokio::test]

@@ -266,8 +266,16 @@ impl PipelineTask {
         let decode_dead = dead.len() as u64;
         let mut profiles = Vec::new();
         if self.quality.profile {
-            let p = profile_batches(&input, self.plan.input_schema())?;
-            profiles.push((Side::Source, self.source.clone(), p));
+            // Profiling informs; it never blocks a commit.
+            let profiled = if self.quality.full_source {
+                profile_batches(&input, self.plan.input_schema())
+            } else {
+                profile::exact_figures(&input, self.plan.input_schema())
+            };
+            match profiled {
+                Ok(p) => profiles.push((Side::Source, self.source.clone(), p)),
+                Err(e) => tracing::warn!(pipeline = %self.name, epoch, error = %e, "source profile skipped"),
+            }
         }
         let checked = self.quality.source.check(&self.name, input).await?;
         let mut violations = checked.violations;
@@ -283,8 +291,14 @@ impl PipelineTask {
         dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Sink, epoch, f)));
         let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
         let mut drift = (BTreeMap::new(), Vec::new());
-        if self.quality.profile {
-            let mut p = profile_batches(&output, self.plan.output_schema())?;
+        let sink_profile = if self.quality.profile {
+            profile_batches(&output, self.plan.output_schema())
+                .map_err(|e| tracing::warn!(pipeline = %self.name, epoch, error = %e, "sink profile skipped"))
+                .ok()
+        } else {
+            None
+        };
+        if let Some(mut p) = sink_profile {
             profile::set_freshness(&mut p, self.plan.output_schema(), now);
             let values = crate::quality::drift::metrics(written, &p);
             let events = self.quality.drift.evaluate(epoch, now.timestamp_millis(), &values);

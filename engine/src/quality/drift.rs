@@ -5,7 +5,10 @@
 //! numbers `mean`, `p50`, `p99`. The baseline of a metric is the median and the MAD (median
 //! absolute deviation) of its values over the batches committed within `quality.window`; a
 //! value's score is |value − median| / (1.4826 · MAD), with the scale floored at 1% of the
-//! median (and 1e-9) so a metric that never moved does not alert on rounding. A score above
+//! median and at a per-metric minimum (0.01 for a null fraction, one row or one value for
+//! volume and distinct counts) so a metric that never moved does not alert on one stray value.
+//! An episode that outlives its baseline (a lasting shift: `quality.window` passes with the
+//! metric out of line) ends, and the new level becomes the baseline. A score above
 //! `quality.threshold` opens an episode (after `quality.min_batches` batches of baseline); the
 //! episode stays open, and its values stay out of the baseline, until a batch scores within the
 //! threshold again, which closes it: one anomaly with a start and an end, not one per batch.
@@ -138,6 +141,16 @@ fn median(v: &mut [f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// The smallest deviation that counts for `metric`, whatever its baseline's spread: a metric
+/// that never moved (a column never null) must not alert on one stray value.
+fn floor(metric: &str) -> f64 {
+    match metric {
+        "null_fraction" => 0.01,
+        "volume" | "distinct" => 1.0,
+        _ => 1e-9,
+    }
+}
+
 fn split(key: &str) -> (&str, &str) {
     key.rsplit_once('.').unwrap_or(("*", key))
 }
@@ -165,15 +178,27 @@ impl Drift {
     pub fn evaluate(&self, epoch: u64, now_ms: i64, values: &BTreeMap<String, f64>) -> Vec<AnomalyEvent> {
         let mut events = Vec::new();
         for (key, &value) in values {
-            let Some((baseline, mad, n)) = self.baseline(key, now_ms) else {
-                continue;
-            };
+            let (column, metric) = split(key);
+            let (baseline, mad, n) = self.baseline(key, now_ms).unwrap_or((f64::NAN, 0.0, 0));
             if n < self.policy.min_batches {
+                // An episode that outlived its baseline (a lasting shift): end it, so the new
+                // level becomes the baseline instead of silencing the metric for good.
+                if let Some(&started) = self.open.get(key) {
+                    events.push(AnomalyEvent {
+                        event: "end".into(),
+                        column: column.to_string(),
+                        metric: metric.to_string(),
+                        value,
+                        baseline: if baseline.is_finite() { baseline } else { value },
+                        mad,
+                        score: 0.0,
+                        started,
+                    });
+                }
                 continue;
             }
-            let scale = (1.4826 * mad).max(0.01 * baseline.abs()).max(1e-9);
+            let scale = (1.4826 * mad).max(0.01 * baseline.abs()).max(floor(metric));
             let score = (value - baseline).abs() / scale;
-            let (column, metric) = split(key);
             let event = |kind: &str, started: u64| AnomalyEvent {
                 event: kind.to_string(),
                 column: column.to_string(),
@@ -206,11 +231,10 @@ impl Drift {
         }
         let horizon = at_ms - self.policy.window.as_millis() as i64;
         for (key, &v) in values {
-            if self.open.contains_key(key) {
-                continue;
-            }
             let h = self.history.entry(key.clone()).or_default();
-            h.push_back((at_ms, v));
+            if !self.open.contains_key(key) {
+                h.push_back((at_ms, v));
+            }
             while h.len() > MAX_BASELINE_BATCHES || h.front().is_some_and(|(t, _)| *t < horizon) {
                 h.pop_front();
             }
@@ -258,6 +282,28 @@ mod tests {
         assert_eq!((events[0].event.as_str(), events[0].started), ("start", 100));
         assert_eq!((events[1].event.as_str(), events[1].started), ("end", 100));
         assert!(d.open().is_empty());
+    }
+
+    #[test]
+    fn a_lasting_shift_ends_its_episode_and_becomes_the_baseline() {
+        let policy = DriftPolicy {
+            window: Duration::from_secs(60),
+            ..DriftPolicy::default()
+        };
+        let mut d = Drift::new(policy);
+        let mut events = Vec::new();
+        for e in 1..=300u64 {
+            events.extend(step(&mut d, e, if e < 100 { 0.01 } else { 0.5 }));
+        }
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[1].event, "end");
+        assert!(d.open().is_empty());
+        // One stray null in a never-null column is not an anomaly.
+        let mut d = Drift::new(DriftPolicy::default());
+        for e in 1..50 {
+            assert!(step(&mut d, e, 0.0).is_empty());
+        }
+        assert!(step(&mut d, 50, 0.00001).is_empty());
     }
 
     #[test]

@@ -138,10 +138,17 @@ impl Checks {
             }
             offset += n;
         }
-        for c in self.checks.iter().filter(|c| c.batch.is_some()) {
+        // A batch check over no rows says nothing (an epoch of only bad records, a quarantined
+        // batch, an empty tail): skipped.
+        let rows_left: usize = out.kept.iter().map(|b| b.num_rows()).sum();
+        for c in self.checks.iter().filter(|c| c.batch.is_some() && rows_left > 0) {
             let Some(plan) = &c.batch else { continue };
-            if batch_passes(plan, &out.kept).await? {
-                continue;
+            match batch_passes(plan, &out.kept).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                // A CHECK that cannot be computed on this batch (an overflow, a cast) is a
+                // violation, handled by its action.
+                Err(e) => tracing::warn!(pipeline, expectation = %c.def.name, error = %e, "batch check failed to evaluate; counted as a violation"),
             }
             if let Some(v) = out.violations.get_mut(&c.def.name) {
                 v.violations += 1;
@@ -191,17 +198,33 @@ impl Checks {
         let mut drop_mask: Option<BooleanArray> = None;
         let mut failed: Vec<(&Check, BooleanArray)> = Vec::new();
         let mut warned = Vec::new();
+        let mut unchecked: Vec<(usize, String)> = Vec::new();
         for c in &self.checks {
             let Some(expr) = &c.row else { continue };
-            let value = expr.evaluate(batch)?.into_array(n)?;
-            let ok = value
-                .as_any()
-                .downcast_ref::<BooleanArray>()
-                .cloned()
-                .unwrap_or_else(|| BooleanArray::from(vec![None; n]));
-            // FALSE fails; TRUE and NULL pass.
-            let fails = not(&ok)?;
-            let fails = if fails.nulls().is_some() { prep_null_mask_filter(&fails) } else { fails };
+            let fails = match failing_rows(expr.as_ref(), batch) {
+                Ok(f) => f,
+                Err(e) => {
+                    // The CHECK cannot be computed on some row (a cast, a division by zero):
+                    // find those rows one by one; each is dead-lettered with the error, whatever
+                    // the action, since it could not be checked.
+                    let mut f = Vec::with_capacity(n);
+                    let before = unchecked.len();
+                    for i in 0..n {
+                        match failing_rows(expr.as_ref(), &batch.slice(i, 1)) {
+                            Ok(one) => f.push(one.value(0)),
+                            Err(row_err) => {
+                                f.push(false);
+                                unchecked.push((i, format!("{}: CHECK ({}) could not be evaluated: {row_err}", c.def.name, c.def.check)));
+                            }
+                        }
+                    }
+                    if let Some(v) = violations.get_mut(&c.def.name) {
+                        v.violations += (unchecked.len() - before) as u64;
+                    }
+                    tracing::warn!(expectation = %c.def.name, error = %e, "a row-level check failed to evaluate; checking row by row");
+                    BooleanArray::from(f)
+                }
+            };
             let count = fails.true_count() as u64;
             if count == 0 {
                 continue;
@@ -227,6 +250,13 @@ impl Checks {
         for (name, count) in warned {
             tracing::warn!(expectation = name, rows = count, "rows failed their expectation (kept)");
         }
+        if !unchecked.is_empty() {
+            let mask = BooleanArray::from((0..n).map(|i| unchecked.iter().any(|(j, _)| *j == i)).collect::<Vec<bool>>());
+            dead_mask = Some(match dead_mask {
+                Some(m) => or(&m, &mask)?,
+                None => mask,
+            });
+        }
         let gone = match (&dead_mask, &drop_mask) {
             (Some(d), Some(p)) => Some(or(d, p)?),
             (Some(d), None) => Some(d.clone()),
@@ -240,6 +270,7 @@ impl Checks {
                     .iter()
                     .filter(|(_, f)| f.value(i))
                     .map(|(c, _)| format!("{}: CHECK ({})", c.def.name, c.def.check))
+                    .chain(unchecked.iter().filter(|(j, _)| *j == i).map(|(_, why)| why.clone()))
                     .collect();
                 dead.push(FailedRow {
                     row: batch.slice(i, 1),
@@ -250,6 +281,19 @@ impl Checks {
         }
         Ok((gone.map(|g| not(&g)).transpose()?, dead))
     }
+}
+
+/// The rows of `batch` whose CHECK is FALSE (TRUE and NULL pass).
+fn failing_rows(expr: &dyn PhysicalExpr, batch: &RecordBatch) -> Result<BooleanArray> {
+    let n = batch.num_rows();
+    let value = expr.evaluate(batch)?.into_array(n)?;
+    let ok = value
+        .as_any()
+        .downcast_ref::<BooleanArray>()
+        .cloned()
+        .unwrap_or_else(|| BooleanArray::from(vec![None; n]));
+    let fails = not(&ok)?;
+    Ok(if fails.nulls().is_some() { prep_null_mask_filter(&fails) } else { fails })
 }
 
 /// Runs a batch-level check; an empty result or NULL passes.

@@ -27,8 +27,11 @@ pub struct Quality {
     pub source: Checks,
     /// Expectations on the pipeline's sink, checked on the SQL's output.
     pub sink: Checks,
-    /// Whether each epoch's source and sink columns are profiled (`quality.profile`).
+    /// Whether each epoch's columns are profiled (`quality.profile` on or full).
     pub profile: bool,
+    /// Whether the source side gets the full profile too (`full`), or only its exact figures
+    /// (`on`: rows, nulls, min, max, lengths, true counts — no sketches, no moments).
+    pub full_source: bool,
     /// The sink's drift baselines (used when profiling).
     pub drift: Drift,
 }
@@ -42,12 +45,18 @@ impl Quality {
         sink: &str,
         options: &Options,
     ) -> Result<Quality> {
-        let profile = option_choice(options, "quality.profile", true, &[("on", true), ("off", false)])
-            .map_err(|e| EngineError::config(e.message, None::<String>))?;
+        let (profile, full_source) = option_choice(
+            options,
+            "quality.profile",
+            (true, false),
+            &[("on", (true, false)), ("full", (true, true)), ("off", (false, false))],
+        )
+        .map_err(|e| EngineError::config(e.message, None::<String>))?;
         Ok(Quality {
             source: Checks::new(ctx, expectations, source)?,
             sink: Checks::new(ctx, expectations, sink)?,
             profile,
+            full_source,
             drift: Drift::new(DriftPolicy::from_options(options)?),
         })
     }
@@ -58,6 +67,7 @@ impl Quality {
             source: Checks::empty(),
             sink: Checks::empty(),
             profile: false,
+            full_source: false,
             drift: Drift::default(),
         }
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use arrow::datatypes::DataType;
+use datafusion::scalar::ScalarValue;
 
 use object_store::ObjectStoreExt;
 use serde::Serialize;
@@ -91,15 +92,7 @@ pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
         let Some(path) = e.quality.as_ref().and_then(|q| q.profile.as_deref()) else {
             continue;
         };
-        let bytes = table
-            .store
-            .get(&table.path(path))
-            .await
-            .map_err(EngineError::store(format!("reading profile {path}")))?
-            .bytes()
-            .await
-            .map_err(EngineError::store(format!("reading profile {path}")))?;
-        let part = decode(bytes)?;
+        let part = read_profile(table, path).await?;
         for r in &part {
             newest_freshness.insert(
                 (r.side.as_str().to_string(), r.table.clone(), r.profile.column.clone()),
@@ -139,17 +132,20 @@ pub async fn table_profile(table: &TableStore) -> Result<TableProfile> {
     })
 }
 
-/// The columns of one profile file, each summarized alone (the newest epoch's profile).
-pub async fn summarize_rows(table: &TableStore, path: &str) -> Result<Vec<ColumnSummary>> {
-    let bytes = table
+/// The rows of one committed profile file.
+async fn read_profile(table: &TableStore, path: &str) -> Result<Vec<ProfileRow>> {
+    let get = table
         .store
         .get(&table.path(path))
         .await
-        .map_err(EngineError::store(format!("reading profile {path}")))?
-        .bytes()
-        .await
         .map_err(EngineError::store(format!("reading profile {path}")))?;
-    Ok(decode(bytes)?
+    decode(get.bytes().await.map_err(EngineError::store(format!("reading profile {path}")))?)
+}
+
+/// The columns of one profile file, each summarized alone (the newest epoch's profile).
+pub async fn summarize_rows(table: &TableStore, path: &str) -> Result<Vec<ColumnSummary>> {
+    Ok(read_profile(table, path)
+        .await?
         .iter()
         .map(|r| summarize(r.side.as_str(), &r.table, &r.profile))
         .collect())
@@ -191,7 +187,150 @@ fn summarize(side: &str, table: &str, p: &ColumnProfile) -> ColumnSummary {
         mean_len: p.mean_len(),
         empty: p.empty,
         true_count: p.true_count,
-        top_values: p.top.as_ref().map(|t| t.items.iter().take(10).cloned().collect()).unwrap_or_default(),
+        top_values: p.top.as_ref().map(|t| t.items.iter().take(20).cloned().collect()).unwrap_or_default(),
         freshness_ms: p.freshness_ms,
     }
+}
+
+/// The profile of the committed files of one partition (`filter`: every `key=value` must
+/// match), from their Parquet footers alone: rows, nulls, min and max per data column. Footer
+/// statistics are exact for these and free to read; sketch figures (distinct, quantiles) are
+/// per batch, not per partition, and are left out.
+pub async fn partition_profile(table: &TableStore, filter: &[(String, String)]) -> Result<TableProfile> {
+    use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
+    use parquet::file::metadata::ParquetMetaDataReader;
+
+    let log = CommitLog::new(table.clone(), "sluice-quality-reader");
+    let (files, _) = log.committed_files().await?;
+    let files: Vec<_> = files
+        .into_iter()
+        .filter(|f| {
+            filter
+                .iter()
+                .all(|(k, v)| f.partition.iter().any(|(pk, pv)| pk == k && pv.as_deref() == Some(v.as_str())))
+        })
+        .collect();
+    // Per column: rows, nulls, min, max (as scalars, compared by their own order).
+    let mut acc: Vec<(String, String, u64, u64, Option<ScalarValue>, Option<ScalarValue>)> = Vec::new();
+    let pq = |e: parquet::errors::ParquetError| EngineError::Internal(format!("reading a Parquet footer: {e}"));
+    for f in &files {
+        let meta = read_footer(table, &f.path, f.bytes).await?;
+        let meta = ParquetMetaDataReader::decode_metadata(&meta).map_err(pq)?;
+        let file_meta = meta.file_metadata();
+        let schema = parquet::arrow::parquet_to_arrow_schema(file_meta.schema_descr(), file_meta.key_value_metadata())
+            .map_err(pq)?;
+        for field in schema.fields() {
+            let conv = StatisticsConverter::try_new(field.name(), &schema, file_meta.schema_descr()).map_err(pq)?;
+            let groups = meta.row_groups();
+            let rows: u64 = conv.row_group_row_counts(groups).map_err(pq)?.map_or(0, |a| a.values().iter().sum());
+            let nulls: u64 = conv.row_group_null_counts(groups).map_err(pq)?.iter().flatten().sum();
+            let fold = |arr: arrow::array::ArrayRef, want_min: bool| -> Option<ScalarValue> {
+                let mut best: Option<ScalarValue> = None;
+                for i in 0..arr.len() {
+                    let Ok(v) = ScalarValue::try_from_array(&arr, i) else { continue };
+                    if v.is_null() {
+                        continue;
+                    }
+                    let better = match &best {
+                        None => true,
+                        Some(b) => match v.partial_cmp(b) {
+                            Some(std::cmp::Ordering::Less) => want_min,
+                            Some(std::cmp::Ordering::Greater) => !want_min,
+                            _ => false,
+                        },
+                    };
+                    if better {
+                        best = Some(v);
+                    }
+                }
+                best
+            };
+            let (lo, hi) = (
+                fold(conv.row_group_mins(groups).map_err(pq)?, true),
+                fold(conv.row_group_maxes(groups).map_err(pq)?, false),
+            );
+            let slot = match acc.iter().position(|a| &a.0 == field.name()) {
+                Some(i) => &mut acc[i],
+                None => {
+                    acc.push((field.name().clone(), field.data_type().to_string(), 0, 0, None, None));
+                    let n = acc.len() - 1;
+                    &mut acc[n]
+                }
+            };
+            slot.2 += rows;
+            slot.3 += nulls;
+            for (cur, new, want_min) in [(&mut slot.4, lo, true), (&mut slot.5, hi, false)] {
+                if let Some(n) = new {
+                    let replace = match cur.as_ref().and_then(|c| n.partial_cmp(c)) {
+                        None => cur.is_none(),
+                        Some(o) => (o == std::cmp::Ordering::Less) == want_min && o != std::cmp::Ordering::Equal,
+                    };
+                    if replace {
+                        *cur = Some(n);
+                    }
+                }
+            }
+        }
+    }
+    let table_name = log.entries().await?.last().map(|e| e.pipeline.clone()).unwrap_or_default();
+    let columns = acc
+        .into_iter()
+        .map(|(column, data_type, rows, nulls, lo, hi)| ColumnSummary {
+            side: "sink".into(),
+            table: table_name.clone(),
+            column,
+            data_type,
+            rows,
+            nulls,
+            null_fraction: if rows == 0 { 0.0 } else { nulls as f64 / rows as f64 },
+            distinct: 0,
+            min: lo.map(|v| v.to_string()),
+            max: hi.map(|v| v.to_string()),
+            mean: None,
+            stddev: None,
+            p50: None,
+            p99: None,
+            nan: 0,
+            infinite: 0,
+            min_len: None,
+            max_len: None,
+            mean_len: None,
+            empty: 0,
+            true_count: None,
+            top_values: Vec::new(),
+            freshness_ms: None,
+        })
+        .collect();
+    Ok(TableProfile {
+        epochs: files.len(),
+        columns,
+        min_batch_rows: None,
+    })
+}
+
+/// The footer metadata bytes of the Parquet file at `path` (`size` bytes): two ranged reads of
+/// the end of the file, never its data.
+async fn read_footer(table: &TableStore, path: &str, size: u64) -> Result<bytes::Bytes> {
+    let location = table.path(path);
+    let bad = || EngineError::Internal(format!("{path} is not a Parquet file (bad footer)"));
+    if size < 12 {
+        return Err(bad());
+    }
+    let tail = table
+        .store
+        .get_range(&location, size - 8..size)
+        .await
+        .map_err(EngineError::store(format!("reading the footer of {path}")))?;
+    if tail.len() != 8 || &tail[4..] != b"PAR1" {
+        return Err(bad());
+    }
+    let len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if len + 8 > size {
+        return Err(bad());
+    }
+    table
+        .store
+        .get_range(&location, size - 8 - len..size - 8)
+        .await
+        .map_err(EngineError::store(format!("reading the footer of {path}")))
 }

@@ -48,6 +48,21 @@ impl Distinct {
     /// The sketch of the non-null values of `array`, or `None` for types `approx_distinct`
     /// does not take (nested types).
     pub fn of(array: &ArrayRef) -> Option<Distinct> {
+        Distinct::of_parts(std::slice::from_ref(array))
+    }
+
+    /// The sketch of the non-null values of consecutive arrays of one type.
+    pub fn of_parts(parts: &[ArrayRef]) -> Option<Distinct> {
+        let first = parts.first()?;
+        let mut acc = accumulator(Distinct::hashed(first)?.data_type()).ok()?;
+        for part in parts {
+            acc.update_batch(&[Distinct::hashed(part)?]).ok()?;
+        }
+        Distinct::from_state(acc.state().ok()?)
+    }
+
+    /// `array` as the values the sketch hashes (small domains widened, floats as their bits).
+    fn hashed(array: &ArrayRef) -> Option<ArrayRef> {
         // Small domains get a bitmap state in DataFusion; widen them to share the HLL form.
         let array = match array.data_type() {
             DataType::Boolean | DataType::Int8 | DataType::Int16 | DataType::UInt8 | DataType::UInt16 => {
@@ -65,9 +80,7 @@ impl Distinct {
             }
             _ => array.clone(),
         };
-        let mut acc = accumulator(array.data_type()).ok()?;
-        acc.update_batch(&[array]).ok()?;
-        Distinct::from_state(acc.state().ok()?)
+        Some(array)
     }
 
     fn from_state(state: Vec<ScalarValue>) -> Option<Distinct> {
@@ -163,6 +176,15 @@ impl Quantiles {
         })
     }
 
+    /// The digest with every weight multiplied by `scale` (a sample standing for all values)
+    /// and the exact extremes.
+    pub fn scaled(&self, scale: f64, min: f64, max: f64) -> Option<Quantiles> {
+        let d = &self.digest;
+        let centroids = d.centroids().iter().map(|c| Centroid::new(c.mean(), c.weight() * scale)).collect();
+        let digest = TDigest::try_from_parts(d.max_size(), d.sum() * scale, d.count() * scale, max, min, centroids).ok()?;
+        Some(Quantiles { digest })
+    }
+
     /// The estimated `q`-quantile (0 ≤ q ≤ 1).
     pub fn quantile(&self, q: f64) -> f64 {
         self.digest.estimate_quantile(q)
@@ -208,6 +230,28 @@ impl Quantiles {
     }
 }
 
+/// Keeps the [`TOP_COUNTERS`] largest counts, each lowered by the next largest (the
+/// Misra-Gries merge step), most frequent first (ties by value); the lowering is added to
+/// `error`. Selects before sorting, so a batch of many distinct values costs a linear pass.
+fn reduce<S: Ord>(mut items: Vec<(S, u64)>, mut error: u64) -> (Vec<(S, u64)>, u64) {
+    let order = |a: &(S, u64), b: &(S, u64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+    if items.len() > TOP_COUNTERS {
+        items.select_nth_unstable_by(TOP_COUNTERS, order);
+        items.truncate(TOP_COUNTERS + 1);
+    }
+    items.sort_unstable_by(order);
+    if items.len() > TOP_COUNTERS {
+        let cut = items[TOP_COUNTERS].1;
+        items.truncate(TOP_COUNTERS);
+        for item in &mut items {
+            item.1 -= cut;
+        }
+        items.retain(|i| i.1 > 0);
+        error += cut;
+    }
+    (items, error)
+}
+
 /// The most frequent values of a column with their (lower-bound) counts: a Misra-Gries summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopValues {
@@ -215,6 +259,9 @@ pub struct TopValues {
     pub items: Vec<(String, u64)>,
     /// The most any count may be below the true count (0: every count is exact).
     pub error: u64,
+    /// True when the counts were scaled from a sample (estimates: a rare value may be missing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sampled: bool,
 }
 
 impl TopValues {
@@ -224,41 +271,59 @@ impl TopValues {
         for v in values.flatten() {
             *counts.entry(v).or_insert(0) += 1;
         }
-        TopValues::reduce(counts.into_iter().map(|(v, c)| (v.to_string(), c)).collect(), 0)
+        // Cut down while borrowed; only the kept values are copied.
+        let (items, error) = reduce(counts.into_iter().collect(), 0);
+        TopValues {
+            items: items.into_iter().map(|(v, c)| (v.to_string(), c)).collect(),
+            error,
+            sampled: false,
+        }
+    }
+
+    /// The summary of a sample standing for `total` values: counts scaled to it.
+    pub fn scaled(mut self, total: u64) -> TopValues {
+        let seen: u64 = self.items.iter().map(|i| i.1).sum::<u64>() + self.error;
+        if seen > 0 && seen < total {
+            let f = total as f64 / seen as f64;
+            for item in &mut self.items {
+                item.1 = ((item.1 as f64) * f).round() as u64;
+            }
+            self.error = ((self.error as f64) * f).round() as u64;
+            self.sampled = true;
+        }
+        self
     }
 
     /// The summary of the union of `parts`: counts added, then cut back to [`TOP_COUNTERS`].
     pub fn merge<'a>(parts: impl IntoIterator<Item = &'a TopValues>) -> TopValues {
         let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         let mut error = 0;
+        let mut sampled = false;
         for p in parts {
             error += p.error;
+            sampled |= p.sampled;
             for (v, c) in &p.items {
                 *counts.entry(v.clone()).or_insert(0) += c;
             }
         }
-        TopValues::reduce(counts.into_iter().collect(), error)
+        TopValues {
+            sampled,
+            ..TopValues::reduce(counts.into_iter().collect(), error)
+        }
     }
 
-    /// Keeps the [`TOP_COUNTERS`] largest counts, each lowered by the next largest (the
-    /// Misra-Gries merge step); the lowering is added to `error`.
-    fn reduce(mut items: Vec<(String, u64)>, mut error: u64) -> TopValues {
-        items.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        if items.len() > TOP_COUNTERS {
-            let cut = items[TOP_COUNTERS].1;
-            items.truncate(TOP_COUNTERS);
-            for item in &mut items {
-                item.1 -= cut;
-            }
-            items.retain(|i| i.1 > 0);
-            error += cut;
+    fn reduce(items: Vec<(String, u64)>, error: u64) -> TopValues {
+        let (items, error) = reduce(items, error);
+        TopValues {
+            items,
+            error,
+            sampled: false,
         }
-        TopValues { items, error }
     }
 
     /// True when the summary holds every value of the column with its exact count.
     pub fn is_exact(&self) -> bool {
-        self.error == 0
+        self.error == 0 && !self.sampled
     }
 }
 

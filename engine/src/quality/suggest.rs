@@ -90,12 +90,12 @@ fn range(c: &ColumnSummary) -> Option<String> {
     })
 }
 
-/// The quoted list of every value of a low-cardinality text column, when it is known exactly.
+/// The quoted list of every value of a low-cardinality text column, when the frequent-values
+/// summary holds all of them (as many values as the distinct count).
 fn allowed(c: &ColumnSummary) -> Option<String> {
     let text = matches!(c.data_type.as_str(), "Utf8" | "LargeUtf8" | "Utf8View");
-    let seen: u64 = c.top_values.iter().map(|(_, n)| n).sum();
-    // Exact only when the summary holds every non-null value with its count.
-    if !text || c.top_values.is_empty() || c.top_values.len() > MAX_ALLOWED_VALUES || seen != c.rows - c.nulls {
+    if !text || c.top_values.is_empty() || c.top_values.len() > MAX_ALLOWED_VALUES || c.distinct != c.top_values.len() as u64
+    {
         return None;
     }
     if c.rows - c.nulls < 20 * c.top_values.len() as u64 {
