@@ -13,15 +13,25 @@ use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray};
 use arrow::compute::{filter_record_batch, not, or, prep_null_mask_filter};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::common::DFSchema;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use serde::{Deserialize, Serialize};
-use sluice_sql::{Action, EXPECTATION_INPUT, ExpectationDef, Level, PipelineDef};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::common::tree_node::Transformed;
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::prelude::SessionConfig;
+use sluice_sql::{Action, EXPECTATION_INPUT, ExpectationDef, Level};
+use std::sync::Mutex;
 
 use crate::error::{EngineError, Result};
-use crate::pipeline::exec::BatchPlan;
 
 /// What an epoch's checks found, per expectation, as recorded in the commit entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +52,85 @@ pub struct Checks {
 struct Check {
     def: ExpectationDef,
     row: Option<Arc<dyn PhysicalExpr>>,
-    batch: Option<BatchPlan>,
+    batch: Option<BatchCheck>,
+}
+
+/// The rows a batch check reads: set before each run of its plan.
+#[derive(Debug)]
+struct Slot {
+    schema: SchemaRef,
+    batches: Mutex<Vec<RecordBatch>>,
+}
+
+impl PartitionStream for Slot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self.batches.lock().map(|b| b.clone()).unwrap_or_default();
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(batches.into_iter().map(Ok)),
+        ))
+    }
+}
+
+/// A batch-level check: its physical plan, built once (one partition, so the plan holds no
+/// state between runs) over a [`Slot`] that each epoch refills — no planning per epoch.
+struct BatchCheck {
+    slot: Arc<Slot>,
+    plan: Arc<dyn ExecutionPlan>,
+    task: Arc<TaskContext>,
+}
+
+impl BatchCheck {
+    async fn new(def: &ExpectationDef, logical: &LogicalPlan) -> Result<BatchCheck> {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let slot = Arc::new(Slot {
+            schema: def.schema.clone(),
+            batches: Mutex::new(Vec::new()),
+        });
+        let stream: Arc<dyn PartitionStream> = slot.clone();
+        let table = StreamingTable::try_new(def.schema.clone(), vec![stream])?;
+        let source = provider_as_source(Arc::new(table));
+        let bound = logical
+            .clone()
+            .transform_up_with_subqueries(|node| match node {
+                LogicalPlan::TableScan(mut scan) if scan.table_name.table() == EXPECTATION_INPUT => {
+                    scan.source = source.clone();
+                    Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                }
+                other => Ok(Transformed::no(other)),
+            })?
+            .data;
+        let plan = ctx.state().create_physical_plan(&bound).await?;
+        Ok(BatchCheck {
+            slot,
+            plan,
+            task: ctx.task_ctx(),
+        })
+    }
+
+    /// Runs the check over `batches`; an empty result or NULL passes.
+    async fn passes(&self, batches: &[RecordBatch]) -> Result<bool> {
+        if let Ok(mut b) = self.slot.batches.lock() {
+            *b = batches.to_vec();
+        }
+        let out = datafusion::physical_plan::collect(self.plan.clone(), self.task.clone()).await;
+        if let Ok(mut b) = self.slot.batches.lock() {
+            b.clear();
+        }
+        for b in out.map_err(EngineError::Environment)? {
+            if b.num_columns() == 0 || b.num_rows() == 0 {
+                continue;
+            }
+            if let Some(ok) = b.column(0).as_any().downcast_ref::<BooleanArray>() {
+                return Ok(ok.is_null(0) || ok.value(0));
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// A row that failed a DEAD_LETTER check: the row and why.
@@ -68,19 +156,11 @@ pub struct Checked {
 
 impl Checks {
     /// Compiles the expectations on `table` among `all`.
-    pub fn new(ctx: &SessionContext, all: &[ExpectationDef], table: &str) -> Result<Checks> {
+    pub async fn new(ctx: &SessionContext, all: &[ExpectationDef], table: &str) -> Result<Checks> {
         let mut checks = Vec::new();
         for def in all.iter().filter(|d| d.table == table) {
             let (row, batch) = match (&def.plan, def.level) {
-                (Some(plan), Level::Batch) => {
-                    let as_pipeline = PipelineDef {
-                        name: def.name.clone(),
-                        source: EXPECTATION_INPUT.to_string(),
-                        plan: plan.clone(),
-                        defined_at: None,
-                    };
-                    (None, Some(BatchPlan::new(ctx, &as_pipeline, def.schema.clone())?))
-                }
+                (Some(plan), Level::Batch) => (None, Some(BatchCheck::new(def, plan).await?)),
                 _ => {
                     let schema = DFSchema::try_from_qualified_schema(EXPECTATION_INPUT, &def.schema)?;
                     (Some(ctx.state().create_physical_expr(def.expr.clone(), &schema)?), None)
@@ -133,7 +213,7 @@ impl Checks {
             let (keep, dead) = self.check_rows(&batch, offset, &mut out.violations)?;
             out.dead.extend(dead);
             match keep {
-                Some(mask) => out.kept.push(filter_record_batch(&batch, &mask)?),
+                Some(mask) => keep_rows(&batch, &mask, &mut out.kept)?,
                 None => out.kept.push(batch),
             }
             offset += n;
@@ -143,7 +223,7 @@ impl Checks {
         let rows_left: usize = out.kept.iter().map(|b| b.num_rows()).sum();
         for c in self.checks.iter().filter(|c| c.batch.is_some() && rows_left > 0) {
             let Some(plan) = &c.batch else { continue };
-            match batch_passes(plan, &out.kept).await {
+            match plan.passes(&out.kept).await {
                 Ok(true) => continue,
                 Ok(false) => {}
                 // A CHECK that cannot be computed on this batch (an overflow, a cast) is a
@@ -283,6 +363,31 @@ impl Checks {
     }
 }
 
+/// Most rows removed from a batch by zero-copy slicing around them; past it the batch is
+/// filtered (copied) once.
+const MAX_SLICED_GAPS: usize = 16;
+
+/// Pushes the rows of `batch` where `keep` is true: as slices between the removed rows when
+/// they are few (no copy of the batch for a handful of bad rows), else as one filtered copy.
+fn keep_rows(batch: &RecordBatch, keep: &BooleanArray, out: &mut Vec<RecordBatch>) -> Result<()> {
+    let removed = keep.len() - keep.true_count();
+    if removed > MAX_SLICED_GAPS {
+        out.push(filter_record_batch(batch, keep)?);
+        return Ok(());
+    }
+    let mut start = 0;
+    for i in (0..keep.len()).filter(|&i| !keep.value(i)) {
+        if i > start {
+            out.push(batch.slice(start, i - start));
+        }
+        start = i + 1;
+    }
+    if start < batch.num_rows() {
+        out.push(batch.slice(start, batch.num_rows() - start));
+    }
+    Ok(())
+}
+
 /// The rows of `batch` whose CHECK is FALSE (TRUE and NULL pass).
 fn failing_rows(expr: &dyn PhysicalExpr, batch: &RecordBatch) -> Result<BooleanArray> {
     let n = batch.num_rows();
@@ -294,23 +399,4 @@ fn failing_rows(expr: &dyn PhysicalExpr, batch: &RecordBatch) -> Result<BooleanA
         .unwrap_or_else(|| BooleanArray::from(vec![None; n]));
     let fails = not(&ok)?;
     Ok(if fails.nulls().is_some() { prep_null_mask_filter(&fails) } else { fails })
-}
-
-/// Runs a batch-level check; an empty result or NULL passes.
-async fn batch_passes(plan: &BatchPlan, batches: &[RecordBatch]) -> Result<bool> {
-    let input: Vec<RecordBatch> = if batches.is_empty() {
-        vec![RecordBatch::new_empty(plan.input_schema().clone())]
-    } else {
-        batches.to_vec()
-    };
-    let out = plan.execute(&input).await.map_err(EngineError::Environment)?;
-    for b in out {
-        if b.num_columns() == 0 || b.num_rows() == 0 {
-            continue;
-        }
-        if let Some(ok) = b.column(0).as_any().downcast_ref::<BooleanArray>() {
-            return Ok(ok.is_null(0) || ok.value(0));
-        }
-    }
-    Ok(true)
 }

@@ -38,7 +38,7 @@ pub struct Quality {
 
 impl Quality {
     /// The quality work of the pipeline reading `source` into `sink`, whose sink has `options`.
-    pub fn new(
+    pub async fn new(
         ctx: &SessionContext,
         expectations: &[ExpectationDef],
         source: &str,
@@ -53,8 +53,8 @@ impl Quality {
         )
         .map_err(|e| EngineError::config(e.message, None::<String>))?;
         Ok(Quality {
-            source: Checks::new(ctx, expectations, source)?,
-            sink: Checks::new(ctx, expectations, sink)?,
+            source: Checks::new(ctx, expectations, source).await?,
+            sink: Checks::new(ctx, expectations, sink).await?,
             profile,
             full_source,
             drift: Drift::new(DriftPolicy::from_options(options)?),

@@ -196,9 +196,9 @@ pub fn profile_batches(batches: &[RecordBatch], schema: &arrow::datatypes::Schem
     Ok(out)
 }
 
-/// The exact figures only (rows, nulls, min, max, lengths, NaN/infinity and true counts) of
-/// every column: no sketches and no moments, a few tight passes per column. The source side's
-/// default (`quality.profile` = `on`).
+/// The exact figures only (rows, nulls, min, max, NaN/infinity and true counts) of every
+/// column: no sketches, no moments, no text lengths; one tight pass per numeric column. The
+/// source side's default (`quality.profile` = `on`).
 pub fn exact_figures(batches: &[RecordBatch], schema: &arrow::datatypes::Schema) -> Result<Vec<ColumnProfile>> {
     let mut out = Vec::with_capacity(schema.fields().len());
     for (i, field) in schema.fields().iter().enumerate() {
@@ -221,27 +221,31 @@ pub fn exact_figures(batches: &[RecordBatch], schema: &arrow::datatypes::Schema)
                     }
                 }
                 Kind::Float => {
+                    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
                     for part in &parts {
                         let floats = arrow::compute::cast(part, &DataType::Float64)?;
-                        for v in floats.as_primitive::<Float64Type>().iter().flatten() {
-                            if v.is_finite() {
-                                p.min_float = min_opt(p.min_float, Some(v));
-                                p.max_float = max_opt(p.max_float, Some(v));
-                            } else if v.is_nan() {
-                                p.nan += 1;
-                            } else {
-                                p.infinite += 1;
-                            }
-                        }
+                        let (l, h, nan, inf) = fold_valid(
+                            floats.as_primitive::<Float64Type>(),
+                            (f64::INFINITY, f64::NEG_INFINITY, 0u64, 0u64),
+                            |(l, h, nan, inf), v| {
+                                if v.is_finite() {
+                                    (l.min(v), h.max(v), nan, inf)
+                                } else {
+                                    (l, h, nan + u64::from(v.is_nan()), inf + u64::from(v.is_infinite()))
+                                }
+                            },
+                        );
+                        (lo, hi) = (lo.min(l), hi.max(h));
+                        p.nan += nan;
+                        p.infinite += inf;
+                    }
+                    if lo <= hi {
+                        p.min_float = Some(lo);
+                        p.max_float = Some(hi);
                     }
                 }
-                Kind::Text => {
-                    let mut lens = Lengths::default();
-                    for part in &parts {
-                        text_lengths(part, &mut lens);
-                    }
-                    lens.set(&mut p);
-                }
+                // Text lengths are a full pass over every value: left to the sink's full profile.
+                Kind::Text => {}
                 Kind::Boolean => p.true_count = Some(parts.iter().map(|a| a.as_boolean().true_count() as u64).sum()),
                 Kind::Binary | Kind::Other => {}
             }
@@ -427,6 +431,7 @@ fn text_lengths(part: &ArrayRef, lens: &mut Lengths) {
             lens.add_iter(part.as_string::<i64>().offsets().windows(2).map(|w| (w[1] - w[0]) as u64), nulls.as_ref())
         }
         // A view's low 32 bits are its length.
+        _ if nulls.is_none() => lens.add_views(part.as_string_view().views()),
         _ => lens.add_iter(part.as_string_view().views().iter().map(|v| u64::from(*v as u32)), nulls.as_ref()),
     }
 }
@@ -529,6 +534,24 @@ impl Default for Lengths {
 }
 
 impl Lengths {
+    /// Adds the lengths of string views with no nulls: one pass over their low 32 bits.
+    fn add_views(&mut self, views: &[u128]) {
+        let (mut min, mut max, mut sum, mut empty) = (u32::MAX, 0u32, 0u64, 0u64);
+        for v in views {
+            let l = *v as u32;
+            min = min.min(l);
+            max = max.max(l);
+            sum += u64::from(l);
+            empty += u64::from(l == 0);
+        }
+        if !views.is_empty() {
+            self.min = self.min.min(u64::from(min));
+            self.max = self.max.max(u64::from(max));
+        }
+        self.sum += sum;
+        self.empty += empty;
+    }
+
     /// Adds the lengths of the valid rows, in one pass without a copy.
     fn add_iter(&mut self, lens: impl Iterator<Item = u64>, nulls: Option<&arrow::buffer::NullBuffer>) {
         let (mut min, mut max, mut sum, mut empty) = (self.min, self.max, self.sum, self.empty);

@@ -39,10 +39,20 @@ fn bad(what: &str, why: impl std::fmt::Display) -> EngineError {
 }
 
 /// An approximate distinct count: HyperLogLog registers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Distinct {
     registers: Vec<u8>,
+    /// The estimate, computed once (it reads all registers).
+    estimate: std::sync::OnceLock<u64>,
 }
+
+impl PartialEq for Distinct {
+    fn eq(&self, other: &Self) -> bool {
+        self.registers == other.registers
+    }
+}
+
+impl Eq for Distinct {}
 
 impl Distinct {
     /// The sketch of the non-null values of `array`, or `None` for types `approx_distinct`
@@ -85,7 +95,10 @@ impl Distinct {
 
     fn from_state(state: Vec<ScalarValue>) -> Option<Distinct> {
         match state.into_iter().next()? {
-            ScalarValue::Binary(Some(registers)) if registers.len() == HLL_BYTES => Some(Distinct { registers }),
+            ScalarValue::Binary(Some(registers)) if registers.len() == HLL_BYTES => Some(Distinct {
+                registers,
+                estimate: std::sync::OnceLock::new(),
+            }),
             _ => None,
         }
     }
@@ -102,6 +115,7 @@ impl Distinct {
         }
         Ok(Distinct {
             registers: bytes.to_vec(),
+            estimate: std::sync::OnceLock::new(),
         })
     }
 
@@ -119,6 +133,15 @@ impl Distinct {
 
     /// The estimated number of distinct values.
     pub fn estimate(&self) -> Result<u64> {
+        if let Some(n) = self.estimate.get() {
+            return Ok(*n);
+        }
+        let n = self.compute_estimate()?;
+        let _ = self.estimate.set(n);
+        Ok(n)
+    }
+
+    fn compute_estimate(&self) -> Result<u64> {
         let mut acc = accumulator(&DataType::Binary)?;
         let array: ArrayRef = Arc::new(BinaryArray::from(vec![self.registers.as_slice()]));
         acc.merge_batch(&[array])?;

@@ -226,7 +226,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             }
             result
         });
-        let mut quality = crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options)?;
+        let mut quality = crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options).await?;
         if quality.profile {
             // The drift baselines and open anomaly episodes, from the newest commits.
             let epochs = log.epochs().await?;
