@@ -138,7 +138,7 @@ pub struct QualityEntry {
     pub profile: Option<String>,
     /// Violations per expectation.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub expectations: BTreeMap<String, crate::quality::expect::Violations>,
+    pub expectations: BTreeMap<String, Violations>,
     /// Rows and nulls per column, by `source.<table>` / `sink.<table>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub summary: BTreeMap<String, TableSummary>,
@@ -147,10 +147,42 @@ pub struct QualityEntry {
     pub metrics: BTreeMap<String, f64>,
     /// Anomaly episodes that started or ended with this epoch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub anomalies: Vec<crate::quality::drift::AnomalyEvent>,
+    pub anomalies: Vec<AnomalyEvent>,
     /// The anomaly file committed with the epoch (table-relative), when there were events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly_file: Option<String>,
+}
+
+/// What an epoch's checks found, per expectation, as recorded in the commit entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violations {
+    /// The action the expectation takes.
+    pub action: String,
+    /// `row` or `batch`.
+    pub level: String,
+    /// Rows that failed (row-level), or 1 when the batch failed (batch-level).
+    pub violations: u64,
+}
+
+/// One anomaly event: an episode's start or end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyEvent {
+    /// `start` or `end`.
+    pub event: String,
+    /// The column (`*` for volume).
+    pub column: String,
+    /// The metric.
+    pub metric: String,
+    /// The batch's value.
+    pub value: f64,
+    /// The baseline's median.
+    pub baseline: f64,
+    /// The baseline's MAD.
+    pub mad: f64,
+    /// The robust score of the value.
+    pub score: f64,
+    /// The epoch the episode started in.
+    pub started: u64,
 }
 
 /// Rows and nulls per column of one side of an epoch.

@@ -19,10 +19,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sluice_sql::{Options, option_count, option_duration};
 
 use crate::error::{EngineError, Result};
+pub use crate::log::commit::AnomalyEvent;
 use crate::log::commit::CommitEntry;
 use crate::quality::profile::{ColumnProfile, Kind};
 
@@ -34,27 +34,6 @@ pub const DEFAULT_THRESHOLD: f64 = 4.0;
 pub const DEFAULT_MIN_BATCHES: usize = 10;
 /// Most batches a baseline keeps, whatever the window.
 pub const MAX_BASELINE_BATCHES: usize = 1000;
-
-/// One anomaly event: an episode's start or end.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AnomalyEvent {
-    /// `start` or `end`.
-    pub event: String,
-    /// The column (`*` for volume).
-    pub column: String,
-    /// The metric.
-    pub metric: String,
-    /// The batch's value.
-    pub value: f64,
-    /// The baseline's median.
-    pub baseline: f64,
-    /// The baseline's MAD.
-    pub mad: f64,
-    /// The robust score of the value.
-    pub score: f64,
-    /// The epoch the episode started in.
-    pub started: u64,
-}
 
 /// Drift settings (sink OPTIONS `quality.window`, `quality.threshold`, `quality.min_batches`).
 #[derive(Debug, Clone, Copy, PartialEq)]

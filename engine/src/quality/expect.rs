@@ -18,7 +18,6 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::DFSchema;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
-use serde::{Deserialize, Serialize};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::tree_node::Transformed;
 use datafusion::datasource::provider_as_source;
@@ -31,18 +30,8 @@ use datafusion::prelude::SessionConfig;
 use sluice_sql::{Action, EXPECTATION_INPUT, ExpectationDef, Level};
 use std::sync::Mutex;
 
+pub use crate::log::commit::Violations;
 use crate::error::{EngineError, Result};
-
-/// What an epoch's checks found, per expectation, as recorded in the commit entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Violations {
-    /// The action the expectation takes.
-    pub action: String,
-    /// `row` or `batch`.
-    pub level: String,
-    /// Rows that failed (row-level), or 1 when the batch failed (batch-level).
-    pub violations: u64,
-}
 
 /// The checks of one side of a pipeline.
 pub struct Checks {
