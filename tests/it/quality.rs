@@ -221,6 +221,7 @@ async fn quarantine_sends_the_whole_batch_to_dead_letters_and_moves_on() {
     for l in &letters {
         assert_eq!(l["stage"], "expectation");
         assert!(l["error"].as_str().unwrap().contains("quarantined by expectation unique_ids"), "{l}");
+        assert!(l["position"]["quarantined_row"].is_u64(), "{l}");
     }
     assert_eq!(violations(&sink, "unique_ids"), 1);
 }

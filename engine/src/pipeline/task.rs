@@ -407,7 +407,11 @@ impl PipelineTask {
     fn expectation_letter(&self, side: Side, epoch: u64, f: FailedRow) -> DeadLetter {
         DeadLetter {
             source: self.source.clone(),
-            position: serde_json::json!({ "epoch": epoch, "side": side.as_str(), "row": f.index }),
+            position: if f.quarantined {
+                serde_json::json!({ "epoch": epoch, "side": side.as_str(), "quarantined_row": f.index })
+            } else {
+                serde_json::json!({ "epoch": epoch, "side": side.as_str(), "row": f.index })
+            },
             stage: Stage::Expectation,
             error: f.reason,
             raw: row_json(std::slice::from_ref(&f.row)),

@@ -126,10 +126,12 @@ impl BatchCheck {
 pub struct FailedRow {
     /// The row, alone in a batch.
     pub row: RecordBatch,
-    /// Its index among the rows checked.
+    /// Its index among the rows checked (row-level), or among the quarantined batch's rows.
     pub index: usize,
     /// The expectations it failed.
     pub reason: String,
+    /// True when it went with a quarantined batch (not for a check of its own).
+    pub quarantined: bool,
 }
 
 /// The result of checking one micro-batch.
@@ -241,6 +243,7 @@ impl Checks {
                                 row: b.slice(r, 1),
                                 index,
                                 reason: reason.clone(),
+                                quarantined: true,
                             });
                             index += 1;
                         }
@@ -342,6 +345,7 @@ impl Checks {
                     .chain(unchecked.iter().filter(|(j, _)| *j == i).map(|(_, why)| why.clone()))
                     .collect();
                 dead.push(FailedRow {
+                    quarantined: false,
                     row: batch.slice(i, 1),
                     index: offset + i,
                     reason: format!("failed expectation {}", names.join("; ")),

@@ -31,6 +31,22 @@ pub const DIGEST_SIZE: usize = 100;
 /// Counters kept by a [`TopValues`] summary.
 pub const TOP_COUNTERS: usize = 64;
 
+/// Longest value a [`TopValues`] summary keeps, in bytes: a longer one is counted under its
+/// first bytes followed by `…` (profiles are for shapes, not for copies of long texts).
+pub const MAX_TOP_VALUE_BYTES: usize = 128;
+
+/// `v` cut to at most [`MAX_TOP_VALUE_BYTES`] on a character boundary, marked with `…`.
+fn capped(v: &str) -> String {
+    if v.len() <= MAX_TOP_VALUE_BYTES {
+        return v.to_string();
+    }
+    let mut end = MAX_TOP_VALUE_BYTES;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &v[..end])
+}
+
 /// Bytes of a HyperLogLog state (2^14 one-byte registers).
 const HLL_BYTES: usize = 1 << 14;
 
@@ -297,7 +313,7 @@ impl TopValues {
         // Cut down while borrowed; only the kept values are copied.
         let (items, error) = reduce(counts.into_iter().collect(), 0);
         TopValues {
-            items: items.into_iter().map(|(v, c)| (v.to_string(), c)).collect(),
+            items: items.into_iter().map(|(v, c)| (capped(v), c)).collect(),
             error,
             sampled: false,
         }
@@ -346,7 +362,7 @@ impl TopValues {
 
     /// True when the summary holds every value of the column with its exact count.
     pub fn is_exact(&self) -> bool {
-        self.error == 0 && !self.sampled
+        self.error == 0 && !self.sampled && !self.items.iter().any(|(v, _)| v.len() > MAX_TOP_VALUE_BYTES)
     }
 }
 
@@ -382,6 +398,15 @@ mod tests {
         let mut damaged = q.to_bytes();
         damaged[24..32].copy_from_slice(&(-1.0f64).to_le_bytes()); // max below min
         assert!(Quantiles::from_bytes(&damaged).is_err());
+    }
+
+    #[test]
+    fn long_values_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(100);
+        let top = TopValues::of([Some(long.as_str()), Some("short")].into_iter());
+        let cut = &top.items.iter().find(|i| i.0 != "short").unwrap().0;
+        assert!(cut.ends_with('…') && cut.len() <= MAX_TOP_VALUE_BYTES + '…'.len_utf8(), "{cut}");
+        assert!(!top.is_exact());
     }
 
     #[test]

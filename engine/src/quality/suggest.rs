@@ -94,7 +94,11 @@ fn range(c: &ColumnSummary) -> Option<String> {
 /// summary holds all of them (as many values as the distinct count).
 fn allowed(c: &ColumnSummary) -> Option<String> {
     let text = matches!(c.data_type.as_str(), "Utf8" | "LargeUtf8" | "Utf8View");
-    if !text || c.top_values.is_empty() || c.top_values.len() > MAX_ALLOWED_VALUES || c.distinct != c.top_values.len() as u64
+    if !text
+        || c.top_values.is_empty()
+        || c.top_values.len() > MAX_ALLOWED_VALUES
+        || c.distinct != c.top_values.len() as u64
+        || c.top_values.iter().any(|(v, _)| v.ends_with('…'))
     {
         return None;
     }
