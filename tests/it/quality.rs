@@ -24,12 +24,12 @@ fn pipeline(dir: &Path, expectations: &str) -> String {
     )
 }
 
-fn setup(expectations: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+fn setup(expectations: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("incoming")).unwrap();
     let sql = dir.path().join("p.sql");
     std::fs::write(&sql, pipeline(dir.path(), expectations)).unwrap();
-    (dir, sql, std::path::PathBuf::new())
+    (dir, sql)
 }
 
 /// A scratch directory with `incoming/`, a pipeline file written by `text(incoming, sink)`
@@ -75,7 +75,7 @@ async fn output_ids(sink: &Path) -> Vec<i64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn row_expectations_do_exactly_what_their_action_says() {
-    let (dir, sql, _) = setup(
+    let (dir, sql) = setup(
         "CREATE EXPECTATION positive ON orders CHECK (amount > 0) ON VIOLATION DEAD_LETTER;
          CREATE EXPECTATION not_13 ON orders CHECK (abs(amount) <> 13) ON VIOLATION DROP;
          CREATE EXPECTATION known_currency ON orders_out CHECK (currency IN ('USD', 'EUR')) ON VIOLATION WARN;
@@ -172,7 +172,7 @@ async fn row_expectations_do_exactly_what_their_action_says() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_batch_check_stops_before_the_commit_and_a_fix_loses_nothing() {
-    let (dir, sql, _) = setup("CREATE EXPECTATION all_positive ON orders CHECK (min(amount) > 0) ON VIOLATION FAIL;");
+    let (dir, sql) = setup("CREATE EXPECTATION all_positive ON orders CHECK (min(amount) > 0) ON VIOLATION FAIL;");
     let sink = dir.path().join("lake/orders_out");
     let body: String = (0..200)
         .map(|i| format!("{{\"id\": {i}, \"amount\": {}, \"currency\": \"USD\"}}\n", if i == 150 { -1 } else { i + 1 }))
@@ -199,7 +199,7 @@ async fn a_failing_batch_check_stops_before_the_commit_and_a_fix_loses_nothing()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn quarantine_sends_the_whole_batch_to_dead_letters_and_moves_on() {
-    let (dir, sql, _) = setup(
+    let (dir, sql) = setup(
         "CREATE EXPECTATION unique_ids ON orders CHECK (count(DISTINCT id) = count(id)) ON VIOLATION QUARANTINE;",
     );
     let sink = dir.path().join("lake/orders_out");
@@ -405,7 +405,7 @@ async fn a_partition_profile_comes_from_its_footers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_check_that_cannot_be_computed_on_a_row_dead_letters_that_row_only() {
-    let (dir, sql, _) = setup("CREATE EXPECTATION numeric_currency ON orders CHECK (CAST(currency AS INT) >= 0) ON VIOLATION WARN;");
+    let (dir, sql) = setup("CREATE EXPECTATION numeric_currency ON orders CHECK (CAST(currency AS INT) >= 0) ON VIOLATION WARN;");
     let sink = dir.path().join("lake/orders_out");
     let body: String = (0..50)
         .map(|i| {

@@ -24,7 +24,7 @@ use sluice_sql::{Options, option_count, option_duration};
 use crate::error::{EngineError, Result};
 pub use crate::log::commit::AnomalyEvent;
 use crate::log::commit::CommitEntry;
-use crate::quality::profile::{ColumnProfile, Kind};
+use crate::quality::profile::ColumnProfile;
 
 /// Default `quality.window`: the baseline spans the batches of the last hour.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
@@ -92,12 +92,10 @@ pub fn metrics(rows: u64, columns: &[ColumnProfile]) -> BTreeMap<String, f64> {
         if c.distinct.is_some() {
             out.insert(format!("{}.distinct", c.column), c.distinct_estimate() as f64);
         }
-        let numeric = c.data_type.parse::<arrow::datatypes::DataType>().map(|t| Kind::of(&t));
-        if matches!(numeric, Ok(Kind::Integer | Kind::Float)) {
-            for (name, v) in [("mean", c.mean), ("p50", c.quantile(0.5)), ("p99", c.quantile(0.99))] {
-                if let Some(v) = v.filter(|v| v.is_finite()) {
-                    out.insert(format!("{}.{name}", c.column), v);
-                }
+        // Only numeric columns have a mean and quantiles.
+        for (name, v) in [("mean", c.mean), ("p50", c.quantile(0.5)), ("p99", c.quantile(0.99))] {
+            if let Some(v) = v.filter(|v| v.is_finite()) {
+                out.insert(format!("{}.{name}", c.column), v);
             }
         }
     }
@@ -114,7 +112,11 @@ pub struct Drift {
     open: BTreeMap<String, u64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median of `v` (NaN when empty); sorts `v`.
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_unstable_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }

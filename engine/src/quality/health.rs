@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::log::commit::CommitLog;
 use crate::log::store::TableStore;
+use crate::quality::drift::median;
 use crate::quality::report::{ColumnSummary, summarize_rows};
 
 /// One committed epoch, as the report charts it.
@@ -97,15 +98,6 @@ pub struct Report {
     pub anomalies: Vec<Episode>,
     /// The newest profile in the range, per column (both sides).
     pub latest: Vec<ColumnSummary>,
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_unstable_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// Builds the report of `table` for commits in `[since_ms, until_ms)` (either open).

@@ -60,15 +60,4 @@ impl Quality {
             drift: Drift::new(DriftPolicy::from_options(options)?),
         })
     }
-
-    /// No checks and no profiles.
-    pub fn none() -> Quality {
-        Quality {
-            source: Checks::empty(),
-            sink: Checks::empty(),
-            profile: false,
-            full_source: false,
-            drift: Drift::default(),
-        }
-    }
 }

@@ -151,6 +151,17 @@ pub struct ColumnProfile {
 }
 
 impl ColumnProfile {
+    /// A profile of `parts` (one column) with only its rows and nulls counted yet.
+    fn counted(name: &str, data_type: &DataType, parts: &[ArrayRef]) -> ColumnProfile {
+        ColumnProfile {
+            column: name.to_string(),
+            data_type: data_type.to_string(),
+            rows: parts.iter().map(|a| a.len() as u64).sum(),
+            nulls: parts.iter().map(|a| a.null_count() as u64).sum(),
+            ..Default::default()
+        }
+    }
+
     /// The estimated distinct count (0 without a sketch).
     pub fn distinct_estimate(&self) -> u64 {
         match &self.distinct {
@@ -203,13 +214,7 @@ pub fn exact_figures(batches: &[RecordBatch], schema: &arrow::datatypes::Schema)
     let mut out = Vec::with_capacity(schema.fields().len());
     for (i, field) in schema.fields().iter().enumerate() {
         let parts: Vec<ArrayRef> = batches.iter().map(|b| b.column(i).clone()).filter(|a| !a.is_empty()).collect();
-        let mut p = ColumnProfile {
-            column: field.name().clone(),
-            data_type: field.data_type().to_string(),
-            rows: parts.iter().map(|a| a.len() as u64).sum(),
-            nulls: parts.iter().map(|a| a.null_count() as u64).sum(),
-            ..Default::default()
-        };
+        let mut p = ColumnProfile::counted(field.name(), field.data_type(), &parts);
         if p.rows > p.nulls {
             match Kind::of(field.data_type()) {
                 Kind::Integer => {
@@ -265,20 +270,9 @@ fn sample_step(n: usize) -> usize {
     n.div_ceil(SAMPLE).max(1)
 }
 
-/// Profiles one column given as consecutive arrays of one type.
-pub fn profile_array(name: &str, array: &ArrayRef) -> Result<ColumnProfile> {
-    profile_column(name, array.data_type(), std::slice::from_ref(array))
-}
-
 /// Profiles one column, its rows split over `parts` (all of type `data_type`).
 pub fn profile_column(name: &str, data_type: &DataType, parts: &[ArrayRef]) -> Result<ColumnProfile> {
-    let mut p = ColumnProfile {
-        column: name.to_string(),
-        data_type: data_type.to_string(),
-        rows: parts.iter().map(|a| a.len() as u64).sum(),
-        nulls: parts.iter().map(|a| a.null_count() as u64).sum(),
-        ..Default::default()
-    };
+    let mut p = ColumnProfile::counted(name, data_type, parts);
     if p.rows == p.nulls {
         return Ok(p);
     }

@@ -18,7 +18,7 @@ use crate::quality::profile::{ColumnProfile, merge};
 use crate::quality::store::{ProfileRow, decode};
 
 /// The merged profile of one column, in the plain figures people read.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ColumnSummary {
     /// `source` or `sink`.
     pub side: String,
@@ -200,9 +200,8 @@ pub async fn partition_profile(table: &TableStore, filter: &[(String, String)]) 
     use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
     use parquet::file::metadata::ParquetMetaDataReader;
 
-    let log = CommitLog::new(table.clone(), "sluice-quality-reader");
-    let (files, _) = log.committed_files().await?;
-    let files: Vec<_> = files
+    let entries = CommitLog::new(table.clone(), "sluice-quality-reader").entries().await?;
+    let files: Vec<_> = crate::log::commit::live_files(&entries)
         .into_iter()
         .filter(|f| {
             filter
@@ -272,7 +271,7 @@ pub async fn partition_profile(table: &TableStore, filter: &[(String, String)]) 
             }
         }
     }
-    let table_name = log.entries().await?.last().map(|e| e.pipeline.clone()).unwrap_or_default();
+    let table_name = entries.last().map(|e| e.pipeline.clone()).unwrap_or_default();
     let columns = acc
         .into_iter()
         .map(|(column, data_type, rows, nulls, lo, hi)| ColumnSummary {
@@ -286,19 +285,7 @@ pub async fn partition_profile(table: &TableStore, filter: &[(String, String)]) 
             distinct: 0,
             min: lo.map(|v| v.to_string()),
             max: hi.map(|v| v.to_string()),
-            mean: None,
-            stddev: None,
-            p50: None,
-            p99: None,
-            nan: 0,
-            infinite: 0,
-            min_len: None,
-            max_len: None,
-            mean_len: None,
-            empty: 0,
-            true_count: None,
-            top_values: Vec::new(),
-            freshness_ms: None,
+            ..Default::default()
         })
         .collect();
     Ok(TableProfile {
