@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::execution::context::SQLOptions;
 use sluice_engine::log::table::CommittedTable;
+use sluice_engine::quality::report;
 use sluice_engine::server::runtime::{self, ServerConfig};
 use sluice_sql::PipelineText;
 
@@ -295,9 +296,9 @@ async fn quality_report(sink: &str, since: Option<&str>, until: Option<&str>, ht
 async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool) -> Result<()> {
     let table = open_table(sink)?;
     let profile = if partition.is_empty() {
-        sluice_engine::quality::report::table_profile(&table).await?
+        report::table_profile(&table).await?
     } else {
-        sluice_engine::quality::report::partition_profile(&table, partition).await?
+        report::partition_profile(&table, partition).await?
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -309,7 +310,6 @@ async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool)
     } else {
         writeln!(out, "{sink}: footers of {} committed files in the partition", profile.epochs)?;
     }
-    let num = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
     let header = ["side", "table", "column", "type", "rows", "null %", "distinct", "min", "max", "mean", "p50", "p99"];
     let rows: Vec<Vec<String>> = profile
         .columns
@@ -325,9 +325,9 @@ async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool)
                 c.distinct.to_string(),
                 c.min.clone().unwrap_or_default(),
                 c.max.clone().unwrap_or_default(),
-                num(c.mean),
-                num(c.p50),
-                num(c.p99),
+                c.mean.map(|v| report::figure(&c.data_type, v)).unwrap_or_default(),
+                c.p50.map(|v| report::figure(&c.data_type, v)).unwrap_or_default(),
+                c.p99.map(|v| report::figure(&c.data_type, v)).unwrap_or_default(),
             ]
         })
         .collect();
@@ -455,7 +455,7 @@ fn main() -> ExitCode {
             Command::Quality {
                 command: QualityCommand::Suggest { sink },
             } => {
-                let profile = sluice_engine::quality::report::table_profile(&open_table(&sink)?).await?;
+                let profile = report::table_profile(&open_table(&sink)?).await?;
                 print!("{}", sluice_engine::quality::suggest::suggest(&profile));
                 Ok(())
             }

@@ -9,9 +9,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice};
+use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice, option_duration};
 use tokio::sync::Notify;
 
+/// Default longest wait of a held request (`block.timeout`).
+pub const DEFAULT_BLOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Default per-pipeline budget (`buffer.max_bytes`).
 pub const DEFAULT_PIPELINE_BUDGET: u64 = 64 << 20;
 /// Default server-wide budget (`sluice run --max-buffer-bytes`).
@@ -60,6 +62,8 @@ pub struct BufferPolicy {
     pub when_full: WhenFull,
     /// Priority against other sources of the server.
     pub priority: Priority,
+    /// With `block`: longest a request is held waiting for room before it is refused (429).
+    pub block_timeout: std::time::Duration,
 }
 
 impl Default for BufferPolicy {
@@ -68,6 +72,7 @@ impl Default for BufferPolicy {
             max_bytes: DEFAULT_PIPELINE_BUDGET,
             when_full: WhenFull::Reject,
             priority: Priority::Normal,
+            block_timeout: DEFAULT_BLOCK_TIMEOUT,
         }
     }
 }
@@ -83,6 +88,10 @@ impl BufferPolicy {
             OptionSpec {
                 key: "when_full",
                 doc: "'reject' (HTTP 429, default), 'block' (hold the request until room frees) or 'spill' (accept into the durable log, re-read it when room frees)",
+            },
+            OptionSpec {
+                key: "block.timeout",
+                doc: "with 'block': longest a request is held waiting for room before it is refused with 429, e.g. '5s' (default 30s)",
             },
             OptionSpec {
                 key: "priority",
@@ -115,6 +124,7 @@ impl BufferPolicy {
                     ("high", Priority::High),
                 ],
             )?,
+            block_timeout: option_duration(options, "block.timeout", DEFAULT_BLOCK_TIMEOUT)?,
         })
     }
 }
@@ -146,6 +156,20 @@ impl ServerBudget {
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
     }
+
+    /// Counts `bytes` held outside any pipeline's budget (an HTTP source's idempotency window)
+    /// against the server's room for buffered input. Never refused: the holder bounds itself.
+    pub fn hold(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Gives back bytes counted by [`ServerBudget::hold`].
+    pub fn unhold(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(bytes)));
+        self.freed.notify_waiters();
+    }
 }
 
 /// One pipeline's budget.
@@ -168,6 +192,11 @@ impl Budget {
             server,
             freed: Notify::new(),
         })
+    }
+
+    /// The server-wide budget this one draws on.
+    pub fn server(&self) -> &Arc<ServerBudget> {
+        &self.server
     }
 
     /// The policy.
@@ -253,6 +282,7 @@ mod tests {
                 max_bytes: 800,
                 when_full: WhenFull::Reject,
                 priority: Priority::Low,
+                ..Default::default()
             },
             server.clone(),
         );
@@ -262,6 +292,7 @@ mod tests {
                 max_bytes: 800,
                 when_full: WhenFull::Reject,
                 priority: Priority::High,
+                ..Default::default()
             },
             server.clone(),
         );

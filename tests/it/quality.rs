@@ -423,3 +423,68 @@ async fn a_check_that_cannot_be_computed_on_a_row_dead_letters_that_row_only() {
     assert!(letters[0]["error"].as_str().unwrap().contains("could not be evaluated"), "{}", letters[0]);
     assert_eq!(violations(&sink, "numeric_currency"), 1);
 }
+
+/// A FAIL stops its own pipeline only: the server keeps serving the others, `/readyz` answers
+/// 503 naming the failed pipeline and the expectation, and `/v1/pipelines` shows the error,
+/// the violations of the pipeline that runs on, and its profile's size.
+#[test]
+fn a_failed_pipeline_is_reported_while_the_others_keep_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("in_a"), dir.path().join("in_b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let sink_b = dir.path().join("lake/b_out");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE a (id BIGINT NOT NULL, amount DOUBLE)
+             STORED AS NDJSON LOCATION '{a}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
+             CREATE UNBOUNDED EXTERNAL TABLE b (id BIGINT NOT NULL, amount DOUBLE)
+             STORED AS NDJSON LOCATION '{b}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
+             CREATE EXTERNAL TABLE a_out STORED AS PARQUET LOCATION '{sa}';
+             CREATE EXTERNAL TABLE b_out STORED AS PARQUET LOCATION '{sb}';
+             INSERT INTO a_out SELECT id, amount FROM a;
+             INSERT INTO b_out SELECT id, amount FROM b;
+             CREATE EXPECTATION a_positive ON a CHECK (min(amount) > 0) ON VIOLATION FAIL;
+             CREATE EXPECTATION b_small ON b_out CHECK (amount < 100) ON VIOLATION WARN;",
+            a = a.display(),
+            b = b.display(),
+            sa = dir.path().join("lake/a_out").display(),
+            sb = sink_b.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[&sql], dir.path());
+    let rt = crate::harness::runtime();
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        rt.block_on(async {
+            let r = http.get(server.url(path)).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    drop_file(&a, "a.ndjson", "{\"id\": 1, \"amount\": -5}\n");
+    let why = wait_until(Duration::from_secs(60), "/readyz reports the failed pipeline", || {
+        let (code, text) = get("/readyz");
+        (code == 503).then_some(text)
+    });
+    assert!(why.contains("a_out") && why.contains("expectation a_positive failed"), "{why}");
+
+    // The other pipeline keeps committing, and /v1/pipelines counts its violations.
+    let body: String = (0..10).map(|i| format!("{{\"id\": {i}, \"amount\": {}}}\n", i * 20)).collect();
+    drop_file(&b, "b.ndjson", &body);
+    wait_until(Duration::from_secs(60), "b committed", || (accounted(&sink_b) == 10).then_some(()));
+    let (code, text) = get("/v1/pipelines");
+    assert_eq!(code, 200, "{text}");
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let find = |name: &str| all.as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap();
+    let (pa, pb) = (find("a_out"), find("b_out"));
+    assert_eq!(pa["state"], "failed", "{pa}");
+    assert!(pa["last_error"].as_str().unwrap().contains("expectation a_positive failed"), "{pa}");
+    assert_eq!(pb["state"], "running", "{pb}");
+    assert_eq!(pb["expectation_violations"]["b_small"], 5, "{pb}");
+    assert!(pb["last_profile_bytes"].as_u64().unwrap() > 0, "{pb}");
+    assert!(log_entries(&dir.path().join("lake/a_out")).is_empty(), "nothing of the failing batch");
+    assert!(!server.terminate().success(), "a failed pipeline makes the exit non-zero");
+}

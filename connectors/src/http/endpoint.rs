@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use sluice_engine::Result;
-use sluice_engine::budget::Budget;
+use sluice_engine::budget::{Budget, ServerBudget};
 use sluice_engine::decode::RecordDecoder;
 use sluice_engine::ingest::wal::IngestLog;
 use sluice_engine::source::{Health, Message};
@@ -51,6 +51,10 @@ pub struct Endpoint {
     pub(super) committed: BTreeMap<String, u64>,
     /// Request ids in the log (`Some(seq)`) or being written (`None`).
     pub(super) seen: DedupWindow,
+    /// The server budget the window's bytes are counted against (from the first subscriber),
+    /// and how many are counted now.
+    server_budget: Option<Arc<ServerBudget>>,
+    charged: u64,
 }
 
 impl Endpoint {
@@ -65,6 +69,8 @@ impl Endpoint {
             subscribers: BTreeMap::new(),
             committed: BTreeMap::new(),
             seen: DedupWindow::default(),
+            server_budget: None,
+            charged: 0,
         };
         let wal = e.wal.clone();
         // Ids of requests whose segments were deleted, then those still in the log.
@@ -79,12 +85,43 @@ impl Endpoint {
 
     pub(super) fn remember(&mut self, id: &str, seq: Option<u64>) {
         self.seen.remember(id, seq);
-        metrics::gauge!("sluice_http_dedup_window_bytes", "source" => self.source.clone())
-            .set(self.seen.bytes() as f64);
+        self.charge();
     }
 
     pub(super) fn forget(&mut self, id: &str) {
         self.seen.forget(id);
+    }
+
+    /// Adds a reading pipeline; the window's bytes are counted against the server budget from
+    /// the first one on.
+    pub(super) fn subscribe(&mut self, pipeline: String, sub: Subscriber) {
+        if self.server_budget.is_none() {
+            self.server_budget = Some(sub.budget.server().clone());
+            self.charge();
+        }
+        self.subscribers.insert(pipeline, sub);
+    }
+
+    /// Brings the window's count in the server budget (and its gauge) up to date.
+    fn charge(&mut self) {
+        let now = self.seen.bytes() as u64;
+        if let Some(server) = &self.server_budget {
+            if now > self.charged {
+                server.hold(now - self.charged);
+            } else {
+                server.unhold(self.charged - now);
+            }
+            self.charged = now;
+        }
+        metrics::gauge!("sluice_http_dedup_window_bytes", "source" => self.source.clone()).set(now as f64);
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if let Some(server) = &self.server_budget {
+            server.unhold(self.charged);
+        }
     }
 }
 
@@ -119,5 +156,54 @@ impl Endpoints {
     pub(super) fn with<T>(&self, name: &str, f: impl FnOnce(&mut Endpoint) -> T) -> Option<T> {
         let mut map = self.by_name.write().unwrap_or_else(|p| p.into_inner());
         map.get_mut(name).map(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use sluice_engine::budget::{Budget, BufferPolicy, ServerBudget};
+    use sluice_engine::decode::{Format, RecordDecoder};
+    use sluice_engine::ingest::wal::IngestLog;
+    use sluice_engine::source::Health;
+
+    use super::*;
+
+    /// The idempotency window's bytes count against the server budget from the first
+    /// subscriber on (ids already in the log included), follow it as it grows, and are given
+    /// back when the endpoint goes.
+    #[test]
+    fn the_window_is_counted_in_the_server_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(wal.append_wait(b"before-restart\n{}".to_vec())).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut e = Endpoint::new("ev".into(), RecordDecoder::new(Format::Json, schema), 1 << 20, Arc::new(wal)).unwrap();
+        let loaded = e.seen.bytes() as u64;
+        assert!(loaded > 0, "the logged id is in the window");
+
+        let server = ServerBudget::new(1 << 30);
+        let (tx, _rx) = mpsc::channel(1);
+        let sub = Subscriber {
+            tx,
+            health: Health::default(),
+            budget: Budget::new("p", BufferPolicy::default(), server.clone()),
+            delivery: Arc::new(std::sync::Mutex::new(Delivery { next: 0, behind: false })),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        e.subscribe("p".into(), sub.clone());
+        assert_eq!(server.used(), loaded);
+        for i in 0..100 {
+            e.remember(&format!("request-{i}"), Some(i + 1));
+        }
+        assert_eq!(server.used(), e.seen.bytes() as u64);
+        assert!(server.used() > loaded);
+        e.subscribe("q".into(), sub);
+        assert_eq!(server.used(), e.seen.bytes() as u64, "counted once, not per pipeline");
+        drop(e);
+        assert_eq!(server.used(), 0);
     }
 }

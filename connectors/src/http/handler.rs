@@ -232,12 +232,29 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
                     settle(None);
                     return error(StatusCode::SERVICE_UNAVAILABLE, "the source is starting");
                 };
-                if !sub.budget.acquire(bytes, &mut stop).await {
-                    release(&taken);
-                    settle(None);
-                    return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+                let wait = sub.budget.policy().block_timeout;
+                // Dropping the wait holds nothing: a reservation is taken whole or not at all.
+                match tokio::time::timeout(wait, sub.budget.acquire(bytes, &mut stop)).await {
+                    Ok(true) => taken.push(sub),
+                    Ok(false) => {
+                        release(&taken);
+                        settle(None);
+                        return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+                    }
+                    Err(_) => {
+                        release(&taken);
+                        settle(None);
+                        metrics::counter!("sluice_http_rejected_total", "source" => source.clone(), "reason" => "block_timeout")
+                            .increment(1);
+                        return error(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            format!(
+                                "pipeline {pipeline} stayed at its memory budget for {} ms (block.timeout); retry later",
+                                wait.as_millis()
+                            ),
+                        );
+                    }
                 }
-                taken.push(sub);
             }
         }
     }

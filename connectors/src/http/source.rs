@@ -227,7 +227,7 @@ impl Source for HttpSource {
             wake,
         };
         self.endpoints
-            .with(&self.endpoint, |e| e.subscribers.insert(ctx.pipeline.clone(), sub));
+            .with(&self.endpoint, |e| e.subscribe(ctx.pipeline.clone(), sub));
         ctx.mark_started();
         let mut stop = ctx.shutdown.clone();
         loop {

@@ -95,6 +95,9 @@ pub struct IngestLog {
     /// First sequence of each live segment, ascending.
     segments: Arc<Mutex<Vec<u64>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Tests: the writer's count of groups left to fail at their fsync.
+    #[cfg(test)]
+    fail_syncs: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for IngestLog {
@@ -370,6 +373,8 @@ impl IngestLog {
         let durable = Arc::new(AtomicU64::new(next_seq));
         let segments = Arc::new(Mutex::new(live));
         let (tx, rx) = mpsc::channel::<Append>();
+        #[cfg(test)]
+        let fail_syncs = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             dir: dir.to_path_buf(),
             segment_bytes,
@@ -381,6 +386,8 @@ impl IngestLog {
             file_len: 0,
             durable: durable.clone(),
             segments: segments.clone(),
+            #[cfg(test)]
+            fail_syncs: fail_syncs.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("sluice-ingest-log".into())
@@ -395,6 +402,8 @@ impl IngestLog {
                 durable,
                 segments,
                 writer: Mutex::new(Some(handle)),
+                #[cfg(test)]
+                fail_syncs,
             },
             report,
         ))
@@ -535,6 +544,10 @@ struct Writer {
     file_len: u64,
     durable: Arc<AtomicU64>,
     segments: Arc<Mutex<Vec<u64>>>,
+    /// Tests: how many of the next groups fail at their fsync (after their bytes reached the
+    /// file, as a real failed fsync leaves them).
+    #[cfg(test)]
+    fail_syncs: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -659,8 +672,17 @@ impl Writer {
             .as_mut()
             .ok_or_else(|| std::io::Error::other("no open segment"))?;
         let path = &self.path;
+        #[cfg(test)]
+        let injected = self
+            .fail_syncs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        #[cfg(not(test))]
+        let injected = false;
         let res = write_all_vectored(f, &mut slices).and_then(|_| {
-            if self.fsync {
+            if injected {
+                Err(std::io::Error::other("injected fsync failure"))
+            } else if self.fsync {
                 durability::sync_file(f, path)
             } else {
                 Ok(())
@@ -706,6 +728,42 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// A failed fsync leaves the group's bytes in the file; nothing of it is acknowledged, the
+    /// bytes are cut back, and the next group goes to a new segment (or, when the failed group
+    /// was the segment's first, to a fresh file of the same name). Reopening finds every
+    /// acknowledged record, no damage and no gap.
+    #[tokio::test]
+    async fn a_failed_fsync_rolls_to_a_new_segment_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
+        // The very first group fails: its segment holds no frame and is started again.
+        log.fail_syncs.store(1, Ordering::Release);
+        assert!(log.append_wait(b"lost-0".to_vec()).await.is_err());
+        assert_eq!(log.append_wait(b"a".to_vec()).await.unwrap(), 0);
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
+        // A later group fails: the segment is cut back to its last acknowledged frame and never
+        // written again; the next record starts segment 1.
+        log.fail_syncs.store(1, Ordering::Release);
+        assert!(log.append_wait(b"lost-1".to_vec()).await.is_err());
+        assert_eq!(log.append_wait(b"b".to_vec()).await.unwrap(), 1);
+        assert_eq!(log.append_wait(b"c".to_vec()).await.unwrap(), 2);
+        let segs = list_segments(dir.path()).unwrap();
+        assert_eq!(segs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(std::fs::metadata(&segs[0].1).unwrap().len(), (HEADER + 1) as u64, "cut back to frame 0");
+        // Two failures in a row: each group fails alone, the log goes on after them.
+        log.fail_syncs.store(2, Ordering::Release);
+        assert!(log.append_wait(b"lost-2".to_vec()).await.is_err());
+        assert!(log.append_wait(b"lost-3".to_vec()).await.is_err());
+        assert_eq!(log.append_wait(b"d".to_vec()).await.unwrap(), 3);
+        log.close();
+        let (log, rep) = IngestLog::open(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!((rep.next_seq, rep.truncated_bytes), (4, 0));
+        assert!(rep.lost.is_empty() && rep.quarantined.is_empty(), "{rep:?}");
+        let got: Vec<(u64, Vec<u8>)> = records(&log, 0);
+        let want: Vec<(u64, Vec<u8>)> = [b"a", b"b", b"c", b"d"].iter().enumerate().map(|(i, r)| (i as u64, r.to_vec())).collect();
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

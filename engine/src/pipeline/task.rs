@@ -76,6 +76,12 @@ pub struct PipelineStatus {
     pub last_error: Option<String>,
     /// Why the pipeline does not take input right now (its sources answer 503), if it does not.
     pub intake_error: Option<String>,
+    /// Violations per expectation since start.
+    pub expectation_violations: BTreeMap<String, u64>,
+    /// Open anomaly episodes (`column.metric`) with the epoch each started in.
+    pub open_anomalies: BTreeMap<String, u64>,
+    /// Bytes of the newest committed profile file (0 when profiling is off).
+    pub last_profile_bytes: u64,
 }
 
 /// Shared, updatable status of one pipeline.
@@ -317,7 +323,7 @@ impl PipelineTask {
                 records: dead.len() as u64,
             });
         }
-        let quality = self.stage_quality(epoch, now, profiles, violations, drift).await?;
+        let (quality, profile_bytes) = self.stage_quality(epoch, now, profiles, violations, drift).await?;
         let mut positions = self.positions.clone();
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
@@ -346,10 +352,12 @@ impl PipelineTask {
             decode_dead,
             expectation_dead,
             started,
+            profile_bytes,
         })
     }
 
-    /// Stages the epoch's profile file (when profiling) and returns the entry's quality part.
+    /// Stages the epoch's profile file (when profiling) and returns the entry's quality part
+    /// and the profile file's size.
     async fn stage_quality(
         &self,
         epoch: u64,
@@ -357,9 +365,9 @@ impl PipelineTask {
         profiles: Vec<(Side, String, Vec<ColumnProfile>)>,
         expectations: BTreeMap<String, crate::quality::expect::Violations>,
         (metrics, anomalies): (BTreeMap<String, f64>, Vec<AnomalyEvent>),
-    ) -> Result<Option<QualityEntry>> {
+    ) -> Result<(Option<QualityEntry>, u64)> {
         if profiles.is_empty() && expectations.is_empty() {
-            return Ok(None);
+            return Ok((None, 0));
         }
         let mut summary = BTreeMap::new();
         let mut rows = Vec::new();
@@ -378,11 +386,14 @@ impl PipelineTask {
                 profile,
             }));
         }
+        let mut profile_bytes = 0;
         let profile = if rows.is_empty() {
             None
         } else {
             let path = profile_path(&self.name, epoch);
-            self.log.stage(&path, store::encode(&rows)?.to_vec()).await?;
+            let bytes = store::encode(&rows)?.to_vec();
+            profile_bytes = bytes.len() as u64;
+            self.log.stage(&path, bytes).await?;
             Some(path)
         };
         let anomaly_file = if anomalies.is_empty() {
@@ -393,14 +404,15 @@ impl PipelineTask {
             self.log.stage(&path, bytes.to_vec()).await?;
             Some(path)
         };
-        Ok(Some(QualityEntry {
+        let entry = QualityEntry {
             profile,
             expectations,
             summary,
             metrics,
             anomalies,
             anomaly_file,
-        }))
+        };
+        Ok((Some(entry), profile_bytes))
     }
 
     /// The dead letter of a row that failed an expectation (or was in a quarantined batch).
@@ -462,11 +474,20 @@ impl PipelineTask {
             }
         }
         let at = entry.committed_at.clone();
+        let open = self.quality.drift.open().clone();
+        let profile_bytes = staged.profile_bytes;
         update(&self.status, |s| {
             s.last_epoch = Some(epoch);
             s.last_commit_at = Some(at);
             s.events_written += written;
             s.events_dead_lettered += dl;
+            for (name, v) in entry.quality.iter().flat_map(|q| q.expectations.iter()) {
+                *s.expectation_violations.entry(name.clone()).or_default() += v.violations;
+            }
+            s.open_anomalies = open;
+            if profile_bytes > 0 {
+                s.last_profile_bytes = profile_bytes;
+            }
         });
         tracing::debug!(pipeline = %self.name, epoch, received, written, dead_lettered = dl, "committed");
         Ok(())
@@ -526,6 +547,8 @@ struct Staged {
     expectation_dead: u64,
     /// When the epoch started, for the batch duration metric.
     started: Instant,
+    /// Bytes of its profile file (0 without one).
+    profile_bytes: u64,
 }
 
 /// Where the dead letters of `pipeline`'s `epoch` go: `_sluice/dead_letter/<pipeline>/<epoch>.ndjson`.

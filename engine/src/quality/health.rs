@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::log::commit::CommitLog;
 use crate::log::store::TableStore;
 use crate::quality::drift::median;
-use crate::quality::report::{ColumnSummary, summarize_rows};
+use crate::quality::report::{ColumnSummary, figure, spread, summarize_rows};
 
 /// One committed epoch, as the report charts it.
 #[derive(Debug, Clone, Serialize)]
@@ -211,13 +211,14 @@ pub fn to_text(r: &Report) -> String {
     );
     let _ = writeln!(out, "\nmetric (sink)                    current        baseline (median ± MAD)");
     for m in &r.metrics {
+        let ty = metric_type(r, &m.column, &m.metric);
         let _ = writeln!(
             out,
             "{:<32} {:<14} {} ± {}",
             format!("{}.{}", m.column, m.metric),
-            fmt(m.current),
-            fmt(m.baseline),
-            fmt(m.mad)
+            figure(ty, m.current),
+            figure(ty, m.baseline),
+            spread(ty, m.mad)
         );
     }
     let _ = writeln!(out, "\nexpectation                      action       level  violations");
@@ -241,21 +242,24 @@ pub fn to_text(r: &Report) -> String {
             a.started_epoch,
             when(a.started_ms),
             a.ended_epoch.map(|e| format!(" to epoch {e}")).unwrap_or_default(),
-            fmt(a.value),
-            fmt(a.baseline),
+            figure(metric_type(r, &a.column, &a.metric), a.value),
+            figure(metric_type(r, &a.column, &a.metric), a.baseline),
             a.score
         );
     }
     out
 }
 
-fn fmt(v: f64) -> String {
-    if v.is_nan() {
-        "-".into()
-    } else if v == v.trunc() && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v:.4}")
+/// The type in which a sink metric's value reads: the column's for a mean or quantile (a
+/// timestamp column's are instants), none for counts and fractions.
+fn metric_type<'a>(r: &'a Report, column: &str, metric: &str) -> &'a str {
+    match metric {
+        "mean" | "p50" | "p99" => r
+            .latest
+            .iter()
+            .find(|c| c.side == "sink" && c.column == column)
+            .map_or("", |c| c.data_type.as_str()),
+        _ => "",
     }
 }
 
@@ -322,7 +326,7 @@ fn chart(title: &str, series: &[(String, Vec<(i64, f64)>)], band: &[(i64, f64, f
             sy(y),
             PAD_L - 4.0,
             sy(y) + 4.0,
-            esc(&fmt(y))
+            esc(&figure("", y))
         );
     }
     let when = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%m-%d %H:%M:%S").to_string()).unwrap_or_default();
@@ -501,8 +505,8 @@ th{background:#f3f4f6}.open{color:#b91c1c;font-weight:600}.ok{color:#15803d}
                 a.started_epoch,
                 esc(&when(a.started_ms)),
                 a.ended_epoch.map(|e| format!("epoch {e} · {}", esc(&when(a.ended_ms.unwrap_or(0))))).unwrap_or_default(),
-                esc(&fmt(a.value)),
-                esc(&fmt(a.baseline)),
+                esc(&figure(metric_type(r, &a.column, &a.metric), a.value)),
+                esc(&figure(metric_type(r, &a.column, &a.metric), a.baseline)),
                 a.score
             );
         }
@@ -510,7 +514,7 @@ th{background:#f3f4f6}.open{color:#b91c1c;font-weight:600}.ok{color:#15803d}
     }
     html.push_str("<h2>Latest profile</h2><table><tr><th>side</th><th>column</th><th>type</th><th>rows</th><th>null %</th><th>distinct</th><th>min</th><th>max</th><th>mean</th><th>p50</th><th>p99</th><th>top values</th></tr>");
     for c in &r.latest {
-        let opt = |v: Option<f64>| v.map(fmt).unwrap_or_default();
+        let opt = |v: Option<f64>| v.map(|v| figure(&c.data_type, v)).unwrap_or_default();
         let top: Vec<String> = c.top_values.iter().take(5).map(|(v, n)| format!("{} ({n})", esc(v))).collect();
         let _ = write!(
             html,

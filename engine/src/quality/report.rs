@@ -151,11 +151,37 @@ pub async fn summarize_rows(table: &TableStore, path: &str) -> Result<Vec<Column
         .collect())
 }
 
-fn summarize(side: &str, table: &str, p: &ColumnProfile) -> ColumnSummary {
-    let unit = match DataType::from_str(&p.data_type) {
+/// The time unit of a timestamp column's type text (`Timestamp(Microsecond, None)`), if it is one.
+fn time_unit(data_type: &str) -> Option<arrow::datatypes::TimeUnit> {
+    match DataType::from_str(data_type) {
         Ok(DataType::Timestamp(unit, _)) => Some(unit),
         _ => None,
-    };
+    }
+}
+
+/// A figure of a column of `data_type` (its mean or a quantile) as text: an RFC 3339 instant
+/// for timestamp columns (their figures are counts of the column's unit), else the number.
+pub fn figure(data_type: &str, v: f64) -> String {
+    match time_unit(data_type) {
+        Some(u) if v.is_finite() => {
+            chrono::DateTime::from_timestamp_nanos((v * nanos_per(u) as f64) as i64).to_rfc3339()
+        }
+        _ if v.is_nan() => "-".into(),
+        _ if v == v.trunc() && v.abs() < 1e15 => format!("{}", v as i64),
+        _ => format!("{v:.4}"),
+    }
+}
+
+/// A spread (a deviation) of a column of `data_type` as text: seconds for timestamp columns.
+pub fn spread(data_type: &str, v: f64) -> String {
+    match time_unit(data_type) {
+        Some(u) if v.is_finite() => format!("{:.3}s", v * nanos_per(u) as f64 / 1e9),
+        _ => figure("", v),
+    }
+}
+
+fn summarize(side: &str, table: &str, p: &ColumnProfile) -> ColumnSummary {
+    let unit = time_unit(&p.data_type);
     let text = |v: i64| match unit {
         Some(u) => chrono::DateTime::from_timestamp_nanos(v.saturating_mul(nanos_per(u))).to_rfc3339(),
         None => v.to_string(),
@@ -320,4 +346,20 @@ async fn read_footer(table: &TableStore, path: &str, size: u64) -> Result<bytes:
         .get_range(&location, size - 8 - len..size - 8)
         .await
         .map_err(EngineError::store(format!("reading the footer of {path}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_figures_read_as_instants_and_spreads_as_seconds() {
+        let ty = "Timestamp(Microsecond, None)";
+        assert_eq!(figure(ty, 1_764_115_200_000_000.0), "2025-11-26T00:00:00+00:00");
+        assert_eq!(spread(ty, 1_500_000.0), "1.500s");
+        assert_eq!(figure("Int64", 42.0), "42");
+        assert_eq!(figure("Float64", 0.125), "0.1250");
+        assert_eq!(figure("Float64", f64::NAN), "-");
+        assert_eq!(spread("Int64", 3.0), "3");
+    }
 }
