@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::execution::context::SQLOptions;
 use sluice_engine::log::table::CommittedTable;
+use sluice_engine::batch::reconcile;
 use sluice_engine::quality::report;
 use sluice_engine::server::runtime::{self, ServerConfig};
 use sluice_sql::PipelineText;
@@ -61,6 +62,33 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Recompute a pipeline over a range of its raw archive, in batch, with the SQL and static
+    /// tables as they are now; compare with what the stream committed, partition by partition.
+    /// Exit 0 when equal, 1 when differences were found (with --repair: found and repaired),
+    /// 2 on error. With a changed SQL file this is the backfill.
+    Reconcile {
+        /// Pipeline files (*.sql).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The pipeline (its sink's name).
+        #[arg(long)]
+        pipeline: String,
+        /// Events committed at or after this instant (RFC 3339, or a date: YYYY-MM-DD).
+        #[arg(long)]
+        from: Option<String>,
+        /// Events committed before this instant (RFC 3339, or a date).
+        #[arg(long)]
+        to: Option<String>,
+        /// Replace every differing partition with the batch result, in one commit.
+        #[arg(long)]
+        repair: bool,
+        /// Also write the whole report (every differing key) as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Run on an Apache Ballista cluster (df://HOST:PORT) instead of in process.
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Data quality of a sink table, from the profiles committed with its epochs.
     Quality {
@@ -263,13 +291,162 @@ fn open_table(sink: &str) -> Result<sluice_engine::log::store::TableStore> {
 
 /// An instant given as RFC 3339 or as a date (midnight UTC), in ms since the Unix epoch.
 fn parse_instant(s: &str) -> Result<i64> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
+    Ok(reconcile::parse_instant(s)?.div_euclid(1000))
+}
+
+/// Keys of one kind printed per partition (the JSON report has all of them).
+const KEYS_PRINTED: usize = 10;
+
+struct ReconcileArgs {
+    files: Vec<PathBuf>,
+    pipeline: String,
+    from: Option<String>,
+    to: Option<String>,
+    repair: bool,
+    report: Option<PathBuf>,
+    cluster: Option<String>,
+}
+
+/// Runs `sluice reconcile`; true when everything was equal.
+async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
+    if let Some(c) = &a.cluster {
+        bail!("--cluster {c}: running on Apache Ballista is not available in this build yet; run without --cluster (in process)");
     }
-    match chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        Ok(d) => Ok(d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis()),
-        Err(_) => bail!("'{s}' is neither an RFC 3339 instant (2026-11-25T10:00:00Z) nor a date (2026-11-25)"),
+    let texts = read_files(&a.files)?;
+    let registry = sluice_connectors::registry();
+    let (ctx, program) = runtime::compile(&texts, &registry).await?;
+    let Some(sink_def) = program.sinks.get(&a.pipeline) else {
+        bail!(
+            "no pipeline {} in the files (pipelines: {})",
+            a.pipeline,
+            program.pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    };
+    let factory = registry
+        .sink(&sink_def.connector)
+        .with_context(|| format!("no sink connector {}", sink_def.connector))?;
+    let sink = factory.create(sink_def)?;
+    let scratch = sluice_engine::log::store::TableStore::from_store(
+        Arc::new(object_store::memory::InMemory::new()),
+        object_store::path::Path::default(),
+        "memory://reconcile",
+    );
+    let shadow = factory.create_on(scratch, sink_def)?;
+    let opts = reconcile::ReconcileOptions {
+        range: reconcile::TimeRange {
+            from_us: a.from.as_deref().map(reconcile::parse_instant).transpose()?,
+            to_us: a.to.as_deref().map(reconcile::parse_instant).transpose()?,
+        },
+        repair: a.repair,
+    };
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let progress = |step: &str, done: u64, total: u64| {
+        if let Some(b) = &bar {
+            b.set_message(step.to_string());
+            b.set_length(total);
+            b.set_position(done);
+        }
+    };
+    let report = reconcile::reconcile(&ctx, &program, &a.pipeline, sink, shadow, &opts, &progress).await?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
+    if let Some(path) = &a.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}: {} archive file(s), {} event(s), epochs {}",
+        report.pipeline,
+        report.archive_files,
+        report.archive_events,
+        report.epochs.map_or("none".to_string(), |[a, b]| format!("{a}..={b}"))
+    )?;
+    let header = ["partition", "stream rows", "batch rows", "columns that differ", "verdict"];
+    let rows: Vec<Vec<String>> = report
+        .partitions
+        .iter()
+        .map(|p| {
+            vec![
+                if p.partition.is_empty() { "(table)".to_string() } else { p.partition.trim_end_matches('/').to_string() },
+                p.stream_rows.to_string(),
+                p.batch_rows.to_string(),
+                p.columns.join(", "),
+                match p.verdict {
+                    reconcile::Verdict::Equal => "equal".to_string(),
+                    reconcile::Verdict::Differs => "DIFFERS".to_string(),
+                },
+            ]
+        })
+        .collect();
+    print_table(&mut out, &header, &rows)?;
+    for p in report.partitions.iter().filter(|p| p.verdict == reconcile::Verdict::Differs) {
+        for f in &p.missing_files {
+            writeln!(out, "{}: committed file missing: {f}", p.partition)?;
+        }
+        for f in &p.stray_files {
+            writeln!(out, "{}: file no commit names: {f}", p.partition)?;
+        }
+        if let Some(k) = &p.keys {
+            for (what, keys) in [("missing from the stream", &k.missing), ("extra in the stream", &k.extra), ("changed", &k.changed)] {
+                if !keys.is_empty() {
+                    let shown: Vec<&str> = keys.iter().take(KEYS_PRINTED).map(String::as_str).collect();
+                    let more = keys.len().saturating_sub(KEYS_PRINTED);
+                    writeln!(
+                        out,
+                        "{}: {} key(s) {what}: {}{}",
+                        p.partition,
+                        keys.len(),
+                        shown.join(" "),
+                        if more > 0 { format!(" (and {more} more)") } else { String::new() }
+                    )?;
+                }
+            }
+        }
+    }
+    match (&report.repair, report.differing) {
+        (_, 0) => writeln!(out, "equal: {} partition(s)", report.partitions.len())?,
+        (Some(r), n) => writeln!(
+            out,
+            "repaired {n} partition(s) in commit {}: {} file(s) removed, {} added",
+            r.epoch,
+            r.removed.len(),
+            r.added.len()
+        )?,
+        (None, n) => writeln!(out, "{n} partition(s) differ; --repair replaces them with the batch result")?,
+    }
+    Ok(report.differing == 0)
+}
+
+/// Prints an aligned text table.
+fn print_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<String>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.iter().map(|h| h.to_string()).collect()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.clone()))?;
+    }
+    Ok(())
 }
 
 async fn quality_report(sink: &str, since: Option<&str>, until: Option<&str>, html: Option<&Path>, json: bool) -> Result<()> {
@@ -331,24 +508,7 @@ async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool)
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
-        .collect();
-    let line = |cells: Vec<String>| -> String {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    writeln!(out, "{}", line(header.iter().map(|h| h.to_string()).collect()))?;
-    for r in rows {
-        writeln!(out, "{}", line(r))?;
-    }
-    Ok(())
+    print_table(&mut out, &header, &rows)
 }
 
 async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_ingest_log: bool) -> Result<()> {
@@ -434,6 +594,26 @@ fn main() -> ExitCode {
                 run(&files, config, &state_dir, adopt_ingest_log).await
             }
             Command::Validate { files } => validate(&files).await,
+            Command::Reconcile {
+                files,
+                pipeline,
+                from,
+                to,
+                repair,
+                report,
+                cluster,
+            } => {
+                let args = ReconcileArgs {
+                    files,
+                    pipeline,
+                    from,
+                    to,
+                    repair,
+                    report,
+                    cluster,
+                };
+                return Ok(if reconcile_cmd(args).await? { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            }
             Command::Check { sink, json } => match check(&sink, json).await {
                 Ok(true) => Ok(()),
                 Ok(false) => return Ok(ExitCode::from(1)),

@@ -10,7 +10,8 @@
 //!
 //! Subsystems, each a folder, imports pointing down: [`decode`] (records to Arrow),
 //! [`ingest`] (the ingest log), [`log`] (a table's store, commit log, lease, check, reader),
-//! [`pipeline`] (batching, plan, epoch commit), [`server`] (runtime, API, registry, metrics).
+//! [`pipeline`] (batching, plan, epoch commit), [`quality`] (profiles, expectations, drift),
+//! [`batch`] (the raw archive and reconciliation), [`server`] (runtime, API, registry, metrics).
 //! At the root: the [`source`] and [`sink`] traits, [`budget`], [`dead_letter`], [`retry`],
 //! [`durability`], [`crash`] points and the [`error`] type.
 //!
@@ -31,6 +32,7 @@
 //! assert_eq!(out.rejected[0].index, 1);
 //! ```
 
+pub mod batch;
 pub mod budget;
 pub mod crash;
 pub mod dead_letter;

@@ -13,6 +13,7 @@ mod power_loss;
 mod quality;
 mod quickstart;
 mod readers;
+mod reconcile;
 mod slt;
 mod stalls;
 mod state_dir;

@@ -475,11 +475,15 @@ fn a_failed_pipeline_is_reported_while_the_others_keep_running() {
     let body: String = (0..10).map(|i| format!("{{\"id\": {i}, \"amount\": {}}}\n", i * 20)).collect();
     drop_file(&b, "b.ndjson", &body);
     wait_until(Duration::from_secs(60), "b committed", || (accounted(&sink_b) == 10).then_some(()));
-    let (code, text) = get("/v1/pipelines");
-    assert_eq!(code, 200, "{text}");
-    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let find = |name: &str| all.as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap();
-    let (pa, pb) = (find("a_out"), find("b_out"));
+    let find = |all: &serde_json::Value, name: &str| all.as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap();
+    // The status follows the commit.
+    let all = wait_until(Duration::from_secs(60), "/v1/pipelines shows b's commit", || {
+        let (code, text) = get("/v1/pipelines");
+        assert_eq!(code, 200, "{text}");
+        let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (find(&all, "b_out")["events_written"] == 10).then_some(all)
+    });
+    let (pa, pb) = (find(&all, "a_out"), find(&all, "b_out"));
     assert_eq!(pa["state"], "failed", "{pa}");
     assert!(pa["last_error"].as_str().unwrap().contains("expectation a_positive failed"), "{pa}");
     assert_eq!(pb["state"], "running", "{pb}");

@@ -16,7 +16,7 @@ use crate::harness::{Server, committed_output, repo_root, wait_until};
 /// 2026-11-20T00:00:00Z in epoch microseconds.
 const BASE_US: i64 = 1_795_132_800_000_000;
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("SLUICE_TOOLS").map_or_else(
         |_| {
             format!(

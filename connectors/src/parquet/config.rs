@@ -23,7 +23,8 @@ pub const DEFAULT_DICTIONARY_PAGE_LIMIT: usize = 16 * 1024;
 
 /// The accepted OPTIONS keys.
 pub fn option_specs() -> Vec<OptionSpec> {
-    vec![
+    let mut specs = sluice_engine::batch::archive::option_specs();
+    specs.extend([
         OptionSpec {
             key: "compression",
             doc: "Parquet codec: zstd, zstd(N), snappy, lz4, uncompressed (default zstd, level 1)",
@@ -49,10 +50,15 @@ pub fn option_specs() -> Vec<OptionSpec> {
             doc: "batches of baseline before anomalies are flagged (default 10)",
         },
         OptionSpec {
+            key: "key",
+            doc: "the column(s), comma-separated, that identify a row: `sluice reconcile` then reports exactly which keys are missing, extra or changed",
+        },
+        OptionSpec {
             key: "dictionary_page_limit",
             doc: "bytes a column's dictionary may reach before the column is written plain (default 16384; 0 = no dictionaries)",
         },
-    ]
+    ]);
+    specs
 }
 
 /// The Parquet sink's settings.
@@ -96,6 +102,8 @@ impl ParquetSinkConfig {
         };
         // Read by the engine; checked here so `sluice validate` reports a bad value.
         option_choice(options, "quality.profile", 0, &[("on", 0), ("full", 1), ("off", 2)])?;
+        option_choice(options, "archive", 0, &[("on", 0), ("off", 1)])?;
+        sluice_sql::option_duration(options, "archive.retention", std::time::Duration::from_secs(1))?;
         sluice_sql::option_duration(options, "quality.window", std::time::Duration::from_secs(3600))?;
         sluice_sql::option_count(options, "quality.min_batches", 10)?;
         if let Some(v) = options.get("quality.threshold")

@@ -42,6 +42,10 @@ impl SinkFactory for ParquetSinkFactory {
     fn create(&self, def: &SinkDef) -> Result<Arc<dyn Sink>> {
         sink_on(TableStore::open(&def.location)?, def)
     }
+
+    fn create_on(&self, table: TableStore, def: &SinkDef) -> Result<Arc<dyn Sink>> {
+        sink_on(table, def)
+    }
 }
 
 /// A Parquet sink for `def` on an already opened table store (a wrapped or custom store).

@@ -251,6 +251,7 @@ impl Sink for ParquetSink {
                 rows: n,
                 bytes: size,
                 partition,
+                covers: None,
             });
         }
         Ok(actions)

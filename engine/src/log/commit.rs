@@ -50,6 +50,21 @@ pub struct FileAction {
     pub bytes: u64,
     /// Hive partition values, in `PARTITIONED BY` order (`None` = null).
     pub partition: Vec<(String, Option<String>)>,
+    /// The stream epochs whose raw events this file's rows come from, `[first, last]`, when
+    /// they are not the adding commit's own epoch (a repair or a compaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers: Option<[u64; 2]>,
+}
+
+/// The raw-archive file of an epoch: every event it accepted, as decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveFile {
+    /// Table-relative path under `_sluice/raw/`.
+    pub path: String,
+    /// Events in it.
+    pub rows: u64,
+    /// Bytes in the file.
+    pub bytes: u64,
 }
 
 /// A dead-letter file added by a commit.
@@ -128,6 +143,9 @@ pub struct CommitEntry {
     /// Quality figures of this epoch (profile file, violations, summary), when profiled or checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualityEntry>,
+    /// The epoch's raw-archive file, when the sink archives (`archive` = `on`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveFile>,
 }
 
 /// What a commit records about the quality of its epoch.
@@ -219,7 +237,14 @@ impl CommitEntry {
             .chain(self.dead_letters.iter().map(|d| d.path.as_str()))
             .chain(self.quality.iter().filter_map(|q| q.profile.as_deref()))
             .chain(self.quality.iter().filter_map(|q| q.anomaly_file.as_deref()))
+            .chain(self.archive.iter().map(|a| a.path.as_str()))
     }
+}
+
+/// Where a file removed by the commit of `epoch` goes (out of the partition directories,
+/// so plain hive readers no longer see it; vacuum deletes it later).
+pub fn removed_path(epoch: u64, path: &str) -> String {
+    format!("_sluice/removed/{epoch:020}/{path}")
 }
 
 /// JSON trees equal but for floats within a few units in the last place.
@@ -242,12 +267,26 @@ fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 /// The files `entries` (in epoch order) leave in the table: added and not removed, in commit
 /// order (invariant 1).
 pub fn live_files(entries: &[CommitEntry]) -> Vec<FileAction> {
-    let mut files: Vec<FileAction> = Vec::new();
+    live_files_with_origin(entries).into_iter().map(|(f, _)| f).collect()
+}
+
+/// The live files, each with the stream epochs its rows come from (`covers`, or the epoch of
+/// the commit that added it), in commit order.
+pub fn live_files_with_origin(entries: &[CommitEntry]) -> Vec<(FileAction, [u64; 2])> {
+    let mut files: Vec<Option<(FileAction, [u64; 2])>> = Vec::new();
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for entry in entries {
-        files.retain(|f| !entry.remove.contains(&f.path) && !entry.add.iter().any(|a| a.path == f.path));
-        files.extend(entry.add.iter().cloned());
+        for path in entry.remove.iter().chain(entry.add.iter().map(|a| &a.path)) {
+            if let Some(i) = at.remove(path) {
+                files[i] = None;
+            }
+        }
+        for a in &entry.add {
+            at.insert(a.path.clone(), files.len());
+            files.push(Some((a.clone(), a.covers.unwrap_or([entry.epoch, entry.epoch]))));
+        }
     }
-    files
+    files.into_iter().flatten().collect()
 }
 
 /// The commit log of one table, as seen by one writer (a pipeline or a job).
@@ -306,6 +345,11 @@ impl CommitLog {
 
     fn entry_path(&self, epoch: u64) -> Path {
         self.table.log_dir().join(format!("{epoch:020}.json"))
+    }
+
+    /// Where this writer stages `target` (table-relative) before its commit moves it.
+    pub fn staged_path(&self, target: &str) -> Path {
+        self.staged(target)
     }
 
     fn staged(&self, target: &str) -> Path {
@@ -488,6 +532,19 @@ impl CommitLog {
                 crate::crash::point("after_move");
             }
         }
+        for path in &entry.remove {
+            let from = self.table.path(path);
+            let to = self.table.path(&removed_path(entry.epoch, path));
+            self.retry
+                .run("moving a removed file out", || async {
+                    match self.table.store.rename(&from, &to).await {
+                        // Gone already: moved by an earlier attempt, or lost (a repair's reason).
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(EngineError::store(format!("moving {from} to {to}"))(e)),
+                    }
+                })
+                .await?;
+        }
         Ok(moved)
     }
 
@@ -567,11 +624,13 @@ mod tests {
                     rows: 1,
                     bytes: 1,
                     partition: vec![],
+                    covers: None,
                 })
                 .collect(),
             remove: vec![],
             dead_letters: vec![],
             quality: None,
+            archive: None,
             sources: BTreeMap::new(),
             counts: Counts::default(),
             schema: TableSchema::default(),

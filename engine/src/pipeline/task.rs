@@ -19,7 +19,7 @@ use crate::budget::Budget;
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
 use crate::error::{EngineError, Result};
 use crate::log::commit::{
-    CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema, TableSummary,
+    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema, TableSummary,
 };
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::pipeline::exec::{BatchPlan, slice_rows};
@@ -129,6 +129,8 @@ pub struct PipelineTask {
     pub health: Health,
     /// Expectations and profiles.
     pub quality: Quality,
+    /// Whether each epoch's accepted events go to the raw archive (sink option `archive`).
+    pub archive: bool,
 }
 
 impl PipelineTask {
@@ -287,9 +289,15 @@ impl PipelineTask {
         let mut violations = checked.violations;
         let mut dropped = decoded - checked.kept.iter().map(|b| b.num_rows() as u64).sum::<u64>() - checked.dead.len() as u64;
         dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Source, epoch, f)));
-        let output = self.transform(&checked.kept, &mut dead).await?;
+        let (output, failed) = self.transform(&checked.kept, &mut dead).await?;
+        // What the SQL read, for the raw archive: the rows it did not fail on.
+        let mut archived = if self.archive { without_rows(&checked.kept, &failed) } else { vec![] };
         let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let checked = self.quality.sink.check(&self.name, output).await?;
+        if checked.dead.iter().any(|f| f.quarantined) {
+            // Quarantined whole: every event is a dead letter, none is archived.
+            archived.clear();
+        }
         violations.extend(checked.violations);
         let output = checked.kept;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
@@ -328,6 +336,23 @@ impl PipelineTask {
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
         }
+        let archive = if self.archive && archived.iter().any(|b| b.num_rows() > 0) {
+            let position = positions.get(&self.source).map(|p| p.to_string());
+            let schema = self.plan.input_schema().clone();
+            let rows: u64 = archived.iter().map(|b| b.num_rows() as u64).sum();
+            let at = now.timestamp_micros();
+            let bytes = tokio::task::spawn_blocking(move || {
+                crate::batch::archive::encode(&archived, &schema, epoch, position.as_deref(), at)
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
+            let path = crate::batch::archive::archive_path(&self.name, epoch, now);
+            let size = bytes.len() as u64;
+            self.log.stage(&path, bytes.to_vec()).await?;
+            Some(ArchiveFile { path, rows, bytes: size })
+        } else {
+            None
+        };
         let entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
@@ -346,6 +371,7 @@ impl PipelineTask {
             },
             schema: self.schema.clone(),
             quality,
+            archive,
         };
         Ok(Staged {
             entry,
@@ -493,11 +519,12 @@ impl PipelineTask {
         Ok(())
     }
 
-    /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters them.
-    async fn transform(&self, input: &[RecordBatch], dead: &mut Vec<DeadLetter>) -> Result<Vec<RecordBatch>> {
+    /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters
+    /// them. Returns the output and the indexes of the input rows it failed on.
+    async fn transform(&self, input: &[RecordBatch], dead: &mut Vec<DeadLetter>) -> Result<(Vec<RecordBatch>, Vec<usize>)> {
         let rows: usize = input.iter().map(|b| b.num_rows()).sum();
         match self.plan.execute(input).await {
-            Ok(out) => return Ok(out),
+            Ok(out) => return Ok((out, vec![])),
             Err(e) if rows == 0 => return Err(EngineError::Environment(e)),
             Err(e) => {
                 // A plan that fails without any row fails for its environment (a static table
@@ -511,19 +538,23 @@ impl PipelineTask {
             }
         }
         let mut out = Vec::new();
+        let mut failed = Vec::new();
         let mut stack = vec![(0usize, rows)];
         while let Some((offset, len)) = stack.pop() {
             let part = slice_rows(input, offset, len);
             match self.plan.execute(&part).await {
                 Ok(b) => out.push((offset, b)),
-                Err(e) if len == 1 => dead.push(DeadLetter {
+                Err(e) if len == 1 => {
+                    failed.push(offset);
+                    dead.push(DeadLetter {
                     source: self.source.clone(),
                     position: serde_json::json!({ "epoch": self.next_epoch, "row": offset }),
                     stage: Stage::Transform,
                     error: e.strip_backtrace(),
                     raw: row_json(&part),
                     raw_base64: None,
-                }),
+                    })
+                }
                 Err(_) => {
                     let half = len / 2;
                     stack.push((offset + half, len - half));
@@ -533,8 +564,27 @@ impl PipelineTask {
         }
         // A plan failing on an empty batch fails on everything: not a data problem.
         out.sort_by_key(|(o, _)| *o);
-        Ok(out.into_iter().flat_map(|(_, b)| b).collect())
+        failed.sort_unstable();
+        Ok((out.into_iter().flat_map(|(_, b)| b).collect(), failed))
     }
+}
+
+/// `batches` without the rows at `skip` (sorted indexes over the batches taken as one
+/// sequence); zero-copy slices.
+fn without_rows(batches: &[RecordBatch], skip: &[usize]) -> Vec<RecordBatch> {
+    if skip.is_empty() {
+        return batches.to_vec();
+    }
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for &i in skip.iter().chain(std::iter::once(&rows)) {
+        if i > from {
+            out.extend(slice_rows(batches, from, i - from));
+        }
+        from = i + 1;
+    }
+    out
 }
 
 /// An epoch transformed and staged, waiting for its commit.

@@ -37,6 +37,15 @@ pub trait SinkFactory: Send + Sync {
 
     /// The sink for table `def` (its schema is the pipeline's output).
     fn create(&self, def: &SinkDef) -> Result<Arc<dyn Sink>>;
+
+    /// The same sink writing to another store (reconcile encodes its batch result on a scratch
+    /// store first, exactly as the sink would write it). Sinks that cannot do so say so.
+    fn create_on(&self, _table: crate::log::store::TableStore, _def: &SinkDef) -> Result<Arc<dyn Sink>> {
+        Err(crate::error::EngineError::config(
+            format!("the {} sink cannot be reconciled", self.spec().name),
+            None::<String>,
+        ))
+    }
 }
 
 /// Source and sink factories by upper-case `STORED AS` name.

@@ -257,6 +257,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             _lease: lease,
             health,
             quality,
+            archive: crate::batch::archive::enabled(&sink_def.options)?,
         };
         let name = def.name.clone();
         // A pipeline whose source failed ends with the source's error (the pipeline itself

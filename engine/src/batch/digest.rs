@@ -1,0 +1,189 @@
+//! Order-independent digests of a set of rows, for comparing what the stream wrote with what
+//! a batch recompute gives: the row count, per column a wrapping sum of per-value hashes and a
+//! null count, a wrapping sum of whole-row hashes (so values swapped between rows differ), and,
+//! when the table declares a key, each key's row hash (so missing, extra and changed keys can
+//! be named). Hashes are DataFusion's own (`create_hashes`, fixed seed): equal values hash
+//! equal within a process, which is all a comparison needs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
+use serde::Serialize;
+
+use crate::error::{EngineError, Result};
+
+/// One column's digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ColumnDigest {
+    /// Wrapping sum of the hashes of its non-null values.
+    pub sum: u64,
+    /// Nulls in it.
+    pub nulls: u64,
+}
+
+/// The digest of a multiset of rows.
+#[derive(Debug, Clone, Default)]
+pub struct Digest {
+    /// Rows.
+    pub rows: u64,
+    /// Per column, by name.
+    pub columns: BTreeMap<String, ColumnDigest>,
+    /// Wrapping sum of whole-row hashes (columns in name order).
+    pub row_sum: u64,
+    /// Per key (its values as text, comma-separated): the wrapping sum of its rows' hashes and
+    /// how many rows carry it. Empty when no key is declared.
+    pub keys: HashMap<String, (u64, u32)>,
+}
+
+impl Digest {
+    /// Adds `batch`'s rows; `key` names the key columns (none: no per-key digests).
+    pub fn add(&mut self, batch: &RecordBatch, key: &[String]) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        self.rows += n as u64;
+        let schema = batch.schema();
+        let mut by_name: Vec<(&str, &ArrayRef)> =
+            schema.fields().iter().map(|f| f.name().as_str()).zip(batch.columns()).collect();
+        by_name.sort_by(|a, b| a.0.cmp(b.0));
+        let mut hashes = vec![0u64; n];
+        for (name, col) in &by_name {
+            hashes.iter_mut().for_each(|h| *h = 0);
+            create_hashes([*col], &HLL_RANDOM_STATE, &mut hashes).map_err(hash_err)?;
+            let d = self.columns.entry(name.to_string()).or_default();
+            d.nulls += col.null_count() as u64;
+            for (i, h) in hashes.iter().enumerate() {
+                if col.is_valid(i) {
+                    d.sum = d.sum.wrapping_add(*h);
+                }
+            }
+        }
+        hashes.iter_mut().for_each(|h| *h = 0);
+        create_hashes(by_name.iter().map(|(_, c)| *c), &HLL_RANDOM_STATE, &mut hashes).map_err(hash_err)?;
+        self.row_sum = hashes.iter().fold(self.row_sum, |s, h| s.wrapping_add(*h));
+        if !key.is_empty() {
+            let cols = key
+                .iter()
+                .map(|k| {
+                    batch
+                        .column_by_name(k)
+                        .ok_or_else(|| EngineError::config(format!("key column {k} is not in the table"), None::<String>))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = FormatOptions::default().with_null("NULL");
+            let fmts = cols
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| EngineError::Internal(format!("formatting key values: {e}")))?;
+            for (i, h) in hashes.iter().enumerate() {
+                let text = fmts.iter().map(|f| f.value(i).to_string()).collect::<Vec<_>>().join(",");
+                let e = self.keys.entry(text).or_default();
+                e.0 = e.0.wrapping_add(*h);
+                e.1 += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The columns whose digests differ between `self` and `other` (present on one side only
+    /// included), in name order.
+    pub fn columns_differing(&self, other: &Digest) -> Vec<String> {
+        let mut names: Vec<&String> = self.columns.keys().chain(other.columns.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter(|n| self.columns.get(*n) != other.columns.get(*n))
+            .cloned()
+            .collect()
+    }
+
+    /// True when both hold the same multiset of rows (up to hash collisions).
+    pub fn same(&self, other: &Digest) -> bool {
+        self.rows == other.rows && self.row_sum == other.row_sum && self.columns == other.columns
+    }
+}
+
+/// Keys present in `batch` but not `stream` (missing from the stream), in `stream` but not
+/// `batch` (extra in the stream), and in both with different rows (changed), each sorted.
+pub fn key_differences(stream: &Digest, batch: &Digest) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut missing: Vec<String> = batch.keys.keys().filter(|k| !stream.keys.contains_key(*k)).cloned().collect();
+    let mut extra: Vec<String> = stream.keys.keys().filter(|k| !batch.keys.contains_key(*k)).cloned().collect();
+    let mut changed: Vec<String> = stream
+        .keys
+        .iter()
+        .filter(|(k, v)| batch.keys.get(*k).is_some_and(|w| w != *v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    missing.sort();
+    extra.sort();
+    changed.sort();
+    (missing, extra, changed)
+}
+
+fn hash_err(e: datafusion::error::DataFusionError) -> EngineError {
+    EngineError::Internal(format!("hashing rows: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Float64Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batch(ids: &[i64], amounts: &[Option<f64>]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("amount", DataType::Float64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(ids.to_vec())),
+                Arc::new(Float64Array::from(amounts.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn digest(batches: &[RecordBatch], key: &[String]) -> Digest {
+        let mut d = Digest::default();
+        for b in batches {
+            d.add(b, key).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn order_and_batching_do_not_matter_values_do() {
+        let key = vec!["id".to_string()];
+        let a = digest(&[batch(&[1, 2, 3], &[Some(1.0), None, Some(3.0)])], &key);
+        let b = digest(&[batch(&[3], &[Some(3.0)]), batch(&[2, 1], &[None, Some(1.0)])], &key);
+        assert!(a.same(&b));
+        assert!(a.columns_differing(&b).is_empty());
+
+        // Values swapped between rows: column sums agree, row sums do not.
+        let swapped = digest(&[batch(&[1, 2, 3], &[Some(3.0), None, Some(1.0)])], &key);
+        assert!(!a.same(&swapped));
+        assert!(a.columns_differing(&swapped).is_empty());
+        assert_eq!(key_differences(&a, &swapped).2, vec!["1".to_string(), "3".to_string()]);
+
+        // A changed value, a missing and an extra key.
+        let c = digest(&[batch(&[1, 2, 4], &[Some(1.5), None, Some(3.0)])], &key);
+        assert_eq!(a.columns_differing(&c), vec!["amount".to_string(), "id".to_string()]);
+        let (missing, extra, changed) = key_differences(&a, &c);
+        assert_eq!((missing, extra, changed), (vec!["4".into()], vec!["3".into()], vec!["1".into()]));
+
+        // A duplicated row is a difference.
+        let dup = digest(&[batch(&[1, 2, 3, 3], &[Some(1.0), None, Some(3.0), Some(3.0)])], &key);
+        assert!(!a.same(&dup));
+        assert_eq!(key_differences(&a, &dup).2, vec!["3".to_string()]);
+    }
+}

@@ -1,0 +1,546 @@
+//! `sluice reconcile`: recompute a range of a pipeline in batch from the raw archive, compare
+//! the result with what the stream committed partition by partition, and (with `--repair`)
+//! replace every differing partition's files with the batch result in one commit.
+//!
+//! **What a range covers.** An event is in `[from, to)` when the commit that covered it was
+//! staged in that range (its archive's `_sluice_ingest_time`, equal to the entry's
+//! `committed_at`); either end may be open. The epochs found are widened to whole files: a
+//! file made by an earlier repair (or compaction) covers a span of epochs, and a range that
+//! touches it takes the whole span. The batch side is the pipeline's SELECT over exactly those
+//! epochs' archive files, through the pipeline's row-level expectations (`DEAD_LETTER` and
+//! `DROP` remove rows, as in the stream), with the static tables and the SQL as the file says
+//! now. The stream side is every live file covering those epochs, plus any file in the touched
+//! partition directories that no commit names (plain readers read it). Partitions are
+//! compared by row count, per-column digests and whole-row digests ([`super::digest`]), and by
+//! key when the sink declares `key`.
+//!
+//! **Repair** writes the batch result of each differing partition through the sink (same
+//! encoding and partitioning as the stream), then commits one entry that adds those files
+//! (with `covers` = the range's epochs) and removes the stream's files of those partitions;
+//! removed files leave the partition directories at once (moved under `_sluice/removed/`).
+//! It holds the `maintenance` writer lease. Epochs the stream commits after the recompute read
+//! the log are outside the range, so their files are never removed: nothing the stream
+//! commits meanwhile is lost or doubled. Before committing, the log is read again and the
+//! repair stops if a file it would remove is no longer live.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::provider_as_source;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col};
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+use sluice_sql::{Action, Level, PipelineDef, Program};
+
+use super::digest::{Digest, key_differences};
+use crate::error::{EngineError, Result};
+use crate::log::commit::{
+    CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, live_files_with_origin,
+};
+use crate::log::lease::WriterLease;
+use crate::log::store::TableStore;
+use crate::sink::Sink;
+
+/// The writer name of maintenance jobs (reconcile's repair; later compaction): their lease,
+/// their staging directory and the `pipeline` of their commit entries.
+pub const MAINTENANCE_WRITER: &str = "maintenance";
+
+/// A time range `[from, to)` in microseconds since the Unix epoch; `None` is open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TimeRange {
+    /// Inclusive start.
+    pub from_us: Option<i64>,
+    /// Exclusive end.
+    pub to_us: Option<i64>,
+}
+
+impl TimeRange {
+    fn contains(&self, us: i64) -> bool {
+        self.from_us.is_none_or(|f| us >= f) && self.to_us.is_none_or(|t| us < t)
+    }
+}
+
+/// Parses `--from`/`--to`: a date (`2026-11-25`, midnight UTC) or an RFC 3339 instant, in
+/// microseconds since the Unix epoch.
+pub fn parse_instant(text: &str) -> Result<i64> {
+    let t = text.trim();
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).map_or(0, |dt| dt.and_utc().timestamp_micros()));
+    }
+    chrono::DateTime::parse_from_rfc3339(t)
+        .map(|d| d.timestamp_micros())
+        .map_err(|_| {
+            EngineError::config(
+                format!("'{text}' is neither a date nor an RFC 3339 instant"),
+                Some("write 2026-11-25 or 2026-11-25T03:00:00Z".to_string()),
+            )
+        })
+}
+
+/// What to reconcile and how.
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileOptions {
+    /// The commit-time range.
+    pub range: TimeRange,
+    /// Replace differing partitions with the batch result.
+    pub repair: bool,
+}
+
+/// How a partition compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Same rows.
+    Equal,
+    /// Different rows.
+    Differs,
+}
+
+/// Keys that differ in one partition (all of them).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KeyReport {
+    /// In the batch result, not in the stream's output.
+    pub missing: Vec<String>,
+    /// In the stream's output, not in the batch result.
+    pub extra: Vec<String>,
+    /// In both, with different rows.
+    pub changed: Vec<String>,
+}
+
+/// One partition's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionReport {
+    /// `k=v/...` (empty for an unpartitioned table).
+    pub partition: String,
+    /// Rows the stream wrote (as plain readers see them).
+    pub stream_rows: u64,
+    /// Rows of the batch result.
+    pub batch_rows: u64,
+    /// Columns whose digests differ.
+    pub columns: Vec<String>,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The stream's files (table-relative) it compared.
+    pub stream_files: Vec<String>,
+    /// Files committed by the log but absent from the store.
+    pub missing_files: Vec<String>,
+    /// Files in the partition directory that no commit names.
+    pub stray_files: Vec<String>,
+    /// Key differences, when the sink declares a key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<KeyReport>,
+}
+
+/// What a repair committed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairReport {
+    /// The repair's commit epoch.
+    pub epoch: u64,
+    /// Files removed.
+    pub removed: Vec<String>,
+    /// Files added.
+    pub added: Vec<String>,
+}
+
+/// The reconciliation of one pipeline over one range.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileReport {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The sink's LOCATION.
+    pub sink: String,
+    /// The requested range.
+    pub range: TimeRange,
+    /// The stream epochs covered, `[first, last]` (none when the range holds no commit).
+    pub epochs: Option<[u64; 2]>,
+    /// Archive files read.
+    pub archive_files: usize,
+    /// Archived events recomputed.
+    pub archive_events: u64,
+    /// Every partition either side has, in path order.
+    pub partitions: Vec<PartitionReport>,
+    /// Partitions that differ.
+    pub differing: usize,
+    /// The repair, when one was asked for and needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairReport>,
+}
+
+/// Progress of a long step: `(step, done, total)`.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+
+/// Reconciles `pipeline` of `program` (compiled in `ctx`) over `opts.range`. `sink` is the
+/// pipeline's sink; `shadow` is the same sink on a scratch store (the batch result is encoded
+/// there first, exactly as the sink would write it).
+pub async fn reconcile(
+    ctx: &SessionContext,
+    program: &Program,
+    pipeline: &str,
+    sink: Arc<dyn Sink>,
+    shadow: Arc<dyn Sink>,
+    opts: &ReconcileOptions,
+    progress: Progress<'_>,
+) -> Result<ReconcileReport> {
+    let def = program.pipelines.iter().find(|p| p.name == pipeline).ok_or_else(|| {
+        EngineError::config(
+            format!("no pipeline {pipeline} in the files"),
+            Some(format!(
+                "pipelines: {}",
+                program.pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        )
+    })?;
+    let sink_def = program
+        .sinks
+        .get(&def.name)
+        .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its sink", def.name)))?;
+    let key: Vec<String> = sink_def
+        .options
+        .get("key")
+        .map(|k| k.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let table = sink.table().clone();
+    let _lease = if opts.repair {
+        Some(WriterLease::acquire(&table, MAINTENANCE_WRITER)?)
+    } else {
+        None
+    };
+    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
+    if opts.repair {
+        log.recover().await?;
+    }
+    let entries = log.entries().await?;
+
+    // The stream epochs of the range, widened to whole files.
+    let mine: Vec<&CommitEntry> = entries.iter().filter(|e| e.pipeline == def.name).collect();
+    let in_range: Vec<u64> = mine
+        .iter()
+        .filter(|e| {
+            chrono::DateTime::parse_from_rfc3339(&e.committed_at).is_ok_and(|t| opts.range.contains(t.timestamp_micros()))
+        })
+        .map(|e| e.epoch)
+        .collect();
+    let live = live_files_with_origin(&entries);
+    let epochs = match (in_range.iter().min(), in_range.iter().max()) {
+        (Some(&lo), Some(&hi)) => {
+            let (mut lo, mut hi) = (lo, hi);
+            loop {
+                let (l, h) = live
+                    .iter()
+                    .filter(|(_, [a, b])| *a <= hi && *b >= lo)
+                    .fold((lo, hi), |(l, h), (_, [a, b])| (l.min(*a), h.max(*b)));
+                if (l, h) == (lo, hi) {
+                    break;
+                }
+                (lo, hi) = (l, h);
+            }
+            Some([lo, hi])
+        }
+        _ => None,
+    };
+    let covered = |[a, b]: [u64; 2]| epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo);
+    let archived: Vec<&CommitEntry> = mine.iter().copied().filter(|e| covered([e.epoch, e.epoch])).collect();
+    if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.counts.output + e.counts.dead_lettered + e.counts.dropped > 0) {
+        return Err(EngineError::config(
+            format!(
+                "epoch {} of pipeline {} was committed without a raw archive (sink option archive = off), so the range cannot be recomputed",
+                e.epoch, def.name
+            ),
+            Some("reconcile a range that starts after the archive was turned on".to_string()),
+        ));
+    }
+    let archive_paths: Vec<String> = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.path.clone())).collect();
+    let archive_events: u64 = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.rows)).sum();
+
+    // The batch side, encoded by the sink on the scratch store.
+    progress("recomputing", 0, archive_paths.len() as u64);
+    let batches = if archive_paths.is_empty() {
+        vec![]
+    } else {
+        recompute(ctx, program, def, &table, &archive_paths).await?
+    };
+    progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
+    let next_epoch = entries.last().map_or(1, |e| e.epoch + 1);
+    let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);
+    let batch_files = shadow.stage(&shadow_log, next_epoch, batches).await?;
+
+    // Both sides by partition.
+    let mut sides: BTreeMap<String, (Vec<FileAction>, Vec<FileAction>)> = BTreeMap::new();
+    for (f, span) in &live {
+        if covered(*span) {
+            sides.entry(partition_dir(f)).or_default().0.push(f.clone());
+        }
+    }
+    for f in &batch_files {
+        sides.entry(partition_dir(f)).or_default().1.push(f.clone());
+    }
+    let named: BTreeSet<&str> = live.iter().map(|(f, _)| f.path.as_str()).collect();
+    let total = sides.len() as u64;
+    let mut partitions = Vec::new();
+    let mut repair_parts: Vec<(Vec<String>, Vec<FileAction>)> = Vec::new();
+    for (i, (dir, (stream, batch))) in sides.into_iter().enumerate() {
+        progress("comparing", i as u64, total);
+        let stray = stray_files(&table, &dir, &named).await?;
+        let mut s = Digest::default();
+        let mut missing_files = Vec::new();
+        for f in &stream {
+            match read_parquet(&table, &table.path(&f.path)).await? {
+                Some(rows) => rows.iter().try_for_each(|b| s.add(b, &key))?,
+                None => missing_files.push(f.path.clone()),
+            }
+        }
+        for p in &stray {
+            if let Some(rows) = read_parquet(&table, &table.path(p)).await? {
+                rows.iter().try_for_each(|b| s.add(b, &key))?;
+            }
+        }
+        let mut b = Digest::default();
+        for f in &batch {
+            if let Some(rows) = read_parquet(shadow.table(), &shadow_log.staged_path(&f.path)).await? {
+                rows.iter().try_for_each(|r| b.add(r, &key))?;
+            }
+        }
+        let same = s.same(&b) && (key.is_empty() || s.keys == b.keys);
+        let keys = (!key.is_empty()).then(|| {
+            let (missing, extra, changed) = key_differences(&s, &b);
+            KeyReport { missing, extra, changed }
+        });
+        let mut columns = s.columns_differing(&b);
+        if !same && columns.is_empty() && s.rows == b.rows {
+            // Same values per column, arranged in different rows.
+            columns.push("(rows)".to_string());
+        }
+        if !same {
+            let mut remove: Vec<String> = stream.iter().map(|f| f.path.clone()).collect();
+            remove.extend(stray.iter().cloned());
+            repair_parts.push((remove, batch.clone()));
+        }
+        partitions.push(PartitionReport {
+            partition: dir,
+            stream_rows: s.rows,
+            batch_rows: b.rows,
+            columns,
+            verdict: if same { Verdict::Equal } else { Verdict::Differs },
+            stream_files: stream.iter().map(|f| f.path.clone()).collect(),
+            missing_files,
+            stray_files: stray,
+            keys,
+        });
+    }
+    progress("comparing", total, total);
+    let differing = repair_parts.len();
+    let mut report = ReconcileReport {
+        pipeline: def.name.clone(),
+        sink: table.location.clone(),
+        range: opts.range,
+        epochs,
+        archive_files: archive_paths.len(),
+        archive_events,
+        partitions,
+        differing,
+        repair: None,
+    };
+    if opts.repair && differing > 0 {
+        let span = epochs.unwrap_or([next_epoch, next_epoch]);
+        report.repair = Some(repair(&log, shadow.table(), &shadow_log, repair_parts, span, next_epoch).await?);
+    }
+    Ok(report)
+}
+
+/// Runs the pipeline's SELECT over the archive files, through its row-level expectations.
+async fn recompute(
+    ctx: &SessionContext,
+    program: &Program,
+    def: &PipelineDef,
+    table: &TableStore,
+    archive: &[String],
+) -> Result<Vec<RecordBatch>> {
+    let source = program
+        .sources
+        .get(&def.source)
+        .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its source", def.name)))?;
+    let urls = table_urls(ctx, table, archive)?;
+    // Read with the schema the files were written with (no view types in place of the
+    // source's declared ones).
+    let schema = super::archive::archive_schema(&source.schema);
+    let raw = ctx.read_parquet(urls, ParquetReadOptions::default().schema(&schema)).await?;
+    let names: Vec<&str> = source.schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let mut input = raw.select_columns(&names)?;
+    for e in removing_checks(program, &def.source) {
+        input = input.filter(e.is_not_false())?;
+    }
+    let provider = provider_as_source(input.into_view());
+    let plan = def
+        .plan
+        .clone()
+        .transform_up_with_subqueries(|node| match node {
+            LogicalPlan::TableScan(mut scan) if scan.table_name.table() == def.source => {
+                scan.source = provider.clone();
+                Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data;
+    let mut out = DataFrame::new(ctx.state(), plan);
+    for e in removing_checks(program, &def.name) {
+        out = out.filter(e.is_not_false())?;
+    }
+    Ok(out.collect().await?)
+}
+
+/// The row-level checks on `table` that remove rows (`DEAD_LETTER`, `DROP`), unqualified.
+fn removing_checks(program: &Program, table: &str) -> Vec<Expr> {
+    program
+        .expectations
+        .iter()
+        .filter(|d| d.table == table && d.level == Level::Row && matches!(d.action, Action::DeadLetter | Action::Drop))
+        .filter_map(|d| {
+            d.expr
+                .clone()
+                .transform_up(|e| match e {
+                    Expr::Column(c) => Ok(Transformed::yes(col(datafusion::common::Column::new_unqualified(c.name)))),
+                    other => Ok(Transformed::no(other)),
+                })
+                .ok()
+                .map(|t| t.data)
+        })
+        .collect()
+}
+
+/// URLs DataFusion can read `paths` (table-relative) at: local files, or the table's store
+/// registered under a private scheme.
+fn table_urls(ctx: &SessionContext, table: &TableStore, paths: &[String]) -> Result<Vec<String>> {
+    if let Some(dir) = &table.local_dir {
+        let dir = std::fs::canonicalize(dir).map_err(EngineError::io(format!("resolving {}", dir.display())))?;
+        return Ok(paths.iter().map(|p| dir.join(p).display().to_string()).collect());
+    }
+    let base = url::Url::parse("sluice-table://sink/").map_err(|e| EngineError::Internal(e.to_string()))?;
+    ctx.register_object_store(&base, table.store.clone());
+    Ok(paths.iter().map(|p| format!("sluice-table://sink/{}", table.path(p))).collect())
+}
+
+/// A file's partition directory (`k=v/.../`), from its path.
+fn partition_dir(f: &FileAction) -> String {
+    match f.path.rfind('/') {
+        Some(i) => f.path[..=i].to_string(),
+        None => String::new(),
+    }
+}
+
+/// Data files directly in partition directory `dir` that no commit names.
+async fn stray_files(table: &TableStore, dir: &str, named: &BTreeSet<&str>) -> Result<Vec<String>> {
+    let listed = table
+        .store
+        .list_with_delimiter(Some(&table.path(dir)))
+        .await
+        .map_err(EngineError::store(format!("listing {dir}")))?;
+    let mut out: Vec<String> = listed
+        .objects
+        .iter()
+        .map(|m| table.relative(&m.location))
+        .filter(|p| p.ends_with(".parquet") && !p.starts_with("_sluice/") && !named.contains(p.as_str()))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// A Parquet file's rows; `None` when it does not exist.
+async fn read_parquet(table: &TableStore, path: &object_store::path::Path) -> Result<Option<Vec<RecordBatch>>> {
+    let bytes = match table.store.get(path).await {
+        Ok(g) => g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(EngineError::store(format!("reading {path}"))(e)),
+    };
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|b| b.build())
+        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
+    let rows = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
+    Ok(Some(rows))
+}
+
+/// Commits one entry replacing each differing partition's files with the batch's.
+async fn repair(
+    log: &CommitLog,
+    shadow: &TableStore,
+    shadow_log: &CommitLog,
+    parts: Vec<(Vec<String>, Vec<FileAction>)>,
+    span: [u64; 2],
+    epoch: u64,
+) -> Result<RepairReport> {
+    let mut add = Vec::new();
+    let mut remove = Vec::new();
+    for (gone, files) in parts {
+        remove.extend(gone);
+        for f in files {
+            let bytes = shadow
+                .store
+                .get(&shadow_log.staged_path(&f.path))
+                .await
+                .map_err(EngineError::store(format!("reading staged {}", f.path)))?
+                .bytes()
+                .await
+                .map_err(EngineError::store(format!("reading staged {}", f.path)))?;
+            log.stage(&f.path, bytes.to_vec()).await?;
+            add.push(FileAction {
+                covers: Some(span),
+                ..f
+            });
+        }
+    }
+    // The files to remove must still be live (or never named: strays); a concurrent change
+    // to them means the comparison is stale.
+    let entries = log.entries().await?;
+    let live: BTreeSet<String> = live_files_with_origin(&entries).into_iter().map(|(f, _)| f.path).collect();
+    let before: BTreeSet<&str> = entries.iter().flat_map(|e| e.add.iter().map(|a| a.path.as_str())).collect();
+    if let Some(p) = remove.iter().find(|p| before.contains(p.as_str()) && !live.contains(*p)) {
+        return Err(EngineError::config(
+            format!("{p} was removed by another commit while reconciling; nothing was changed"),
+            Some("run the reconcile again".to_string()),
+        ));
+    }
+    let schema = entries.iter().rev().find(|e| !e.schema.columns.is_empty()).map(|e| e.schema.clone()).unwrap_or_default();
+    let mut entry = CommitEntry {
+        version: LOG_VERSION,
+        epoch: entries.last().map_or(epoch, |e| e.epoch + 1).max(epoch),
+        pipeline: MAINTENANCE_WRITER.to_string(),
+        committed_at: chrono::Utc::now().to_rfc3339(),
+        counts: Counts {
+            output: add.iter().map(|f: &FileAction| f.rows).sum(),
+            ..Default::default()
+        },
+        add,
+        remove,
+        dead_letters: vec![],
+        sources: BTreeMap::new(),
+        schema,
+        quality: None,
+        archive: None,
+    };
+    log.commit(&mut entry).await?;
+    Ok(RepairReport {
+        epoch: entry.epoch,
+        removed: entry.remove.clone(),
+        added: entry.add.iter().map(|f| f.path.clone()).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instants_are_dates_or_rfc3339() {
+        assert_eq!(parse_instant("1970-01-02").unwrap(), 86_400_000_000);
+        assert_eq!(parse_instant("1970-01-01T00:00:01.000002Z").unwrap(), 1_000_002);
+        assert_eq!(parse_instant("1970-01-01T01:00:00+01:00").unwrap(), 0);
+        assert!(parse_instant("yesterday").is_err());
+        let r = TimeRange { from_us: Some(10), to_us: Some(20) };
+        assert!(r.contains(10) && r.contains(19) && !r.contains(20) && !r.contains(9));
+        assert!(TimeRange::default().contains(i64::MIN));
+    }
+}
