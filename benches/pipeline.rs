@@ -264,6 +264,108 @@ fn run_directory(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
     )
 }
 
+/// The tuned directory run with the raw archive off (the main directory row archives: the
+/// default).
+fn run_directory_noarchive(work: &Path, events: u64, bytes: u64, files: u64) -> Row {
+    let sink = work.join("lake/sluice-dir-noarchive");
+    let sql = pipeline_sql_with(
+        &format!("STORED AS NDJSON LOCATION 'in' {DIR_OPTIONS}"),
+        sink.to_str().unwrap_or_default(),
+        "OPTIONS ('archive' 'off')",
+        "",
+    );
+    let last = format!("orders-{:05}.ndjson", files - 1);
+    let name = "sluice: directory source, archive off";
+    run_dir_sql(work, name, "dir-noarchive", &sql, &sink, "orders", &last, events, bytes)
+}
+
+/// Runs `argv` in `work` under Python's `resource` module: wall, CPU and peak RSS of the
+/// child, and its exit code and output.
+fn timed_child(work: &Path, argv: &[&str]) -> Option<(f64, f64, u64, String)> {
+    let script = r#"
+import resource, subprocess, sys, time, json
+t0 = time.monotonic()
+p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024, "code": p.returncode, "out": p.stdout + p.stderr}))
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).args(argv).current_dir(work).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((
+        v["wall"].as_f64()?,
+        v["cpu"].as_f64()?,
+        v["rss"].as_u64()?,
+        format!("code {} {}", v["code"], v["out"].as_str()?),
+    ))
+}
+
+/// `sluice reconcile` of the main directory run's sink: recompute all its events from the raw
+/// archive and compare with the committed output.
+fn run_reconcile(work: &Path, events: u64, bytes: u64) -> Option<Row> {
+    let bin = env!("CARGO_BIN_EXE_sluice");
+    let (wall, cpu, rss, out) = timed_child(work, &[bin, "reconcile", "dir.sql", "--pipeline", "orders_usd"])?;
+    if !out.starts_with("code 0") {
+        eprintln!("reconcile did not find the sink equal: {out}");
+        return None;
+    }
+    Some(Row {
+        name: "sluice reconcile: recompute + compare (in process)".into(),
+        events,
+        bytes,
+        wall,
+        cpu,
+        rss,
+        rows_out: None,
+    })
+}
+
+/// DuckDB doing the same recompute-and-compare: the pipeline's SELECT over the raw archive,
+/// per-partition counts and per-column hash sums of both sides, joined.
+fn run_duckdb_reconcile(work: &Path, events: u64, bytes: u64) -> Option<Row> {
+    let script = r#"
+import duckdb, resource, time, json
+con = duckdb.connect()
+con.execute("SET threads=2")
+con.execute("SET enable_progress_bar=false")
+cols = ["order_id", "customer_id", "amount_usd", "quantity", "status", "country", "channel", "sku", "ts"]
+digest = ", ".join(["count(*) AS n"] + [f"sum(hash({c})) AS h_{c}" for c in cols] + [f"sum(hash({', '.join(cols)})) AS h_row"])
+differs = " OR ".join(["bd.n IS DISTINCT FROM sd.n"] + [f"bd.h_{c} IS DISTINCT FROM sd.h_{c}" for c in cols + ["row"]])
+q = f"""
+WITH b AS (SELECT o.order_id, o.customer_id, o.amount * fx.rate AS amount_usd, o.quantity, upper(o.status) AS status,
+       o.country, o.channel, o.sku, CAST(o.ts AS TIMESTAMP) AS ts, CAST(o.ts AS DATE) AS order_date
+  FROM read_parquet('lake/sluice-dir/_sluice/raw/*/*.parquet') o
+  JOIN read_csv('fx.csv', header=true) fx ON o.currency = fx.currency WHERE o.status <> 'test'),
+s AS (SELECT * FROM read_parquet('lake/sluice-dir/*/*.parquet', hive_partitioning=true)),
+bd AS (SELECT order_date, {digest} FROM b GROUP BY order_date),
+sd AS (SELECT order_date, {digest} FROM s GROUP BY order_date)
+SELECT count(*) FROM bd FULL JOIN sd USING (order_date) WHERE {differs}
+"""
+t0 = time.monotonic()
+differing = con.execute(q).fetchone()[0]
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024, "rows": differing}))
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).current_dir(work).output().ok()?;
+    if !out.status.success() {
+        eprintln!("duckdb reconcile failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).ok()?;
+    Some(Row {
+        name: "DuckDB (2 threads): recompute + compare".into(),
+        events,
+        bytes,
+        wall: v["wall"].as_f64()?,
+        cpu: v["cpu"].as_f64()?,
+        rss: v["rss"].as_u64()?,
+        rows_out: v["rows"].as_u64(),
+    })
+}
+
 /// The source options a user gets without tuning (only the poll interval is shortened, so the
 /// run does not wait for the first poll).
 const DIR_DEFAULT_OPTIONS: &str = "OPTIONS ('poll_interval' '20ms')";
@@ -835,6 +937,9 @@ fn main() {
     let (mut dirs, mut https, mut ducks) = (Vec::new(), Vec::new(), Vec::new());
     let (mut defaults, mut ones) = (Vec::new(), Vec::new());
     let with_quality = !args.iter().any(|a| a == "--no-quality");
+    let with_archive = !args.iter().any(|a| a == "--no-archive");
+    let (mut archive_off, mut archive_on) = (Vec::new(), Vec::new());
+    let (mut reconciles, mut duck_reconciles) = (Vec::new(), Vec::new());
     let (mut quality_off, mut quality_on) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         for old in [
@@ -851,10 +956,20 @@ fn main() {
             "state-dir-quality",
             "lake/sluice-dir-noquality",
             "state-dir-noquality",
+            "lake/sluice-dir-noarchive",
+            "state-dir-noarchive",
         ] {
             let _ = std::fs::remove_dir_all(work.join(old));
         }
         dirs.push(run_directory(&work, events, bytes, files));
+        if with_archive {
+            archive_off.push(run_directory_noarchive(&work, events, bytes, files));
+            archive_on.push(dirs.last().map(|d| d.cpu).unwrap_or_default());
+            reconciles.extend(run_reconcile(&work, events, bytes));
+            if with_duckdb {
+                duck_reconciles.extend(run_duckdb_reconcile(&work, events, bytes));
+            }
+        }
         if with_quality {
             quality_off.push(run_directory_quality(&work, events, bytes, files, false));
             quality_on.push(run_directory_quality(&work, events, bytes, files, true));
@@ -901,6 +1016,15 @@ fn main() {
     } else {
         String::new()
     };
+    // The archive cost: the main directory row (archive on) against archive off, paired.
+    let archive_cost: Vec<f64> = archive_on.iter().zip(&archive_off).map(|(on, off)| on / off.cpu - 1.0).collect();
+    let archive_off_row = median(archive_off);
+    let reconcile_row = median(reconciles);
+    let duck_reconcile_row = median(duck_reconciles);
+    let reconcile_ratio = match (&reconcile_row, &duck_reconcile_row) {
+        (Some(r), Some(d)) => Some(d.wall / r.wall),
+        _ => None,
+    };
     // The quality cost compares CPU time, rounds paired (each round runs both back to back).
     let quality_cost: Vec<f64> = quality_on.iter().zip(&quality_off).map(|(a, b)| a.cpu / b.cpu - 1.0).collect();
     let dir = median(dirs).expect("at least one round");
@@ -935,6 +1059,7 @@ fn main() {
     let mut rows = vec![dir];
     rows.extend(default_row);
     rows.extend(one_row);
+    rows.extend(archive_off_row);
     rows.extend(quality_off_row);
     rows.extend(quality_on_row);
     rows.extend(http);
@@ -948,6 +1073,12 @@ fn main() {
         .iter()
         .map(|r| (!r.name.starts_with("floor")).then_some(duck_wall).flatten())
         .collect();
+    // The reconcile rows compare with DuckDB's recompute-and-compare.
+    let recon_wall = duck_reconcile_row.as_ref().map(|d| d.wall);
+    for r in [reconcile_row, duck_reconcile_row].into_iter().flatten() {
+        rows.push(r);
+        reference.push(recon_wall);
+    }
     let nexmark_from = rows.len();
     for (ours, duck) in nexmark {
         let wall = duck.as_ref().map(|d| d.wall);
@@ -968,7 +1099,7 @@ fn main() {
         }
         let vs_duck = reference[i].map_or("–".to_string(), |d| format!("{:.2}", d / r.wall));
         // The floor ratio compares runs over the order stream only.
-        let is_floor = r.name.starts_with("floor") || i >= nexmark_from;
+        let is_floor = r.name.starts_with("floor") || r.name.contains("recompute") || i >= nexmark_from;
         table.push_str(&format!(
             "| {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
             r.name,
@@ -1009,6 +1140,23 @@ fn main() {
             100.0 * med,
             quality_cost.iter().map(|c| format!("{:+.1}%", 100.0 * c)).collect::<Vec<_>>().join(", "),
             if med <= 0.10 { "met" } else { "NOT met" }
+        ));
+    }
+    if !archive_cost.is_empty() {
+        let mut sorted = archive_cost.clone();
+        sorted.sort_by(f64::total_cmp);
+        let med = sorted[sorted.len() / 2];
+        table.push_str(&format!(
+            "\n**Archive cost** (same run): the raw archive (on by default, in the main directory row) costs {:.1}% more CPU time than `archive` off (median of the paired rounds: {}). Target ≤ 25%: {}.\n",
+            100.0 * med,
+            archive_cost.iter().map(|c| format!("{:+.1}%", 100.0 * c)).collect::<Vec<_>>().join(", "),
+            if med <= 0.25 { "met" } else { "NOT met" }
+        ));
+    }
+    if let Some(r) = reconcile_ratio {
+        table.push_str(&format!(
+            "\n**Reconcile** (same run): recomputing all {events} events of the directory run from the raw archive and comparing with its output, DuckDB wall / sluice wall = {r:.2}. Target ≥ 1.0: {}.\n",
+            if r >= 1.0 { "met" } else { "NOT met" }
         ));
     }
     table.push_str(&targets(

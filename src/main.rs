@@ -413,6 +413,9 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
             }
         }
     }
+    for w in &report.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
     match (&report.repair, report.differing) {
         (_, 0) => writeln!(out, "equal: {} partition(s)", report.partitions.len())?,
         (Some(r), n) => writeln!(

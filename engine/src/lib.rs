@@ -13,6 +13,7 @@
 //! [`pipeline`] (batching, plan, epoch commit), [`quality`] (profiles, expectations, drift),
 //! [`batch`] (the raw archive and reconciliation), [`server`] (runtime, API, registry, metrics).
 //! At the root: the [`source`] and [`sink`] traits, [`budget`], [`dead_letter`], [`retry`],
+//! [`parquet_file`] (the multi-threaded Parquet encoder the sink and the archive share),
 //! [`durability`], [`crash`] points and the [`error`] type.
 //!
 //! Invariants:
@@ -41,6 +42,7 @@ pub mod durability;
 pub mod error;
 pub mod ingest;
 pub mod log;
+pub mod parquet_file;
 pub mod pipeline;
 pub mod quality;
 pub mod retry;

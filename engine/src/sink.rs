@@ -26,4 +26,9 @@ pub trait Sink: Send + Sync {
 
     /// Stages the output of one epoch.
     async fn stage(&self, log: &CommitLog, epoch: u64, batches: Vec<RecordBatch>) -> Result<Vec<FileAction>>;
+
+    /// The rows of `batches` as [`Sink::stage`] would store them, by partition directory
+    /// (`k=v/.../`, empty for an unpartitioned table): the stored data columns only, in stored
+    /// types. Lets a comparison see what the files would hold without writing them.
+    fn partition(&self, batches: Vec<RecordBatch>) -> Result<Vec<(String, Vec<RecordBatch>)>>;
 }

@@ -2,7 +2,6 @@
 //! default), committed through the table's Sluice commit log.
 
 pub mod config;
-pub mod encode;
 pub mod sink;
 
 use std::sync::Arc;

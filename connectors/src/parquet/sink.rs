@@ -18,7 +18,7 @@ use sluice_engine::sink::Sink;
 use sluice_engine::{EngineError, Result};
 
 use super::config::ParquetSinkConfig;
-use super::encode::encode_file;
+use sluice_engine::parquet_file::encode_file;
 
 /// The directory name Hive uses for a null partition value.
 pub const HIVE_NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
@@ -120,6 +120,21 @@ impl ParquetSink {
         Ok(out)
     }
 
+    /// The directory (`k=v/.../`) and the named values of a partition.
+    fn partition_dir(&self, values: &[Option<String>]) -> (String, Vec<(String, Option<String>)>) {
+        let mut dir = String::new();
+        let mut partition = Vec::new();
+        for (i, v) in self.partition_by.iter().zip(values) {
+            let name = self.schema.field(*i).name();
+            let seg = v
+                .as_deref()
+                .map_or_else(|| HIVE_NULL_PARTITION.to_string(), escape_partition_value);
+            dir.push_str(&format!("{name}={seg}/"));
+            partition.push((name.clone(), v.clone()));
+        }
+        (dir, partition)
+    }
+
     /// The output schema this sink accepts.
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
@@ -155,7 +170,14 @@ fn encode(
     props: WriterProperties,
     threads: usize,
 ) -> Result<Vec<u8>> {
-    let data = batches
+    let data = stored_rows(batches, data_columns, &file_schema)?;
+    encode_file(&data, &file_schema, &props, threads)
+        .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))
+}
+
+/// The data columns of `batches`, cast to the types the files store.
+fn stored_rows(batches: &[RecordBatch], data_columns: &[usize], file_schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+    batches
         .iter()
         .map(|b| {
             let columns = b
@@ -173,9 +195,7 @@ fn encode(
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(RecordBatch::try_new(file_schema.clone(), columns)?)
         })
-        .collect::<Result<Vec<_>>>()?;
-    encode_file(&data, &file_schema, &props, threads)
-        .map_err(|e| EngineError::Internal(format!("encoding parquet: {e}")))
+        .collect::<Result<Vec<_>>>()
 }
 
 /// Escapes a partition value for a path segment the way Hive does.
@@ -233,16 +253,7 @@ impl Sink for ParquetSink {
         .buffered(parallel);
         while let Some(next) = encoded.next().await {
             let (values, n, bytes) = next?;
-            let mut dir = String::new();
-            let mut partition = Vec::new();
-            for (i, v) in self.partition_by.iter().zip(&values) {
-                let name = self.schema.field(*i).name();
-                let seg = v
-                    .as_deref()
-                    .map_or_else(|| HIVE_NULL_PARTITION.to_string(), escape_partition_value);
-                dir.push_str(&format!("{name}={seg}/"));
-                partition.push((name.clone(), v.clone()));
-            }
+            let (dir, partition) = self.partition_dir(&values);
             let path = format!("{dir}part-{pipeline}-{epoch}-0.parquet");
             let size = bytes.len() as u64;
             log.stage(&path, bytes).await?;
@@ -255,6 +266,18 @@ impl Sink for ParquetSink {
             });
         }
         Ok(actions)
+    }
+
+    fn partition(&self, batches: Vec<RecordBatch>) -> Result<Vec<(String, Vec<RecordBatch>)>> {
+        let mut groups: std::collections::BTreeMap<String, Vec<RecordBatch>> = Default::default();
+        for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
+            for (values, rows) in self.split(&b)? {
+                let (dir, _) = self.partition_dir(&values);
+                let stored = stored_rows(&[rows], &self.data_columns, &self.file_schema)?;
+                groups.entry(dir).or_default().extend(stored);
+            }
+        }
+        Ok(groups.into_iter().collect())
     }
 }
 

@@ -2,8 +2,10 @@
 //! source's declared schema, in one Parquet file per epoch under
 //! `<sink>/_sluice/raw/ingest_hour=YYYY-MM-DDTHH/part-<pipeline>-<epoch>.parquet`, staged and
 //! moved by the epoch's own commit (so the batch view can always be rebuilt from exactly what
-//! the stream committed). Three columns are added: `_sluice_epoch` (the commit that covered
-//! the event), `_sluice_position` (that commit's source position, JSON text) and
+//! the stream committed). Three columns are added: `_sluice_epoch` (the epoch the event was
+//! staged under: its commit's, unless another writer took that epoch first and the commit
+//! moved to the next free one; the entry that names the file is authoritative),
+//! `_sluice_position` (that commit's source position, JSON text) and
 //! `_sluice_ingest_time` (when the epoch was staged, which is also its commit entry's
 //! `committed_at`).
 //!
@@ -16,9 +18,8 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use sluice_sql::{OptionSpec, Options, option_choice};
 
 use crate::error::{EngineError, Result};
@@ -76,23 +77,26 @@ pub fn archive_schema(source: &Schema) -> SchemaRef {
 }
 
 /// Encodes an epoch's archived rows (`batches`, in the source's schema) as one zstd Parquet
-/// file. The added columns are constant per file: a one-value dictionary for the position, so
-/// a long position costs nothing per row.
+/// file on up to `threads` threads, with the sink's default settings (zstd level 1, small
+/// dictionaries, chunk-level statistics). The added columns are constant per file: a one-value
+/// dictionary for the position, so a long position costs nothing per row.
 pub fn encode(
     batches: &[RecordBatch],
     source: &Schema,
     epoch: u64,
     position: Option<&str>,
     ingest_us: i64,
+    threads: usize,
 ) -> Result<Bytes> {
     let schema = archive_schema(source);
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(parquet_err)?))
+        .set_dictionary_page_size_limit(16 * 1024)
+        .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_max_row_group_row_count(Some(1 << 20))
         .build();
-    let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props)).map_err(parquet_err)?;
     let values: ArrayRef = Arc::new(StringArray::from(vec![position]));
+    let mut rows = Vec::with_capacity(batches.len());
     for b in batches.iter().filter(|b| b.num_rows() > 0) {
         let n = b.num_rows();
         let mut columns = b.columns().to_vec();
@@ -101,11 +105,10 @@ pub fn encode(
         let dict = DictionaryArray::<Int32Type>::try_new(keys, values.clone()).map_err(arrow_err)?;
         columns.push(Arc::new(dict));
         columns.push(Arc::new(TimestampMicrosecondArray::from(vec![ingest_us; n]).with_timezone("UTC")));
-        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(arrow_err)?;
-        w.write(&batch).map_err(parquet_err)?;
+        rows.push(RecordBatch::try_new(schema.clone(), columns).map_err(arrow_err)?);
     }
-    w.close().map_err(parquet_err)?;
-    Ok(Bytes::from(buf))
+    let bytes = crate::parquet_file::encode_file(&rows, &schema, &props, threads).map_err(parquet_err)?;
+    Ok(Bytes::from(bytes))
 }
 
 fn parquet_err(e: parquet::errors::ParquetError) -> EngineError {
@@ -130,7 +133,7 @@ mod tests {
         let b = |r: std::ops::Range<i64>| {
             RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from_iter_values(r))]).unwrap()
         };
-        let bytes = encode(&[b(0..3), b(3..3), b(3..5)], &schema, 7, Some("{\"seq\":5}"), 1_000_000).unwrap();
+        let bytes = encode(&[b(0..3), b(3..3), b(3..5)], &schema, 7, Some("{\"seq\":5}"), 1_000_000, 2).unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
         let got: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>().unwrap();
         let all = arrow::compute::concat_batches(&got[0].schema(), &got).unwrap();

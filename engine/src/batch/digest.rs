@@ -2,14 +2,16 @@
 //! a batch recompute gives: the row count, per column a wrapping sum of per-value hashes and a
 //! null count, a wrapping sum of whole-row hashes (so values swapped between rows differ), and,
 //! when the table declares a key, each key's row hash (so missing, extra and changed keys can
-//! be named). Hashes are DataFusion's own (`create_hashes`, fixed seed): equal values hash
-//! equal within a process, which is all a comparison needs.
+//! be named). Value hashes are DataFusion's own (`create_hashes`) under a seed drawn per run, so
+//! collisions cannot be prepared in advance; a row's hash mixes its columns' hashes, each with
+//! its position, through a non-linear finalizer (a sum of per-column hashes would let values
+//! swapped between rows cancel out).
 
 use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::{Array, ArrayRef, RecordBatch};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
-use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
+use datafusion::common::hash_utils::{QualityRandomState, create_hashes};
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
@@ -22,6 +24,29 @@ pub struct ColumnDigest {
     /// Nulls in it.
     pub nulls: u64,
 }
+
+/// The seed of one comparison's hashes: both sides of a comparison must share it.
+#[derive(Debug, Clone)]
+pub struct Seed(QualityRandomState);
+
+impl Seed {
+    /// A seed drawn at random.
+    pub fn random() -> Seed {
+        use std::hash::BuildHasher;
+        Seed(QualityRandomState::with_seed(std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)))
+    }
+}
+
+/// SplitMix64's finalizer: a bijective, non-linear mix of 64 bits.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Stands for a null in a row's hash (a value's hash never needs to avoid it: it is mixed
+/// with the column's position first).
+const NULL_TAG: u64 = 0x6e75_6c6c_6e75_6c6c;
 
 /// The digest of a multiset of rows.
 #[derive(Debug, Clone, Default)]
@@ -38,8 +63,10 @@ pub struct Digest {
 }
 
 impl Digest {
-    /// Adds `batch`'s rows; `key` names the key columns (none: no per-key digests).
-    pub fn add(&mut self, batch: &RecordBatch, key: &[String]) -> Result<()> {
+    /// Adds `batch`'s rows under `seed`; `key` names the key columns (none: no per-key
+    /// digests; key columns the batch does not hold, such as hive partition columns, are
+    /// constant within a partition and left out).
+    pub fn add(&mut self, batch: &RecordBatch, key: &[String], seed: &Seed) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
@@ -50,37 +77,40 @@ impl Digest {
             schema.fields().iter().map(|f| f.name().as_str()).zip(batch.columns()).collect();
         by_name.sort_by(|a, b| a.0.cmp(b.0));
         let mut hashes = vec![0u64; n];
-        for (name, col) in &by_name {
+        let mut rows = vec![0u64; n];
+        for (position, (name, col)) in by_name.iter().enumerate() {
             hashes.iter_mut().for_each(|h| *h = 0);
-            create_hashes([*col], &HLL_RANDOM_STATE, &mut hashes).map_err(hash_err)?;
+            create_hashes([*col], &seed.0, &mut hashes).map_err(hash_err)?;
             let d = self.columns.entry(name.to_string()).or_default();
             d.nulls += col.null_count() as u64;
-            for (i, h) in hashes.iter().enumerate() {
-                if col.is_valid(i) {
-                    d.sum = d.sum.wrapping_add(*h);
-                }
+            let tag = (position as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for (i, (h, r)) in hashes.iter().zip(rows.iter_mut()).enumerate() {
+                let v = if col.is_valid(i) {
+                    d.sum = d.sum.wrapping_add(mix(*h));
+                    *h
+                } else {
+                    NULL_TAG
+                };
+                *r = mix(r.rotate_left(23) ^ mix(v ^ tag));
             }
         }
-        hashes.iter_mut().for_each(|h| *h = 0);
-        create_hashes(by_name.iter().map(|(_, c)| *c), &HLL_RANDOM_STATE, &mut hashes).map_err(hash_err)?;
-        self.row_sum = hashes.iter().fold(self.row_sum, |s, h| s.wrapping_add(*h));
-        if !key.is_empty() {
-            let cols = key
-                .iter()
-                .map(|k| {
-                    batch
-                        .column_by_name(k)
-                        .ok_or_else(|| EngineError::config(format!("key column {k} is not in the table"), None::<String>))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let opts = FormatOptions::default().with_null("NULL");
-            let fmts = cols
+        self.row_sum = rows.iter().fold(self.row_sum, |s, h| s.wrapping_add(*h));
+        let key_cols: Vec<&ArrayRef> = key.iter().filter_map(|k| batch.column_by_name(k)).collect();
+        if !key_cols.is_empty() {
+            let opts = FormatOptions::default();
+            let fmts = key_cols
                 .iter()
                 .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| EngineError::Internal(format!("formatting key values: {e}")))?;
-            for (i, h) in hashes.iter().enumerate() {
-                let text = fmts.iter().map(|f| f.value(i).to_string()).collect::<Vec<_>>().join(",");
+            let value = |c: usize, i: usize| (!key_cols[c].is_null(i)).then(|| fmts[c].value(i).to_string());
+            for (i, h) in rows.iter().enumerate() {
+                // One column: its value (NULL for a null); several: a JSON array (unambiguous).
+                let text = if fmts.len() == 1 {
+                    value(0, i).unwrap_or_else(|| "NULL".to_string())
+                } else {
+                    serde_json::Value::from((0..fmts.len()).map(|c| value(c, i)).collect::<Vec<_>>()).to_string()
+                };
                 let e = self.keys.entry(text).or_default();
                 e.0 = e.0.wrapping_add(*h);
                 e.1 += 1;
@@ -154,11 +184,49 @@ mod tests {
     }
 
     fn digest(batches: &[RecordBatch], key: &[String]) -> Digest {
+        thread_local!(static SEED: Seed = Seed::random());
         let mut d = Digest::default();
         for b in batches {
-            d.add(b, key).unwrap();
+            SEED.with(|s| d.add(b, key, s)).unwrap();
         }
         d
+    }
+
+    fn names(ids: &[i64], names: &[Option<&str>]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from(ids.to_vec())), Arc::new(arrow::array::StringArray::from(names.to_vec()))],
+        )
+        .unwrap()
+    }
+
+    // A wrong join swaps text between rows: every column's multiset is unchanged, the rows are
+    // not (a linear combination of per-column hashes would miss it).
+    #[test]
+    fn text_swapped_between_rows_differs() {
+        let a = digest(&[names(&[1, 2, 3], &[Some("a"), Some("b"), None])], &[]);
+        let b = digest(&[names(&[1, 2, 3], &[Some("b"), Some("a"), None])], &[]);
+        let c = digest(&[names(&[1, 2, 3], &[Some("a"), None, Some("b")])], &[]);
+        assert!(a.columns_differing(&b).is_empty() && !a.same(&b));
+        assert!(a.columns_differing(&c).is_empty() && !a.same(&c));
+        let again = digest(&[names(&[3, 1], &[None, Some("a")]), names(&[2], &[Some("b")])], &[]);
+        assert!(a.same(&again));
+    }
+
+    #[test]
+    fn composite_keys_are_unambiguous() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Utf8, true),
+            Field::new("b", DataType::Utf8, true),
+        ]));
+        let s = |v: Vec<Option<&str>>| -> ArrayRef { Arc::new(arrow::array::StringArray::from(v)) };
+        let batch = RecordBatch::try_new(schema, vec![s(vec![Some("x,y"), Some("x")]), s(vec![Some("z"), Some("y,z")])]).unwrap();
+        let d = digest(&[batch], &["a".to_string(), "b".to_string(), "day".to_string()]);
+        assert_eq!(d.keys.len(), 2, "{:?}", d.keys.keys().collect::<Vec<_>>());
     }
 
     #[test]

@@ -35,10 +35,10 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 use sluice_sql::{Action, Level, PipelineDef, Program};
 
-use super::digest::{Digest, key_differences};
+use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
 use crate::log::commit::{
-    CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, live_files_with_origin,
+    ColumnSpec, CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema, live_files_with_origin,
 };
 use crate::log::lease::WriterLease;
 use crate::log::store::TableStore;
@@ -167,6 +167,8 @@ pub struct ReconcileReport {
     /// The repair, when one was asked for and needed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repair: Option<RepairReport>,
+    /// Things that make the comparison less than exact (a SELECT that calls `now()`, ...).
+    pub warnings: Vec<String>,
 }
 
 /// Progress of a long step: `(step, done, total)`.
@@ -203,15 +205,17 @@ pub async fn reconcile(
         .map(|k| k.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
         .unwrap_or_default();
     let table = sink.table().clone();
+    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
+    // A repair holds the lease throughout; a report finishes an interrupted repair first when
+    // no maintenance job runs (else both versions of a partition would be compared).
     let _lease = if opts.repair {
-        Some(WriterLease::acquire(&table, MAINTENANCE_WRITER)?)
+        let lease = WriterLease::acquire(&table, MAINTENANCE_WRITER)?;
+        log.recover().await?;
+        Some(lease)
     } else {
+        finish_interrupted_maintenance(&table).await?;
         None
     };
-    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
-    if opts.repair {
-        log.recover().await?;
-    }
     let entries = log.entries().await?;
 
     // The stream epochs of the range, widened to whole files.
@@ -223,15 +227,18 @@ pub async fn reconcile(
         })
         .map(|e| e.epoch)
         .collect();
-    let live = live_files_with_origin(&entries);
+    let live: Vec<(FileAction, Origin)> = live_files_with_origin(&entries)
+        .into_iter()
+        .filter(|(_, o)| o.pipeline == def.name)
+        .collect();
     let epochs = match (in_range.iter().min(), in_range.iter().max()) {
         (Some(&lo), Some(&hi)) => {
             let (mut lo, mut hi) = (lo, hi);
             loop {
                 let (l, h) = live
                     .iter()
-                    .filter(|(_, [a, b])| *a <= hi && *b >= lo)
-                    .fold((lo, hi), |(l, h), (_, [a, b])| (l.min(*a), h.max(*b)));
+                    .filter(|(_, o)| o.overlaps([lo, hi]))
+                    .fold((lo, hi), |(l, h), (_, o)| (l.min(o.epochs[0]), h.max(o.epochs[1])));
                 if (l, h) == (lo, hi) {
                     break;
                 }
@@ -243,7 +250,8 @@ pub async fn reconcile(
     };
     let covered = |[a, b]: [u64; 2]| epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo);
     let archived: Vec<&CommitEntry> = mine.iter().copied().filter(|e| covered([e.epoch, e.epoch])).collect();
-    if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.counts.output + e.counts.dead_lettered + e.counts.dropped > 0) {
+    // An epoch that wrote rows read them, so it archived them unless the archive was off.
+    if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.counts.output > 0) {
         return Err(EngineError::config(
             format!(
                 "epoch {} of pipeline {} was committed without a raw archive (sink option archive = off), so the range cannot be recomputed",
@@ -264,59 +272,83 @@ pub async fn reconcile(
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
     let next_epoch = entries.last().map_or(1, |e| e.epoch + 1);
-    let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);
-    let batch_files = shadow.stage(&shadow_log, next_epoch, batches).await?;
+    // The batch result as the sink would store it, by partition (nothing written yet).
+    let mut batch_parts: BTreeMap<String, Vec<RecordBatch>> = sink.partition(batches.clone())?.into_iter().collect();
 
     // Both sides by partition.
-    let mut sides: BTreeMap<String, (Vec<FileAction>, Vec<FileAction>)> = BTreeMap::new();
-    for (f, span) in &live {
-        if covered(*span) {
-            sides.entry(partition_dir(f)).or_default().0.push(f.clone());
+    let mut sides: BTreeMap<String, Vec<FileAction>> = BTreeMap::new();
+    for (f, origin) in &live {
+        if covered(origin.epochs) {
+            sides.entry(partition_dir(f)).or_default().push(f.clone());
         }
     }
-    for f in &batch_files {
-        sides.entry(partition_dir(f)).or_default().1.push(f.clone());
+    for dir in batch_parts.keys() {
+        sides.entry(dir.clone()).or_default();
     }
-    let named: BTreeSet<&str> = live.iter().map(|(f, _)| f.path.as_str()).collect();
+    // Files in the partition directories that no entry names: listed first, then the log read
+    // again (a commit names its files before they move into place, so a file the stream
+    // committed meanwhile is named by the second read and is never taken for a stray).
+    let mut listed = BTreeMap::new();
+    for dir in sides.keys() {
+        listed.insert(dir.clone(), list_parquet(&table, dir).await?);
+    }
+    let named: BTreeSet<String> = log
+        .entries()
+        .await?
+        .iter()
+        .flat_map(|e| e.add.iter().map(|a| a.path.clone()))
+        .collect();
+    let seed = Seed::random();
     let total = sides.len() as u64;
     let mut partitions = Vec::new();
-    let mut repair_parts: Vec<(Vec<String>, Vec<FileAction>)> = Vec::new();
-    for (i, (dir, (stream, batch))) in sides.into_iter().enumerate() {
+    let mut repair_parts: Vec<(String, Vec<String>)> = Vec::new();
+    for (i, (dir, stream)) in sides.into_iter().enumerate() {
         progress("comparing", i as u64, total);
-        let stray = stray_files(&table, &dir, &named).await?;
+        let stray: Vec<String> = listed
+            .remove(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !named.contains(p))
+            .collect();
         let mut s = Digest::default();
         let mut missing_files = Vec::new();
         for f in &stream {
             match read_parquet(&table, &table.path(&f.path)).await? {
-                Some(rows) => rows.iter().try_for_each(|b| s.add(b, &key))?,
+                Some(rows) => rows.iter().try_for_each(|b| s.add(b, &key, &seed))?,
                 None => missing_files.push(f.path.clone()),
             }
         }
+        let mut unreadable = false;
         for p in &stray {
-            if let Some(rows) = read_parquet(&table, &table.path(p)).await? {
-                rows.iter().try_for_each(|b| s.add(b, &key))?;
+            // A stray file that is not this table's Parquet still differs (readers trip on it).
+            match read_parquet(&table, &table.path(p)).await {
+                Ok(Some(rows)) => {
+                    if rows.iter().try_for_each(|b| s.add(b, &key, &seed)).is_err() {
+                        unreadable = true;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => unreadable = true,
             }
         }
         let mut b = Digest::default();
-        for f in &batch {
-            if let Some(rows) = read_parquet(shadow.table(), &shadow_log.staged_path(&f.path)).await? {
-                rows.iter().try_for_each(|r| b.add(r, &key))?;
-            }
+        for rows in batch_parts.remove(&dir).unwrap_or_default() {
+            b.add(&rows, &key, &seed)?;
         }
-        let same = s.same(&b) && (key.is_empty() || s.keys == b.keys);
+        let same = !unreadable && stray.is_empty() && s.same(&b) && (key.is_empty() || s.keys == b.keys);
         let keys = (!key.is_empty()).then(|| {
             let (missing, extra, changed) = key_differences(&s, &b);
             KeyReport { missing, extra, changed }
         });
         let mut columns = s.columns_differing(&b);
-        if !same && columns.is_empty() && s.rows == b.rows {
+        if !same && columns.is_empty() && s.rows == b.rows && !unreadable {
             // Same values per column, arranged in different rows.
             columns.push("(rows)".to_string());
         }
         if !same {
             let mut remove: Vec<String> = stream.iter().map(|f| f.path.clone()).collect();
             remove.extend(stray.iter().cloned());
-            repair_parts.push((remove, batch.clone()));
+            repair_parts.push((dir.clone(), remove));
         }
         partitions.push(PartitionReport {
             partition: dir,
@@ -342,12 +374,77 @@ pub async fn reconcile(
         partitions,
         differing,
         repair: None,
+        warnings: volatile_calls(def),
     };
     if opts.repair && differing > 0 {
-        let span = epochs.unwrap_or([next_epoch, next_epoch]);
-        report.repair = Some(repair(&log, shadow.table(), &shadow_log, repair_parts, span, next_epoch).await?);
+        let origin = Origin {
+            pipeline: def.name.clone(),
+            epochs: epochs.unwrap_or([next_epoch, next_epoch]),
+        };
+        let schema = TableSchema {
+            columns: shadow
+                .stored_schema()
+                .fields()
+                .iter()
+                .map(|f| ColumnSpec {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                    nullable: f.is_nullable(),
+                })
+                .collect(),
+            partition_by: sink_def.partition_by.clone(),
+        };
+        // The batch result encoded by the sink itself on the scratch store; the files of the
+        // differing partitions are copied into the table's staging by the repair.
+        let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);
+        let files = shadow.stage(&shadow_log, next_epoch, batches).await?;
+        let parts = repair_parts
+            .into_iter()
+            .map(|(dir, remove)| (remove, files.iter().filter(|f| partition_dir(f) == dir).cloned().collect()))
+            .collect();
+        let job = Repair {
+            log: &log,
+            shadow: shadow.table(),
+            shadow_log: &shadow_log,
+            origin,
+            schema,
+            epoch: next_epoch,
+        };
+        report.repair = Some(job.commit(parts).await?);
     }
     Ok(report)
+}
+
+/// Finishes the newest maintenance entry's moves when no maintenance job holds the lease (a
+/// repair killed after its commit entry was written).
+pub async fn finish_interrupted_maintenance(table: &TableStore) -> Result<()> {
+    if let Ok(_lease) = WriterLease::acquire(table, MAINTENANCE_WRITER) {
+        CommitLog::new(table.clone(), MAINTENANCE_WRITER).recover().await?;
+    }
+    Ok(())
+}
+
+/// Functions in the SELECT whose value differs from run to run: the batch recompute cannot
+/// match the stream on columns they feed.
+fn volatile_calls(def: &PipelineDef) -> Vec<String> {
+    const PER_RUN: [&str; 8] = ["now", "current_timestamp", "current_date", "current_time", "random", "uuid", "today", "localtimestamp"];
+    let mut found = BTreeSet::new();
+    let _ = def.plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|x| {
+                if let Expr::ScalarFunction(f) = x
+                    && PER_RUN.contains(&f.name())
+                {
+                    found.insert(f.name().to_string());
+                }
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    found
+        .into_iter()
+        .map(|f| format!("the SELECT calls {f}(), whose value differs from run to run: the columns it feeds will differ"))
+        .collect()
 }
 
 /// Runs the pipeline's SELECT over the archive files, through its row-level expectations.
@@ -430,8 +527,8 @@ fn partition_dir(f: &FileAction) -> String {
     }
 }
 
-/// Data files directly in partition directory `dir` that no commit names.
-async fn stray_files(table: &TableStore, dir: &str, named: &BTreeSet<&str>) -> Result<Vec<String>> {
+/// Parquet files directly in partition directory `dir` (table-relative paths, sorted).
+async fn list_parquet(table: &TableStore, dir: &str) -> Result<Vec<String>> {
     let listed = table
         .store
         .list_with_delimiter(Some(&table.path(dir)))
@@ -441,7 +538,7 @@ async fn stray_files(table: &TableStore, dir: &str, named: &BTreeSet<&str>) -> R
         .objects
         .iter()
         .map(|m| table.relative(&m.location))
-        .filter(|p| p.ends_with(".parquet") && !p.starts_with("_sluice/") && !named.contains(p.as_str()))
+        .filter(|p| p.ends_with(".parquet") && !p.starts_with("_sluice/"))
         .collect();
     out.sort();
     Ok(out)
@@ -463,70 +560,76 @@ async fn read_parquet(table: &TableStore, path: &object_store::path::Path) -> Re
     Ok(Some(rows))
 }
 
-/// Commits one entry replacing each differing partition's files with the batch's.
-async fn repair(
-    log: &CommitLog,
-    shadow: &TableStore,
-    shadow_log: &CommitLog,
-    parts: Vec<(Vec<String>, Vec<FileAction>)>,
-    span: [u64; 2],
+/// A repair's commit: where the batch files are and what the entry records.
+struct Repair<'a> {
+    log: &'a CommitLog,
+    shadow: &'a TableStore,
+    shadow_log: &'a CommitLog,
+    origin: Origin,
+    schema: TableSchema,
     epoch: u64,
-) -> Result<RepairReport> {
-    let mut add = Vec::new();
-    let mut remove = Vec::new();
-    for (gone, files) in parts {
-        remove.extend(gone);
-        for f in files {
-            let bytes = shadow
-                .store
-                .get(&shadow_log.staged_path(&f.path))
-                .await
-                .map_err(EngineError::store(format!("reading staged {}", f.path)))?
-                .bytes()
-                .await
-                .map_err(EngineError::store(format!("reading staged {}", f.path)))?;
-            log.stage(&f.path, bytes.to_vec()).await?;
-            add.push(FileAction {
-                covers: Some(span),
-                ..f
-            });
+}
+
+impl Repair<'_> {
+    /// Commits one entry replacing each differing partition's files with the batch's.
+    async fn commit(self, parts: Vec<(Vec<String>, Vec<FileAction>)>) -> Result<RepairReport> {
+        let mut add = Vec::new();
+        let mut remove = Vec::new();
+        for (gone, files) in parts {
+            remove.extend(gone);
+            for f in files {
+                let staged = self.shadow_log.staged_path(&f.path);
+                let bytes = self
+                    .shadow
+                    .store
+                    .get(&staged)
+                    .await
+                    .map_err(EngineError::store(format!("reading staged {}", f.path)))?
+                    .bytes()
+                    .await
+                    .map_err(EngineError::store(format!("reading staged {}", f.path)))?;
+                self.log.stage(&f.path, bytes.to_vec()).await?;
+                add.push(FileAction {
+                    covers: Some(self.origin.clone()),
+                    ..f
+                });
+            }
         }
+        // What the comparison saw must still hold: every file to remove that a commit named is
+        // still live (strays were named by no commit, and new commits name new files).
+        let entries = self.log.entries().await?;
+        let live: BTreeSet<String> = live_files_with_origin(&entries).into_iter().map(|(f, _)| f.path).collect();
+        let named: BTreeSet<&str> = entries.iter().flat_map(|e| e.add.iter().map(|a| a.path.as_str())).collect();
+        if let Some(p) = remove.iter().find(|p| named.contains(p.as_str()) && !live.contains(*p)) {
+            return Err(EngineError::config(
+                format!("{p} was removed by another commit while reconciling; nothing was changed"),
+                Some("run the reconcile again".to_string()),
+            ));
+        }
+        let mut entry = CommitEntry {
+            version: LOG_VERSION,
+            epoch: entries.last().map_or(self.epoch, |e| e.epoch + 1).max(self.epoch),
+            pipeline: MAINTENANCE_WRITER.to_string(),
+            committed_at: chrono::Utc::now().to_rfc3339(),
+            counts: Counts {
+                output: add.iter().map(|f: &FileAction| f.rows).sum(),
+                ..Default::default()
+            },
+            add,
+            remove,
+            dead_letters: vec![],
+            sources: BTreeMap::new(),
+            schema: self.schema,
+            quality: None,
+            archive: None,
+        };
+        self.log.commit(&mut entry).await?;
+        Ok(RepairReport {
+            epoch: entry.epoch,
+            removed: entry.remove.clone(),
+            added: entry.add.iter().map(|f| f.path.clone()).collect(),
+        })
     }
-    // The files to remove must still be live (or never named: strays); a concurrent change
-    // to them means the comparison is stale.
-    let entries = log.entries().await?;
-    let live: BTreeSet<String> = live_files_with_origin(&entries).into_iter().map(|(f, _)| f.path).collect();
-    let before: BTreeSet<&str> = entries.iter().flat_map(|e| e.add.iter().map(|a| a.path.as_str())).collect();
-    if let Some(p) = remove.iter().find(|p| before.contains(p.as_str()) && !live.contains(*p)) {
-        return Err(EngineError::config(
-            format!("{p} was removed by another commit while reconciling; nothing was changed"),
-            Some("run the reconcile again".to_string()),
-        ));
-    }
-    let schema = entries.iter().rev().find(|e| !e.schema.columns.is_empty()).map(|e| e.schema.clone()).unwrap_or_default();
-    let mut entry = CommitEntry {
-        version: LOG_VERSION,
-        epoch: entries.last().map_or(epoch, |e| e.epoch + 1).max(epoch),
-        pipeline: MAINTENANCE_WRITER.to_string(),
-        committed_at: chrono::Utc::now().to_rfc3339(),
-        counts: Counts {
-            output: add.iter().map(|f: &FileAction| f.rows).sum(),
-            ..Default::default()
-        },
-        add,
-        remove,
-        dead_letters: vec![],
-        sources: BTreeMap::new(),
-        schema,
-        quality: None,
-        archive: None,
-    };
-    log.commit(&mut entry).await?;
-    Ok(RepairReport {
-        epoch: entry.epoch,
-        removed: entry.remove.clone(),
-        added: entry.add.iter().map(|f| f.path.clone()).collect(),
-    })
 }
 
 #[cfg(test)]

@@ -50,10 +50,25 @@ pub struct FileAction {
     pub bytes: u64,
     /// Hive partition values, in `PARTITIONED BY` order (`None` = null).
     pub partition: Vec<(String, Option<String>)>,
-    /// The stream epochs whose raw events this file's rows come from, `[first, last]`, when
-    /// they are not the adding commit's own epoch (a repair or a compaction).
+    /// Whose rows these are, when not the adding commit's own (a repair or a compaction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub covers: Option<[u64; 2]>,
+    pub covers: Option<Origin>,
+}
+
+/// The pipeline and the span of its stream epochs whose raw events a file's rows come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The pipeline.
+    pub pipeline: String,
+    /// Its epochs, `[first, last]`.
+    pub epochs: [u64; 2],
+}
+
+impl Origin {
+    /// True when the span shares an epoch with `[lo, hi]`.
+    pub fn overlaps(&self, [lo, hi]: [u64; 2]) -> bool {
+        self.epochs[0] <= hi && self.epochs[1] >= lo
+    }
 }
 
 /// The raw-archive file of an epoch: every event it accepted, as decoded.
@@ -270,10 +285,10 @@ pub fn live_files(entries: &[CommitEntry]) -> Vec<FileAction> {
     live_files_with_origin(entries).into_iter().map(|(f, _)| f).collect()
 }
 
-/// The live files, each with the stream epochs its rows come from (`covers`, or the epoch of
+/// The live files, each with the pipeline and stream epochs its rows come from (`covers`, or
 /// the commit that added it), in commit order.
-pub fn live_files_with_origin(entries: &[CommitEntry]) -> Vec<(FileAction, [u64; 2])> {
-    let mut files: Vec<Option<(FileAction, [u64; 2])>> = Vec::new();
+pub fn live_files_with_origin(entries: &[CommitEntry]) -> Vec<(FileAction, Origin)> {
+    let mut files: Vec<Option<(FileAction, Origin)>> = Vec::new();
     let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for entry in entries {
         for path in entry.remove.iter().chain(entry.add.iter().map(|a| &a.path)) {
@@ -283,7 +298,11 @@ pub fn live_files_with_origin(entries: &[CommitEntry]) -> Vec<(FileAction, [u64;
         }
         for a in &entry.add {
             at.insert(a.path.clone(), files.len());
-            files.push(Some((a.clone(), a.covers.unwrap_or([entry.epoch, entry.epoch]))));
+            let origin = a.covers.clone().unwrap_or_else(|| Origin {
+                pipeline: entry.pipeline.clone(),
+                epochs: [entry.epoch, entry.epoch],
+            });
+            files.push(Some((a.clone(), origin)));
         }
     }
     files.into_iter().flatten().collect()

@@ -289,15 +289,30 @@ impl PipelineTask {
         let mut violations = checked.violations;
         let mut dropped = decoded - checked.kept.iter().map(|b| b.num_rows() as u64).sum::<u64>() - checked.dead.len() as u64;
         dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Source, epoch, f)));
+        // The raw archive of what the SQL reads is encoded on a blocking thread while the plan
+        // runs (on one thread: the plan and the sink's encoder have the other cores). Rows the
+        // plan fails on are rare: the archive is then encoded again without them.
+        let archive_input = self.archive.then(|| checked.kept.clone());
+        let mut position = self.positions.get(&self.source).cloned();
+        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
+            position = Some(p);
+        }
+        let position = position.map(|p| p.to_string());
+        let archiving = archive_input.clone().map(|rows| self.encode_archive(rows, epoch, position.clone(), now));
         let (output, failed) = self.transform(&checked.kept, &mut dead).await?;
-        // What the SQL read, for the raw archive: the rows it did not fail on.
-        let mut archived = if self.archive { without_rows(&checked.kept, &failed) } else { vec![] };
         let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let checked = self.quality.sink.check(&self.name, output).await?;
-        if checked.dead.iter().any(|f| f.quarantined) {
+        let archive_rows = match (archive_input, archiving) {
             // Quarantined whole: every event is a dead letter, none is archived.
-            archived.clear();
-        }
+            _ if checked.dead.iter().any(|f| f.quarantined) => None,
+            (Some(rows), Some(task)) if failed.is_empty() => Some((rows, task)),
+            (Some(rows), Some(_)) => {
+                let kept = without_rows(&rows, &failed);
+                let task = self.encode_archive(kept.clone(), epoch, position.clone(), now);
+                Some((kept, task))
+            }
+            _ => None,
+        };
         violations.extend(checked.violations);
         let output = checked.kept;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
@@ -336,22 +351,18 @@ impl PipelineTask {
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
         }
-        let archive = if self.archive && archived.iter().any(|b| b.num_rows() > 0) {
-            let position = positions.get(&self.source).map(|p| p.to_string());
-            let schema = self.plan.input_schema().clone();
-            let rows: u64 = archived.iter().map(|b| b.num_rows() as u64).sum();
-            let at = now.timestamp_micros();
-            let bytes = tokio::task::spawn_blocking(move || {
-                crate::batch::archive::encode(&archived, &schema, epoch, position.as_deref(), at)
-            })
-            .await
-            .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
-            let path = crate::batch::archive::archive_path(&self.name, epoch, now);
-            let size = bytes.len() as u64;
-            self.log.stage(&path, bytes.to_vec()).await?;
-            Some(ArchiveFile { path, rows, bytes: size })
-        } else {
-            None
+        let archive = match archive_rows {
+            Some((rows, task)) if rows.iter().any(|b| b.num_rows() > 0) => {
+                let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
+                let bytes = task
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
+                let path = crate::batch::archive::archive_path(&self.name, epoch, now);
+                let size = bytes.len() as u64;
+                self.log.stage(&path, bytes.to_vec()).await?;
+                Some(ArchiveFile { path, rows: n, bytes: size })
+            }
+            _ => None,
         };
         let entry = CommitEntry {
             version: LOG_VERSION,
@@ -517,6 +528,19 @@ impl PipelineTask {
         });
         tracing::debug!(pipeline = %self.name, epoch, received, written, dead_lettered = dl, "committed");
         Ok(())
+    }
+
+    /// Starts encoding `rows` as the epoch's archive file on a blocking thread.
+    fn encode_archive(
+        &self,
+        rows: Vec<RecordBatch>,
+        epoch: u64,
+        position: Option<String>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> tokio::task::JoinHandle<Result<bytes::Bytes>> {
+        let schema = self.plan.input_schema().clone();
+        let at = now.timestamp_micros();
+        tokio::task::spawn_blocking(move || crate::batch::archive::encode(&rows, &schema, epoch, position.as_deref(), at, 1))
     }
 
     /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters

@@ -163,6 +163,9 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let lease = WriterLease::acquire(sink.table(), &def.name)?;
         let log = CommitLog::new(sink.table().clone(), &def.name);
         let recovered = log.recover().await?;
+        // A repair killed after its entry was written: its files move into place before the
+        // stream goes on (plain readers would see both versions of a partition meanwhile).
+        crate::batch::reconcile::finish_interrupted_maintenance(sink.table()).await?;
         if recovered.orphans_removed + recovered.moves_completed > 0 {
             tracing::info!(pipeline = %def.name, orphans = recovered.orphans_removed, finished = recovered.moves_completed, "recovered sink table");
         }

@@ -1,4 +1,5 @@
-//! Parquet file encoding with the columns of each row group spread over several threads.
+//! Parquet file encoding with the columns of each row group spread over several threads
+//! (the Parquet sink's data files and the raw archive).
 //!
 //! An epoch often lands in a single partition, so one file per partition leaves all but one
 //! core idle while that file is encoded. arrow-rs encodes columns independently
