@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::execution::context::SQLOptions;
 use sluice_engine::log::table::CommittedTable;
-use sluice_engine::batch::reconcile;
+use sluice_engine::batch::{maintain, reconcile};
 use sluice_engine::quality::report;
 use sluice_engine::server::runtime::{self, ServerConfig};
 use sluice_sql::PipelineText;
@@ -90,6 +90,32 @@ enum Command {
         #[arg(long)]
         cluster: Option<String>,
     },
+    /// Merge each partition's small files into files of about the target size, one commit per
+    /// partition; the rows are unchanged. Safe while `sluice run` writes the table.
+    Compact {
+        /// The sink's LOCATION.
+        sink: String,
+        /// The size merged files aim at (files this large or larger are left alone).
+        #[arg(long, default_value = "128MB", value_parser = parse_size)]
+        target_file_size: u64,
+        /// Only this partition (KEY=VALUE, repeatable).
+        #[arg(long = "partition", value_parser = parse_table_arg)]
+        partition: Vec<(String, String)>,
+    },
+    /// Delete what no live commit needs: files removed by commits older than the retention,
+    /// staging orphans of writers not running, and (with --archive-retention) old raw-archive
+    /// files. Safe while `sluice run` writes the table.
+    Vacuum {
+        /// The sink's LOCATION.
+        sink: String,
+        /// Keep files removed by commits younger than this (e.g. 7d, 12h).
+        #[arg(long, default_value = "7d", value_parser = parse_retention)]
+        retention: std::time::Duration,
+        /// Also delete raw-archive files of commits older than this (e.g. 30d, the sink's
+        /// archive.retention); reconcile cannot recompute those commits afterwards.
+        #[arg(long, value_parser = parse_retention)]
+        archive_retention: Option<std::time::Duration>,
+    },
     /// Data quality of a sink table, from the profiles committed with its epochs.
     Quality {
         #[command(subcommand)]
@@ -155,6 +181,17 @@ enum OutputFormat {
     Csv,
     /// One JSON object per row.
     Json,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    sluice_sql::parse_bytes(s).filter(|n| *n > 0).ok_or_else(|| format!("expected a size such as 128MB, got '{s}'"))
+}
+
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim() {
+        "0" => Ok(std::time::Duration::ZERO),
+        t => sluice_sql::parse_duration(t).ok_or_else(|| format!("expected a duration such as 7d or 12h, got '{s}'")),
+    }
 }
 
 fn parse_table_arg(s: &str) -> Result<(String, String), String> {
@@ -597,6 +634,41 @@ fn main() -> ExitCode {
                 run(&files, config, &state_dir, adopt_ingest_log).await
             }
             Command::Validate { files } => validate(&files).await,
+            Command::Compact {
+                sink,
+                target_file_size,
+                partition,
+            } => {
+                let report = maintain::compact(&open_table(&sink)?, target_file_size, &partition).await?;
+                let mut out = std::io::stdout().lock();
+                for p in &report.partitions {
+                    writeln!(
+                        out,
+                        "{}: {} files -> {} ({} rows), commit {}",
+                        p.partition.trim_end_matches('/'),
+                        p.files_before,
+                        p.files_after,
+                        p.rows,
+                        p.epoch
+                    )?;
+                }
+                writeln!(out, "compacted {} partition(s)", report.partitions.len())?;
+                Ok(())
+            }
+            Command::Vacuum {
+                sink,
+                retention,
+                archive_retention,
+            } => {
+                let report = maintain::vacuum(&open_table(&sink)?, retention, archive_retention).await?;
+                println!(
+                    "deleted {} removed file(s), {} staging orphan(s), {} archive file(s)",
+                    report.removed_files.len(),
+                    report.staging_orphans,
+                    report.archive_files.len()
+                );
+                Ok(())
+            }
             Command::Reconcile {
                 files,
                 pipeline,

@@ -120,6 +120,7 @@ pub fn parse_duration(value: &str) -> Option<std::time::Duration> {
         "s" | "" => n.checked_mul(1000)?,
         "m" | "min" => n.checked_mul(60_000)?,
         "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
         _ => return None,
     };
     Some(std::time::Duration::from_millis(ms))
@@ -210,6 +211,7 @@ mod tests {
         assert_eq!(parse_bytes("1TB"), None);
         assert_eq!(parse_duration("250ms"), Some(std::time::Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(parse_duration("30d"), Some(std::time::Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("fast"), None);
     }
 }

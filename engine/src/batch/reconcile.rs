@@ -261,6 +261,18 @@ pub async fn reconcile(
         ));
     }
     let archive_paths: Vec<String> = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.path.clone())).collect();
+    for (e, path) in archived.iter().filter_map(|e| e.archive.as_ref().map(|a| (e.epoch, &a.path))) {
+        match table.store.head(&table.path(path)).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(EngineError::config(
+                    format!("the raw archive of epoch {e} ({path}) is gone (deleted by vacuum past its archive retention?), so the range cannot be recomputed"),
+                    Some("reconcile a more recent range".to_string()),
+                ));
+            }
+            Err(err) => return Err(EngineError::store(format!("checking {path}"))(err)),
+        }
+    }
     let archive_events: u64 = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.rows)).sum();
 
     // The batch side, encoded by the sink on the scratch store.
@@ -545,7 +557,7 @@ async fn list_parquet(table: &TableStore, dir: &str) -> Result<Vec<String>> {
 }
 
 /// A Parquet file's rows; `None` when it does not exist.
-async fn read_parquet(table: &TableStore, path: &object_store::path::Path) -> Result<Option<Vec<RecordBatch>>> {
+pub(crate) async fn read_parquet(table: &TableStore, path: &object_store::path::Path) -> Result<Option<Vec<RecordBatch>>> {
     let bytes = match table.store.get(path).await {
         Ok(g) => g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),

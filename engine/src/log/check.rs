@@ -85,11 +85,9 @@ pub async fn check_table(table: &TableStore) -> Result<CheckReport> {
     report.files = live.len();
     report.dead_letter_files = dead_letters.len();
     report.bytes = live.iter().map(|f| f.bytes).sum();
-    let archives = entries.iter().filter_map(|e| e.archive.as_ref());
     let expected = live
         .iter()
         .map(|f| (f.path.as_str(), Some(f.bytes)))
-        .chain(archives.map(|a| (a.path.as_str(), Some(a.bytes))))
         .chain(dead_letters.iter().map(|p| (*p, None)))
         .chain(profiles.iter().map(|p| (*p, None)));
     for (path, bytes) in expected {

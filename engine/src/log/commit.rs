@@ -468,15 +468,18 @@ impl CommitLog {
             newest_epoch: epochs.last().copied().unwrap_or(0),
             ..Default::default()
         };
+        // Files a later commit removed (a repair, a compaction) are not moved into place again.
+        let mut removed_later = std::collections::BTreeSet::new();
         for e in epochs.iter().rev() {
             let entry = self.read(*e).await?;
             if entry.pipeline == self.writer {
                 rec.last = Some(entry);
                 break;
             }
+            removed_later.extend(entry.remove);
         }
         if let Some(last) = rec.last.clone() {
-            rec.moves_completed = self.move_into_place(&last).await?;
+            rec.moves_completed = self.move_into_place(&last, &removed_later).await?;
         }
         let prefix = self.table.path(&format!("_sluice/staging/{}", self.writer));
         let staged: Vec<_> = self
@@ -520,10 +523,11 @@ impl CommitLog {
         Ok(())
     }
 
-    /// Moves the staged files of `entry` into place; idempotent. Returns how many it moved.
-    async fn move_into_place(&self, entry: &CommitEntry) -> Result<usize> {
+    /// Moves the staged files of `entry` into place (but those in `skip`: removed by a later
+    /// commit), and its removed files out of the way; idempotent. Returns how many it moved.
+    async fn move_into_place(&self, entry: &CommitEntry, skip: &std::collections::BTreeSet<String>) -> Result<usize> {
         let mut moved = 0;
-        for target in entry.targets() {
+        for target in entry.targets().filter(|t| !skip.contains(*t)) {
             let from = self.staged(target);
             let to = self.table.path(target);
             let did = self
@@ -621,7 +625,7 @@ impl CommitLog {
             }
         }
         crate::crash::point("after_log_put");
-        self.move_into_place(entry).await?;
+        self.move_into_place(entry, &Default::default()).await?;
         Ok(())
     }
 }
@@ -703,6 +707,30 @@ mod tests {
         assert_eq!(rec.next_epoch(), 2);
         assert_eq!(rec.orphans_removed, 1);
         assert!(!dir.path().join("_sluice/staging/p/a/y.parquet").exists());
+    }
+
+    // A writer whose last commit's files a later repair or compaction removed restarts: it
+    // neither fails on the moved-away file nor puts it back where readers read.
+    #[tokio::test]
+    async fn recovery_leaves_files_a_later_commit_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = TableStore::open(dir.path().to_str().unwrap()).unwrap();
+        let log = CommitLog::new(table.clone(), "p");
+        log.stage("a/f.parquet", b"1".to_vec()).await.unwrap();
+        log.commit(&mut entry(1, &["a/f.parquet"])).await.unwrap();
+        let job = CommitLog::new(table, "maintenance");
+        job.stage("a/g.parquet", b"2".to_vec()).await.unwrap();
+        let mut repair = entry(2, &["a/g.parquet"]);
+        repair.pipeline = "maintenance".into();
+        repair.remove = vec!["a/f.parquet".into()];
+        job.commit(&mut repair).await.unwrap();
+        assert!(!dir.path().join("a/f.parquet").exists(), "moved out of the readers' way");
+        assert!(dir.path().join("_sluice/removed/00000000000000000002/a/f.parquet").exists());
+        let rec = log.recover().await.unwrap();
+        assert_eq!(rec.moves_completed, 0);
+        assert!(!dir.path().join("a/f.parquet").exists());
+        let (files, _) = log.committed_files().await.unwrap();
+        assert_eq!(files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), vec!["a/g.parquet"]);
     }
 
     #[tokio::test]
