@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use super::reconcile::{MAINTENANCE_WRITER, read_parquet};
 use crate::error::{EngineError, Result};
-use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, live_files_with_origin};
+use crate::log::checkpoint::EntrySummary;
+use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin};
 use crate::log::lease::WriterLease;
 use crate::log::store::TableStore;
 
@@ -55,12 +56,13 @@ pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)
     let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER)?;
     let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
     log.recover().await?;
-    let entries = log.entries().await?;
-    let mut next_epoch = entries.last().map_or(1, |e| e.epoch + 1);
-    let schema = entries.iter().rev().find(|e| !e.schema.columns.is_empty()).map(|e| e.schema.clone()).unwrap_or_default();
+    let snap = log.snapshot().await?;
+    let mut next_epoch = snap.newest_epoch() + 1;
+    let folded = snap.folded();
+    let schema = folded.schema.clone();
     // Small files by (partition, pipeline), in commit order.
     let mut groups: BTreeMap<(String, String), Vec<(FileAction, Origin)>> = BTreeMap::new();
-    for (f, origin) in live_files_with_origin(&entries) {
+    for (f, origin) in folded.files {
         let matches = filter
             .iter()
             .all(|(k, v)| f.partition.iter().any(|(pk, pv)| pk == k && pv.as_deref() == Some(v.as_str())));
@@ -116,8 +118,8 @@ pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)
         if add.is_empty() {
             continue;
         }
-        let now = log.entries().await?;
-        let live: BTreeSet<String> = live_files_with_origin(&now).into_iter().map(|(f, _)| f.path).collect();
+        let now = log.snapshot().await?;
+        let live = now.live_paths();
         if let Some(p) = remove.iter().find(|p| !live.contains(*p)) {
             return Err(EngineError::config(
                 format!("{p} was removed by another commit while compacting; nothing more was changed"),
@@ -129,7 +131,7 @@ pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)
         let files_after = add.len();
         let mut entry = CommitEntry {
             version: LOG_VERSION,
-            epoch: now.last().map_or(next_epoch, |e| e.epoch + 1).max(next_epoch),
+            epoch: (now.newest_epoch() + 1).max(next_epoch),
             pipeline: MAINTENANCE_WRITER.to_string(),
             committed_at: chrono::Utc::now().to_rfc3339(),
             add,
@@ -204,18 +206,27 @@ pub async fn vacuum(table: &TableStore, retention: Duration, archive_retention: 
     log.recover().await?;
     let mut report = VacuumReport::default();
     let now = chrono::Utc::now();
-    let older = |e: &CommitEntry, keep: Duration| {
+    let older = |e: &EntrySummary, keep: Duration| {
         chrono::DateTime::parse_from_rfc3339(&e.committed_at).is_ok_and(|t| {
             now.signed_duration_since(t).to_std().is_ok_and(|age| age >= keep)
         })
     };
-    let entries = log.entries().await?;
-    let live: BTreeSet<String> = live_files_with_origin(&entries).into_iter().map(|(f, _)| f.path).collect();
-    for e in entries.iter().filter(|e| !e.remove.is_empty() && older(e, retention)) {
-        let prefix = table.path(&format!("_sluice/removed/{:020}", e.epoch));
-        for meta in list(table, &prefix).await? {
-            delete(table, &meta).await?;
-            report.removed_files.push(table.relative(&meta));
+    let folded = log.snapshot().await?.folded();
+    let live: BTreeSet<String> = folded.files.iter().map(|(f, _)| f.path.clone()).collect();
+    let by_epoch: BTreeMap<u64, &EntrySummary> = folded.index.iter().map(|e| (e.epoch, e)).collect();
+    // `_sluice/removed/<epoch>/`: one directory per removing commit.
+    let removed = table
+        .store
+        .list_with_delimiter(Some(&table.path("_sluice/removed")))
+        .await
+        .map_err(EngineError::store("listing _sluice/removed"))?;
+    for dir in removed.common_prefixes {
+        let epoch: Option<u64> = dir.filename().and_then(|n| n.parse().ok());
+        if epoch.and_then(|e| by_epoch.get(&e)).is_some_and(|e| older(e, retention)) {
+            for path in list(table, &dir).await? {
+                delete(table, &path).await?;
+                report.removed_files.push(table.relative(&path));
+            }
         }
     }
     // Staging orphans: every writer with a staging directory that no process runs.
@@ -235,7 +246,7 @@ pub async fn vacuum(table: &TableStore, retention: Duration, archive_retention: 
         }
     }
     if let Some(keep) = archive_retention {
-        for e in entries.iter().filter(|e| older(e, keep)) {
+        for e in folded.index.iter().filter(|e| older(e, keep)) {
             if let Some(a) = e.archive.as_ref().filter(|a| !live.contains(&a.path)) {
                 match table.store.delete(&table.path(&a.path)).await {
                     Ok(()) => report.archive_files.push(a.path.clone()),

@@ -37,9 +37,8 @@ use sluice_sql::{Action, Level, PipelineDef, Program};
 
 use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
-use crate::log::commit::{
-    ColumnSpec, CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema, live_files_with_origin,
-};
+use crate::log::checkpoint::EntrySummary;
+use crate::log::commit::{ColumnSpec, CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
 use crate::log::lease::WriterLease;
 use crate::log::store::TableStore;
 use crate::sink::Sink;
@@ -216,10 +215,11 @@ pub async fn reconcile(
         finish_interrupted_maintenance(&table).await?;
         None
     };
-    let entries = log.entries().await?;
+    let snap = log.snapshot().await?;
+    let folded = snap.folded();
 
     // The stream epochs of the range, widened to whole files.
-    let mine: Vec<&CommitEntry> = entries.iter().filter(|e| e.pipeline == def.name).collect();
+    let mine: Vec<&EntrySummary> = folded.index.iter().filter(|e| e.pipeline == def.name).collect();
     let in_range: Vec<u64> = mine
         .iter()
         .filter(|e| {
@@ -227,7 +227,8 @@ pub async fn reconcile(
         })
         .map(|e| e.epoch)
         .collect();
-    let live: Vec<(FileAction, Origin)> = live_files_with_origin(&entries)
+    let live: Vec<(FileAction, Origin)> = folded
+        .files
         .into_iter()
         .filter(|(_, o)| o.pipeline == def.name)
         .collect();
@@ -249,9 +250,9 @@ pub async fn reconcile(
         _ => None,
     };
     let covered = |[a, b]: [u64; 2]| epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo);
-    let archived: Vec<&CommitEntry> = mine.iter().copied().filter(|e| covered([e.epoch, e.epoch])).collect();
+    let archived: Vec<&EntrySummary> = mine.iter().copied().filter(|e| covered([e.epoch, e.epoch])).collect();
     // An epoch that wrote rows read them, so it archived them unless the archive was off.
-    if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.counts.output > 0) {
+    if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.output > 0) {
         return Err(EngineError::config(
             format!(
                 "epoch {} of pipeline {} was committed without a raw archive (sink option archive = off), so the range cannot be recomputed",
@@ -283,7 +284,7 @@ pub async fn reconcile(
         recompute(ctx, program, def, &table, &archive_paths).await?
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
-    let next_epoch = entries.last().map_or(1, |e| e.epoch + 1);
+    let next_epoch = snap.newest_epoch() + 1;
     // The batch result as the sink would store it, by partition (nothing written yet).
     let mut batch_parts: BTreeMap<String, Vec<RecordBatch>> = sink.partition(batches.clone())?.into_iter().collect();
 
@@ -304,16 +305,14 @@ pub async fn reconcile(
     for dir in sides.keys() {
         listed.insert(dir.clone(), list_parquet(&table, dir).await?);
     }
-    let named: BTreeSet<String> = log
-        .entries()
-        .await?
-        .iter()
-        .flat_map(|e| e.add.iter().map(|a| a.path.clone()))
-        .collect();
+    let again = log.snapshot().await?;
+    let mut named: BTreeSet<String> = again.live_paths().into_iter().collect();
+    named.extend(again.after.iter().flat_map(|e| e.add.iter().map(|a| a.path.clone())));
     let seed = Seed::random();
     let total = sides.len() as u64;
     let mut partitions = Vec::new();
     let mut repair_parts: Vec<(String, Vec<String>)> = Vec::new();
+    let mut strays = BTreeSet::new();
     for (i, (dir, stream)) in sides.into_iter().enumerate() {
         progress("comparing", i as u64, total);
         let stray: Vec<String> = listed
@@ -360,6 +359,7 @@ pub async fn reconcile(
         if !same {
             let mut remove: Vec<String> = stream.iter().map(|f| f.path.clone()).collect();
             remove.extend(stray.iter().cloned());
+            strays.extend(stray.iter().cloned());
             repair_parts.push((dir.clone(), remove));
         }
         partitions.push(PartitionReport {
@@ -421,6 +421,7 @@ pub async fn reconcile(
             origin,
             schema,
             epoch: next_epoch,
+            strays,
         };
         report.repair = Some(job.commit(parts).await?);
     }
@@ -580,6 +581,8 @@ struct Repair<'a> {
     origin: Origin,
     schema: TableSchema,
     epoch: u64,
+    /// Files to remove that no commit named (a stray need not be live).
+    strays: BTreeSet<String>,
 }
 
 impl Repair<'_> {
@@ -609,10 +612,9 @@ impl Repair<'_> {
         }
         // What the comparison saw must still hold: every file to remove that a commit named is
         // still live (strays were named by no commit, and new commits name new files).
-        let entries = self.log.entries().await?;
-        let live: BTreeSet<String> = live_files_with_origin(&entries).into_iter().map(|(f, _)| f.path).collect();
-        let named: BTreeSet<&str> = entries.iter().flat_map(|e| e.add.iter().map(|a| a.path.as_str())).collect();
-        if let Some(p) = remove.iter().find(|p| named.contains(p.as_str()) && !live.contains(*p)) {
+        let snap = self.log.snapshot().await?;
+        let live = snap.live_paths();
+        if let Some(p) = remove.iter().find(|p| !self.strays.contains(*p) && !live.contains(*p)) {
             return Err(EngineError::config(
                 format!("{p} was removed by another commit while reconciling; nothing was changed"),
                 Some("run the reconcile again".to_string()),
@@ -620,7 +622,7 @@ impl Repair<'_> {
         }
         let mut entry = CommitEntry {
             version: LOG_VERSION,
-            epoch: entries.last().map_or(self.epoch, |e| e.epoch + 1).max(self.epoch),
+            epoch: (snap.newest_epoch() + 1).max(self.epoch),
             pipeline: MAINTENANCE_WRITER.to_string(),
             committed_at: chrono::Utc::now().to_rfc3339(),
             counts: Counts {

@@ -357,6 +357,11 @@ impl CommitLog {
         &self.table
     }
 
+    /// The back-off for transient store failures.
+    pub(crate) fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
     /// The writer name.
     pub fn writer(&self) -> &str {
         &self.writer
@@ -454,31 +459,34 @@ impl CommitLog {
         }
     }
 
-    /// The files of the committed table: added and not removed, in commit order.
+    /// The files of the committed table: added and not removed, in commit order (read from
+    /// the newest checkpoint and the entries after it).
     pub async fn committed_files(&self) -> Result<(Vec<FileAction>, Option<TableSchema>)> {
-        let entries = self.entries().await?;
-        Ok((live_files(&entries), entries.last().map(|e| e.schema.clone())))
+        let snap = self.snapshot().await?;
+        let empty = snap.newest_epoch() == 0;
+        let folded = snap.folded();
+        let schema = (!empty).then_some(folded.schema);
+        Ok((folded.files.into_iter().map(|(f, _)| f).collect(), schema))
     }
 
     /// Brings the table to a clean state for this writer: finishes the moves of its newest entry
     /// (invariant 4) and removes its staged files (invariant 5).
     pub async fn recover(&self) -> Result<Recovered> {
-        let epochs = self.epochs().await?;
+        let snap = self.snapshot().await?;
         let mut rec = Recovered {
-            newest_epoch: epochs.last().copied().unwrap_or(0),
+            newest_epoch: snap.newest_epoch(),
+            last: snap.newest_of(&self.writer),
             ..Default::default()
         };
-        // Files a later commit removed (a repair, a compaction) are not moved into place again.
-        let mut removed_later = std::collections::BTreeSet::new();
-        for e in epochs.iter().rev() {
-            let entry = self.read(*e).await?;
-            if entry.pipeline == self.writer {
-                rec.last = Some(entry);
-                break;
-            }
-            removed_later.extend(entry.remove);
-        }
         if let Some(last) = rec.last.clone() {
+            // Data files a later commit removed (a repair, a compaction) are not moved back.
+            let live = snap.live_paths();
+            let removed_later = last
+                .add
+                .iter()
+                .filter(|a| !live.contains(&a.path))
+                .map(|a| a.path.clone())
+                .collect();
             rec.moves_completed = self.move_into_place(&last, &removed_later).await?;
         }
         let prefix = self.table.path(&format!("_sluice/staging/{}", self.writer));
@@ -626,6 +634,12 @@ impl CommitLog {
         }
         crate::crash::point("after_log_put");
         self.move_into_place(entry, &Default::default()).await?;
+        if entry.epoch % crate::log::checkpoint::CHECKPOINT_INTERVAL == 0
+            && let Err(e) = self.write_checkpoint(entry.epoch).await
+        {
+            // Only an optimisation: readers read more entries without it.
+            tracing::warn!(epoch = entry.epoch, error = %e, "could not write a commit-log checkpoint");
+        }
         Ok(())
     }
 }
