@@ -18,7 +18,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use sluice_sql::{OptionSpec, Options, option_choice};
 
@@ -90,9 +90,9 @@ pub fn encode(
 ) -> Result<Bytes> {
     let schema = archive_schema(source);
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(parquet_err)?))
+        .set_compression(Compression::LZ4_RAW)
         .set_dictionary_page_size_limit(16 * 1024)
-        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_statistics_enabled(EnabledStatistics::None)
         .set_max_row_group_row_count(Some(1 << 20))
         .build();
     let values: ArrayRef = Arc::new(StringArray::from(vec![position]));

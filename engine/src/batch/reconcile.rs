@@ -31,6 +31,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use serde::Serialize;
 use sluice_sql::{Action, Level, PipelineDef, Program};
@@ -313,66 +314,32 @@ pub async fn reconcile(
     let mut partitions = Vec::new();
     let mut repair_parts: Vec<(String, Vec<String>)> = Vec::new();
     let mut strays = BTreeSet::new();
-    for (i, (dir, stream)) in sides.into_iter().enumerate() {
-        progress("comparing", i as u64, total);
-        let stray: Vec<String> = listed
-            .remove(&dir)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| !named.contains(p))
-            .collect();
-        let mut s = Digest::default();
-        let mut missing_files = Vec::new();
-        for f in &stream {
-            match read_parquet(&table, &table.path(&f.path)).await? {
-                Some(rows) => rows.iter().try_for_each(|b| s.add(b, &key, &seed))?,
-                None => missing_files.push(f.path.clone()),
-            }
+    // Partitions are read and digested concurrently, one per core.
+    let jobs: Vec<Side> = sides
+        .into_iter()
+        .map(|(dir, stream)| {
+            let stray: Vec<String> = listed
+                .remove(&dir)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !named.contains(p))
+                .collect();
+            let batch = batch_parts.remove(&dir).unwrap_or_default();
+            Side { dir, stream, stray, batch }
+        })
+        .collect();
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut compared = futures::stream::iter(jobs.into_iter().map(|job| compare(&table, job, &key, &seed))).buffered(parallel);
+    let mut done = 0;
+    while let Some(next) = compared.next().await {
+        let (report, remove) = next?;
+        done += 1;
+        progress("comparing", done, total);
+        if let Some(remove) = remove {
+            strays.extend(report.stray_files.iter().cloned());
+            repair_parts.push((report.partition.clone(), remove));
         }
-        let mut unreadable = false;
-        for p in &stray {
-            // A stray file that is not this table's Parquet still differs (readers trip on it).
-            match read_parquet(&table, &table.path(p)).await {
-                Ok(Some(rows)) => {
-                    if rows.iter().try_for_each(|b| s.add(b, &key, &seed)).is_err() {
-                        unreadable = true;
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => unreadable = true,
-            }
-        }
-        let mut b = Digest::default();
-        for rows in batch_parts.remove(&dir).unwrap_or_default() {
-            b.add(&rows, &key, &seed)?;
-        }
-        let same = !unreadable && stray.is_empty() && s.same(&b) && (key.is_empty() || s.keys == b.keys);
-        let keys = (!key.is_empty()).then(|| {
-            let (missing, extra, changed) = key_differences(&s, &b);
-            KeyReport { missing, extra, changed }
-        });
-        let mut columns = s.columns_differing(&b);
-        if !same && columns.is_empty() && s.rows == b.rows && !unreadable {
-            // Same values per column, arranged in different rows.
-            columns.push("(rows)".to_string());
-        }
-        if !same {
-            let mut remove: Vec<String> = stream.iter().map(|f| f.path.clone()).collect();
-            remove.extend(stray.iter().cloned());
-            strays.extend(stray.iter().cloned());
-            repair_parts.push((dir.clone(), remove));
-        }
-        partitions.push(PartitionReport {
-            partition: dir,
-            stream_rows: s.rows,
-            batch_rows: b.rows,
-            columns,
-            verdict: if same { Verdict::Equal } else { Verdict::Differs },
-            stream_files: stream.iter().map(|f| f.path.clone()).collect(),
-            missing_files,
-            stray_files: stray,
-            keys,
-        });
+        partitions.push(report);
     }
     progress("comparing", total, total);
     let differing = repair_parts.len();
@@ -458,6 +425,76 @@ fn volatile_calls(def: &PipelineDef) -> Vec<String> {
         .into_iter()
         .map(|f| format!("the SELECT calls {f}(), whose value differs from run to run: the columns it feeds will differ"))
         .collect()
+}
+
+/// One partition's two sides, before they are read.
+struct Side {
+    dir: String,
+    stream: Vec<FileAction>,
+    stray: Vec<String>,
+    batch: Vec<RecordBatch>,
+}
+
+/// Reads and digests one partition's two sides; the report, and the files a repair removes
+/// when they differ.
+async fn compare(table: &TableStore, side: Side, key: &[String], seed: &Seed) -> Result<(PartitionReport, Option<Vec<String>>)> {
+    let mut stream_bytes = Vec::new();
+    for f in &side.stream {
+        stream_bytes.push((f.path.clone(), fetch(table, &table.path(&f.path)).await?));
+    }
+    let mut stray_bytes = Vec::new();
+    for p in &side.stray {
+        // A stray file that cannot be read still differs (readers trip on it).
+        stray_bytes.push(fetch(table, &table.path(p)).await.ok().flatten());
+    }
+    let (key, seed) = (key.to_vec(), seed.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut s = Digest::default();
+        let mut missing_files = Vec::new();
+        for (path, bytes) in stream_bytes {
+            match bytes {
+                Some(b) => decode(b, &path)?.iter().try_for_each(|r| s.add(r, &key, &seed))?,
+                None => missing_files.push(path),
+            }
+        }
+        let mut unreadable = false;
+        for bytes in stray_bytes {
+            let ok = bytes.is_some_and(|b| {
+                decode(b, "a stray file").is_ok_and(|rows| rows.iter().all(|r| s.add(r, &key, &seed).is_ok()))
+            });
+            unreadable |= !ok;
+        }
+        let mut b = Digest::default();
+        for rows in &side.batch {
+            b.add(rows, &key, &seed)?;
+        }
+        let same = !unreadable && side.stray.is_empty() && s.same(&b) && (key.is_empty() || s.keys == b.keys);
+        let keys = (!key.is_empty()).then(|| {
+            let (missing, extra, changed) = key_differences(&s, &b);
+            KeyReport { missing, extra, changed }
+        });
+        let mut columns = s.columns_differing(&b);
+        if !same && columns.is_empty() && s.rows == b.rows && !unreadable {
+            // Same values per column, arranged in different rows.
+            columns.push("(rows)".to_string());
+        }
+        let stream_files: Vec<String> = side.stream.iter().map(|f| f.path.clone()).collect();
+        let remove = (!same).then(|| stream_files.iter().chain(&side.stray).cloned().collect());
+        let report = PartitionReport {
+            partition: side.dir,
+            stream_rows: s.rows,
+            batch_rows: b.rows,
+            columns,
+            verdict: if same { Verdict::Equal } else { Verdict::Differs },
+            stream_files,
+            missing_files,
+            stray_files: side.stray,
+            keys,
+        };
+        Ok((report, remove))
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("comparing a partition failed: {e}")))?
 }
 
 /// Runs the pipeline's SELECT over the archive files, through its row-level expectations.
@@ -559,18 +596,29 @@ async fn list_parquet(table: &TableStore, dir: &str) -> Result<Vec<String>> {
 
 /// A Parquet file's rows; `None` when it does not exist.
 pub(crate) async fn read_parquet(table: &TableStore, path: &object_store::path::Path) -> Result<Option<Vec<RecordBatch>>> {
-    let bytes = match table.store.get(path).await {
-        Ok(g) => g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(EngineError::store(format!("reading {path}"))(e)),
-    };
+    match fetch(table, path).await? {
+        Some(bytes) => Ok(Some(decode(bytes, path.as_ref())?)),
+        None => Ok(None),
+    }
+}
+
+/// A file's bytes; `None` when it does not exist.
+async fn fetch(table: &TableStore, path: &object_store::path::Path) -> Result<Option<bytes::Bytes>> {
+    match table.store.get(path).await {
+        Ok(g) => Ok(Some(g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(EngineError::store(format!("reading {path}"))(e)),
+    }
+}
+
+/// The rows of a Parquet file's bytes.
+fn decode(bytes: bytes::Bytes, path: &str) -> Result<Vec<RecordBatch>> {
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())
         .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
-    let rows = reader
+    reader
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
-    Ok(Some(rows))
+        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))
 }
 
 /// A repair's commit: where the batch files are and what the entry records.
