@@ -1,4 +1,4 @@
-//! Commit-log checkpoints: every [`CHECKPOINT_INTERVAL`] epochs, the writer that commits the
+//! Commit-log checkpoints: every [`CHECKPOINT_INTERVAL`](crate::log::commit::CHECKPOINT_INTERVAL) epochs, the writer that commits the
 //! epoch folds the log into `_sluice/checkpoints/<epoch>.json`: the live files with their
 //! origins, each writer's newest entry (recovery and source positions), a summary of every
 //! entry (epoch, writer, commit time, archive file, rows written: reconcile's ranges), and the
@@ -17,9 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::log::commit::{ArchiveFile, CommitEntry, CommitLog, FileAction, Origin, TableSchema};
-
-/// A checkpoint is written when a commit's epoch is a multiple of this.
-pub const CHECKPOINT_INTERVAL: u64 = 100;
 
 /// Format version of checkpoint files.
 pub const CHECKPOINT_VERSION: u32 = 1;

@@ -39,6 +39,10 @@ use crate::retry::RetryPolicy;
 /// The log format version this build writes and reads.
 pub const LOG_VERSION: u32 = 1;
 
+/// A checkpoint ([`crate::log::checkpoint`]) is written when a commit's epoch is a multiple of
+/// this.
+pub const CHECKPOINT_INTERVAL: u64 = 100;
+
 /// A data file added by a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileAction {
@@ -634,7 +638,7 @@ impl CommitLog {
         }
         crate::crash::point("after_log_put");
         self.move_into_place(entry, &Default::default()).await?;
-        if entry.epoch % crate::log::checkpoint::CHECKPOINT_INTERVAL == 0
+        if entry.epoch % CHECKPOINT_INTERVAL == 0
             && let Err(e) = self.write_checkpoint(entry.epoch).await
         {
             // Only an optimisation: readers read more entries without it.
