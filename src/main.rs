@@ -67,29 +67,7 @@ enum Command {
     /// tables as they are now; compare with what the stream committed, partition by partition.
     /// Exit 0 when equal, 1 when differences were found (with --repair: found and repaired),
     /// 2 on error. With a changed SQL file this is the backfill.
-    Reconcile {
-        /// Pipeline files (*.sql).
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-        /// The pipeline (its sink's name).
-        #[arg(long)]
-        pipeline: String,
-        /// Events committed at or after this instant (RFC 3339, or a date: YYYY-MM-DD).
-        #[arg(long)]
-        from: Option<String>,
-        /// Events committed before this instant (RFC 3339, or a date).
-        #[arg(long)]
-        to: Option<String>,
-        /// Replace every differing partition with the batch result, in one commit.
-        #[arg(long)]
-        repair: bool,
-        /// Also write the whole report (every differing key) as JSON here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Run on an Apache Ballista cluster (df://HOST:PORT) instead of in process.
-        #[arg(long)]
-        cluster: Option<String>,
-    },
+    Reconcile(ReconcileArgs),
     /// Merge each partition's small files into files of about the target size, one commit per
     /// partition; the rows are unchanged. Safe while `sluice run` writes the table.
     Compact {
@@ -334,13 +312,29 @@ fn parse_instant(s: &str) -> Result<i64> {
 /// Keys of one kind printed per partition (the JSON report has all of them).
 const KEYS_PRINTED: usize = 10;
 
+/// `sluice reconcile`'s arguments.
+#[derive(clap::Args)]
 struct ReconcileArgs {
+    /// Pipeline files (*.sql).
+    #[arg(required = true)]
     files: Vec<PathBuf>,
+    /// The pipeline (its sink's name).
+    #[arg(long)]
     pipeline: String,
+    /// Events committed at or after this instant (RFC 3339, or a date: YYYY-MM-DD).
+    #[arg(long)]
     from: Option<String>,
+    /// Events committed before this instant (RFC 3339, or a date).
+    #[arg(long)]
     to: Option<String>,
+    /// Replace every differing partition with the batch result, in one commit.
+    #[arg(long)]
     repair: bool,
+    /// Also write the whole report (every differing key) as JSON here.
+    #[arg(long)]
     report: Option<PathBuf>,
+    /// Run on an Apache Ballista cluster (df://HOST:PORT) instead of in process.
+    #[arg(long)]
     cluster: Option<String>,
 }
 
@@ -669,24 +663,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Reconcile {
-                files,
-                pipeline,
-                from,
-                to,
-                repair,
-                report,
-                cluster,
-            } => {
-                let args = ReconcileArgs {
-                    files,
-                    pipeline,
-                    from,
-                    to,
-                    repair,
-                    report,
-                    cluster,
-                };
+            Command::Reconcile(args) => {
                 return Ok(if reconcile_cmd(args).await? { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             Command::Check { sink, json } => match check(&sink, json).await {

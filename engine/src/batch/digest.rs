@@ -149,10 +149,20 @@ pub fn key_differences(stream: &Digest, batch: &Digest) -> (Vec<String>, Vec<Str
         .filter(|(k, v)| batch.keys.get(*k).is_some_and(|w| w != *v))
         .map(|(k, _)| k.clone())
         .collect();
-    missing.sort();
-    extra.sort();
-    changed.sort();
+    for keys in [&mut missing, &mut extra, &mut changed] {
+        keys.sort_by(|a, b| key_order(a, b));
+    }
     (missing, extra, changed)
+}
+
+/// Keys in reading order: numbers by value, other keys as text after them.
+fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<i128>(), b.parse::<i128>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Err(_)) => a.cmp(b),
+    }
 }
 
 fn hash_err(e: datafusion::error::DataFusionError) -> EngineError {

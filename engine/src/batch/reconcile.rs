@@ -39,7 +39,7 @@ use sluice_sql::{Action, Level, PipelineDef, Program};
 use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
-use crate::log::commit::{ColumnSpec, CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
+use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
 use crate::log::lease::WriterLease;
 use crate::log::store::TableStore;
 use crate::sink::Sink;
@@ -360,19 +360,7 @@ pub async fn reconcile(
             pipeline: def.name.clone(),
             epochs: epochs.unwrap_or([next_epoch, next_epoch]),
         };
-        let schema = TableSchema {
-            columns: shadow
-                .stored_schema()
-                .fields()
-                .iter()
-                .map(|f| ColumnSpec {
-                    name: f.name().clone(),
-                    data_type: f.data_type().to_string(),
-                    nullable: f.is_nullable(),
-                })
-                .collect(),
-            partition_by: sink_def.partition_by.clone(),
-        };
+        let schema = TableSchema::of(&shadow.stored_schema(), &sink_def.partition_by);
         // The batch result encoded by the sink itself on the scratch store; the files of the
         // differing partitions are copied into the table's staging by the repair.
         let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);

@@ -16,7 +16,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::log::commit::{ArchiveFile, CommitEntry, CommitLog, FileAction, Origin, TableSchema};
+use crate::log::commit::{ArchiveFile, CommitEntry, CommitLog, FileAction, Origin, TableSchema, fold_files};
 
 /// Format version of checkpoint files.
 pub const CHECKPOINT_VERSION: u32 = 1;
@@ -69,23 +69,8 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Folds `entries` (in epoch order, all after `self.epoch`) in.
     fn fold(&mut self, entries: &[CommitEntry]) {
-        let mut at: std::collections::HashMap<String, usize> =
-            self.files.iter().enumerate().map(|(i, (f, _))| (f.path.clone(), i)).collect();
-        let mut files: Vec<Option<(FileAction, Origin)>> = std::mem::take(&mut self.files).into_iter().map(Some).collect();
+        self.files = fold_files(std::mem::take(&mut self.files), entries);
         for entry in entries {
-            for path in entry.remove.iter().chain(entry.add.iter().map(|a| &a.path)) {
-                if let Some(i) = at.remove(path) {
-                    files[i] = None;
-                }
-            }
-            for a in &entry.add {
-                at.insert(a.path.clone(), files.len());
-                let origin = a.covers.clone().unwrap_or_else(|| Origin {
-                    pipeline: entry.pipeline.clone(),
-                    epochs: [entry.epoch, entry.epoch],
-                });
-                files.push(Some((a.clone(), origin)));
-            }
             self.newest.insert(entry.pipeline.clone(), entry.clone());
             self.index.push(EntrySummary::from(entry));
             if !entry.schema.columns.is_empty() {
@@ -93,7 +78,6 @@ impl Checkpoint {
             }
             self.epoch = self.epoch.max(entry.epoch);
         }
-        self.files = files.into_iter().flatten().collect();
     }
 }
 

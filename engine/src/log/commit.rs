@@ -132,6 +132,24 @@ pub struct TableSchema {
     pub partition_by: Vec<String>,
 }
 
+impl TableSchema {
+    /// The record of a table stored as `schema`, partitioned by `partition_by`.
+    pub fn of(schema: &arrow::datatypes::Schema, partition_by: &[String]) -> TableSchema {
+        TableSchema {
+            columns: schema
+                .fields()
+                .iter()
+                .map(|f| ColumnSpec {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                    nullable: f.is_nullable(),
+                })
+                .collect(),
+            partition_by: partition_by.to_vec(),
+        }
+    }
+}
+
 /// One commit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommitEntry {
@@ -292,8 +310,15 @@ pub fn live_files(entries: &[CommitEntry]) -> Vec<FileAction> {
 /// The live files, each with the pipeline and stream epochs its rows come from (`covers`, or
 /// the commit that added it), in commit order.
 pub fn live_files_with_origin(entries: &[CommitEntry]) -> Vec<(FileAction, Origin)> {
-    let mut files: Vec<Option<(FileAction, Origin)>> = Vec::new();
-    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    fold_files(Vec::new(), entries)
+}
+
+/// `files` (live, with origins) after `entries` (in epoch order): removed and replaced files
+/// go, added ones come at the end.
+pub fn fold_files(files: Vec<(FileAction, Origin)>, entries: &[CommitEntry]) -> Vec<(FileAction, Origin)> {
+    let mut at: std::collections::HashMap<String, usize> =
+        files.iter().enumerate().map(|(i, (f, _))| (f.path.clone(), i)).collect();
+    let mut files: Vec<Option<(FileAction, Origin)>> = files.into_iter().map(Some).collect();
     for entry in entries {
         for path in entry.remove.iter().chain(entry.add.iter().map(|a| &a.path)) {
             if let Some(i) = at.remove(path) {

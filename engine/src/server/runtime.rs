@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
 use crate::error::{EngineError, Result};
-use crate::log::commit::{ColumnSpec, CommitLog, TableSchema};
+use crate::log::commit::{CommitLog, TableSchema};
 use crate::log::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
 use crate::pipeline::exec::BatchPlan;
@@ -179,19 +179,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let plan = BatchPlan::new(&ctx, def, source_def.schema.clone())?;
         let policy = BatchPolicy::from_options(&source_def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        let schema = TableSchema {
-            columns: sink
-                .stored_schema()
-                .fields()
-                .iter()
-                .map(|f| ColumnSpec {
-                    name: f.name().clone(),
-                    data_type: f.data_type().to_string(),
-                    nullable: f.is_nullable(),
-                })
-                .collect(),
-            partition_by: sink_def.partition_by.clone(),
-        };
+        let schema = TableSchema::of(&sink.stored_schema(), &sink_def.partition_by);
         let buffer = BufferPolicy::from_options(&source_def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let budget = Budget::new(&def.name, buffer, server_budget.clone());
