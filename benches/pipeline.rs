@@ -1051,7 +1051,12 @@ fn main() {
             eprintln!("freshness at {rate} events/s measured");
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
+    if args.iter().any(|a| a == "--keep") {
+        // For profiling a run by hand (e.g. `sluice reconcile dir.sql` in it).
+        eprintln!("kept {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
 
     let floor_wall = decode.wall + encode.wall;
     let (dir_wall, http_wall) = (dir.wall, http.as_ref().map(|h| h.wall));

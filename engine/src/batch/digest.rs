@@ -86,13 +86,17 @@ impl Digest {
             let tag = (position as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             for (i, (h, r)) in hashes.iter().zip(rows.iter_mut()).enumerate() {
                 let v = if col.is_valid(i) {
-                    d.sum = d.sum.wrapping_add(mix(*h));
+                    d.sum = d.sum.wrapping_add(*h);
                     *h
                 } else {
                     NULL_TAG
                 };
-                *r = mix(r.rotate_left(23) ^ mix(v ^ tag));
+                // Xor then multiply: carries make the fold non-linear across columns.
+                *r = (*r ^ v ^ tag).wrapping_mul(0xbf58_476d_1ce4_e5b9).rotate_left(29);
             }
+        }
+        for r in rows.iter_mut() {
+            *r = mix(*r);
         }
         self.row_sum = rows.iter().fold(self.row_sum, |s, h| s.wrapping_add(*h));
         let key_cols: Vec<&ArrayRef> = key.iter().filter_map(|k| batch.column_by_name(k)).collect();
@@ -117,6 +121,22 @@ impl Digest {
             }
         }
         Ok(())
+    }
+
+    /// Adds `other`'s rows (digests of disjoint row sets merge by adding, under one seed).
+    pub fn merge(&mut self, other: Digest) {
+        self.rows += other.rows;
+        self.row_sum = self.row_sum.wrapping_add(other.row_sum);
+        for (name, c) in other.columns {
+            let d = self.columns.entry(name).or_default();
+            d.sum = d.sum.wrapping_add(c.sum);
+            d.nulls += c.nulls;
+        }
+        for (k, (h, n)) in other.keys {
+            let e = self.keys.entry(k).or_default();
+            e.0 = e.0.wrapping_add(h);
+            e.1 += n;
+        }
     }
 
     /// The columns whose digests differ between `self` and `other` (present on one side only

@@ -277,7 +277,17 @@ pub async fn reconcile(
     }
     let archive_events: u64 = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.rows)).sum();
 
-    // The batch side, encoded by the sink on the scratch store.
+    // The stream side is read and digested while the batch side is recomputed.
+    let seed = Seed::random();
+    let key: Arc<[String]> = key.into();
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stream_units: Vec<Unit> = live
+        .iter()
+        .filter(|(_, o)| covered(o.epochs))
+        .map(|(f, _)| Unit::Stream(partition_dir(f), f.path.clone()))
+        .collect();
+    let stream_side = tokio::spawn(run_units(table.clone(), stream_units, key.clone(), seed.clone(), parallel));
+    let started = std::time::Instant::now();
     progress("recomputing", 0, archive_paths.len() as u64);
     let batches = if archive_paths.is_empty() {
         vec![]
@@ -286,8 +296,10 @@ pub async fn reconcile(
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
     let next_epoch = snap.newest_epoch() + 1;
+    let recomputed = started.elapsed();
     // The batch result as the sink would store it, by partition (nothing written yet).
     let mut batch_parts: BTreeMap<String, Vec<RecordBatch>> = sink.partition(batches.clone())?.into_iter().collect();
+    let split = started.elapsed();
 
     // Both sides by partition.
     let mut sides: BTreeMap<String, Vec<FileAction>> = BTreeMap::new();
@@ -309,13 +321,13 @@ pub async fn reconcile(
     let again = log.snapshot().await?;
     let mut named: BTreeSet<String> = again.live_paths().into_iter().collect();
     named.extend(again.after.iter().flat_map(|e| e.add.iter().map(|a| a.path.clone())));
-    let seed = Seed::random();
     let total = sides.len() as u64;
     let mut partitions = Vec::new();
     let mut repair_parts: Vec<(String, Vec<String>)> = Vec::new();
     let mut strays = BTreeSet::new();
-    // Partitions are read and digested concurrently, one per core.
-    let jobs: Vec<Side> = sides
+    // Every file and every slice of the batch result is a unit of work: read and digested on
+    // its own blocking thread, one per core at a time, then merged into its partition's side.
+    let sides: Vec<Side> = sides
         .into_iter()
         .map(|(dir, stream)| {
             let stray: Vec<String> = listed
@@ -328,20 +340,54 @@ pub async fn reconcile(
             Side { dir, stream, stray, batch }
         })
         .collect();
-    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut compared = futures::stream::iter(jobs.into_iter().map(|job| compare(&table, job, &key, &seed))).buffered(parallel);
-    let mut done = 0;
-    while let Some(next) = compared.next().await {
-        let (report, remove) = next?;
-        done += 1;
-        progress("comparing", done, total);
+    let mut units = Vec::new();
+    for side in &sides {
+        units.extend(side.stray.iter().map(|p| Unit::Stray(side.dir.clone(), p.clone())));
+        let mut chunk: Vec<RecordBatch> = Vec::new();
+        let mut rows = 0;
+        for b in &side.batch {
+            rows += b.num_rows();
+            chunk.push(b.clone());
+            if rows >= UNIT_ROWS {
+                units.push(Unit::Batch(side.dir.clone(), std::mem::take(&mut chunk)));
+                rows = 0;
+            }
+        }
+        if !chunk.is_empty() {
+            units.push(Unit::Batch(side.dir.clone(), chunk));
+        }
+    }
+    progress("comparing", 0, total);
+    let mut outcomes = run_units(table.clone(), units, key.clone(), seed.clone(), parallel).await;
+    outcomes.extend(
+        stream_side
+            .await
+            .map_err(|e| EngineError::Internal(format!("reading the stream side failed: {e}")))?,
+    );
+    let mut acc: BTreeMap<String, Accumulated> = BTreeMap::new();
+    for next in outcomes {
+        let (dir, outcome) = next?;
+        let a = acc.entry(dir).or_default();
+        match outcome {
+            Outcome::Stream(d) => a.stream.merge(d),
+            Outcome::Batch(d) => a.batch.merge(d),
+            Outcome::Missing(path) => a.missing_files.push(path),
+            Outcome::Unreadable => a.unreadable = true,
+        }
+    }
+    for side in sides {
+        let mut a = acc.remove(&side.dir).unwrap_or_default();
+        a.missing_files.sort();
+        let (report, remove) = verdict(side, a, !key.is_empty());
         if let Some(remove) = remove {
             strays.extend(report.stray_files.iter().cloned());
             repair_parts.push((report.partition.clone(), remove));
         }
         partitions.push(report);
     }
-    progress("comparing", total, total);
+    let _ = total;
+    tracing::debug!(recompute_ms = recomputed.as_millis() as u64, split_ms = (split - recomputed).as_millis() as u64,
+        compare_ms = (started.elapsed() - split).as_millis() as u64, partitions = total, "reconcile phases");
     let differing = repair_parts.len();
     let mut report = ReconcileReport {
         pipeline: def.name.clone(),
@@ -423,66 +469,113 @@ struct Side {
     batch: Vec<RecordBatch>,
 }
 
-/// Reads and digests one partition's two sides; the report, and the files a repair removes
-/// when they differ.
-async fn compare(table: &TableStore, side: Side, key: &[String], seed: &Seed) -> Result<(PartitionReport, Option<Vec<String>>)> {
-    let mut stream_bytes = Vec::new();
-    for f in &side.stream {
-        stream_bytes.push((f.path.clone(), fetch(table, &table.path(&f.path)).await?));
-    }
-    let mut stray_bytes = Vec::new();
-    for p in &side.stray {
-        // A stray file that cannot be read still differs (readers trip on it).
-        stray_bytes.push(fetch(table, &table.path(p)).await.ok().flatten());
-    }
+/// Rows of the batch result digested as one unit of work.
+const UNIT_ROWS: usize = 64 * 1024;
+
+/// One unit of comparison work, for the partition directory it names first.
+enum Unit {
+    /// A file the stream committed.
+    Stream(String, String),
+    /// A file in the partition directory that no commit names.
+    Stray(String, String),
+    /// Rows of the batch result.
+    Batch(String, Vec<RecordBatch>),
+}
+
+/// Digests `units`, `parallel` at a time; each result names its partition.
+async fn run_units(
+    table: TableStore,
+    units: Vec<Unit>,
+    key: Arc<[String]>,
+    seed: Seed,
+    parallel: usize,
+) -> Vec<Result<(String, Outcome)>> {
+    futures::stream::iter(units.into_iter().map(|u| digest_unit(&table, u, &key, &seed)))
+        .buffer_unordered(parallel)
+        .collect()
+        .await
+}
+
+/// What a unit found.
+enum Outcome {
+    Stream(Digest),
+    Batch(Digest),
+    Missing(String),
+    Unreadable,
+}
+
+/// A partition's digests, as units finish.
+#[derive(Default)]
+struct Accumulated {
+    stream: Digest,
+    batch: Digest,
+    missing_files: Vec<String>,
+    unreadable: bool,
+}
+
+/// Reads and digests one unit on a blocking thread.
+async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed) -> Result<(String, Outcome)> {
     let (key, seed) = (key.to_vec(), seed.clone());
-    tokio::task::spawn_blocking(move || {
-        let mut s = Digest::default();
-        let mut missing_files = Vec::new();
-        for (path, bytes) in stream_bytes {
-            match bytes {
-                Some(b) => decode(b, &path)?.iter().try_for_each(|r| s.add(r, &key, &seed))?,
-                None => missing_files.push(path),
-            }
+    let digest = move |rows: &[RecordBatch]| -> Result<Digest> {
+        let mut d = Digest::default();
+        rows.iter().try_for_each(|r| d.add(r, &key, &seed))?;
+        Ok(d)
+    };
+    let blocking = |f: Box<dyn FnOnce() -> Result<Outcome> + Send>| async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| EngineError::Internal(format!("comparing failed: {e}")))?
+    };
+    match unit {
+        Unit::Stream(i, path) => match fetch(table, &table.path(&path)).await? {
+            None => Ok((i, Outcome::Missing(path))),
+            Some(bytes) => Ok((i, blocking(Box::new(move || Ok(Outcome::Stream(digest(&decode(bytes, &path)?)?)))).await?)),
+        },
+        Unit::Stray(i, path) => {
+            // A stray file that cannot be read still differs (readers trip on it).
+            let Ok(Some(bytes)) = fetch(table, &table.path(&path)).await else {
+                return Ok((i, Outcome::Unreadable));
+            };
+            let out = blocking(Box::new(move || {
+                Ok(match decode(bytes, &path).and_then(|rows| digest(&rows)) {
+                    Ok(d) => Outcome::Stream(d),
+                    Err(_) => Outcome::Unreadable,
+                })
+            }))
+            .await?;
+            Ok((i, out))
         }
-        let mut unreadable = false;
-        for bytes in stray_bytes {
-            let ok = bytes.is_some_and(|b| {
-                decode(b, "a stray file").is_ok_and(|rows| rows.iter().all(|r| s.add(r, &key, &seed).is_ok()))
-            });
-            unreadable |= !ok;
-        }
-        let mut b = Digest::default();
-        for rows in &side.batch {
-            b.add(rows, &key, &seed)?;
-        }
-        let same = !unreadable && side.stray.is_empty() && s.same(&b) && (key.is_empty() || s.keys == b.keys);
-        let keys = (!key.is_empty()).then(|| {
-            let (missing, extra, changed) = key_differences(&s, &b);
-            KeyReport { missing, extra, changed }
-        });
-        let mut columns = s.columns_differing(&b);
-        if !same && columns.is_empty() && s.rows == b.rows && !unreadable {
-            // Same values per column, arranged in different rows.
-            columns.push("(rows)".to_string());
-        }
-        let stream_files: Vec<String> = side.stream.iter().map(|f| f.path.clone()).collect();
-        let remove = (!same).then(|| stream_files.iter().chain(&side.stray).cloned().collect());
-        let report = PartitionReport {
-            partition: side.dir,
-            stream_rows: s.rows,
-            batch_rows: b.rows,
-            columns,
-            verdict: if same { Verdict::Equal } else { Verdict::Differs },
-            stream_files,
-            missing_files,
-            stray_files: side.stray,
-            keys,
-        };
-        Ok((report, remove))
-    })
-    .await
-    .map_err(|e| EngineError::Internal(format!("comparing a partition failed: {e}")))?
+        Unit::Batch(i, rows) => Ok((i, blocking(Box::new(move || Ok(Outcome::Batch(digest(&rows)?)))).await?)),
+    }
+}
+
+/// A partition's report, and the files a repair removes when its sides differ.
+fn verdict(side: Side, a: Accumulated, keyed: bool) -> (PartitionReport, Option<Vec<String>>) {
+    let (s, b) = (a.stream, a.batch);
+    let same = !a.unreadable && side.stray.is_empty() && s.same(&b) && (!keyed || s.keys == b.keys);
+    let keys = keyed.then(|| {
+        let (missing, extra, changed) = key_differences(&s, &b);
+        KeyReport { missing, extra, changed }
+    });
+    let mut columns = s.columns_differing(&b);
+    if !same && columns.is_empty() && s.rows == b.rows && !a.unreadable {
+        // Same values per column, arranged in different rows.
+        columns.push("(rows)".to_string());
+    }
+    let stream_files: Vec<String> = side.stream.iter().map(|f| f.path.clone()).collect();
+    let remove = (!same).then(|| stream_files.iter().chain(&side.stray).cloned().collect());
+    let report = PartitionReport {
+        partition: side.dir,
+        stream_rows: s.rows,
+        batch_rows: b.rows,
+        columns,
+        verdict: if same { Verdict::Equal } else { Verdict::Differs },
+        stream_files,
+        missing_files: a.missing_files,
+        stray_files: side.stray,
+        keys,
+    };
+    (report, remove)
 }
 
 /// Runs the pipeline's SELECT over the archive files, through its row-level expectations.
