@@ -79,7 +79,9 @@ pub fn archive_schema(source: &Schema) -> SchemaRef {
 /// Encodes an epoch's archived rows (`batches`, in the source's schema) as one Parquet file on
 /// up to `threads` threads: LZ4 and no statistics (a second encode of the input is the
 /// archive's whole cost: measured +52% of the pipeline's CPU with zstd(1) and chunk
-/// statistics, +34% like this, +36–43% without dictionaries), small dictionaries. The added
+/// statistics, +31–36% like this; without dictionaries +36–43%, uncompressed +26–31%, without
+/// the position column +32–36%, all within this machine's noise of each other), small
+/// dictionaries. The added
 /// columns are constant per file: a one-value dictionary for the position, so a long position
 /// costs nothing per row.
 pub fn encode(
