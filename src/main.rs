@@ -16,6 +16,9 @@ use sluice_engine::quality::report;
 use sluice_engine::server::runtime::{self, ServerConfig};
 use sluice_sql::PipelineText;
 
+#[cfg(feature = "cluster")]
+mod cluster;
+
 /// Sluice: SQL-defined micro-batch pipelines on Arrow and DataFusion.
 #[derive(Parser)]
 #[command(name = "sluice", version, about)]
@@ -93,6 +96,29 @@ enum Command {
         /// archive.retention); reconcile cannot recompute those commits afterwards.
         #[arg(long, value_parser = parse_retention)]
         archive_retention: Option<std::time::Duration>,
+    },
+    /// Run an Apache Ballista scheduler (built with Sluice's DataFusion) for `reconcile --cluster`.
+    #[cfg(feature = "cluster")]
+    Scheduler {
+        /// Address of its gRPC service.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: SocketAddr,
+    },
+    /// Run an Apache Ballista executor that registers with a scheduler.
+    #[cfg(feature = "cluster")]
+    Executor {
+        /// The scheduler's address.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: SocketAddr,
+        /// Address of its Arrow Flight service (where results are fetched).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: SocketAddr,
+        /// Port of its gRPC service.
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Directory for shuffle files.
+        #[arg(long, default_value = ".sluice-executor")]
+        work_dir: PathBuf,
     },
     /// Data quality of a sink table, from the profiles committed with its epochs.
     Quality {
@@ -340,9 +366,13 @@ struct ReconcileArgs {
 
 /// Runs `sluice reconcile`; true when everything was equal.
 async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
-    if let Some(c) = &a.cluster {
-        bail!("--cluster {c}: running on Apache Ballista is not available in this build yet; run without --cluster (in process)");
-    }
+    let exec = match &a.cluster {
+        None => None,
+        #[cfg(feature = "cluster")]
+        Some(url) => Some(cluster::remote_context(url).await?),
+        #[cfg(not(feature = "cluster"))]
+        Some(url) => bail!("--cluster {url}: this sluice was built without Apache Ballista; build it with `--features cluster`"),
+    };
     let texts = read_files(&a.files)?;
     let registry = sluice_connectors::registry();
     let (ctx, program) = runtime::compile(&texts, &registry).await?;
@@ -369,6 +399,7 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
             to_us: a.to.as_deref().map(reconcile::parse_instant).transpose()?,
         },
         repair: a.repair,
+        exec,
     };
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -663,6 +694,15 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
+            #[cfg(feature = "cluster")]
+            Command::Scheduler { bind } => cluster::scheduler(bind).await,
+            #[cfg(feature = "cluster")]
+            Command::Executor {
+                scheduler,
+                bind,
+                grpc_port,
+                work_dir,
+            } => cluster::executor(scheduler, bind, grpc_port, work_dir).await,
             Command::Reconcile(args) => {
                 return Ok(if reconcile_cmd(args).await? { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }

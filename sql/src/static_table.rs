@@ -32,6 +32,12 @@ impl StaticTable {
         StaticTable { inner, local: None }
     }
 
+    /// The provider DataFusion made for the table's format (a listing table: what a remote
+    /// engine such as Ballista can serialise and read).
+    pub fn inner(&self) -> &Arc<dyn TableProvider> {
+        &self.inner
+    }
+
     /// Checks at each scan that a local LOCATION still exists. Without the check a missing
     /// file reads as an empty table (DataFusion lists no files), and a join with it silently
     /// drops every row; with it, the scan fails, which the engine retries as an environment

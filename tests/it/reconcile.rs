@@ -457,3 +457,76 @@ fn compaction_and_vacuum_while_the_server_writes_lose_nothing() {
     assert_eq!(after, 4, "one file per partition left of {} commits' worth", files);
     assert_eq!(duckdb_rows(&l.sink).len(), want.len(), "a second compaction keeps every row");
 }
+
+/// A child process killed when the test ends, however it ends.
+#[cfg(feature = "cluster")]
+struct Child(std::process::Child);
+
+#[cfg(feature = "cluster")]
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--cluster`: the same reconciliation through an Apache Ballista scheduler and executor,
+/// each a separate `sluice` process on loopback ports, reports exactly what the in-process run
+/// reports, and its repair makes the table equal.
+#[cfg(feature = "cluster")]
+#[test]
+fn ballista_gives_the_same_report_as_in_process() {
+    use crate::harness::{bin, free_port};
+    let l = lake("'key' 'id'");
+    let n = 1200;
+    stream(&l, n, 3);
+    write_fx(&l.fx, 1.2);
+    let (sched, flight, grpc) = (free_port(), free_port(), free_port());
+    let log = |name: &str| std::fs::File::create(l.dir.path().join(name)).unwrap();
+    let _scheduler = Child(
+        Command::new(bin())
+            .args(["scheduler", "--bind", &format!("127.0.0.1:{sched}")])
+            .stdout(log("scheduler.log"))
+            .stderr(log("scheduler.err"))
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(60), "the scheduler listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", sched)).ok()
+    });
+    let _executor = Child(
+        Command::new(bin())
+            .args([
+                "executor",
+                "--scheduler",
+                &format!("127.0.0.1:{sched}"),
+                "--bind",
+                &format!("127.0.0.1:{flight}"),
+                "--grpc-port",
+                &grpc.to_string(),
+                "--work-dir",
+                l.dir.path().join("executor").to_str().unwrap(),
+            ])
+            .stdout(log("executor.log"))
+            .stderr(log("executor.err"))
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(60), "the executor listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", flight)).ok()
+    });
+
+    let url = format!("df://127.0.0.1:{sched}");
+    let (local_code, local_out, local) = reconcile(&l, &[]);
+    let (code, out, remote) = reconcile(&l, &["--cluster", &url]);
+    let logs = || std::fs::read_to_string(l.dir.path().join("executor.err")).unwrap_or_default();
+    assert_eq!((code, local_code), (1, 1), "{out}\n{local_out}\n{}", logs());
+    assert_eq!(remote["partitions"], local["partitions"], "{out}\n{local_out}");
+    assert_eq!(remote["archive_events"], local["archive_events"]);
+    assert!(!differing(&remote).is_empty());
+    let (code, out, _) = reconcile(&l, &["--cluster", &url, "--repair"]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, _) = reconcile(&l, &["--cluster", &url]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(duckdb_rows(&l.sink).len(), expected(n, 1.2).len());
+}

@@ -28,13 +28,13 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::datasource::provider_as_source;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use serde::Serialize;
-use sluice_sql::{Action, Level, PipelineDef, Program};
+use sluice_sql::{Action, Level, PipelineDef, Program, StaticTable};
 
 use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
@@ -81,12 +81,15 @@ pub fn parse_instant(text: &str) -> Result<i64> {
 }
 
 /// What to reconcile and how.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ReconcileOptions {
     /// The commit-time range.
     pub range: TimeRange,
     /// Replace differing partitions with the batch result.
     pub repair: bool,
+    /// Where the recompute runs: a session connected to an Apache Ballista cluster; `None`
+    /// runs it in process. The comparison runs in process either way.
+    pub exec: Option<SessionContext>,
 }
 
 /// How a partition compares.
@@ -292,7 +295,7 @@ pub async fn reconcile(
     let batches = if archive_paths.is_empty() {
         vec![]
     } else {
-        recompute(ctx, program, def, &table, &archive_paths).await?
+        recompute(opts.exec.as_ref().unwrap_or(ctx), opts.exec.is_some(), program, def, &table, &archive_paths).await?
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
     let next_epoch = snap.newest_epoch() + 1;
@@ -578,9 +581,12 @@ fn verdict(side: Side, a: Accumulated, keyed: bool) -> (PartitionReport, Option<
     (report, remove)
 }
 
-/// Runs the pipeline's SELECT over the archive files, through its row-level expectations.
+/// Runs the pipeline's SELECT over the archive files, through its row-level expectations, on
+/// `ctx`. `remote`: static tables are read through their own format's provider (a listing
+/// table a cluster can serialise) rather than Sluice's read-whole wrapper.
 async fn recompute(
     ctx: &SessionContext,
+    remote: bool,
     program: &Program,
     def: &PipelineDef,
     table: &TableStore,
@@ -600,14 +606,32 @@ async fn recompute(
     for e in removing_checks(program, &def.source) {
         input = input.filter(e.is_not_false())?;
     }
-    let provider = provider_as_source(input.into_view());
+    // The source's scan is replaced by the archive's plan under the source's name (a plan, not
+    // a view: a cluster serialises plans of standard nodes and listing tables only).
+    let input = input.into_unoptimized_plan();
     let plan = def
         .plan
         .clone()
         .transform_up_with_subqueries(|node| match node {
-            LogicalPlan::TableScan(mut scan) if scan.table_name.table() == def.source => {
-                scan.source = provider.clone();
-                Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+            LogicalPlan::TableScan(scan) if scan.table_name.table() == def.source => {
+                let mut b = LogicalPlanBuilder::from(input.clone()).alias(scan.table_name.clone())?;
+                if let Some(columns) = &scan.projection {
+                    let schema = b.schema().clone();
+                    b = b.project(columns.iter().map(|i| Expr::Column(datafusion::common::Column::from(schema.qualified_field(*i)))))?;
+                }
+                Ok(Transformed::yes(b.build()?))
+            }
+            LogicalPlan::TableScan(mut scan) if remote => {
+                let inner = source_as_provider(&scan.source)?
+                    .downcast_ref::<StaticTable>()
+                    .map(|t| t.inner().clone());
+                match inner {
+                    Some(inner) => {
+                        scan.source = provider_as_source(inner);
+                        Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                    }
+                    None => Ok(Transformed::no(LogicalPlan::TableScan(scan))),
+                }
             }
             other => Ok(Transformed::no(other)),
         })?
