@@ -896,6 +896,24 @@ fn targets(
 }
 
 /// The row with the median wall time.
+/// A paired-rounds cost line: `what` costs the median of `costs` more CPU time than `against`,
+/// with every round's figure and whether `target` is met (empty when nothing was measured).
+fn paired_cost(title: &str, what: &str, against: &str, costs: &[f64], target: f64) -> String {
+    if costs.is_empty() {
+        return String::new();
+    }
+    let mut sorted = costs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let med = sorted[sorted.len() / 2];
+    format!(
+        "\n**{title}** (same run): {what} {:.1}% more CPU time than {against} (median of the paired rounds: {}). Target ≤ {:.0}%: {}.\n",
+        100.0 * med,
+        costs.iter().map(|c| format!("{:+.1}%", 100.0 * c)).collect::<Vec<_>>().join(", "),
+        100.0 * target,
+        if med <= target { "met" } else { "NOT met" }
+    )
+}
+
 fn median(mut rows: Vec<Row>) -> Option<Row> {
     rows.sort_by(|a, b| a.wall.total_cmp(&b.wall));
     let mid = rows.len() / 2;
@@ -1136,28 +1154,20 @@ fn main() {
             100.0 * dir_wall / o
         ));
     }
-    if !quality_cost.is_empty() {
-        let mut sorted = quality_cost.clone();
-        sorted.sort_by(f64::total_cmp);
-        let med = sorted[sorted.len() / 2];
-        table.push_str(&format!(
-            "\n**Quality cost** (same run): profiles + 3 expectations cost {:.1}% more CPU time than `quality.profile` off (median of the paired rounds: {}). Target ≤ 10%: {}.\n",
-            100.0 * med,
-            quality_cost.iter().map(|c| format!("{:+.1}%", 100.0 * c)).collect::<Vec<_>>().join(", "),
-            if med <= 0.10 { "met" } else { "NOT met" }
-        ));
-    }
-    if !archive_cost.is_empty() {
-        let mut sorted = archive_cost.clone();
-        sorted.sort_by(f64::total_cmp);
-        let med = sorted[sorted.len() / 2];
-        table.push_str(&format!(
-            "\n**Archive cost** (same run): the raw archive (on by default, in the main directory row) costs {:.1}% more CPU time than `archive` off (median of the paired rounds: {}). Target ≤ 25%: {}.\n",
-            100.0 * med,
-            archive_cost.iter().map(|c| format!("{:+.1}%", 100.0 * c)).collect::<Vec<_>>().join(", "),
-            if med <= 0.25 { "met" } else { "NOT met" }
-        ));
-    }
+    table.push_str(&paired_cost(
+        "Quality cost",
+        "profiles + 3 expectations cost",
+        "`quality.profile` off",
+        &quality_cost,
+        0.10,
+    ));
+    table.push_str(&paired_cost(
+        "Archive cost",
+        "the raw archive (on by default, in the main directory row) costs",
+        "`archive` off",
+        &archive_cost,
+        0.25,
+    ));
     if let Some(r) = reconcile_ratio {
         table.push_str(&format!(
             "\n**Reconcile** (same run): recomputing all {events} events of the directory run from the raw archive and comparing with its output, DuckDB wall / sluice wall = {r:.2}. Target ≥ 1.0: {}.\n",
