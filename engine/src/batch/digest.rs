@@ -82,10 +82,12 @@ impl Digest {
             hashes.iter_mut().for_each(|h| *h = 0);
             create_hashes([*col], &seed.0, &mut hashes).map_err(hash_err)?;
             let d = self.columns.entry(name.to_string()).or_default();
-            d.nulls += col.null_count() as u64;
+            // The validity bitmap once per column (not a dynamic call per value).
+            let nulls = col.logical_nulls();
+            d.nulls += nulls.as_ref().map_or(0, |n| n.null_count()) as u64;
             let tag = (position as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             for (i, (h, r)) in hashes.iter().zip(rows.iter_mut()).enumerate() {
-                let v = if col.is_valid(i) {
+                let v = if nulls.as_ref().is_none_or(|n| n.is_valid(i)) {
                     d.sum = d.sum.wrapping_add(*h);
                     *h
                 } else {
