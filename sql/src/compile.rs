@@ -83,6 +83,26 @@ pub struct PipelineDef {
     pub defined_at: Option<SourceLocation>,
 }
 
+/// `plan` with every scan of `table` reading `source` instead: how the engine binds a
+/// pipeline's source (or an expectation's input) to the batch at hand.
+pub fn bind_scan(
+    plan: &LogicalPlan,
+    table: &str,
+    source: &Arc<dyn datafusion::logical_expr::TableSource>,
+) -> Result<LogicalPlan, DataFusionError> {
+    use datafusion::common::tree_node::Transformed;
+    Ok(plan
+        .clone()
+        .transform_up_with_subqueries(|node| match node {
+            LogicalPlan::TableScan(mut scan) if scan.table_name.table() == table => {
+                scan.source = source.clone();
+                Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data)
+}
+
 /// Everything a set of pipeline files defines.
 #[derive(Debug, Clone, Default)]
 pub struct Program {

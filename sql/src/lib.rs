@@ -36,7 +36,7 @@ pub use catalog::{
     ConnectorCatalog, ConnectorSpec, OptionCheck, OptionError, OptionSpec, Options, Role, option_bytes, option_choice,
     option_count, option_duration, parse_bytes, parse_duration,
 };
-pub use compile::{PipelineDef, Program, SinkDef, SourceDef, compile, substitute_env};
+pub use compile::{PipelineDef, Program, SinkDef, SourceDef, bind_scan, compile, substitute_env};
 pub use error::{SourceLocation, SqlError, nearest};
 pub use expect::{Action, EXPECTATION_INPUT, ExpectationDef, Level};
 pub use static_table::StaticTable;

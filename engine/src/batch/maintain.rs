@@ -8,7 +8,7 @@
 //! Both are safe while `sluice run` writes the same table: the stream only adds files, and a
 //! compaction commits only if every file it merged is still live when it commits.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -212,7 +212,6 @@ pub async fn vacuum(table: &TableStore, retention: Duration, archive_retention: 
         })
     };
     let folded = log.snapshot().await?.folded();
-    let live: BTreeSet<String> = folded.files.iter().map(|(f, _)| f.path.clone()).collect();
     let by_epoch: BTreeMap<u64, &EntrySummary> = folded.index.iter().map(|e| (e.epoch, e)).collect();
     // `_sluice/removed/<epoch>/`: one directory per removing commit.
     let removed = table
@@ -247,7 +246,8 @@ pub async fn vacuum(table: &TableStore, retention: Duration, archive_retention: 
     }
     if let Some(keep) = archive_retention {
         for e in folded.index.iter().filter(|e| older(e, keep)) {
-            if let Some(a) = e.archive.as_ref().filter(|a| !live.contains(&a.path)) {
+            // Archive files live under `_sluice/raw/`: never a data file a commit names.
+            if let Some(a) = &e.archive {
                 match table.store.delete(&table.path(&a.path)).await {
                     Ok(()) => report.archive_files.push(a.path.clone()),
                     Err(object_store::Error::NotFound { .. }) => {}

@@ -330,35 +330,30 @@ pub async fn reconcile(
     let mut strays = BTreeSet::new();
     // Every file and every slice of the batch result is a unit of work: read and digested on
     // its own blocking thread, one per core at a time, then merged into its partition's side.
-    let sides: Vec<Side> = sides
-        .into_iter()
-        .map(|(dir, stream)| {
-            let stray: Vec<String> = listed
-                .remove(&dir)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|p| !named.contains(p))
-                .collect();
-            let batch = batch_parts.remove(&dir).unwrap_or_default();
-            Side { dir, stream, stray, batch }
-        })
-        .collect();
     let mut units = Vec::new();
-    for side in &sides {
-        units.extend(side.stray.iter().map(|p| Unit::Stray(side.dir.clone(), p.clone())));
+    let mut partition_sides = Vec::with_capacity(sides.len());
+    for (dir, stream) in sides {
+        let stray: Vec<String> = listed
+            .remove(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !named.contains(p))
+            .collect();
+        units.extend(stray.iter().map(|p| Unit::Stray(dir.clone(), p.clone())));
         let mut chunk: Vec<RecordBatch> = Vec::new();
         let mut rows = 0;
-        for b in &side.batch {
+        for b in batch_parts.remove(&dir).unwrap_or_default() {
             rows += b.num_rows();
-            chunk.push(b.clone());
+            chunk.push(b);
             if rows >= UNIT_ROWS {
-                units.push(Unit::Batch(side.dir.clone(), std::mem::take(&mut chunk)));
+                units.push(Unit::Batch(dir.clone(), std::mem::take(&mut chunk)));
                 rows = 0;
             }
         }
         if !chunk.is_empty() {
-            units.push(Unit::Batch(side.dir.clone(), chunk));
+            units.push(Unit::Batch(dir.clone(), chunk));
         }
+        partition_sides.push(Side { dir, stream, stray });
     }
     progress("comparing", 0, total);
     let mut outcomes = run_units(table.clone(), units, key.clone(), seed.clone(), parallel).await;
@@ -367,6 +362,7 @@ pub async fn reconcile(
             .await
             .map_err(|e| EngineError::Internal(format!("reading the stream side failed: {e}")))?,
     );
+    progress("comparing", total, total);
     let mut acc: BTreeMap<String, Accumulated> = BTreeMap::new();
     for next in outcomes {
         let (dir, outcome) = next?;
@@ -378,7 +374,7 @@ pub async fn reconcile(
             Outcome::Unreadable => a.unreadable = true,
         }
     }
-    for side in sides {
+    for side in partition_sides {
         let mut a = acc.remove(&side.dir).unwrap_or_default();
         a.missing_files.sort();
         let (report, remove) = verdict(side, a, !key.is_empty());
@@ -388,7 +384,6 @@ pub async fn reconcile(
         }
         partitions.push(report);
     }
-    let _ = total;
     tracing::debug!(recompute_ms = recomputed.as_millis() as u64, split_ms = (split - recomputed).as_millis() as u64,
         compare_ms = (started.elapsed() - split).as_millis() as u64, partitions = total, "reconcile phases");
     let differing = repair_parts.len();
@@ -464,12 +459,11 @@ fn volatile_calls(def: &PipelineDef) -> Vec<String> {
         .collect()
 }
 
-/// One partition's two sides, before they are read.
+/// One partition: its directory, the stream's files and the stray files in it.
 struct Side {
     dir: String,
     stream: Vec<FileAction>,
     stray: Vec<String>,
-    batch: Vec<RecordBatch>,
 }
 
 /// Rows of the batch result digested as one unit of work.

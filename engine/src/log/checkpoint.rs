@@ -115,7 +115,11 @@ impl Snapshot {
 
     /// The paths of the live files.
     pub fn live_paths(&self) -> HashSet<String> {
-        self.folded().files.into_iter().map(|(f, _)| f.path).collect()
+        // Only the files are folded (not the entries' index and newest entries).
+        fold_files(self.checkpoint.files.clone(), &self.after)
+            .into_iter()
+            .map(|(f, _)| f.path)
+            .collect()
     }
 }
 

@@ -304,17 +304,12 @@ fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 /// The files `entries` (in epoch order) leave in the table: added and not removed, in commit
 /// order (invariant 1).
 pub fn live_files(entries: &[CommitEntry]) -> Vec<FileAction> {
-    live_files_with_origin(entries).into_iter().map(|(f, _)| f).collect()
+    fold_files(Vec::new(), entries).into_iter().map(|(f, _)| f).collect()
 }
 
-/// The live files, each with the pipeline and stream epochs its rows come from (`covers`, or
-/// the commit that added it), in commit order.
-pub fn live_files_with_origin(entries: &[CommitEntry]) -> Vec<(FileAction, Origin)> {
-    fold_files(Vec::new(), entries)
-}
-
-/// `files` (live, with origins) after `entries` (in epoch order): removed and replaced files
-/// go, added ones come at the end.
+/// `files` (live, each with the pipeline and stream epochs its rows come from: `covers`, or
+/// the commit that added it) after `entries` (in epoch order): removed and replaced files go,
+/// added ones come at the end.
 pub fn fold_files(files: Vec<(FileAction, Origin)>, entries: &[CommitEntry]) -> Vec<(FileAction, Origin)> {
     let mut at: std::collections::HashMap<String, usize> =
         files.iter().enumerate().map(|(i, (f, _))| (f.path.clone(), i)).collect();

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::Transformed;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
@@ -114,19 +113,7 @@ impl BatchPlan {
             partitions,
             current: Mutex::new(vec![]),
         });
-        let source = def.source.clone();
-        let provider = provider_as_source(slot.clone());
-        let plan = def
-            .plan
-            .clone()
-            .transform_up_with_subqueries(|node| match node {
-                LogicalPlan::TableScan(mut scan) if scan.table_name.table() == source => {
-                    scan.source = provider.clone();
-                    Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
-                }
-                other => Ok(Transformed::no(other)),
-            })?
-            .data;
+        let plan = sluice_sql::bind_scan(&def.plan, &def.source, &provider_as_source(slot.clone()))?;
         let output = Arc::new(plan.schema().as_arrow().clone());
         Ok(BatchPlan {
             ctx: ctx.clone(),

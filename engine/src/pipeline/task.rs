@@ -289,30 +289,28 @@ impl PipelineTask {
         let mut violations = checked.violations;
         let mut dropped = decoded - checked.kept.iter().map(|b| b.num_rows() as u64).sum::<u64>() - checked.dead.len() as u64;
         dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Source, epoch, f)));
+        let mut positions = self.positions.clone();
+        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
+            positions.insert(self.source.clone(), p);
+        }
         // The raw archive of what the SQL reads is encoded on a blocking thread while the plan
         // runs (on one thread: the plan and the sink's encoder have the other cores). Rows the
         // plan fails on are rare: the archive is then encoded again without them.
-        let archive_input = self.archive.then(|| checked.kept.clone());
-        let mut position = self.positions.get(&self.source).cloned();
-        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
-            position = Some(p);
-        }
-        let position = position.map(|p| p.to_string());
-        let archiving = archive_input.clone().map(|rows| self.encode_archive(rows, epoch, position.clone(), now));
+        let position = positions.get(&self.source).map(|p| p.to_string());
+        let archiving = self
+            .archive
+            .then(|| self.encode_archive(checked.kept.clone(), epoch, position.clone(), now));
         let (output, failed) = self.transform(&checked.kept, &mut dead).await?;
+        let archiving = match archiving {
+            Some(_) if !failed.is_empty() => {
+                Some(self.encode_archive(without_rows(&checked.kept, &failed), epoch, position, now))
+            }
+            other => other,
+        };
         let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let checked = self.quality.sink.check(&self.name, output).await?;
-        let archive_rows = match (archive_input, archiving) {
-            // Quarantined whole: every event is a dead letter, none is archived.
-            _ if checked.dead.iter().any(|f| f.quarantined) => None,
-            (Some(rows), Some(task)) if failed.is_empty() => Some((rows, task)),
-            (Some(rows), Some(_)) => {
-                let kept = without_rows(&rows, &failed);
-                let task = self.encode_archive(kept.clone(), epoch, position.clone(), now);
-                Some((kept, task))
-            }
-            _ => None,
-        };
+        // Quarantined whole: every event is a dead letter, none is archived.
+        let archiving = archiving.filter(|_| !checked.dead.iter().any(|f| f.quarantined));
         violations.extend(checked.violations);
         let output = checked.kept;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
@@ -347,23 +345,18 @@ impl PipelineTask {
             });
         }
         let (quality, profile_bytes) = self.stage_quality(epoch, now, profiles, violations, drift).await?;
-        let mut positions = self.positions.clone();
-        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
-            positions.insert(self.source.clone(), p);
-        }
-        let archive = match archive_rows {
-            Some((rows, task)) if rows.iter().any(|b| b.num_rows() > 0) => {
-                let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
-                let bytes = task
-                    .await
-                    .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
+        let mut archive = None;
+        if let Some(task) = archiving {
+            let (rows, bytes) = task
+                .await
+                .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
+            if rows > 0 {
                 let path = crate::batch::archive::archive_path(&self.name, epoch, now);
                 let size = bytes.len() as u64;
                 self.log.stage(&path, bytes.to_vec()).await?;
-                Some(ArchiveFile { path, rows: n, bytes: size })
+                archive = Some(ArchiveFile { path, rows, bytes: size });
             }
-            _ => None,
-        };
+        }
         let entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
@@ -530,17 +523,21 @@ impl PipelineTask {
         Ok(())
     }
 
-    /// Starts encoding `rows` as the epoch's archive file on a blocking thread.
+    /// Starts encoding `rows` as the epoch's archive file on a blocking thread (its row count and
+    /// bytes).
     fn encode_archive(
         &self,
         rows: Vec<RecordBatch>,
         epoch: u64,
         position: Option<String>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> tokio::task::JoinHandle<Result<bytes::Bytes>> {
+    ) -> tokio::task::JoinHandle<Result<(u64, bytes::Bytes)>> {
         let schema = self.plan.input_schema().clone();
         let at = now.timestamp_micros();
-        tokio::task::spawn_blocking(move || crate::batch::archive::encode(&rows, &schema, epoch, position.as_deref(), at, 1))
+        tokio::task::spawn_blocking(move || {
+            let n = rows.iter().map(|b| b.num_rows() as u64).sum();
+            Ok((n, crate::batch::archive::encode(&rows, &schema, epoch, position.as_deref(), at, 1)?))
+        })
     }
 
     /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters

@@ -9,29 +9,26 @@
 //!   dead letters, FAIL stops the pipeline before the commit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, BooleanArray};
 use arrow::compute::{filter_record_batch, not, or, prep_null_mask_filter};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::common::DFSchema;
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion::prelude::SessionContext;
 use datafusion::catalog::streaming::StreamingTable;
-use datafusion::common::tree_node::Transformed;
+use datafusion::common::DFSchema;
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
-use datafusion::prelude::SessionConfig;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use sluice_sql::{Action, EXPECTATION_INPUT, ExpectationDef, Level};
-use std::sync::Mutex;
 
-pub use crate::log::commit::Violations;
 use crate::error::{EngineError, Result};
+pub use crate::log::commit::Violations;
 
 /// The checks of one side of a pipeline.
 pub struct Checks {
@@ -83,16 +80,7 @@ impl BatchCheck {
         let stream: Arc<dyn PartitionStream> = slot.clone();
         let table = StreamingTable::try_new(def.schema.clone(), vec![stream])?;
         let source = provider_as_source(Arc::new(table));
-        let bound = logical
-            .clone()
-            .transform_up_with_subqueries(|node| match node {
-                LogicalPlan::TableScan(mut scan) if scan.table_name.table() == EXPECTATION_INPUT => {
-                    scan.source = source.clone();
-                    Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
-                }
-                other => Ok(Transformed::no(other)),
-            })?
-            .data;
+        let bound = sluice_sql::bind_scan(logical, EXPECTATION_INPUT, &source)?;
         let plan = ctx.state().create_physical_plan(&bound).await?;
         Ok(BatchCheck {
             slot,

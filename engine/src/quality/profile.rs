@@ -174,6 +174,14 @@ impl ColumnProfile {
         }
     }
 
+    /// Records the moments of `n` finite values: their sum, mean and sum of squared deviations.
+    fn set_moments(&mut self, n: usize, sum: f64, mean: f64, m2: f64) {
+        self.moments_n = n as u64;
+        self.sum = Some(sum);
+        self.mean = Some(mean);
+        self.m2 = Some(m2);
+    }
+
     /// Sample variance (n − 1), when there are two values or more.
     pub fn variance(&self) -> Option<f64> {
         (self.moments_n > 1).then(|| self.m2.unwrap_or(0.0) / (self.moments_n - 1) as f64)
@@ -289,10 +297,7 @@ pub fn profile_column(name: &str, data_type: &DataType, parts: &[ArrayRef]) -> R
             let sum: f64 = ints.iter().map(|a| fold_valid(a, 0.0, |acc, v| acc + v as f64)).sum();
             let mean = sum / n as f64;
             let m2: f64 = ints.iter().map(|a| fold_valid(a, 0.0, |acc, v| acc + (v as f64 - mean) * (v as f64 - mean))).sum();
-            p.moments_n = n as u64;
-            p.sum = Some(sum);
-            p.mean = Some(mean);
-            p.m2 = Some(m2);
+            p.set_moments(n, sum, mean, m2);
             let mut sampler = Sampler::new(n);
             let mut sample = Vec::with_capacity(n.min(SAMPLE) + 1);
             for a in &ints {
@@ -332,10 +337,7 @@ pub fn profile_column(name: &str, data_type: &DataType, parts: &[ArrayRef]) -> R
                     .sum();
                 p.min_float = Some(lo);
                 p.max_float = Some(hi);
-                p.moments_n = n as u64;
-                p.sum = Some(sum);
-                p.mean = Some(mean);
-                p.m2 = Some(m2);
+                p.set_moments(n, sum, mean, m2);
                 let mut sampler = Sampler::new(n);
                 let mut sample = Vec::with_capacity(n.min(SAMPLE) + 1);
                 for a in &floats {
