@@ -10,16 +10,19 @@
 //! - the floor: decode only (NDJSON → Arrow, the engine's decoder) plus encode only
 //!   (those batches → zstd Parquet), single-threaded, on the same data.
 //!
+//! - `sluice` with the Kafka source (tansu on loopback, the same events produced into a
+//!   4-partition topic before the timed run), when tansu is installed (`--no-kafka` skips);
 //! - Nexmark q0 (pass-through), q1 (projection + arithmetic), q2 (filter), q10 (log to files
 //!   partitioned by date and minute) over a generated bid stream, directory source;
 //! - freshness under fixed-rate HTTP load (10k and 100k events/s): event sent → visible in a
 //!   committed entry, and acknowledgement latency.
 //!
 //! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
-//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-nexmark`, `--freshness-secs N`
+//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-kafka`, `--no-nexmark`, `--freshness-secs N`
 //! (default 30; 0 skips), `--rounds N` (directory source, HTTP and DuckDB in turn, medians
 //! reported; default 3).
 
+mod broker;
 mod datagen;
 
 use std::io::Write;
@@ -277,6 +280,43 @@ fn run_directory_noarchive(work: &Path, events: u64, bytes: u64, files: u64) -> 
     let last = format!("orders-{:05}.ndjson", files - 1);
     let name = "sluice: directory source, archive off";
     run_dir_sql(work, name, "dir-noarchive", &sql, &sink, "orders", &last, events, bytes)
+}
+
+/// The Kafka source over the same events (already in `topic`), the same SQL and tuning as the
+/// directory run; done when the log's offsets cover every message.
+fn run_kafka(work: &Path, broker: &broker::Broker, messages: u64, events: u64, bytes: u64, round: usize) -> Row {
+    let sink = work.join("lake/sluice-kafka");
+    let _ = std::fs::remove_dir_all(&sink);
+    let sql = pipeline_sql(
+        &format!(
+            "STORED AS KAFKA LOCATION 'kafka://{}/orders' OPTIONS ('group.id' 'bench-{round}', 'batch.max_rows' '250000', 'batch.max_bytes' '64MB', 'batch.interval' '2s', 'buffer.max_bytes' '128MB')",
+            broker.addr
+        ),
+        sink.to_str().unwrap_or_default(),
+    );
+    let t0 = Instant::now();
+    let (child, _) = start_server(work, &sql, "kafka");
+    wait_for("the Kafka run", || {
+        let (_, _, e) = log_totals(&sink);
+        e.and_then(|e| {
+            let offs = e["sources"]["orders"]["offsets"].as_object()?.clone();
+            Some(offs.values().filter_map(|v| v.as_u64()).sum::<u64>() >= messages)
+        })
+        .unwrap_or(false)
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
+    stop_child(child);
+    let (_, out, _) = log_totals(&sink);
+    Row {
+        name: "sluice: Kafka source (tansu on loopback)".into(),
+        events,
+        bytes,
+        wall,
+        cpu,
+        rss,
+        rows_out: Some(out),
+    }
 }
 
 /// Runs `argv` in `work` under Python's `resource` module: wall, CPU and peak RSS of the
@@ -959,6 +999,20 @@ fn main() {
     let (mut archive_off, mut archive_on) = (Vec::new(), Vec::new());
     let (mut reconciles, mut duck_reconciles) = (Vec::new(), Vec::new());
     let (mut quality_off, mut quality_on) = (Vec::new(), Vec::new());
+    // The Kafka row: the broker and its topic are set up once, outside the timed runs.
+    let kafka = match broker::tansu().filter(|_| !args.iter().any(|a| a == "--no-kafka")) {
+        Some(bin) => {
+            let b = broker::start(&bin);
+            let n = broker::load(&b, "orders", 4, &input_files(&work));
+            eprintln!("{n} messages produced into the Kafka topic");
+            Some((b, n))
+        }
+        None => {
+            eprintln!("no tansu (scripts/setup.sh --test installs it): the Kafka row is skipped");
+            None
+        }
+    };
+    let mut kafkas = Vec::new();
     for round in 1..=rounds {
         for old in [
             "lake/sluice-dir",
@@ -980,6 +1034,9 @@ fn main() {
             let _ = std::fs::remove_dir_all(work.join(old));
         }
         dirs.push(run_directory(&work, events, bytes, files));
+        if let Some((b, n)) = &kafka {
+            kafkas.push(run_kafka(&work, b, *n, events, bytes, round));
+        }
         if with_archive {
             archive_off.push(run_directory_noarchive(&work, events, bytes, files));
             archive_on.push(dirs.last().map(|d| d.cpu).unwrap_or_default());
@@ -1011,11 +1068,16 @@ fn main() {
             .join(", ")
     };
     let rounds_note = format!(
-        "- rounds: the directory source, HTTP ingest and DuckDB ran in turn {rounds} times; each row is its median round (walls s: directory {}; HTTP {}; DuckDB {})\n",
+        "- rounds: the directory source, Kafka, HTTP ingest and DuckDB ran in turn {rounds} times; each row is its median round (walls s: directory {}; Kafka {}; HTTP {}; DuckDB {})\n",
         walls(&dirs),
+        walls(&kafkas),
         walls(&https),
         walls(&ducks)
     );
+    // Kafka against the directory source, rounds paired (each round runs both back to back).
+    let kafka_share: Vec<f64> = kafkas.iter().zip(&dirs).map(|(k, d)| d.wall / k.wall).collect();
+    let kafka_row = median(kafkas);
+    drop(kafka);
     let defaults_note = if with_defaults {
         format!(
             "- default options: the directory source with no tuning (`batch.max_rows` 100000, `batch.max_bytes` 32MB, `buffer.max_bytes` 64MB), over the same files and over all of them as one file (walls s: files {}; one file {})\n",
@@ -1080,6 +1142,7 @@ fn main() {
     let (dir_wall, http_wall) = (dir.wall, http.as_ref().map(|h| h.wall));
     let (default_wall, one_wall) = (default_row.as_ref().map(|r| r.wall), one_row.as_ref().map(|r| r.wall));
     let mut rows = vec![dir];
+    rows.extend(kafka_row);
     rows.extend(default_row);
     rows.extend(one_row);
     rows.extend(archive_off_row);
@@ -1168,6 +1231,17 @@ fn main() {
         &archive_cost,
         0.25,
     ));
+    if !kafka_share.is_empty() {
+        let mut sorted = kafka_share.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mid = sorted[sorted.len() / 2];
+        table.push_str(&format!(
+            "\n**Kafka** (same run): the Kafka source's throughput is {:.0}% of the directory source's (paired rounds: {}; the broker, tansu, runs on the same 2 cores). Target ≥ 70%: {}.\n",
+            100.0 * mid,
+            kafka_share.iter().map(|r| format!("{:.0}%", 100.0 * r)).collect::<Vec<_>>().join(", "),
+            if mid >= 0.70 { "met" } else { "NOT met" }
+        ));
+    }
     if let Some(r) = reconcile_ratio {
         table.push_str(&format!(
             "\n**Reconcile** (same run): recomputing all {events} events of the directory run from the raw archive and comparing with its output, DuckDB wall / sluice wall = {r:.2}. Target ≥ 1.0: {}.\n",

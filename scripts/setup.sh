@@ -8,7 +8,7 @@
 #
 # What the tests need beyond the toolchain is installed here: the Parquet readers of
 # tests/it/readers.rs (a Python virtualenv cached under ~/.cache/sluice-tools) and Debian's
-# chromium for the HTML quality report; later a Kafka-protocol broker and an S3-compatible server.
+# chromium for the HTML quality report, and a Kafka-protocol broker (tansu) for the Kafka source.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,6 +33,18 @@ if [[ "${1:-}" == "--test" ]]; then
     # shellcheck disable=SC2086
     "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check $READERS
     echo "$READERS" > "$TOOLS/venv/.readers"
+  fi
+  # A Kafka-protocol broker for tests/it/kafka.rs: tansu from crates.io, built once (about 13
+  # minutes on 2 cores) and cached as $TOOLS/tansu/bin/tansu; the tests start it on random
+  # loopback ports with in-memory storage.
+  TANSU_VERSION="0.6.0"
+  if [[ ! -x "$TOOLS/tansu/bin/tansu" ]] || [[ "$(cat "$TOOLS/tansu/.version" 2>/dev/null)" != "$TANSU_VERSION" ]]; then
+    echo "setup: building tansu $TANSU_VERSION (a Kafka-protocol broker) into $TOOLS/tansu (takes minutes)"
+    # Its own target directory: the project's build cache stays the project's.
+    CARGO_TARGET_DIR="$TOOLS/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
+      --features dynostore --locked --root "$TOOLS/tansu" --quiet
+    rm -rf "$TOOLS/tansu-build"
+    echo "$TANSU_VERSION" > "$TOOLS/tansu/.version"
   fi
   # Headless Chromium opens the HTML quality report (tests/it/quality.rs): Debian's package.
   if ! command -v "${SLUICE_CHROMIUM:-chromium}" >/dev/null 2>&1; then

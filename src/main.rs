@@ -10,8 +10,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::execution::context::SQLOptions;
-use sluice_engine::log::table::CommittedTable;
 use sluice_engine::batch::{maintain, reconcile};
+use sluice_engine::log::table::CommittedTable;
 use sluice_engine::quality::report;
 use sluice_engine::server::runtime::{self, ServerConfig};
 use sluice_sql::PipelineText;
@@ -49,6 +49,11 @@ enum Command {
         /// Bytes all pipelines together may buffer before sources are pushed back, by priority.
         #[arg(long, default_value_t = sluice_engine::budget::DEFAULT_SERVER_BUDGET)]
         max_buffer_bytes: u64,
+        /// This server's name when several servers run the same pipelines (one Kafka consumer
+        /// group): letters, digits, '-' and '_', stable across its restarts. Each pipeline then
+        /// writes to its sink as `<pipeline>.<instance>`.
+        #[arg(long, env = "SLUICE_INSTANCE", value_parser = parse_instance)]
+        instance: Option<String>,
     },
     /// Parse, resolve and plan every statement without touching data; print each pipeline's plan.
     Validate {
@@ -188,7 +193,9 @@ enum OutputFormat {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    sluice_sql::parse_bytes(s).filter(|n| *n > 0).ok_or_else(|| format!("expected a size such as 128MB, got '{s}'"))
+    sluice_sql::parse_bytes(s)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("expected a size such as 128MB, got '{s}'"))
 }
 
 fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
@@ -371,7 +378,9 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
         #[cfg(feature = "cluster")]
         Some(url) => Some(cluster::remote_context(url).await?),
         #[cfg(not(feature = "cluster"))]
-        Some(url) => bail!("--cluster {url}: this sluice was built without Apache Ballista; build it with `--features cluster`"),
+        Some(url) => {
+            bail!("--cluster {url}: this sluice was built without Apache Ballista; build it with `--features cluster`")
+        }
     };
     let texts = read_files(&a.files)?;
     let registry = sluice_connectors::registry();
@@ -380,7 +389,12 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
         bail!(
             "no pipeline {} in the files (pipelines: {})",
             a.pipeline,
-            program.pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            program
+                .pipelines
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     };
     let factory = registry
@@ -433,13 +447,23 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
         report.archive_events,
         report.epochs.map_or("none".to_string(), |[a, b]| format!("{a}..={b}"))
     )?;
-    let header = ["partition", "stream rows", "batch rows", "columns that differ", "verdict"];
+    let header = [
+        "partition",
+        "stream rows",
+        "batch rows",
+        "columns that differ",
+        "verdict",
+    ];
     let rows: Vec<Vec<String>> = report
         .partitions
         .iter()
         .map(|p| {
             vec![
-                if p.partition.is_empty() { "(table)".to_string() } else { p.partition.trim_end_matches('/').to_string() },
+                if p.partition.is_empty() {
+                    "(table)".to_string()
+                } else {
+                    p.partition.trim_end_matches('/').to_string()
+                },
                 p.stream_rows.to_string(),
                 p.batch_rows.to_string(),
                 p.columns.join(", "),
@@ -451,7 +475,11 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
         })
         .collect();
     print_table(&mut out, &header, &rows)?;
-    for p in report.partitions.iter().filter(|p| p.verdict == reconcile::Verdict::Differs) {
+    for p in report
+        .partitions
+        .iter()
+        .filter(|p| p.verdict == reconcile::Verdict::Differs)
+    {
         for f in &p.missing_files {
             writeln!(out, "{}: committed file missing: {f}", p.partition)?;
         }
@@ -459,7 +487,11 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
             writeln!(out, "{}: file no commit names: {f}", p.partition)?;
         }
         if let Some(k) = &p.keys {
-            for (what, keys) in [("missing from the stream", &k.missing), ("extra in the stream", &k.extra), ("changed", &k.changed)] {
+            for (what, keys) in [
+                ("missing from the stream", &k.missing),
+                ("extra in the stream", &k.extra),
+                ("changed", &k.changed),
+            ] {
                 if !keys.is_empty() {
                     let shown: Vec<&str> = keys.iter().take(KEYS_PRINTED).map(String::as_str).collect();
                     let more = keys.len().saturating_sub(KEYS_PRINTED);
@@ -469,7 +501,11 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
                         p.partition,
                         keys.len(),
                         shown.join(" "),
-                        if more > 0 { format!(" (and {more} more)") } else { String::new() }
+                        if more > 0 {
+                            format!(" (and {more} more)")
+                        } else {
+                            String::new()
+                        }
                     )?;
                 }
             }
@@ -487,7 +523,10 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
             r.removed.len(),
             r.added.len()
         )?,
-        (None, n) => writeln!(out, "{n} partition(s) differ; --repair replaces them with the batch result")?,
+        (None, n) => writeln!(
+            out,
+            "{n} partition(s) differ; --repair replaces them with the batch result"
+        )?,
     }
     Ok(report.differing == 0)
 }
@@ -495,7 +534,13 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
 /// Prints an aligned text table.
 fn print_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let widths: Vec<usize> = (0..header.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: Vec<String>| -> String {
         cells
@@ -514,7 +559,13 @@ fn print_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> R
     Ok(())
 }
 
-async fn quality_report(sink: &str, since: Option<&str>, until: Option<&str>, html: Option<&Path>, json: bool) -> Result<()> {
+async fn quality_report(
+    sink: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    html: Option<&Path>,
+    json: bool,
+) -> Result<()> {
     let table = open_table(sink)?;
     let since = since.map(parse_instant).transpose()?;
     let until = until.map(parse_instant).transpose()?;
@@ -550,9 +601,15 @@ async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool)
     if partition.is_empty() {
         writeln!(out, "{sink}: profiles of {} epochs", profile.epochs)?;
     } else {
-        writeln!(out, "{sink}: footers of {} committed files in the partition", profile.epochs)?;
+        writeln!(
+            out,
+            "{sink}: footers of {} committed files in the partition",
+            profile.epochs
+        )?;
     }
-    let header = ["side", "table", "column", "type", "rows", "null %", "distinct", "min", "max", "mean", "p50", "p99"];
+    let header = [
+        "side", "table", "column", "type", "rows", "null %", "distinct", "min", "max", "mean", "p50", "p99",
+    ];
     let rows: Vec<Vec<String>> = profile
         .columns
         .iter()
@@ -626,6 +683,18 @@ fn shutdown_signal() -> impl Future<Output = ()> {
     }
 }
 
+/// An instance name: 1 to 64 of letters, digits, `-` and `_` (it goes into file names).
+fn parse_instance(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not an instance name: use 1 to 64 letters, digits, '-' and '_'"
+        ))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -650,10 +719,12 @@ fn main() -> ExitCode {
                 state_dir,
                 adopt_ingest_log,
                 max_buffer_bytes,
+                instance,
             } => {
                 let config = ServerConfig {
                     listen,
                     max_buffer_bytes,
+                    instance,
                 };
                 let state_dir = state_dir_for(&files, state_dir);
                 run(&files, config, &state_dir, adopt_ingest_log).await
@@ -704,7 +775,11 @@ fn main() -> ExitCode {
                 work_dir,
             } => cluster::executor(scheduler, bind, grpc_port, work_dir).await,
             Command::Reconcile(args) => {
-                return Ok(if reconcile_cmd(args).await? { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                return Ok(if reconcile_cmd(args).await? {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
             }
             Command::Check { sink, json } => match check(&sink, json).await {
                 Ok(true) => Ok(()),

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `HTTP` | source: `POST /v1/sources/{name}` | [`http`] |
 //! | `NDJSON`, `CSV` | source: new files in a directory | [`files`] |
+//! | `KAFKA` | source: a topic, read by a consumer group (feature `kafka`) | `kafka` |
 //! | `PARQUET` | sink: hive-partitioned Parquet | [`parquet`] |
 //!
 //! ```
@@ -16,6 +17,8 @@
 
 pub mod files;
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod parquet;
 
 use std::path::Path;
@@ -51,6 +54,8 @@ pub fn registry_for_run(state_dir: &Path, adopt_ingest_logs: bool, body_budget: 
     ));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Ndjson)));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Csv)));
+    #[cfg(feature = "kafka")]
+    r.add_source(Arc::new(kafka::KafkaSourceFactory));
     r.add_sink(Arc::new(parquet::ParquetSinkFactory));
     r
 }

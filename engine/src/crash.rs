@@ -6,6 +6,10 @@
 //! `SLUICE_FAIL_AT=<name>[,<name>...]` makes [`fails`] return true at those names, for faults
 //! that are errors rather than crashes (`catch_up`: the HTTP source's catch-up reader fails).
 //!
+//! `SLUICE_HOLD_AT=<name>:<path>` makes [`held`] return true at `name` while the file `path`
+//! exists: a fault a test switches off by removing the file (`commit`: every commit fails with
+//! a transient error, as against a store that is down, so the sink falls behind).
+//!
 //! Points: `after_wal_append` (durable, not yet acknowledged), `after_stage` (files staged, no
 //! log entry), `after_log_put` (entry written, files not moved), `after_move` (some files moved),
 //! `after_commit` (commit done, not yet reported to the source), `before_segment_delete`.
@@ -55,5 +59,21 @@ pub fn fails(name: &str) -> bool {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn fails(_name: &str) -> bool {
+    false
+}
+
+/// True while `SLUICE_HOLD_AT` names `name` and its file exists (in fault-injection builds).
+#[cfg(feature = "fault-injection")]
+pub fn held(name: &str) -> bool {
+    std::env::var("SLUICE_HOLD_AT").is_ok_and(|v| {
+        v.split_once(':')
+            .is_some_and(|(n, path)| n == name && std::path::Path::new(path).exists())
+    })
+}
+
+/// True while `SLUICE_HOLD_AT` names `name` (never, outside fault-injection builds).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn held(_name: &str) -> bool {
     false
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::budget::Budget;
 use crate::dead_letter::DeadLetter;
 use crate::error::Result;
+use crate::log::commit::CommitLog;
 
 /// What a source sends its pipeline.
 #[derive(Debug)]
@@ -71,6 +72,69 @@ impl Health {
     }
 }
 
+/// Every writer's newest recorded position of one source in the sink's commit log, read on
+/// demand. A source whose input is split among several servers (Kafka partitions of one
+/// consumer group) reads it when it is handed a part, since another server may have committed
+/// that part since this one started.
+#[derive(Debug, Clone)]
+pub struct LogPositions {
+    log: CommitLog,
+    source: String,
+}
+
+impl LogPositions {
+    /// The positions of `source` recorded in `log`.
+    pub fn new(log: CommitLog, source: &str) -> Self {
+        LogPositions {
+            log,
+            source: source.to_string(),
+        }
+    }
+
+    /// Each writer's newest position of the source (writers that never recorded one are left
+    /// out), read from the log now (the newest checkpoint and the entries after it).
+    pub async fn read(&self) -> Result<Vec<serde_json::Value>> {
+        let snap = self.log.snapshot().await?;
+        Ok(snap
+            .newest_by_writer()
+            .values()
+            .filter_map(|e| e.sources.get(&self.source).cloned())
+            .collect())
+    }
+}
+
+/// How far a source's pipeline is behind its input, per part of the input (Kafka: per
+/// partition, log-end offset minus the committed offset). Set by the source, shown in
+/// `GET /v1/pipelines`.
+#[derive(Debug, Clone, Default)]
+pub struct Lag(Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl Lag {
+    /// Records the lag of `part`.
+    pub fn set(&self, part: &str, lag: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(part.to_string(), lag);
+    }
+
+    /// Forgets `part` (no longer read by this server).
+    pub fn remove(&self, part: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(part);
+    }
+
+    /// The lag of every part.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl serde::Serialize for Lag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.snapshot().serialize(s)
+    }
+}
+
 /// What a running source gets from the engine.
 #[derive(Debug)]
 pub struct SourceContext {
@@ -95,6 +159,10 @@ pub struct SourceContext {
     /// The pipeline's health: refuse intake while it is failed; set it when this source can
     /// no longer deliver (with the reason).
     pub health: Health,
+    /// Every writer's newest position of this source in the sink's log.
+    pub log_positions: LogPositions,
+    /// Where the source reports how far behind its input the pipeline is.
+    pub lag: Lag,
 }
 
 impl SourceContext {

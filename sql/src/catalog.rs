@@ -26,6 +26,17 @@ pub struct OptionSpec {
     pub doc: &'static str,
 }
 
+impl OptionSpec {
+    /// Whether `key` is this option: the same key, or, for a spec ending in `.*` (a family of
+    /// keys passed through to a client library, e.g. `kafka.*`), any key under that prefix.
+    pub fn accepts(&self, key: &str) -> bool {
+        match self.key.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with('.') => key.len() > prefix.len() && key.starts_with(prefix),
+            _ => self.key == key,
+        }
+    }
+}
+
 /// A rejected option value: which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionError {
@@ -182,6 +193,19 @@ pub fn option_choice<T: Copy>(
                 message: format!("{key} is one of {}, got '{v}'", names.join(", ")),
             }
         })
+}
+
+/// Reads a one-character field delimiter (`\t` for a tab), or `default` when `key` is absent.
+pub fn option_delimiter(options: &Options, key: &str, default: u8) -> Result<u8, OptionError> {
+    match options.get(key).map(String::as_str) {
+        None => Ok(default),
+        Some("\\t") => Ok(b'\t'),
+        Some(v) if v.len() == 1 => Ok(v.as_bytes()[0]),
+        Some(v) => Err(OptionError {
+            key: key.into(),
+            message: format!("{key} is one character, got '{v}'"),
+        }),
+    }
 }
 
 #[cfg(test)]

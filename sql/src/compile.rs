@@ -220,7 +220,10 @@ fn blank(sql: &mut String, text: &PipelineText, st: &StatementTokens<'_>) {
         return;
     };
     // One space per character (DataFusion counts columns in characters), newlines kept.
-    let spaces: String = sql[start..end].chars().map(|c| if c == '\n' { '\n' } else { ' ' }).collect();
+    let spaces: String = sql[start..end]
+        .chars()
+        .map(|c| if c == '\n' { '\n' } else { ' ' })
+        .collect();
     sql.replace_range(start..end, &spaces);
 }
 
@@ -308,7 +311,9 @@ impl<'a> Compiler<'a> {
         if let Some(prev) = self.program.expectations.iter().find(|x| x.name == e.name()) {
             return Err(e.error_at_name(
                 format!("expectation \"{}\" is defined twice", e.name()),
-                prev.defined_at.as_ref().map(|l| format!("\"{}\" is first defined at {l}", prev.name)),
+                prev.defined_at
+                    .as_ref()
+                    .map(|l| format!("\"{}\" is first defined at {l}", prev.name)),
             ));
         }
         let schema = if let Some(s) = self.program.sources.get(e.table()) {
@@ -324,11 +329,17 @@ impl<'a> Compiler<'a> {
                 .map(String::as_str)
                 .collect();
             let hint = if self.defined.contains_key(e.table()) {
-                format!("\"{}\" is a static table; an expectation checks a pipeline's source or sink", e.table())
+                format!(
+                    "\"{}\" is a static table; an expectation checks a pipeline's source or sink",
+                    e.table()
+                )
             } else {
                 match nearest(e.table(), names.iter().copied()) {
                     Some(n) => format!("did you mean \"{n}\"?"),
-                    None => format!("an expectation checks a pipeline's source or sink: {}", names.join(", ")),
+                    None => format!(
+                        "an expectation checks a pipeline's source or sink: {}",
+                        names.join(", ")
+                    ),
                 }
             };
             return Err(e.error_at_table(format!("unknown table \"{}\"", e.table()), Some(hint)));
@@ -437,7 +448,7 @@ impl<'a> Compiler<'a> {
             ));
         };
         for key in options.keys() {
-            if !spec.options.iter().any(|o| o.key == key) {
+            if !spec.options.iter().any(|o| o.accepts(key)) {
                 let keys: Vec<&str> = spec.options.iter().map(|o| o.key).collect();
                 let hint = match nearest(key, keys.iter().copied()) {
                     Some(n) => format!("did you mean '{n}'?"),

@@ -34,7 +34,7 @@ mod text;
 
 pub use catalog::{
     ConnectorCatalog, ConnectorSpec, OptionCheck, OptionError, OptionSpec, Options, Role, option_bytes, option_choice,
-    option_count, option_duration, parse_bytes, parse_duration,
+    option_count, option_delimiter, option_duration, parse_bytes, parse_duration,
 };
 pub use compile::{PipelineDef, Program, SinkDef, SourceDef, bind_scan, compile, substitute_env};
 pub use error::{SourceLocation, SqlError, nearest};

@@ -8,12 +8,16 @@ mod faults;
 mod fuzz;
 mod harness;
 mod http;
+#[cfg(feature = "kafka")]
+mod kafka;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
 mod quality;
 mod quickstart;
 mod readers;
 mod reconcile;
+#[cfg(feature = "kafka")]
+mod services;
 mod slt;
 mod stalls;
 mod state_dir;

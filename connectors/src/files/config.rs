@@ -61,17 +61,7 @@ impl DirSourceConfig {
                 message: format!("a directory source's LOCATION is a local directory, got '{location}'"),
             });
         }
-        let delimiter = match options.get("format.delimiter").map(String::as_str) {
-            None => b',',
-            Some("\\t") => b'\t',
-            Some(v) if v.len() == 1 => v.as_bytes()[0],
-            Some(v) => {
-                return Err(OptionError {
-                    key: "format.delimiter".into(),
-                    message: format!("format.delimiter is one character, got '{v}'"),
-                });
-            }
-        };
+        let delimiter = sluice_sql::option_delimiter(options, "format.delimiter", b',')?;
         Ok(DirSourceConfig {
             dir: PathBuf::from(path),
             poll_interval: option_duration(options, "poll_interval", DEFAULT_POLL_INTERVAL)?,

@@ -63,12 +63,17 @@ pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)
     // Small files by (partition, pipeline), in commit order.
     let mut groups: BTreeMap<(String, String), Vec<(FileAction, Origin)>> = BTreeMap::new();
     for (f, origin) in folded.files {
-        let matches = filter
-            .iter()
-            .all(|(k, v)| f.partition.iter().any(|(pk, pv)| pk == k && pv.as_deref() == Some(v.as_str())));
+        let matches = filter.iter().all(|(k, v)| {
+            f.partition
+                .iter()
+                .any(|(pk, pv)| pk == k && pv.as_deref() == Some(v.as_str()))
+        });
         if matches && f.bytes < target {
             let dir = f.path.rfind('/').map_or(String::new(), |i| f.path[..=i].to_string());
-            groups.entry((dir, origin.pipeline.clone())).or_default().push((f, origin));
+            groups
+                .entry((dir, origin.pipeline.clone()))
+                .or_default()
+                .push((f, origin));
         }
     }
     let mut report = CompactReport::default();
@@ -102,7 +107,9 @@ pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)
             let path = format!("{dir}part-{MAINTENANCE_WRITER}-{next_epoch}-{n}.parquet");
             let size = merged.1.len() as u64;
             log.stage(&path, merged.1).await?;
-            let epochs = run.iter().fold([u64::MAX, 0], |[a, b], (_, o)| [a.min(o.epochs[0]), b.max(o.epochs[1])]);
+            let epochs = run
+                .iter()
+                .fold([u64::MAX, 0], |[a, b], (_, o)| [a.min(o.epochs[0]), b.max(o.epochs[1])]);
             add.push(FileAction {
                 path,
                 rows: merged.0,
@@ -133,6 +140,7 @@ pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)
             version: LOG_VERSION,
             epoch: (now.newest_epoch() + 1).max(next_epoch),
             pipeline: MAINTENANCE_WRITER.to_string(),
+            instance: None,
             committed_at: chrono::Utc::now().to_rfc3339(),
             add,
             remove,
@@ -174,14 +182,17 @@ async fn merge(table: &TableStore, run: &[(FileAction, Origin)]) -> Result<Optio
     }
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(|e| EngineError::Internal(e.to_string()))?))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).map_err(|e| EngineError::Internal(e.to_string()))?,
+        ))
         .set_dictionary_page_size_limit(16 * 1024)
         .build();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let bytes = tokio::task::spawn_blocking(move || crate::parquet_file::encode_file(&batches, &schema, &props, threads))
-        .await
-        .map_err(|e| EngineError::Internal(format!("compaction encode task failed: {e}")))?
-        .map_err(|e| EngineError::Internal(format!("encoding a compacted file: {e}")))?;
+    let bytes =
+        tokio::task::spawn_blocking(move || crate::parquet_file::encode_file(&batches, &schema, &props, threads))
+            .await
+            .map_err(|e| EngineError::Internal(format!("compaction encode task failed: {e}")))?
+            .map_err(|e| EngineError::Internal(format!("encoding a compacted file: {e}")))?;
     Ok(Some((rows, bytes)))
 }
 
@@ -200,16 +211,19 @@ pub struct VacuumReport {
 /// staging orphans of writers not running (their recovery runs), and, with
 /// `archive_retention`, archive files of commits older than it. Never a file a live commit
 /// names as data.
-pub async fn vacuum(table: &TableStore, retention: Duration, archive_retention: Option<Duration>) -> Result<VacuumReport> {
+pub async fn vacuum(
+    table: &TableStore,
+    retention: Duration,
+    archive_retention: Option<Duration>,
+) -> Result<VacuumReport> {
     let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER)?;
     let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
     log.recover().await?;
     let mut report = VacuumReport::default();
     let now = chrono::Utc::now();
     let older = |e: &EntrySummary, keep: Duration| {
-        chrono::DateTime::parse_from_rfc3339(&e.committed_at).is_ok_and(|t| {
-            now.signed_duration_since(t).to_std().is_ok_and(|age| age >= keep)
-        })
+        chrono::DateTime::parse_from_rfc3339(&e.committed_at)
+            .is_ok_and(|t| now.signed_duration_since(t).to_std().is_ok_and(|age| age >= keep))
     };
     let folded = log.snapshot().await?.folded();
     let by_epoch: BTreeMap<u64, &EntrySummary> = folded.index.iter().map(|e| (e.epoch, e)).collect();
@@ -221,7 +235,10 @@ pub async fn vacuum(table: &TableStore, retention: Duration, archive_retention: 
         .map_err(EngineError::store("listing _sluice/removed"))?;
     for dir in removed.common_prefixes {
         let epoch: Option<u64> = dir.filename().and_then(|n| n.parse().ok());
-        if epoch.and_then(|e| by_epoch.get(&e)).is_some_and(|e| older(e, retention)) {
+        if epoch
+            .and_then(|e| by_epoch.get(&e))
+            .is_some_and(|e| older(e, retention))
+        {
             for path in list(table, &dir).await? {
                 delete(table, &path).await?;
                 report.removed_files.push(table.relative(&path));

@@ -194,7 +194,12 @@ pub async fn reconcile(
             format!("no pipeline {pipeline} in the files"),
             Some(format!(
                 "pipelines: {}",
-                program.pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                program
+                    .pipelines
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         )
     })?;
@@ -205,7 +210,12 @@ pub async fn reconcile(
     let key: Vec<String> = sink_def
         .options
         .get("key")
-        .map(|k| k.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        .map(|k| {
+            k.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     let table = sink.table().clone();
     let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
@@ -227,7 +237,8 @@ pub async fn reconcile(
     let in_range: Vec<u64> = mine
         .iter()
         .filter(|e| {
-            chrono::DateTime::parse_from_rfc3339(&e.committed_at).is_ok_and(|t| opts.range.contains(t.timestamp_micros()))
+            chrono::DateTime::parse_from_rfc3339(&e.committed_at)
+                .is_ok_and(|t| opts.range.contains(t.timestamp_micros()))
         })
         .map(|e| e.epoch)
         .collect();
@@ -265,13 +276,21 @@ pub async fn reconcile(
             Some("reconcile a range that starts after the archive was turned on".to_string()),
         ));
     }
-    let archive_paths: Vec<String> = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.path.clone())).collect();
-    for (e, path) in archived.iter().filter_map(|e| e.archive.as_ref().map(|a| (e.epoch, &a.path))) {
+    let archive_paths: Vec<String> = archived
+        .iter()
+        .filter_map(|e| e.archive.as_ref().map(|a| a.path.clone()))
+        .collect();
+    for (e, path) in archived
+        .iter()
+        .filter_map(|e| e.archive.as_ref().map(|a| (e.epoch, &a.path)))
+    {
         match table.store.head(&table.path(path)).await {
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(EngineError::config(
-                    format!("the raw archive of epoch {e} ({path}) is gone (deleted by vacuum past its archive retention?), so the range cannot be recomputed"),
+                    format!(
+                        "the raw archive of epoch {e} ({path}) is gone (deleted by vacuum past its archive retention?), so the range cannot be recomputed"
+                    ),
                     Some("reconcile a more recent range".to_string()),
                 ));
             }
@@ -289,13 +308,27 @@ pub async fn reconcile(
         .filter(|(_, o)| covered(o.epochs))
         .map(|(f, _)| Unit::Stream(partition_dir(f), f.path.clone()))
         .collect();
-    let stream_side = tokio::spawn(run_units(table.clone(), stream_units, key.clone(), seed.clone(), parallel));
+    let stream_side = tokio::spawn(run_units(
+        table.clone(),
+        stream_units,
+        key.clone(),
+        seed.clone(),
+        parallel,
+    ));
     let started = std::time::Instant::now();
     progress("recomputing", 0, archive_paths.len() as u64);
     let batches = if archive_paths.is_empty() {
         vec![]
     } else {
-        recompute(opts.exec.as_ref().unwrap_or(ctx), opts.exec.is_some(), program, def, &table, &archive_paths).await?
+        recompute(
+            opts.exec.as_ref().unwrap_or(ctx),
+            opts.exec.is_some(),
+            program,
+            def,
+            &table,
+            &archive_paths,
+        )
+        .await?
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
     let next_epoch = snap.newest_epoch() + 1;
@@ -384,8 +417,13 @@ pub async fn reconcile(
         }
         partitions.push(report);
     }
-    tracing::debug!(recompute_ms = recomputed.as_millis() as u64, split_ms = (split - recomputed).as_millis() as u64,
-        compare_ms = (started.elapsed() - split).as_millis() as u64, partitions = total, "reconcile phases");
+    tracing::debug!(
+        recompute_ms = recomputed.as_millis() as u64,
+        split_ms = (split - recomputed).as_millis() as u64,
+        compare_ms = (started.elapsed() - split).as_millis() as u64,
+        partitions = total,
+        "reconcile phases"
+    );
     let differing = repair_parts.len();
     let mut report = ReconcileReport {
         pipeline: def.name.clone(),
@@ -411,7 +449,12 @@ pub async fn reconcile(
         let files = shadow.stage(&shadow_log, next_epoch, batches).await?;
         let parts = repair_parts
             .into_iter()
-            .map(|(dir, remove)| (remove, files.iter().filter(|f| partition_dir(f) == dir).cloned().collect()))
+            .map(|(dir, remove)| {
+                (
+                    remove,
+                    files.iter().filter(|f| partition_dir(f) == dir).cloned().collect(),
+                )
+            })
             .collect();
         let job = Repair {
             log: &log,
@@ -439,7 +482,16 @@ pub async fn finish_interrupted_maintenance(table: &TableStore) -> Result<()> {
 /// Functions in the SELECT whose value differs from run to run: the batch recompute cannot
 /// match the stream on columns they feed.
 fn volatile_calls(def: &PipelineDef) -> Vec<String> {
-    const PER_RUN: [&str; 8] = ["now", "current_timestamp", "current_date", "current_time", "random", "uuid", "today", "localtimestamp"];
+    const PER_RUN: [&str; 8] = [
+        "now",
+        "current_timestamp",
+        "current_date",
+        "current_time",
+        "random",
+        "uuid",
+        "today",
+        "localtimestamp",
+    ];
     let mut found = BTreeSet::new();
     let _ = def.plan.apply_with_subqueries(|node| {
         node.apply_expressions(|e| {
@@ -455,7 +507,9 @@ fn volatile_calls(def: &PipelineDef) -> Vec<String> {
     });
     found
         .into_iter()
-        .map(|f| format!("the SELECT calls {f}(), whose value differs from run to run: the columns it feeds will differ"))
+        .map(|f| {
+            format!("the SELECT calls {f}(), whose value differs from run to run: the columns it feeds will differ")
+        })
         .collect()
 }
 
@@ -526,7 +580,10 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
     match unit {
         Unit::Stream(i, path) => match fetch(table, &table.path(&path)).await? {
             None => Ok((i, Outcome::Missing(path))),
-            Some(bytes) => Ok((i, blocking(Box::new(move || Ok(Outcome::Stream(digest(&decode(bytes, &path)?)?)))).await?)),
+            Some(bytes) => Ok((
+                i,
+                blocking(Box::new(move || Ok(Outcome::Stream(digest(&decode(bytes, &path)?)?)))).await?,
+            )),
         },
         Unit::Stray(i, path) => {
             // A stray file that cannot be read still differs (readers trip on it).
@@ -552,7 +609,11 @@ fn verdict(side: Side, a: Accumulated, keyed: bool) -> (PartitionReport, Option<
     let same = !a.unreadable && side.stray.is_empty() && s.same(&b) && (!keyed || s.keys == b.keys);
     let keys = keyed.then(|| {
         let (missing, extra, changed) = key_differences(&s, &b);
-        KeyReport { missing, extra, changed }
+        KeyReport {
+            missing,
+            extra,
+            changed,
+        }
     });
     let mut columns = s.columns_differing(&b);
     if !same && columns.is_empty() && s.rows == b.rows && !a.unreadable {
@@ -594,7 +655,9 @@ async fn recompute(
     // Read with the schema the files were written with (no view types in place of the
     // source's declared ones).
     let schema = super::archive::archive_schema(&source.schema);
-    let raw = ctx.read_parquet(urls, ParquetReadOptions::default().schema(&schema)).await?;
+    let raw = ctx
+        .read_parquet(urls, ParquetReadOptions::default().schema(&schema))
+        .await?;
     let names: Vec<&str> = source.schema.fields().iter().map(|f| f.name().as_str()).collect();
     let mut input = raw.select_columns(&names)?;
     for e in removing_checks(program, &def.source) {
@@ -611,7 +674,11 @@ async fn recompute(
                 let mut b = LogicalPlanBuilder::from(input.clone()).alias(scan.table_name.clone())?;
                 if let Some(columns) = &scan.projection {
                     let schema = b.schema().clone();
-                    b = b.project(columns.iter().map(|i| Expr::Column(datafusion::common::Column::from(schema.qualified_field(*i)))))?;
+                    b = b.project(
+                        columns
+                            .iter()
+                            .map(|i| Expr::Column(datafusion::common::Column::from(schema.qualified_field(*i)))),
+                    )?;
                 }
                 Ok(Transformed::yes(b.build()?))
             }
@@ -647,7 +714,9 @@ fn removing_checks(program: &Program, table: &str) -> Vec<Expr> {
             d.expr
                 .clone()
                 .transform_up(|e| match e {
-                    Expr::Column(c) => Ok(Transformed::yes(col(datafusion::common::Column::new_unqualified(c.name)))),
+                    Expr::Column(c) => Ok(Transformed::yes(col(datafusion::common::Column::new_unqualified(
+                        c.name,
+                    )))),
                     other => Ok(Transformed::no(other)),
                 })
                 .ok()
@@ -665,7 +734,10 @@ fn table_urls(ctx: &SessionContext, table: &TableStore, paths: &[String]) -> Res
     }
     let base = url::Url::parse("sluice-table://sink/").map_err(|e| EngineError::Internal(e.to_string()))?;
     ctx.register_object_store(&base, table.store.clone());
-    Ok(paths.iter().map(|p| format!("sluice-table://sink/{}", table.path(p))).collect())
+    Ok(paths
+        .iter()
+        .map(|p| format!("sluice-table://sink/{}", table.path(p)))
+        .collect())
 }
 
 /// A file's partition directory (`k=v/.../`), from its path.
@@ -694,7 +766,10 @@ async fn list_parquet(table: &TableStore, dir: &str) -> Result<Vec<String>> {
 }
 
 /// A Parquet file's rows; `None` when it does not exist.
-pub(crate) async fn read_parquet(table: &TableStore, path: &object_store::path::Path) -> Result<Option<Vec<RecordBatch>>> {
+pub(crate) async fn read_parquet(
+    table: &TableStore,
+    path: &object_store::path::Path,
+) -> Result<Option<Vec<RecordBatch>>> {
     match fetch(table, path).await? {
         Some(bytes) => Ok(Some(decode(bytes, path.as_ref())?)),
         None => Ok(None),
@@ -704,7 +779,9 @@ pub(crate) async fn read_parquet(table: &TableStore, path: &object_store::path::
 /// A file's bytes; `None` when it does not exist.
 async fn fetch(table: &TableStore, path: &object_store::path::Path) -> Result<Option<bytes::Bytes>> {
     match table.store.get(path).await {
-        Ok(g) => Ok(Some(g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?)),
+        Ok(g) => Ok(Some(
+            g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?,
+        )),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(EngineError::store(format!("reading {path}"))(e)),
     }
@@ -771,6 +848,7 @@ impl Repair<'_> {
             version: LOG_VERSION,
             epoch: (snap.newest_epoch() + 1).max(self.epoch),
             pipeline: MAINTENANCE_WRITER.to_string(),
+            instance: None,
             committed_at: chrono::Utc::now().to_rfc3339(),
             counts: Counts {
                 output: add.iter().map(|f: &FileAction| f.rows).sum(),
@@ -803,7 +881,10 @@ mod tests {
         assert_eq!(parse_instant("1970-01-01T00:00:01.000002Z").unwrap(), 1_000_002);
         assert_eq!(parse_instant("1970-01-01T01:00:00+01:00").unwrap(), 0);
         assert!(parse_instant("yesterday").is_err());
-        let r = TimeRange { from_us: Some(10), to_us: Some(20) };
+        let r = TimeRange {
+            from_us: Some(10),
+            to_us: Some(20),
+        };
         assert!(r.contains(10) && r.contains(19) && !r.contains(20) && !r.contains(9));
         assert!(TimeRange::default().contains(i64::MIN));
     }

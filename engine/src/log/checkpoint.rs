@@ -71,7 +71,7 @@ impl Checkpoint {
     fn fold(&mut self, entries: &[CommitEntry]) {
         self.files = fold_files(std::mem::take(&mut self.files), entries);
         for entry in entries {
-            self.newest.insert(entry.pipeline.clone(), entry.clone());
+            self.newest.insert(entry.writer(), entry.clone());
             self.index.push(EntrySummary::from(entry));
             if !entry.schema.columns.is_empty() {
                 self.schema = entry.schema.clone();
@@ -108,9 +108,19 @@ impl Snapshot {
         self.after
             .iter()
             .rev()
-            .find(|e| e.pipeline == writer)
+            .find(|e| e.writer() == writer)
             .or_else(|| self.checkpoint.newest.get(writer))
             .cloned()
+    }
+
+    /// Each writer's newest entry, by writer name.
+    pub fn newest_by_writer(&self) -> BTreeMap<String, &CommitEntry> {
+        let mut out: BTreeMap<String, &CommitEntry> =
+            self.checkpoint.newest.iter().map(|(w, e)| (w.clone(), e)).collect();
+        for e in &self.after {
+            out.insert(e.writer(), e);
+        }
+        out
     }
 
     /// The paths of the live files.
@@ -170,7 +180,11 @@ impl CommitLog {
             .retry()
             .run("reading a checkpoint", || async {
                 match self.table().store.get(&path).await {
-                    Ok(g) => g.bytes().await.map(Some).map_err(EngineError::store(format!("reading {path}"))),
+                    Ok(g) => g
+                        .bytes()
+                        .await
+                        .map(Some)
+                        .map_err(EngineError::store(format!("reading {path}"))),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(EngineError::store(format!("reading {path}"))(e)),
                 }
@@ -242,10 +256,19 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ObjectStore for Counting {
-        async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
             self.inner.put_opts(location, payload, opts).await
         }
-        async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
             self.inner.put_multipart_opts(location, opts).await
         }
         async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
@@ -257,7 +280,10 @@ mod tests {
         async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
             self.inner.get_ranges(location, ranges).await
         }
-        fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
             self.inner.delete_stream(locations)
         }
         fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -279,6 +305,7 @@ mod tests {
             version: LOG_VERSION,
             epoch,
             pipeline: writer.into(),
+            instance: None,
             committed_at: String::new(),
             add: add
                 .iter()
@@ -312,7 +339,10 @@ mod tests {
         for epoch in 1..=1050u64 {
             let (log, e) = if epoch % 97 == 0 {
                 let gone = format!("d/f-{}.parquet", epoch - 5);
-                (&job, entry(epoch, "maintenance", &[format!("d/m-{epoch}.parquet")], &[gone]))
+                (
+                    &job,
+                    entry(epoch, "maintenance", &[format!("d/m-{epoch}.parquet")], &[gone]),
+                )
             } else {
                 (&stream, entry(epoch, "p", &[format!("d/f-{epoch}.parquet")], &[]))
             };
@@ -327,14 +357,28 @@ mod tests {
 
         store.entry_reads.store(0, Ordering::Relaxed);
         let rec = CommitLog::new(table.clone(), "p").recover().await.unwrap();
-        assert_eq!(store.entry_reads.load(Ordering::Relaxed), 50, "entries 1001..=1050 only");
+        assert_eq!(
+            store.entry_reads.load(Ordering::Relaxed),
+            50,
+            "entries 1001..=1050 only"
+        );
         assert_eq!(rec.next_epoch(), 1051);
-        assert_eq!(rec.last.as_ref().map(|e| e.sources["src"]["seq"].as_u64()), Some(Some(1050)));
+        assert_eq!(
+            rec.last.as_ref().map(|e| e.sources["src"]["seq"].as_u64()),
+            Some(Some(1050))
+        );
 
         store.entry_reads.store(0, Ordering::Relaxed);
-        let (files, _) = CommitLog::new(table.clone(), "sluice-query").committed_files().await.unwrap();
+        let (files, _) = CommitLog::new(table.clone(), "sluice-query")
+            .committed_files()
+            .await
+            .unwrap();
         assert_eq!(store.entry_reads.load(Ordering::Relaxed), 50);
-        assert_eq!(files, live_files(&all), "the checkpoint folds exactly what the entries say");
+        assert_eq!(
+            files,
+            live_files(&all),
+            "the checkpoint folds exactly what the entries say"
+        );
 
         // A writer whose newest entry is only in the checkpoint still finds it there.
         let snap = job.snapshot().await.unwrap();

@@ -159,6 +159,10 @@ pub struct CommitEntry {
     pub epoch: u64,
     /// The pipeline (or job) that wrote it.
     pub pipeline: String,
+    /// The server instance that wrote it, when several servers run the pipeline
+    /// (`sluice run --instance`, Kafka consumer groups); with `pipeline` it names the writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// Wall-clock time of the commit, informational only.
     pub committed_at: String,
     /// Data files added.
@@ -250,7 +254,22 @@ pub struct TableSummary {
     pub nulls: BTreeMap<String, u64>,
 }
 
+/// The writer name of `pipeline` run as `instance`: the pipeline's name alone, or
+/// `<pipeline>.<instance>` (a `.` cannot occur in a pipeline name, which is an unqualified
+/// table name). File names, staging directories and leases carry it.
+pub fn writer_name(pipeline: &str, instance: Option<&str>) -> String {
+    match instance {
+        Some(i) => format!("{pipeline}.{i}"),
+        None => pipeline.to_string(),
+    }
+}
+
 impl CommitEntry {
+    /// The writer that made this entry ([`writer_name`]).
+    pub fn writer(&self) -> String {
+        writer_name(&self.pipeline, self.instance.as_deref())
+    }
+
     /// True when `other` commits the same thing (everything equal but the wall-clock time).
     /// The floats of the quality figures are compared to within a few units in the last place:
     /// one side usually was read back from the log, and serde_json's float parsing need not
@@ -311,8 +330,11 @@ pub fn live_files(entries: &[CommitEntry]) -> Vec<FileAction> {
 /// the commit that added it) after `entries` (in epoch order): removed and replaced files go,
 /// added ones come at the end.
 pub fn fold_files(files: Vec<(FileAction, Origin)>, entries: &[CommitEntry]) -> Vec<(FileAction, Origin)> {
-    let mut at: std::collections::HashMap<String, usize> =
-        files.iter().enumerate().map(|(i, (f, _))| (f.path.clone(), i)).collect();
+    let mut at: std::collections::HashMap<String, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (f, _))| (f.path.clone(), i))
+        .collect();
     let mut files: Vec<Option<(FileAction, Origin)>> = files.into_iter().map(Some).collect();
     for entry in entries {
         for path in entry.remove.iter().chain(entry.add.iter().map(|a| &a.path)) {
@@ -639,7 +661,7 @@ impl CommitLog {
                         // Our own earlier attempt got through; its answer was lost.
                         break;
                     }
-                    if existing.pipeline == entry.pipeline {
+                    if existing.writer() == entry.writer() {
                         return Err(EngineError::CommitLog {
                             path: path.to_string(),
                             message: format!(
@@ -677,6 +699,7 @@ mod tests {
             version: LOG_VERSION,
             epoch,
             pipeline: "p".into(),
+            instance: None,
             committed_at: String::new(),
             add: files
                 .iter()
@@ -709,7 +732,10 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                (format!("c{i}.mean"), f64::from_bits(x >> 2) * if i % 2 == 0 { 1.0 } else { -1.0 })
+                (
+                    format!("c{i}.mean"),
+                    f64::from_bits(x >> 2) * if i % 2 == 0 { 1.0 } else { -1.0 },
+                )
             })
             .filter(|(_, v)| v.is_finite())
             .collect();
@@ -762,13 +788,23 @@ mod tests {
         repair.pipeline = "maintenance".into();
         repair.remove = vec!["a/f.parquet".into()];
         job.commit(&mut repair).await.unwrap();
-        assert!(!dir.path().join("a/f.parquet").exists(), "moved out of the readers' way");
-        assert!(dir.path().join("_sluice/removed/00000000000000000002/a/f.parquet").exists());
+        assert!(
+            !dir.path().join("a/f.parquet").exists(),
+            "moved out of the readers' way"
+        );
+        assert!(
+            dir.path()
+                .join("_sluice/removed/00000000000000000002/a/f.parquet")
+                .exists()
+        );
         let rec = log.recover().await.unwrap();
         assert_eq!(rec.moves_completed, 0);
         assert!(!dir.path().join("a/f.parquet").exists());
         let (files, _) = log.committed_files().await.unwrap();
-        assert_eq!(files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), vec!["a/g.parquet"]);
+        assert_eq!(
+            files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+            vec!["a/g.parquet"]
+        );
     }
 
     #[tokio::test]

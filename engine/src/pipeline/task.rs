@@ -82,6 +82,9 @@ pub struct PipelineStatus {
     pub open_anomalies: BTreeMap<String, u64>,
     /// Bytes of the newest committed profile file (0 when profiling is off).
     pub last_profile_bytes: u64,
+    /// How far behind its input the pipeline is, per part of the input (Kafka: messages per
+    /// partition between the log end and the committed offset); empty for other sources.
+    pub source_lag: crate::source::Lag,
 }
 
 /// Shared, updatable status of one pipeline.
@@ -103,8 +106,10 @@ pub struct PipelineTask {
     pub plan: BatchPlan,
     /// The sink.
     pub sink: Arc<dyn Sink>,
-    /// The sink's commit log.
+    /// The sink's commit log, opened as this pipeline's writer.
     pub log: CommitLog,
+    /// The server instance running it (`sluice run --instance`), recorded in its entries.
+    pub instance: Option<String>,
     /// When batches close.
     pub policy: BatchPolicy,
     /// The next epoch to commit.
@@ -287,8 +292,14 @@ impl PipelineTask {
         }
         let checked = self.quality.source.check(&self.name, input).await?;
         let mut violations = checked.violations;
-        let mut dropped = decoded - checked.kept.iter().map(|b| b.num_rows() as u64).sum::<u64>() - checked.dead.len() as u64;
-        dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Source, epoch, f)));
+        let mut dropped =
+            decoded - checked.kept.iter().map(|b| b.num_rows() as u64).sum::<u64>() - checked.dead.len() as u64;
+        dead.extend(
+            checked
+                .dead
+                .into_iter()
+                .map(|f| self.expectation_letter(Side::Source, epoch, f)),
+        );
         let mut positions = self.positions.clone();
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
@@ -315,7 +326,12 @@ impl PipelineTask {
         let output = checked.kept;
         let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         dropped += produced - written - checked.dead.len() as u64;
-        dead.extend(checked.dead.into_iter().map(|f| self.expectation_letter(Side::Sink, epoch, f)));
+        dead.extend(
+            checked
+                .dead
+                .into_iter()
+                .map(|f| self.expectation_letter(Side::Sink, epoch, f)),
+        );
         let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
         let mut drift = (BTreeMap::new(), Vec::new());
         let sink_profile = if self.quality.profile {
@@ -337,7 +353,7 @@ impl PipelineTask {
         let mut dead_letters = Vec::new();
         if !dead.is_empty() {
             // Named by pipeline and epoch only (never the clock), like every staged file.
-            let path = dead_letter_path(&self.name, epoch);
+            let path = dead_letter_path(self.log.writer(), epoch);
             self.log.stage(&path, to_ndjson(&dead)).await?;
             dead_letters.push(DeadLetterFile {
                 path,
@@ -351,16 +367,21 @@ impl PipelineTask {
                 .await
                 .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
             if rows > 0 {
-                let path = crate::batch::archive::archive_path(&self.name, epoch, now);
+                let path = crate::batch::archive::archive_path(self.log.writer(), epoch, now);
                 let size = bytes.len() as u64;
                 self.log.stage(&path, bytes.to_vec()).await?;
-                archive = Some(ArchiveFile { path, rows, bytes: size });
+                archive = Some(ArchiveFile {
+                    path,
+                    rows,
+                    bytes: size,
+                });
             }
         }
         let entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
             pipeline: self.name.clone(),
+            instance: self.instance.clone(),
             committed_at: now.to_rfc3339(),
             add: files,
             remove: vec![],
@@ -404,7 +425,11 @@ impl PipelineTask {
         for (side, table, columns) in profiles {
             let s = TableSummary {
                 rows: columns.first().map_or(0, |c| c.rows),
-                nulls: columns.iter().filter(|c| c.nulls > 0).map(|c| (c.column.clone(), c.nulls)).collect(),
+                nulls: columns
+                    .iter()
+                    .filter(|c| c.nulls > 0)
+                    .map(|c| (c.column.clone(), c.nulls))
+                    .collect(),
             };
             summary.insert(format!("{}.{table}", side.as_str()), s);
             rows.extend(columns.into_iter().map(|profile| ProfileRow {
@@ -420,7 +445,7 @@ impl PipelineTask {
         let profile = if rows.is_empty() {
             None
         } else {
-            let path = profile_path(&self.name, epoch);
+            let path = profile_path(self.log.writer(), epoch);
             let bytes = store::encode(&rows)?.to_vec();
             profile_bytes = bytes.len() as u64;
             self.log.stage(&path, bytes).await?;
@@ -429,7 +454,7 @@ impl PipelineTask {
         let anomaly_file = if anomalies.is_empty() {
             None
         } else {
-            let path = store::anomaly_path(&self.name, epoch);
+            let path = store::anomaly_path(self.log.writer(), epoch);
             let bytes = store::encode_anomalies(&self.name, epoch, now.timestamp_micros(), &anomalies)?;
             self.log.stage(&path, bytes.to_vec()).await?;
             Some(path)
@@ -464,6 +489,12 @@ impl PipelineTask {
     /// Commits a staged epoch (again, after a failed attempt: the same entry).
     async fn commit_staged(&mut self, staged: &mut Staged) -> Result<()> {
         let entry = &mut staged.entry;
+        if crate::crash::held("commit") {
+            return Err(EngineError::Io {
+                context: "committing (injected: commits held by SLUICE_HOLD_AT)".into(),
+                source: std::io::Error::other("held"),
+            });
+        }
         self.log.commit(entry).await?;
         let epoch = entry.epoch;
         self.next_epoch = epoch + 1;
@@ -536,13 +567,20 @@ impl PipelineTask {
         let at = now.timestamp_micros();
         tokio::task::spawn_blocking(move || {
             let n = rows.iter().map(|b| b.num_rows() as u64).sum();
-            Ok((n, crate::batch::archive::encode(&rows, &schema, epoch, position.as_deref(), at, 1)?))
+            Ok((
+                n,
+                crate::batch::archive::encode(&rows, &schema, epoch, position.as_deref(), at, 1)?,
+            ))
         })
     }
 
     /// Runs the plan; when it fails, isolates the failing rows by bisection and dead-letters
     /// them. Returns the output and the indexes of the input rows it failed on.
-    async fn transform(&self, input: &[RecordBatch], dead: &mut Vec<DeadLetter>) -> Result<(Vec<RecordBatch>, Vec<usize>)> {
+    async fn transform(
+        &self,
+        input: &[RecordBatch],
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<(Vec<RecordBatch>, Vec<usize>)> {
         let rows: usize = input.iter().map(|b| b.num_rows()).sum();
         match self.plan.execute(input).await {
             Ok(out) => return Ok((out, vec![])),
@@ -568,12 +606,12 @@ impl PipelineTask {
                 Err(e) if len == 1 => {
                     failed.push(offset);
                     dead.push(DeadLetter {
-                    source: self.source.clone(),
-                    position: serde_json::json!({ "epoch": self.next_epoch, "row": offset }),
-                    stage: Stage::Transform,
-                    error: e.strip_backtrace(),
-                    raw: row_json(&part),
-                    raw_base64: None,
+                        source: self.source.clone(),
+                        position: serde_json::json!({ "epoch": self.next_epoch, "row": offset }),
+                        stage: Stage::Transform,
+                        error: e.strip_backtrace(),
+                        raw: row_json(&part),
+                        raw_base64: None,
                     })
                 }
                 Err(_) => {

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
 use crate::error::{EngineError, Result};
-use crate::log::commit::{CommitLog, TableSchema};
+use crate::log::commit::{CommitLog, TableSchema, writer_name};
 use crate::log::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
 use crate::pipeline::exec::BatchPlan;
@@ -34,6 +34,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Bytes all pipelines together may buffer.
     pub max_buffer_bytes: u64,
+    /// This server's name among several running the same pipelines (Kafka consumer groups):
+    /// each pipeline then writes as `<pipeline>.<instance>` ([`writer_name`]). Stable across
+    /// restarts of the same server; `None` for a single server.
+    pub instance: Option<String>,
 }
 
 impl ServerConfig {
@@ -42,6 +46,7 @@ impl ServerConfig {
         ServerConfig {
             listen,
             max_buffer_bytes: DEFAULT_SERVER_BUDGET,
+            instance: None,
         }
     }
 }
@@ -159,9 +164,10 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             .source(&source_def.connector)
             .ok_or_else(|| EngineError::Internal(format!("no source factory for {}", source_def.connector)))?;
         let sink = sink_factory.create(sink_def)?;
-        // One writer per pipeline and sink, checked before recovery touches anything.
-        let lease = WriterLease::acquire(sink.table(), &def.name)?;
-        let log = CommitLog::new(sink.table().clone(), &def.name);
+        // One writer per pipeline instance and sink, checked before recovery touches anything.
+        let writer = writer_name(&def.name, config.instance.as_deref());
+        let lease = WriterLease::acquire(sink.table(), &writer)?;
+        let log = CommitLog::new(sink.table().clone(), &writer);
         let recovered = log.recover().await?;
         // A repair killed after its entry was written: its files move into place before the
         // stream goes on (plain readers would see both versions of a partition meanwhile).
@@ -189,6 +195,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         healths.push(health.clone());
         let source = source_factory.create(source_def, &def.name)?;
         source.check_start(&def.name, positions.get(&def.source))?;
+        let lag = status.lock().map(|s| s.source_lag.clone()).unwrap_or_default();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         started.push(started_rx);
         let sctx = SourceContext {
@@ -201,6 +208,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             budget: budget.clone(),
             committed: committed_rx,
             health: health.clone(),
+            log_positions: crate::source::LogPositions::new(log.clone(), &def.source),
+            lag,
         };
         let source_status = status.clone();
         let source_name = def.name.clone();
@@ -217,12 +226,19 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             }
             result
         });
-        let mut quality = crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options).await?;
+        let mut quality =
+            crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options)
+                .await?;
         if quality.profile {
             // The drift baselines and open anomaly episodes, from the newest commits.
             let epochs = log.epochs().await?;
             let mut recent = Vec::new();
-            for &epoch in epochs.iter().rev().take(crate::quality::drift::MAX_BASELINE_BATCHES).rev() {
+            for &epoch in epochs
+                .iter()
+                .rev()
+                .take(crate::quality::drift::MAX_BASELINE_BATCHES)
+                .rev()
+            {
                 let entry = log.read(epoch).await?;
                 if entry.pipeline == def.name {
                     recent.push(entry);
@@ -236,6 +252,7 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             plan,
             sink,
             log,
+            instance: config.instance.clone(),
             policy,
             next_epoch: recovered.next_epoch(),
             positions,

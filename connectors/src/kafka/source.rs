@@ -1,0 +1,803 @@
+//! The Kafka source: a consumer-group member reading one topic, its offsets kept in the sink's
+//! commit log.
+//!
+//! The consumer runs on a thread of its own (librdkafka's poll loop and rebalance callbacks are
+//! blocking calls). Messages are gathered into chunks, decoded with the declared schema, and
+//! sent to the pipeline with the source's position after them: the next offset of every
+//! partition this writer knows ([`KafkaPosition`]).
+//!
+//! Exactly once:
+//! - **Assignment**: the consumer seeks each partition it is handed to the highest offset any
+//!   writer's newest entry records (read from the log at that moment, not from the group's
+//!   committed offsets, which may lag or lead), or to `start` when no entry has it.
+//! - **Revocation** (rebalance, shutdown): before a partition is released, everything read
+//!   from it is sent and committed (the pipeline is told to close its batch, and the source
+//!   waits for the commit). The next owner therefore reads from exactly where this server's
+//!   commits end. If that commit cannot happen within [`REVOKE_TIMEOUT`], the process aborts
+//!   instead of releasing: a restart recovers from the log, whereas releasing and committing
+//!   later would duplicate what the next owner reads.
+//! - **Group offsets** are committed after each Sluice commit, for lag tools only.
+//!
+//! Back-pressure: when the pipeline's budget is full, the assigned partitions are paused (the
+//! consumer keeps polling, so it stays in the group and serves rebalances) and resumed when
+//! room frees. librdkafka's prefetch queue is bounded to a share of the budget.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use serde_json::json;
+use sluice_engine::budget::Budget;
+use sluice_engine::dead_letter::{DeadLetter, Stage};
+use sluice_engine::decode::{Format, RecordDecoder};
+use sluice_engine::source::{Chunk, Lag, LogPositions, Message, Source, SourceContext};
+use sluice_engine::{EngineError, Result};
+use tokio::sync::{mpsc, watch};
+
+use super::config::{KafkaSourceConfig, MessageFormat, Start};
+use super::position::{KafkaPosition, merge};
+
+/// Bytes of message values gathered before a chunk is decoded and sent.
+pub const CHUNK_BYTES: usize = 4 << 20;
+/// Messages gathered before a chunk is decoded and sent.
+pub const CHUNK_MESSAGES: usize = 32 * 1024;
+/// How long a revoked partition's in-flight data may take to commit before the process aborts.
+pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one poll of the consumer waits for a message.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The metadata columns a Kafka table may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaColumn {
+    /// `_kafka_partition`: INT.
+    Partition,
+    /// `_kafka_offset`: BIGINT.
+    Offset,
+    /// `_kafka_timestamp`: TIMESTAMP (the message's timestamp, milliseconds).
+    Timestamp,
+    /// `_kafka_key`: VARCHAR (lossy UTF-8) or BYTEA.
+    Key,
+}
+
+impl MetaColumn {
+    /// The metadata column named `name`, if it is one.
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "_kafka_partition" => Some(MetaColumn::Partition),
+            "_kafka_offset" => Some(MetaColumn::Offset),
+            "_kafka_timestamp" => Some(MetaColumn::Timestamp),
+            "_kafka_key" => Some(MetaColumn::Key),
+            _ => None,
+        }
+    }
+
+    fn accepts(&self, t: &DataType) -> bool {
+        match self {
+            MetaColumn::Partition => matches!(t, DataType::Int32 | DataType::Int64),
+            MetaColumn::Offset => matches!(t, DataType::Int64),
+            MetaColumn::Timestamp => matches!(t, DataType::Timestamp(_, _)),
+            MetaColumn::Key => matches!(
+                t,
+                DataType::Utf8
+                    | DataType::Utf8View
+                    | DataType::LargeUtf8
+                    | DataType::Binary
+                    | DataType::BinaryView
+                    | DataType::LargeBinary
+            ),
+        }
+    }
+}
+
+/// How the declared columns split into the message value's and the metadata.
+#[derive(Debug, Clone)]
+pub struct Columns {
+    /// The declared schema.
+    pub declared: SchemaRef,
+    /// The value's columns (declared minus metadata).
+    pub value: SchemaRef,
+    /// Per declared column: `None` for a value column, else which metadata it is.
+    pub meta: Vec<Option<MetaColumn>>,
+}
+
+impl Columns {
+    /// Splits `declared`; a metadata column of the wrong type is an error.
+    pub fn new(declared: SchemaRef) -> Result<Self> {
+        let mut meta = Vec::new();
+        let mut value = Vec::new();
+        for f in declared.fields() {
+            let m = MetaColumn::named(f.name());
+            if let Some(m) = m {
+                if !m.accepts(f.data_type()) {
+                    return Err(EngineError::config(
+                        format!("column {} has type {}, which Kafka metadata cannot fill", f.name(), f.data_type()),
+                        Some("declare _kafka_partition INT, _kafka_offset BIGINT, _kafka_timestamp TIMESTAMP, _kafka_key VARCHAR or BYTEA".to_string()),
+                    ));
+                }
+            } else {
+                value.push(f.as_ref().clone());
+            }
+            meta.push(m);
+        }
+        Ok(Columns {
+            declared: declared.clone(),
+            value: Arc::new(Schema::new(value)),
+            meta,
+        })
+    }
+}
+
+/// A Kafka source feeding one pipeline.
+pub struct KafkaSource {
+    /// The source table's name.
+    pub source: String,
+    /// The pipeline it feeds (the default group is `sluice-<pipeline>`).
+    pub pipeline: String,
+    /// Settings.
+    pub config: KafkaSourceConfig,
+    /// Decodes message values into the value columns.
+    pub decoder: RecordDecoder,
+    /// Declared, value and metadata columns.
+    pub columns: Columns,
+    /// Messages per chunk: at most [`CHUNK_MESSAGES`], and no more than a micro-batch holds.
+    pub chunk_messages: usize,
+}
+
+/// One message's metadata, kept beside its value until the chunk is decoded.
+#[derive(Debug)]
+struct Meta {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    key: Option<Vec<u8>>,
+}
+
+/// Messages read and not yet sent.
+#[derive(Debug, Default)]
+struct Pending {
+    buf: Vec<u8>,
+    ranges: Vec<Range<usize>>,
+    meta: Vec<Meta>,
+}
+
+impl Pending {
+    fn is_full(&self, messages: usize) -> bool {
+        self.buf.len() >= CHUNK_BYTES || self.meta.len() >= messages
+    }
+}
+
+/// What the consumer thread and its callbacks share.
+struct State {
+    /// The next offset to read of every partition this writer knows.
+    known: BTreeMap<i32, i64>,
+    /// The next offset of every partition whose messages were sent to the pipeline.
+    sent: BTreeMap<i32, i64>,
+    /// Partitions assigned to this server now.
+    assigned: BTreeSet<i32>,
+    /// The next offset expected from each assigned partition (messages before it, left in
+    /// librdkafka's queue from before a seek, are skipped).
+    expect: BTreeMap<i32, i64>,
+    /// Messages read, not yet sent.
+    pending: Pending,
+    /// Whether the assigned partitions are paused (budget full).
+    paused: bool,
+    /// Newest log-end offset seen per partition (statistics).
+    high: BTreeMap<i32, i64>,
+    /// An error that must stop the source.
+    failed: Option<EngineError>,
+}
+
+/// The consumer's context: the callbacks librdkafka makes from inside `poll`.
+struct Ctx {
+    source: String,
+    pipeline: String,
+    topic: String,
+    start: Start,
+    config: KafkaSourceConfig,
+    decoder: RecordDecoder,
+    columns: Columns,
+    rt: tokio::runtime::Handle,
+    tx: mpsc::Sender<Message>,
+    budget: Arc<Budget>,
+    shutdown: watch::Receiver<bool>,
+    committed: Mutex<watch::Receiver<Option<serde_json::Value>>>,
+    log_positions: LogPositions,
+    lag: Lag,
+    chunk_messages: usize,
+    state: Mutex<State>,
+}
+
+impl Ctx {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decodes `pending` into a chunk positioned after it.
+    fn chunk(&self, pending: Pending, known: &BTreeMap<i32, i64>) -> Result<Chunk> {
+        let decoded = self.decoder.decode(&pending.buf, &pending.ranges)?;
+        let rejected: BTreeSet<usize> = decoded.rejected.iter().map(|r| r.index).collect();
+        let dead_letters = decoded
+            .rejected
+            .iter()
+            .map(|r| {
+                let m = &pending.meta[r.index];
+                let (raw, raw_base64) = DeadLetter::raw_fields(&pending.buf[pending.ranges[r.index].clone()]);
+                DeadLetter {
+                    source: self.source.clone(),
+                    position: json!({
+                        "topic": self.topic,
+                        "partition": m.partition,
+                        "offset": m.offset,
+                        "key": m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    }),
+                    stage: Stage::Decode,
+                    error: r.error.clone(),
+                    raw,
+                    raw_base64,
+                }
+            })
+            .collect();
+        let kept: Vec<&Meta> = pending
+            .meta
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !rejected.contains(i))
+            .map(|(_, m)| m)
+            .collect();
+        let batch = with_metadata(&self.columns, decoded.batch, &kept)?;
+        let position = KafkaPosition {
+            topic: self.topic.clone(),
+            offsets: known.clone(),
+        };
+        Ok(Chunk {
+            batch,
+            dead_letters,
+            position: Some(position.to_value()),
+            bytes: pending.buf.len() + pending.meta.len() * 64,
+        })
+    }
+
+    /// Takes what is pending as a chunk (and the position after it), or `None` when nothing is.
+    fn take_chunk(&self) -> Result<Option<Chunk>> {
+        let (pending, known) = {
+            let mut st = self.state();
+            if st.pending.meta.is_empty() {
+                return Ok(None);
+            }
+            let pending = std::mem::take(&mut st.pending);
+            for m in &pending.meta {
+                st.sent.insert(m.partition, m.offset + 1);
+                let k = st.known.entry(m.partition).or_insert(m.offset + 1);
+                *k = (*k).max(m.offset + 1);
+            }
+            (pending, st.known.clone())
+        };
+        self.chunk(pending, &known).map(Some)
+    }
+
+    /// Sends everything pending, waiting for budget, then asks the pipeline to commit and waits
+    /// until its commits cover everything sent from `partitions`. False when the pipeline is
+    /// gone (nothing more can be committed) or the wait timed out.
+    fn commit_in_flight(&self, partitions: &BTreeSet<i32>) -> bool {
+        match self.take_chunk() {
+            Ok(Some(chunk)) => {
+                if !self.send_waiting(chunk) {
+                    return false;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.fail(e.to_string());
+                return false;
+            }
+        }
+        let want: BTreeMap<i32, i64> = {
+            let st = self.state();
+            st.sent
+                .iter()
+                .filter(|(p, _)| partitions.contains(p))
+                .map(|(p, o)| (*p, *o))
+                .collect()
+        };
+        let covered = |v: &Option<serde_json::Value>| {
+            let got = v
+                .as_ref()
+                .and_then(|v| KafkaPosition::from_value(v).ok())
+                .map(|p| p.offsets)
+                .unwrap_or_default();
+            want.iter().all(|(p, o)| got.get(p).is_some_and(|g| g >= o))
+        };
+        let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        if covered(&committed.borrow()) {
+            return true;
+        }
+        if self.tx.blocking_send(Message::Idle).is_err() {
+            return false;
+        }
+        let wait = committed.wait_for(|v| covered(v));
+        let waited = self
+            .rt
+            .block_on(async { tokio::time::timeout(REVOKE_TIMEOUT, wait).await });
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    /// Sends `chunk`, waiting for budget whatever the shutdown state (what was read must be
+    /// committed before its partitions are released). False when the pipeline is gone.
+    fn send_waiting(&self, chunk: Chunk) -> bool {
+        // A stop signal that never fires: its sender lives until the wait ends.
+        let (_keep, mut never) = watch::channel(false);
+        if !self.rt.block_on(self.budget.acquire(chunk.bytes as u64, &mut never)) {
+            return false;
+        }
+        self.tx.blocking_send(chunk.into()).is_ok()
+    }
+
+    fn fail(&self, why: String) {
+        let mut st = self.state();
+        if st.failed.is_none() {
+            st.failed = Some(EngineError::BadInput(why));
+        }
+    }
+
+    /// Seeks each newly assigned partition to the log's offset (or `start`) and assigns them.
+    fn on_assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList) {
+        let positions = match self.rt.block_on(self.log_positions.read()) {
+            Ok(p) => p,
+            Err(e) => {
+                // Without the log's offsets the partitions cannot be read exactly: take none.
+                tracing::error!(source = %self.source, error = %e, "cannot read the sink's log to resume the assigned partitions");
+                self.fail(format!("reading the sink's commit log on partition assignment: {e}"));
+                return;
+            }
+        };
+        let mut st = self.state();
+        if let Err(e) = merge(&mut st.known, &self.topic, &positions) {
+            drop(st);
+            self.fail(e.to_string());
+            return;
+        }
+        st.assigned.clear();
+        st.expect.clear();
+        for e in tpl.elements() {
+            let p = e.partition();
+            st.assigned.insert(p);
+            if let Some(o) = st.known.get(&p).copied() {
+                st.expect.insert(p, o);
+            }
+        }
+        for p in st.assigned.clone() {
+            let offset = match st.known.get(&p) {
+                Some(o) => Offset::Offset(*o),
+                None => match self.start {
+                    Start::Earliest => Offset::Beginning,
+                    Start::Latest => Offset::End,
+                },
+            };
+            if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                tracing::error!(source = %self.source, partition = p, error = %e, "cannot set the partition's offset");
+            }
+        }
+        let parts: Vec<i32> = st.assigned.iter().copied().collect();
+        st.paused = false;
+        drop(st);
+        tracing::info!(source = %self.source, pipeline = %self.pipeline, partitions = ?parts, "partitions assigned");
+        metrics::counter!("sluice_kafka_rebalances_total", "pipeline" => self.pipeline.clone(), "kind" => "assign")
+            .increment(1);
+        if let Err(e) = consumer.assign(tpl) {
+            self.fail(format!("assigning partitions: {}", self.config.redact(&e.to_string())));
+        }
+    }
+
+    /// Commits what was read from the revoked partitions, then releases them.
+    fn on_revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let revoked: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        tracing::info!(source = %self.source, pipeline = %self.pipeline, partitions = ?revoked, "partitions revoked; committing what was read from them");
+        metrics::counter!("sluice_kafka_rebalances_total", "pipeline" => self.pipeline.clone(), "kind" => "revoke")
+            .increment(1);
+        if !self.commit_in_flight(&revoked) {
+            let pipeline_gone = self.tx.is_closed();
+            if !pipeline_gone {
+                tracing::error!(source = %self.source, pipeline = %self.pipeline, partitions = ?revoked,
+                    "what was read from revoked partitions could not be committed in time; aborting rather than release them (a restart resumes from the commit log)");
+                std::process::abort();
+            }
+            // The pipeline stopped: nothing it still holds can be committed any more, and the
+            // next owner reads from the log's offsets.
+        }
+        {
+            let mut st = self.state();
+            for p in &revoked {
+                st.assigned.remove(p);
+                st.expect.remove(p);
+                self.lag.remove(&p.to_string());
+            }
+            st.paused = false;
+        }
+        if let Err(e) = consumer.unassign() {
+            tracing::warn!(source = %self.source, error = %self.config.redact(&e.to_string()), "unassigning partitions");
+        }
+    }
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let message = self.config.redact(message);
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(source = %self.source, facility = fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(source = %self.source, facility = fac, "librdkafka: {message}"),
+            _ => tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(source = %self.source, error = %self.config.redact(&error.to_string()), reason = %self.config.redact(reason), "kafka client error (retrying)");
+        metrics::counter!("sluice_kafka_errors_total", "pipeline" => self.pipeline.clone()).increment(1);
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let mut st = self.state();
+        if let Some(t) = stats.topics.get(&self.topic) {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.hi_offset >= 0 {
+                    st.high.insert(*p, part.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(consumer, tpl),
+            other => {
+                tracing::error!(source = %self.source, error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(source = %self.source, error = %self.config.redact(&e.to_string()), "committing offsets to the group failed (lag tools may lag; Sluice's own log is the truth)");
+        }
+    }
+}
+
+/// Appends the metadata columns to the decoded value columns, in declared order.
+fn with_metadata(columns: &Columns, values: RecordBatch, meta: &[&Meta]) -> Result<RecordBatch> {
+    if columns.meta.iter().all(Option::is_none) {
+        return Ok(values);
+    }
+    let mut value_cols = values.columns().iter();
+    let mut out: Vec<ArrayRef> = Vec::with_capacity(columns.meta.len());
+    for (f, m) in columns.declared.fields().iter().zip(&columns.meta) {
+        let col: ArrayRef = match m {
+            None => value_cols
+                .next()
+                .cloned()
+                .ok_or_else(|| EngineError::Internal("decoded batch lacks a column".into()))?,
+            Some(MetaColumn::Partition) => match f.data_type() {
+                DataType::Int64 => Arc::new(Int64Array::from_iter_values(meta.iter().map(|m| m.partition as i64))),
+                _ => Arc::new(Int32Array::from_iter_values(meta.iter().map(|m| m.partition))),
+            },
+            Some(MetaColumn::Offset) => Arc::new(Int64Array::from_iter_values(meta.iter().map(|m| m.offset))),
+            Some(MetaColumn::Timestamp) => {
+                let ms: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter(meta.iter().map(|m| m.timestamp)));
+                arrow::compute::cast(&ms, f.data_type())
+                    .map_err(|e| EngineError::Internal(format!("casting _kafka_timestamp: {e}")))?
+            }
+            Some(MetaColumn::Key) => {
+                let key: ArrayRef = match f.data_type() {
+                    DataType::Binary | DataType::BinaryView | DataType::LargeBinary => {
+                        Arc::new(BinaryArray::from_iter(meta.iter().map(|m| m.key.as_deref())))
+                    }
+                    _ => Arc::new(StringArray::from_iter(
+                        meta.iter()
+                            .map(|m| m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned())),
+                    )),
+                };
+                arrow::compute::cast(&key, f.data_type())
+                    .map_err(|e| EngineError::Internal(format!("casting _kafka_key: {e}")))?
+            }
+        };
+        out.push(col);
+    }
+    RecordBatch::try_new(columns.declared.clone(), out)
+        .map_err(|e| EngineError::Internal(format!("adding Kafka metadata columns: {e}")))
+}
+
+/// The decoder format of a message format.
+pub fn decoder_format(format: MessageFormat) -> Format {
+    match format {
+        MessageFormat::Json => Format::Json,
+        MessageFormat::Csv { delimiter } => Format::Csv { delimiter },
+    }
+}
+
+impl KafkaSource {
+    fn client_config(&self, budget: &Budget) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        let group = self
+            .config
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("sluice-{}", self.pipeline));
+        // librdkafka's prefetch queue, bounded to a quarter of the pipeline's budget.
+        let queue_kb = (budget.policy().max_bytes / 4 / 1024).clamp(1024, 64 * 1024);
+        c.set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                match self.config.start {
+                    Start::Earliest => "earliest",
+                    Start::Latest => "latest",
+                },
+            )
+            .set("statistics.interval.ms", "5000")
+            .set("queued.max.messages.kbytes", queue_kb.to_string())
+            .set("client.id", format!("sluice-{}", self.pipeline));
+        for (k, v) in &self.config.client {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for KafkaSource {
+    fn check_start(&self, _pipeline: &str, start: Option<&serde_json::Value>) -> Result<()> {
+        if let Some(v) = start {
+            let p = KafkaPosition::from_value(v)?;
+            if p.topic != self.config.topic {
+                return Err(EngineError::config(
+                    format!(
+                        "source {} reads topic '{}', but its pipeline's commits are positions in topic '{}'",
+                        self.source, self.config.topic, p.topic
+                    ),
+                    Some("a pipeline keeps its topic; write a new topic's events to a new sink".to_string()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(self: Box<Self>, mut ctx: SourceContext) -> Result<()> {
+        let mut known = BTreeMap::new();
+        if let Some(v) = &ctx.start {
+            merge(&mut known, &self.config.topic, std::slice::from_ref(v))?;
+        }
+        let client = self.client_config(&ctx.budget);
+        let shared = Ctx {
+            source: self.source.clone(),
+            pipeline: self.pipeline.clone(),
+            topic: self.config.topic.clone(),
+            start: self.config.start,
+            config: self.config.clone(),
+            decoder: self.decoder.clone(),
+            columns: self.columns.clone(),
+            rt: tokio::runtime::Handle::current(),
+            tx: ctx.tx.clone(),
+            budget: ctx.budget.clone(),
+            shutdown: ctx.shutdown.clone(),
+            committed: Mutex::new(ctx.committed.clone()),
+            log_positions: ctx.log_positions.clone(),
+            lag: ctx.lag.clone(),
+            chunk_messages: self.chunk_messages,
+            state: Mutex::new(State {
+                known,
+                sent: BTreeMap::new(),
+                assigned: BTreeSet::new(),
+                expect: BTreeMap::new(),
+                pending: Pending::default(),
+                paused: false,
+                high: BTreeMap::new(),
+                failed: None,
+            }),
+        };
+        let consumer: BaseConsumer<Ctx> = client.create_with_context(shared).map_err(|e| {
+            EngineError::config(
+                format!(
+                    "cannot create the Kafka consumer of {}: {}",
+                    self.source,
+                    self.config.redact(&e.to_string())
+                ),
+                Some("check the kafka.* options".to_string()),
+            )
+        })?;
+        consumer.subscribe(&[&self.config.topic]).map_err(|e| {
+            EngineError::BadInput(format!(
+                "subscribing to {}: {}",
+                self.config.topic,
+                self.config.redact(&e.to_string())
+            ))
+        })?;
+        ctx.mark_started();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let committed = ctx.committed.clone();
+        std::thread::Builder::new()
+            .name(format!("kafka-{}", self.source))
+            .spawn(move || {
+                let result = consume(&consumer, committed);
+                // Leaving the group revokes what is left (nothing is in flight by now).
+                drop(consumer);
+                let _ = done_tx.send(result);
+            })
+            .map_err(EngineError::io("starting the Kafka consumer thread"))?;
+        drop(ctx.tx);
+        match done_rx.await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Internal("the Kafka consumer thread panicked".into())),
+        }
+    }
+}
+
+/// The consumer loop: poll, gather, send; pause when the budget is full; commit group offsets
+/// after each Sluice commit; on shutdown commit what was read, then leave.
+fn consume(consumer: &BaseConsumer<Ctx>, mut committed: watch::Receiver<Option<serde_json::Value>>) -> Result<()> {
+    let cx = consumer.context();
+    let mut held: Option<Chunk> = None;
+    let mut idle_sent = false;
+    let mut last_lag = Instant::now();
+    loop {
+        if let Some(e) = cx.state().failed.take() {
+            return Err(e);
+        }
+        if *cx.shutdown.borrow() {
+            let all: BTreeSet<i32> = cx.state().assigned.clone();
+            if let Some(chunk) = held.take()
+                && !cx.send_waiting(chunk)
+            {
+                return Ok(());
+            }
+            cx.commit_in_flight(&all);
+            return Ok(());
+        }
+        // A chunk waiting for budget goes first; while it waits the partitions are paused.
+        if let Some(chunk) = held.take() {
+            if cx.budget.try_acquire(chunk.bytes as u64) {
+                if cx.tx.blocking_send(chunk.into()).is_err() {
+                    return Ok(());
+                }
+                set_paused(consumer, false);
+            } else {
+                held = Some(chunk);
+                set_paused(consumer, true);
+            }
+        }
+        if committed.has_changed().unwrap_or(false) {
+            let v = committed.borrow_and_update().clone();
+            commit_group_offsets(consumer, v.as_ref());
+        }
+        if last_lag.elapsed() >= Duration::from_secs(1) {
+            last_lag = Instant::now();
+            report_lag(cx, committed.borrow().as_ref());
+        }
+        match consumer.poll(POLL) {
+            Some(Ok(m)) => {
+                idle_sent = false;
+                let mut st = cx.state();
+                let p = m.partition();
+                if !st.assigned.contains(&p) {
+                    continue;
+                }
+                let want = st.expect.get(&p).copied();
+                if want.is_some_and(|w| m.offset() < w) {
+                    continue;
+                }
+                st.expect.insert(p, m.offset() + 1);
+                let value = m.payload().unwrap_or_default();
+                let start = st.pending.buf.len();
+                st.pending.buf.extend_from_slice(value);
+                let end = st.pending.buf.len();
+                st.pending.ranges.push(start..end);
+                st.pending.meta.push(Meta {
+                    partition: p,
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                });
+                let full = st.pending.is_full(cx.chunk_messages);
+                drop(st);
+                if full && held.is_none() {
+                    held = cx.take_chunk()?;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(source = %cx.source, error = %cx.config.redact(&e.to_string()), "kafka consumer error (retrying)");
+                metrics::counter!("sluice_kafka_errors_total", "pipeline" => cx.pipeline.clone()).increment(1);
+            }
+            None => {
+                if held.is_none() {
+                    held = cx.take_chunk()?;
+                    if held.is_none() && !idle_sent {
+                        idle_sent = true;
+                        if cx.tx.blocking_send(Message::Idle).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pauses or resumes every assigned partition (once per change).
+fn set_paused(consumer: &BaseConsumer<Ctx>, pause: bool) {
+    let cx = consumer.context();
+    let mut st = cx.state();
+    if st.paused == pause || st.assigned.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &st.assigned {
+        tpl.add_partition(&cx.topic, *p);
+    }
+    let r = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    match r {
+        Ok(()) => {
+            st.paused = pause;
+            metrics::counter!("sluice_kafka_pauses_total", "pipeline" => cx.pipeline.clone(), "kind" => if pause { "pause" } else { "resume" }).increment(1);
+        }
+        Err(e) => tracing::warn!(source = %cx.source, error = %e, "pausing or resuming partitions"),
+    }
+}
+
+/// Commits the newest Sluice-committed offsets of the assigned partitions to the group, so
+/// lag tools see progress.
+fn commit_group_offsets(consumer: &BaseConsumer<Ctx>, committed: Option<&serde_json::Value>) {
+    let cx = consumer.context();
+    let Some(pos) = committed.and_then(|v| KafkaPosition::from_value(v).ok()) else {
+        return;
+    };
+    let assigned = cx.state().assigned.clone();
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in pos.offsets.iter().filter(|(p, _)| assigned.contains(p)) {
+        let _ = tpl.add_partition_offset(&cx.topic, *p, Offset::Offset(*o));
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+    {
+        tracing::debug!(source = %cx.source, error = %cx.config.redact(&e.to_string()), "committing group offsets");
+    }
+}
+
+/// Publishes per-partition lag: log-end offset minus the committed offset.
+fn report_lag(cx: &Ctx, committed: Option<&serde_json::Value>) {
+    let offsets = committed
+        .and_then(|v| KafkaPosition::from_value(v).ok())
+        .map(|p| p.offsets)
+        .unwrap_or_default();
+    let st = cx.state();
+    for p in &st.assigned {
+        let Some(high) = st.high.get(p) else { continue };
+        let done = offsets.get(p).or(st.known.get(p)).copied().unwrap_or(0);
+        let lag = (*high - done).max(0) as u64;
+        cx.lag.set(&p.to_string(), lag);
+        metrics::gauge!("sluice_kafka_lag", "pipeline" => cx.pipeline.clone(), "topic" => cx.topic.clone(), "partition" => p.to_string())
+            .set(lag as f64);
+    }
+}
