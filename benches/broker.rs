@@ -101,3 +101,47 @@ pub fn load(broker: &Broker, topic: &str, partitions: i32, files: &[PathBuf]) ->
     producer.flush(Duration::from_secs(300)).expect("flush");
     n
 }
+
+/// The broker's own ceiling: a bare librdkafka consumer (the same client library and fetch
+/// settings as the source, nothing decoded or written) reading all `messages` of `topic` from
+/// the start. Returns the wall seconds and the consumer's CPU seconds.
+pub fn consume_all(broker: &Broker, topic: &str, partitions: i32, messages: u64) -> (f64, f64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client(&broker.addr)
+        .set("group.id", "bench-floor")
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "32768")
+        .set("fetch.max.bytes", "33554432")
+        .set("max.partition.fetch.bytes", "16777216")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    let cpu0 = thread_cpu();
+    let t0 = Instant::now();
+    consumer.assign(&tpl).expect("assign");
+    let mut n = 0u64;
+    let mut bytes = 0usize;
+    while n < messages {
+        assert!(t0.elapsed() < Duration::from_secs(600), "floor consumer timed out");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
+            n += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    (t0.elapsed().as_secs_f64(), thread_cpu() - cpu0)
+}
+
+/// CPU seconds used by this process so far.
+fn thread_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}

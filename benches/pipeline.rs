@@ -1000,11 +1000,23 @@ fn main() {
     let (mut reconciles, mut duck_reconciles) = (Vec::new(), Vec::new());
     let (mut quality_off, mut quality_on) = (Vec::new(), Vec::new());
     // The Kafka row: the broker and its topic are set up once, outside the timed runs.
+    let mut kafka_floor: Option<Row> = None;
     let kafka = match broker::tansu().filter(|_| !args.iter().any(|a| a == "--no-kafka")) {
         Some(bin) => {
             let b = broker::start(&bin);
             let n = broker::load(&b, "orders", 4, &input_files(&work));
             eprintln!("{n} messages produced into the Kafka topic");
+            let (wall, cpu) = broker::consume_all(&b, "orders", 4, n);
+            eprintln!("bare consumer: {wall:.2} s, {cpu:.2} CPU-s");
+            kafka_floor = Some(Row {
+                name: "floor: bare librdkafka consumer, same topic (nothing decoded or written)".into(),
+                events,
+                bytes,
+                wall,
+                cpu,
+                rss: 0,
+                rows_out: None,
+            });
             Some((b, n))
         }
         None => {
@@ -1141,8 +1153,11 @@ fn main() {
     let floor_wall = decode.wall + encode.wall;
     let (dir_wall, http_wall) = (dir.wall, http.as_ref().map(|h| h.wall));
     let (default_wall, one_wall) = (default_row.as_ref().map(|r| r.wall), one_row.as_ref().map(|r| r.wall));
+    let kafka_floor_wall = kafka_floor.as_ref().map(|f| f.wall);
+    let kafka_wall = kafka_row.as_ref().map(|k| k.wall);
     let mut rows = vec![dir];
     rows.extend(kafka_row);
+    rows.extend(kafka_floor);
     rows.extend(default_row);
     rows.extend(one_row);
     rows.extend(archive_off_row);
@@ -1241,6 +1256,12 @@ fn main() {
             kafka_share.iter().map(|r| format!("{:.0}%", 100.0 * r)).collect::<Vec<_>>().join(", "),
             if mid >= 0.70 { "met" } else { "NOT met" }
         ));
+        if let (Some(f), Some(k)) = (kafka_floor_wall, kafka_wall) {
+            table.push_str(&format!(
+                "A bare librdkafka consumer reading the same topic from the same broker (nothing decoded or written) takes {f:.2} s: the Kafka row runs at {:.0}% of what this broker serves.\n",
+                100.0 * f / k
+            ));
+        }
     }
     if let Some(r) = reconcile_ratio {
         table.push_str(&format!(

@@ -22,7 +22,26 @@ const OWNED: &[(&str, &str)] = &[
     ),
     ("auto.offset.reset", "use the 'start' option"),
     ("enable.partition.eof", "Sluice reads partition ends itself"),
+    (
+        "partition.assignment.strategy",
+        "Sluice uses the eager protocol (range, roundrobin): it commits what it read from a partition before the partition is released",
+    ),
+    (
+        "group.protocol",
+        "Sluice uses the classic group protocol with eager rebalancing: it commits what it read from a partition before the partition is released",
+    ),
 ];
+
+/// The least `kafka.max.poll.interval.ms` accepted: a revoked partition's in-flight data may
+/// take up to a minute to commit, and the consumer must stay in the group meanwhile.
+pub const MIN_MAX_POLL_INTERVAL_MS: u64 = 120_000;
+
+/// Whether a client setting holds a secret (its value is never printed, whatever its length).
+fn is_secret(key: &str) -> bool {
+    ["password", "secret", "token", "key", "jaas", "credential"]
+        .iter()
+        .any(|w| key.contains(w))
+}
 
 /// Where a partition with no position in the sink's log starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +204,19 @@ impl KafkaSourceConfig {
                     message: format!("'{key}' is set by Sluice: {instead}"),
                 });
             }
+            if setting == "max.poll.interval.ms"
+                && value
+                    .trim()
+                    .parse::<u64>()
+                    .is_ok_and(|ms| ms < MIN_MAX_POLL_INTERVAL_MS)
+            {
+                return Err(OptionError {
+                    key: key.clone(),
+                    message: format!(
+                        "'{key}' must be at least {MIN_MAX_POLL_INTERVAL_MS}: committing a revoked partition's data may take a minute"
+                    ),
+                });
+            }
             client.insert(setting.to_string(), value.clone());
         }
         Ok(KafkaSourceConfig {
@@ -197,11 +229,12 @@ impl KafkaSourceConfig {
         })
     }
 
-    /// A message with every client setting's value replaced by `***`, so librdkafka's own
-    /// messages (which may quote a value) never print a secret.
+    /// A message with the value of every secret client setting (passwords, keys, tokens, JAAS
+    /// configurations) replaced by `***`, so librdkafka's own messages, which may quote a
+    /// value, never print one.
     pub fn redact(&self, message: &str) -> String {
         let mut out = message.to_string();
-        for value in self.client.values().filter(|v| v.len() >= 3) {
+        for (_, value) in self.client.iter().filter(|(k, v)| is_secret(k) && !v.is_empty()) {
             out = out.replace(value.as_str(), "***");
         }
         out
@@ -264,6 +297,24 @@ mod tests {
         assert!(e.message.contains("group.id"), "{}", e.message);
         let e = KafkaSourceConfig::new(&opts(&[("kafka.enable.auto.commit", "true")]), "kafka://h:1/t").unwrap_err();
         assert_eq!(e.key, "kafka.enable.auto.commit");
+        for owned in [
+            "kafka.partition.assignment.strategy",
+            "kafka.group.protocol",
+            "kafka.auto.offset.reset",
+        ] {
+            let e = KafkaSourceConfig::new(&opts(&[(owned, "x")]), "kafka://h:1/t").unwrap_err();
+            assert_eq!(e.key, owned);
+        }
+        let e = KafkaSourceConfig::new(&opts(&[("kafka.max.poll.interval.ms", "30000")]), "kafka://h:1/t").unwrap_err();
+        assert_eq!(e.key, "kafka.max.poll.interval.ms");
+        KafkaSourceConfig::new(&opts(&[("kafka.max.poll.interval.ms", "300000")]), "kafka://h:1/t").unwrap();
+        // Only secrets are redacted, at any length; other values stay readable.
+        let c = KafkaSourceConfig::new(
+            &opts(&[("kafka.sasl.password", "pw"), ("kafka.security.protocol", "SSL")]),
+            "kafka://h:1/t",
+        )
+        .unwrap();
+        assert_eq!(c.redact("pw over SSL"), "*** over SSL");
         let e = KafkaSourceConfig::new(&opts(&[("start", "middle")]), "kafka://h:1/t").unwrap_err();
         assert_eq!(e.key, "start");
         let e = KafkaSourceConfig::new(&opts(&[("format.delimiter", ";")]), "kafka://h:1/t").unwrap_err();

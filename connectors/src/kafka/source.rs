@@ -34,7 +34,7 @@ use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -179,12 +179,24 @@ impl Pending {
     }
 }
 
+/// A decoded chunk not yet handed to the pipeline.
+struct Ready {
+    chunk: Chunk,
+    /// The next offset of each partition once it is sent.
+    advance: Vec<(i32, i64)>,
+    /// Whether its bytes are already taken from the budget.
+    acquired: bool,
+}
+
 /// What the consumer thread and its callbacks share.
 struct State {
-    /// The next offset to read of every partition this writer knows.
+    /// The next offset to read of every partition this writer knows (what was read, sent or
+    /// not, and what the log recorded).
     known: BTreeMap<i32, i64>,
-    /// The next offset of every partition whose messages were sent to the pipeline.
+    /// The next offset of every partition whose messages were handed to the pipeline.
     sent: BTreeMap<i32, i64>,
+    /// A chunk waiting for budget or channel room (partitions are paused meanwhile).
+    held: Option<Ready>,
     /// Partitions assigned to this server now.
     assigned: BTreeSet<i32>,
     /// The next offset expected from each assigned partition (messages before it, left in
@@ -198,6 +210,16 @@ struct State {
     high: BTreeMap<i32, i64>,
     /// An error that must stop the source.
     failed: Option<EngineError>,
+}
+
+/// How a commit of what is in flight ended.
+enum InFlight {
+    /// Everything sent from the partitions is committed.
+    Committed,
+    /// The pipeline stopped: nothing more it holds can be committed.
+    PipelineGone,
+    /// Not committed within [`REVOKE_TIMEOUT`].
+    TimedOut,
 }
 
 /// The consumer's context: the callbacks librdkafka makes from inside `poll`.
@@ -270,79 +292,153 @@ impl Ctx {
         })
     }
 
-    /// Takes what is pending as a chunk (and the position after it), or `None` when nothing is.
-    fn take_chunk(&self) -> Result<Option<Chunk>> {
+    /// Takes what is pending as a chunk positioned after it, or `None` when nothing is. `known`
+    /// moves on only once the chunk decoded (a decode failure stops the source with nothing
+    /// skipped).
+    fn take_chunk(&self) -> Result<Option<Ready>> {
         let (pending, known) = {
             let mut st = self.state();
             if st.pending.meta.is_empty() {
                 return Ok(None);
             }
             let pending = std::mem::take(&mut st.pending);
+            let mut known = st.known.clone();
             for m in &pending.meta {
-                st.sent.insert(m.partition, m.offset + 1);
-                let k = st.known.entry(m.partition).or_insert(m.offset + 1);
+                let k = known.entry(m.partition).or_insert(m.offset + 1);
                 *k = (*k).max(m.offset + 1);
             }
-            (pending, st.known.clone())
+            (pending, known)
         };
-        self.chunk(pending, &known).map(Some)
+        let mut advance: BTreeMap<i32, i64> = BTreeMap::new();
+        for m in &pending.meta {
+            advance.insert(m.partition, m.offset + 1);
+        }
+        let chunk = self.chunk(pending, &known)?;
+        self.state().known = known;
+        Ok(Some(Ready {
+            chunk,
+            advance: advance.into_iter().collect(),
+            acquired: false,
+        }))
     }
 
-    /// Sends everything pending, waiting for budget, then asks the pipeline to commit and waits
-    /// until its commits cover everything sent from `partitions`. False when the pipeline is
-    /// gone (nothing more can be committed) or the wait timed out.
-    fn commit_in_flight(&self, partitions: &BTreeSet<i32>) -> bool {
-        match self.take_chunk() {
-            Ok(Some(chunk)) => {
-                if !self.send_waiting(chunk) {
-                    return false;
-                }
-            }
-            Ok(None) => {}
+    /// Records that `advance` was handed to the pipeline.
+    fn mark_sent(&self, advance: &[(i32, i64)]) {
+        let mut st = self.state();
+        for (p, o) in advance {
+            st.sent.insert(*p, *o);
+        }
+    }
+
+    /// Whether anything read from `partitions` is not covered by this writer's commits.
+    fn in_flight(&self, partitions: &BTreeSet<i32>) -> bool {
+        let committed = self.committed_offsets();
+        let st = self.state();
+        let unsent = |p: &i32| {
+            st.pending.meta.iter().any(|m| m.partition == *p)
+                || st.held.as_ref().is_some_and(|h| h.advance.iter().any(|(q, _)| q == p))
+        };
+        partitions
+            .iter()
+            .any(|p| unsent(p) || st.sent.get(p).is_some_and(|o| committed.get(p).is_none_or(|c| c < o)))
+    }
+
+    /// This writer's committed offsets.
+    fn committed_offsets(&self) -> BTreeMap<i32, i64> {
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        let v = committed.borrow().clone();
+        v.and_then(|v| KafkaPosition::from_value(&v).ok())
+            .map(|p| p.offsets)
+            .unwrap_or_default()
+    }
+
+    /// Sends what is held and pending (waiting for budget and channel room), asks the pipeline
+    /// to commit, and waits until its commits cover everything sent from `partitions`; all
+    /// within [`REVOKE_TIMEOUT`].
+    fn commit_in_flight(&self, partitions: &BTreeSet<i32>) -> InFlight {
+        let held = self.state().held.take();
+        let pending = match self.take_chunk() {
+            Ok(p) => p,
             Err(e) => {
                 self.fail(e.to_string());
-                return false;
+                None
             }
-        }
-        let want: BTreeMap<i32, i64> = {
-            let st = self.state();
-            st.sent
-                .iter()
-                .filter(|(p, _)| partitions.contains(p))
-                .map(|(p, o)| (*p, *o))
-                .collect()
-        };
-        let covered = |v: &Option<serde_json::Value>| {
-            let got = v
-                .as_ref()
-                .and_then(|v| KafkaPosition::from_value(v).ok())
-                .map(|p| p.offsets)
-                .unwrap_or_default();
-            want.iter().all(|(p, o)| got.get(p).is_some_and(|g| g >= o))
         };
         let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
-        if covered(&committed.borrow()) {
-            return true;
-        }
-        if self.tx.blocking_send(Message::Idle).is_err() {
-            return false;
-        }
-        let wait = committed.wait_for(|v| covered(v));
-        let waited = self
-            .rt
-            .block_on(async { tokio::time::timeout(REVOKE_TIMEOUT, wait).await });
-        matches!(waited, Ok(Ok(_)))
+        let work = async {
+            // A stop signal that never fires (its sender lives until the wait ends): what was
+            // read must be committed before its partitions are released, shutdown or not.
+            let (_keep, mut never) = watch::channel(false);
+            for ready in held.into_iter().chain(pending) {
+                if !ready.acquired {
+                    tokio::select! {
+                        _ = self.budget.acquire(ready.chunk.bytes as u64, &mut never) => {}
+                        _ = self.tx.closed() => return InFlight::PipelineGone,
+                    }
+                }
+                if self.tx.send(ready.chunk.into()).await.is_err() {
+                    return InFlight::PipelineGone;
+                }
+                self.mark_sent(&ready.advance);
+            }
+            let want: BTreeMap<i32, i64> = {
+                let st = self.state();
+                st.sent
+                    .iter()
+                    .filter(|(p, _)| partitions.contains(p))
+                    .map(|(p, o)| (*p, *o))
+                    .collect()
+            };
+            let covered = |v: &Option<serde_json::Value>| {
+                let got = v
+                    .as_ref()
+                    .and_then(|v| KafkaPosition::from_value(v).ok())
+                    .map(|p| p.offsets)
+                    .unwrap_or_default();
+                want.iter().all(|(p, o)| got.get(p).is_some_and(|g| g >= o))
+            };
+            if covered(&committed.borrow()) {
+                return InFlight::Committed;
+            }
+            if self.tx.send(Message::Idle).await.is_err() {
+                return InFlight::PipelineGone;
+            }
+            tokio::select! {
+                r = committed.wait_for(|v| covered(v)) => if r.is_ok() { InFlight::Committed } else { InFlight::PipelineGone },
+                _ = self.tx.closed() => InFlight::PipelineGone,
+            }
+        };
+        self.rt
+            .block_on(async { tokio::time::timeout(REVOKE_TIMEOUT, work).await })
+            .unwrap_or(InFlight::TimedOut)
     }
 
-    /// Sends `chunk`, waiting for budget whatever the shutdown state (what was read must be
-    /// committed before its partitions are released). False when the pipeline is gone.
-    fn send_waiting(&self, chunk: Chunk) -> bool {
-        // A stop signal that never fires: its sender lives until the wait ends.
-        let (_keep, mut never) = watch::channel(false);
-        if !self.rt.block_on(self.budget.acquire(chunk.bytes as u64, &mut never)) {
-            return false;
+    /// Hands the held chunk to the pipeline if the budget and the channel have room, without
+    /// waiting; pauses the partitions while it cannot. False when the pipeline is gone.
+    fn try_send_held(&self, consumer: &BaseConsumer<Ctx>) -> bool {
+        let Some(mut ready) = self.state().held.take() else {
+            return true;
+        };
+        if !ready.acquired {
+            ready.acquired = self.budget.try_acquire(ready.chunk.bytes as u64);
         }
-        self.tx.blocking_send(chunk.into()).is_ok()
+        if ready.acquired {
+            match self.tx.try_send(Message::Chunk(ready.chunk)) {
+                Ok(()) => {
+                    self.mark_sent(&ready.advance);
+                    set_paused(consumer, false);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(msg)) => match msg {
+                    Message::Chunk(c) => ready.chunk = c,
+                    Message::Idle => return true,
+                },
+            }
+        }
+        self.state().held = Some(ready);
+        set_paused(consumer, true);
+        true
     }
 
     fn fail(&self, why: String) {
@@ -387,7 +483,7 @@ impl Ctx {
                 },
             };
             if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
-                tracing::error!(source = %self.source, partition = p, error = %e, "cannot set the partition's offset");
+                tracing::error!(source = %self.source, partition = p, error = %self.config.redact(&e.to_string()), "cannot set the partition's offset");
             }
         }
         let parts: Vec<i32> = st.assigned.iter().copied().collect();
@@ -407,16 +503,21 @@ impl Ctx {
         tracing::info!(source = %self.source, pipeline = %self.pipeline, partitions = ?revoked, "partitions revoked; committing what was read from them");
         metrics::counter!("sluice_kafka_rebalances_total", "pipeline" => self.pipeline.clone(), "kind" => "revoke")
             .increment(1);
-        if !self.commit_in_flight(&revoked) {
-            let pipeline_gone = self.tx.is_closed();
-            if !pipeline_gone {
+        if consumer.assignment_lost() {
+            // The group already gave these partitions to another member, which reads from the
+            // log's offsets: what this server read and has not committed must never commit.
+            if self.in_flight(&revoked) {
                 tracing::error!(source = %self.source, pipeline = %self.pipeline, partitions = ?revoked,
-                    "what was read from revoked partitions could not be committed in time; aborting rather than release them (a restart resumes from the commit log)");
+                    "partitions were lost to the group (session or poll interval exceeded) with uncommitted data; aborting so it is never committed (a restart resumes from the commit log)");
                 std::process::abort();
             }
-            // The pipeline stopped: nothing it still holds can be committed any more, and the
-            // next owner reads from the log's offsets.
+        } else if let InFlight::TimedOut = self.commit_in_flight(&revoked) {
+            tracing::error!(source = %self.source, pipeline = %self.pipeline, partitions = ?revoked,
+                "what was read from revoked partitions could not be committed in time; aborting rather than release them (a restart resumes from the commit log)");
+            std::process::abort();
         }
+        // Committed, or the pipeline stopped: nothing it still holds can commit any more, and
+        // the next owner reads from the log's offsets.
         {
             let mut st = self.state();
             for p in &revoked {
@@ -453,8 +554,10 @@ impl ClientContext for Ctx {
         let mut st = self.state();
         if let Some(t) = stats.topics.get(&self.topic) {
             for (p, part) in &t.partitions {
-                if *p >= 0 && part.hi_offset >= 0 {
-                    st.high.insert(*p, part.hi_offset);
+                // The last stable offset: with read_committed (librdkafka's default) a
+                // transaction's trailing marker is never a message to read.
+                if *p >= 0 && part.ls_offset >= 0 {
+                    st.high.insert(*p, part.ls_offset);
                 }
             }
         }
@@ -546,15 +649,15 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set(
-                "auto.offset.reset",
-                match self.config.start {
-                    Start::Earliest => "earliest",
-                    Start::Latest => "latest",
-                },
-            )
+            // Partitions start where the log says or at `start`, set explicitly on assignment;
+            // a recorded offset the broker no longer has is an error, never a silent reset.
+            .set("auto.offset.reset", "error")
             .set("statistics.interval.ms", "5000")
             .set("queued.max.messages.kbytes", queue_kb.to_string())
+            // Micro-batches want large fetches (librdkafka's 1 MiB per partition makes a
+            // round trip per megabyte), within the prefetch bound.
+            .set("fetch.max.bytes", (queue_kb * 1024).to_string())
+            .set("max.partition.fetch.bytes", (queue_kb * 1024).min(16 << 20).to_string())
             .set("client.id", format!("sluice-{}", self.pipeline));
         for (k, v) in &self.config.client {
             c.set(k, v);
@@ -606,6 +709,7 @@ impl Source for KafkaSource {
             state: Mutex::new(State {
                 known,
                 sent: BTreeMap::new(),
+                held: None,
                 assigned: BTreeSet::new(),
                 expect: BTreeMap::new(),
                 pending: Pending::default(),
@@ -655,34 +759,24 @@ impl Source for KafkaSource {
 /// after each Sluice commit; on shutdown commit what was read, then leave.
 fn consume(consumer: &BaseConsumer<Ctx>, mut committed: watch::Receiver<Option<serde_json::Value>>) -> Result<()> {
     let cx = consumer.context();
-    let mut held: Option<Chunk> = None;
     let mut idle_sent = false;
     let mut last_lag = Instant::now();
     loop {
         if let Some(e) = cx.state().failed.take() {
             return Err(e);
         }
+        if cx.tx.is_closed() {
+            // The pipeline stopped: leave the group so the partitions go to another member.
+            return Ok(());
+        }
         if *cx.shutdown.borrow() {
             let all: BTreeSet<i32> = cx.state().assigned.clone();
-            if let Some(chunk) = held.take()
-                && !cx.send_waiting(chunk)
-            {
-                return Ok(());
-            }
             cx.commit_in_flight(&all);
             return Ok(());
         }
-        // A chunk waiting for budget goes first; while it waits the partitions are paused.
-        if let Some(chunk) = held.take() {
-            if cx.budget.try_acquire(chunk.bytes as u64) {
-                if cx.tx.blocking_send(chunk.into()).is_err() {
-                    return Ok(());
-                }
-                set_paused(consumer, false);
-            } else {
-                held = Some(chunk);
-                set_paused(consumer, true);
-            }
+        // A held chunk goes first; while it waits the partitions are paused.
+        if !cx.try_send_held(consumer) {
+            return Ok(());
         }
         if committed.has_changed().unwrap_or(false) {
             let v = committed.borrow_and_update().clone();
@@ -716,24 +810,35 @@ fn consume(consumer: &BaseConsumer<Ctx>, mut committed: watch::Receiver<Option<s
                     timestamp: m.timestamp().to_millis(),
                     key: m.key().map(<[u8]>::to_vec),
                 });
-                let full = st.pending.is_full(cx.chunk_messages);
+                let take = st.pending.is_full(cx.chunk_messages) && st.held.is_none();
                 drop(st);
-                if full && held.is_none() {
-                    held = cx.take_chunk()?;
+                if take {
+                    let ready = cx.take_chunk()?;
+                    cx.state().held = ready;
                 }
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                code @ (RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange),
+            ))) => {
+                // The offset the log recorded is gone from the broker (retention, a recreated
+                // topic): resuming anywhere else would skip or repeat data silently.
+                return Err(EngineError::BadInput(format!(
+                    "topic {}: a partition's committed offset is out of range on the broker ({code}): the messages after it were deleted (retention) or the topic was recreated; Sluice never skips data silently: point the pipeline at a new sink, or restore the topic",
+                    cx.topic
+                )));
             }
             Some(Err(e)) => {
                 tracing::warn!(source = %cx.source, error = %cx.config.redact(&e.to_string()), "kafka consumer error (retrying)");
                 metrics::counter!("sluice_kafka_errors_total", "pipeline" => cx.pipeline.clone()).increment(1);
             }
             None => {
-                if held.is_none() {
-                    held = cx.take_chunk()?;
-                    if held.is_none() && !idle_sent {
-                        idle_sent = true;
-                        if cx.tx.blocking_send(Message::Idle).is_err() {
-                            return Ok(());
-                        }
+                if cx.state().held.is_none() {
+                    let ready = cx.take_chunk()?;
+                    let nothing = ready.is_none();
+                    cx.state().held = ready;
+                    if nothing && !idle_sent {
+                        // A hint only: when the channel is full the pipeline is busy anyway.
+                        idle_sent = cx.tx.try_send(Message::Idle).is_ok();
                     }
                 }
             }
@@ -762,7 +867,9 @@ fn set_paused(consumer: &BaseConsumer<Ctx>, pause: bool) {
             st.paused = pause;
             metrics::counter!("sluice_kafka_pauses_total", "pipeline" => cx.pipeline.clone(), "kind" => if pause { "pause" } else { "resume" }).increment(1);
         }
-        Err(e) => tracing::warn!(source = %cx.source, error = %e, "pausing or resuming partitions"),
+        Err(e) => {
+            tracing::warn!(source = %cx.source, error = %cx.config.redact(&e.to_string()), "pausing or resuming partitions")
+        }
     }
 }
 
