@@ -908,3 +908,80 @@ fn report_lag(cx: &Ctx, committed: Option<&serde_json::Value>) {
             .set(lag as f64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Field, Int64Type, TimeUnit, TimestampMicrosecondType};
+
+    fn schema(fields: Vec<Field>) -> SchemaRef {
+        Arc::new(Schema::new(fields))
+    }
+
+    #[test]
+    fn metadata_columns_must_have_a_type_metadata_can_fill() {
+        let bad = schema(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("_kafka_offset", DataType::Utf8, true),
+        ]);
+        let e = Columns::new(bad).unwrap_err().to_string();
+        assert!(e.contains("_kafka_offset"), "{e}");
+        let ok = Columns::new(schema(vec![
+            Field::new("_kafka_key", DataType::Utf8View, true),
+            Field::new("id", DataType::Int64, false),
+            Field::new("_kafka_partition", DataType::Int64, true),
+        ]))
+        .unwrap();
+        assert_eq!(ok.value.fields().len(), 1);
+        assert_eq!(ok.meta, vec![Some(MetaColumn::Key), None, Some(MetaColumn::Partition)]);
+    }
+
+    #[test]
+    fn metadata_is_placed_in_declared_order_with_each_message_s_own_values() {
+        let columns = Columns::new(schema(vec![
+            Field::new("_kafka_partition", DataType::Int32, true),
+            Field::new("id", DataType::Int64, false),
+            Field::new(
+                "_kafka_timestamp",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                true,
+            ),
+            Field::new("_kafka_key", DataType::Binary, true),
+            Field::new("_kafka_offset", DataType::Int64, true),
+        ]))
+        .unwrap();
+        let decoder = RecordDecoder::new(Format::Json, columns.value.clone());
+        let buf = br#"{"id": 7}{"id": 8}"#;
+        let decoded = decoder.decode(buf, &[0..9, 9..18]).unwrap();
+        let meta = [
+            Meta {
+                partition: 3,
+                offset: 41,
+                timestamp: Some(1_700_000_000_123),
+                key: Some(b"k".to_vec()),
+            },
+            Meta {
+                partition: 1,
+                offset: 9,
+                timestamp: None,
+                key: None,
+            },
+        ];
+        let refs: Vec<&Meta> = meta.iter().collect();
+        let batch = with_metadata(&columns, decoded.batch, &refs).unwrap();
+        assert_eq!(batch.schema(), columns.declared);
+        assert_eq!(
+            batch.column(0).as_primitive::<arrow::datatypes::Int32Type>().values(),
+            &[3, 1]
+        );
+        assert_eq!(batch.column(1).as_primitive::<Int64Type>().values(), &[7, 8]);
+        let ts = batch.column(2).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(ts.value(0), 1_700_000_000_123_000);
+        assert!(ts.is_null(1));
+        let key = batch.column(3).as_binary::<i32>();
+        assert_eq!(key.value(0), b"k");
+        assert!(key.is_null(1));
+        assert_eq!(batch.column(4).as_primitive::<Int64Type>().values(), &[41, 9]);
+    }
+}
