@@ -224,12 +224,26 @@ fn run_dir_sql(
     events: u64,
     bytes: u64,
 ) -> Row {
+    run_until(work, name, tag, sql, sink, events, bytes, |e| {
+        e["sources"][source]["file"] == last_file && e["sources"][source]["complete"] == true
+    })
+}
+
+/// Starts a server on `sql` and measures it until its newest commit entry satisfies `done`.
+#[allow(clippy::too_many_arguments)]
+fn run_until(
+    work: &Path,
+    name: &str,
+    tag: &str,
+    sql: &str,
+    sink: &Path,
+    events: u64,
+    bytes: u64,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> Row {
     let t0 = Instant::now();
     let (child, _) = start_server(work, sql, tag);
-    wait_for(name, || {
-        let (_, _, e) = log_totals(sink);
-        e.is_some_and(|e| e["sources"][source]["file"] == last_file && e["sources"][source]["complete"] == true)
-    });
+    wait_for(name, || log_totals(sink).2.is_some_and(|e| done(&e)));
     let wall = t0.elapsed().as_secs_f64();
     let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
     stop_child(child);
@@ -294,29 +308,12 @@ fn run_kafka(work: &Path, broker: &broker::Broker, messages: u64, events: u64, b
         ),
         sink.to_str().unwrap_or_default(),
     );
-    let t0 = Instant::now();
-    let (child, _) = start_server(work, &sql, "kafka");
-    wait_for("the Kafka run", || {
-        let (_, _, e) = log_totals(&sink);
-        e.and_then(|e| {
-            let offs = e["sources"]["orders"]["offsets"].as_object()?.clone();
-            Some(offs.values().filter_map(|v| v.as_u64()).sum::<u64>() >= messages)
-        })
-        .unwrap_or(false)
-    });
-    let wall = t0.elapsed().as_secs_f64();
-    let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
-    stop_child(child);
-    let (_, out, _) = log_totals(&sink);
-    Row {
-        name: "sluice: Kafka source (tansu on loopback)".into(),
-        events,
-        bytes,
-        wall,
-        cpu,
-        rss,
-        rows_out: Some(out),
-    }
+    let name = "sluice: Kafka source (tansu on loopback)";
+    run_until(work, name, "kafka", &sql, &sink, events, bytes, |e| {
+        e["sources"]["orders"]["offsets"]
+            .as_object()
+            .is_some_and(|offs| offs.values().filter_map(|v| v.as_u64()).sum::<u64>() >= messages)
+    })
 }
 
 /// Runs `argv` in `work` under Python's `resource` module: wall, CPU and peak RSS of the

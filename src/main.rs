@@ -385,18 +385,7 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
     let texts = read_files(&a.files)?;
     let registry = sluice_connectors::registry();
     let (ctx, program) = runtime::compile(&texts, &registry).await?;
-    let Some(sink_def) = program.sinks.get(&a.pipeline) else {
-        bail!(
-            "no pipeline {} in the files (pipelines: {})",
-            a.pipeline,
-            program
-                .pipelines
-                .iter()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    };
+    let (_, sink_def) = reconcile::pipeline_and_sink(&program, &a.pipeline)?;
     let factory = registry
         .sink(&sink_def.connector)
         .with_context(|| format!("no sink connector {}", sink_def.connector))?;

@@ -24,6 +24,15 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where the project's setup script caches the tools the tests use (`$SLUICE_TOOLS`, default
+/// `~/.cache/sluice-tools`): the readers' virtualenv, the Kafka-protocol broker.
+pub fn tools_dir() -> PathBuf {
+    std::env::var("SLUICE_TOOLS").map_or_else(
+        |_| PathBuf::from(format!("{}/.cache/sluice-tools", std::env::var("HOME").unwrap_or_default())),
+        PathBuf::from,
+    )
+}
+
 /// Polls `f` until it returns `Some`, failing the test after `deadline`.
 pub fn wait_until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + deadline;

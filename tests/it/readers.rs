@@ -17,15 +17,7 @@ use crate::harness::{Server, committed_output, repo_root, wait_until};
 const BASE_US: i64 = 1_795_132_800_000_000;
 
 pub(crate) fn python() -> String {
-    std::env::var("SLUICE_TOOLS").map_or_else(
-        |_| {
-            format!(
-                "{}/.cache/sluice-tools/venv/bin/python",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        },
-        |t| format!("{t}/venv/bin/python"),
-    )
+    crate::harness::tools_dir().join("venv/bin/python").display().to_string()
 }
 
 #[test]

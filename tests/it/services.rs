@@ -15,20 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _, ProducerContext};
 
-use crate::harness::{free_port, wait_until};
-
-/// Where the project's setup script caches tools.
-fn tools_dir() -> PathBuf {
-    std::env::var("SLUICE_TOOLS").map_or_else(
-        |_| {
-            PathBuf::from(format!(
-                "{}/.cache/sluice-tools",
-                std::env::var("HOME").unwrap_or_default()
-            ))
-        },
-        PathBuf::from,
-    )
-}
+use crate::harness::{free_port, tools_dir, wait_until};
 
 /// The tansu binary.
 pub fn tansu() -> PathBuf {

@@ -32,6 +32,15 @@ impl KafkaPosition {
     }
 }
 
+/// The offsets of a committed position (none when there is no position, or it is not a Kafka
+/// one: then nothing counts as committed).
+pub fn committed_offsets(position: Option<&serde_json::Value>) -> BTreeMap<i32, i64> {
+    position
+        .and_then(|v| KafkaPosition::from_value(v).ok())
+        .map(|p| p.offsets)
+        .unwrap_or_default()
+}
+
 /// The highest offset per partition of `topic` among `positions` (every writer's newest),
 /// merged into `known`. Positions of another topic are skipped.
 pub fn merge(known: &mut BTreeMap<i32, i64>, topic: &str, positions: &[serde_json::Value]) -> Result<()> {

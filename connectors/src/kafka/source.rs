@@ -48,7 +48,7 @@ use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 
 use super::config::{KafkaSourceConfig, MessageFormat, Start};
-use super::position::{KafkaPosition, merge};
+use super::position::{KafkaPosition, committed_offsets, merge};
 
 /// Bytes of message values gathered before a chunk is decoded and sent.
 pub const CHUNK_BYTES: usize = 4 << 20;
@@ -226,8 +226,6 @@ enum InFlight {
 struct Ctx {
     source: String,
     pipeline: String,
-    topic: String,
-    start: Start,
     config: KafkaSourceConfig,
     decoder: RecordDecoder,
     columns: Columns,
@@ -260,7 +258,7 @@ impl Ctx {
                 DeadLetter {
                     source: self.source.clone(),
                     position: json!({
-                        "topic": self.topic,
+                        "topic": self.config.topic,
                         "partition": m.partition,
                         "offset": m.offset,
                         "key": m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
@@ -281,7 +279,7 @@ impl Ctx {
             .collect();
         let batch = with_metadata(&self.columns, decoded.batch, &kept)?;
         let position = KafkaPosition {
-            topic: self.topic.clone(),
+            topic: self.config.topic.clone(),
             offsets: known.clone(),
         };
         Ok(Chunk {
@@ -346,10 +344,7 @@ impl Ctx {
     /// This writer's committed offsets.
     fn committed_offsets(&self) -> BTreeMap<i32, i64> {
         let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
-        let v = committed.borrow().clone();
-        v.and_then(|v| KafkaPosition::from_value(&v).ok())
-            .map(|p| p.offsets)
-            .unwrap_or_default()
+        committed_offsets(committed.borrow().as_ref())
     }
 
     /// Sends what is held and pending (waiting for budget and channel room), asks the pipeline
@@ -390,11 +385,7 @@ impl Ctx {
                     .collect()
             };
             let covered = |v: &Option<serde_json::Value>| {
-                let got = v
-                    .as_ref()
-                    .and_then(|v| KafkaPosition::from_value(v).ok())
-                    .map(|p| p.offsets)
-                    .unwrap_or_default();
+                let got = committed_offsets(v.as_ref());
                 want.iter().all(|(p, o)| got.get(p).is_some_and(|g| g >= o))
             };
             if covered(&committed.borrow()) {
@@ -460,7 +451,7 @@ impl Ctx {
             }
         };
         let mut st = self.state();
-        if let Err(e) = merge(&mut st.known, &self.topic, &positions) {
+        if let Err(e) = merge(&mut st.known, &self.config.topic, &positions) {
             drop(st);
             self.fail(e.to_string());
             return;
@@ -477,12 +468,12 @@ impl Ctx {
         for p in st.assigned.clone() {
             let offset = match st.known.get(&p) {
                 Some(o) => Offset::Offset(*o),
-                None => match self.start {
+                None => match self.config.start {
                     Start::Earliest => Offset::Beginning,
                     Start::Latest => Offset::End,
                 },
             };
-            if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+            if let Err(e) = tpl.set_partition_offset(&self.config.topic, p, offset) {
                 tracing::error!(source = %self.source, partition = p, error = %self.config.redact(&e.to_string()), "cannot set the partition's offset");
             }
         }
@@ -552,7 +543,7 @@ impl ClientContext for Ctx {
 
     fn stats(&self, stats: Statistics) {
         let mut st = self.state();
-        if let Some(t) = stats.topics.get(&self.topic) {
+        if let Some(t) = stats.topics.get(&self.config.topic) {
             for (p, part) in &t.partitions {
                 // The last stable offset: with read_committed (librdkafka's default) a
                 // transaction's trailing marker is never a message to read.
@@ -693,8 +684,6 @@ impl Source for KafkaSource {
         let shared = Ctx {
             source: self.source.clone(),
             pipeline: self.pipeline.clone(),
-            topic: self.config.topic.clone(),
-            start: self.config.start,
             config: self.config.clone(),
             decoder: self.decoder.clone(),
             columns: self.columns.clone(),
@@ -824,7 +813,7 @@ fn consume(consumer: &BaseConsumer<Ctx>, mut committed: watch::Receiver<Option<s
                 // topic): resuming anywhere else would skip or repeat data silently.
                 return Err(EngineError::BadInput(format!(
                     "topic {}: a partition's committed offset is out of range on the broker ({code}): the messages after it were deleted (retention) or the topic was recreated; Sluice never skips data silently: point the pipeline at a new sink, or restore the topic",
-                    cx.topic
+                    cx.config.topic
                 )));
             }
             Some(Err(e)) => {
@@ -855,7 +844,7 @@ fn set_paused(consumer: &BaseConsumer<Ctx>, pause: bool) {
     }
     let mut tpl = TopicPartitionList::new();
     for p in &st.assigned {
-        tpl.add_partition(&cx.topic, *p);
+        tpl.add_partition(&cx.config.topic, *p);
     }
     let r = if pause {
         consumer.pause(&tpl)
@@ -877,13 +866,11 @@ fn set_paused(consumer: &BaseConsumer<Ctx>, pause: bool) {
 /// lag tools see progress.
 fn commit_group_offsets(consumer: &BaseConsumer<Ctx>, committed: Option<&serde_json::Value>) {
     let cx = consumer.context();
-    let Some(pos) = committed.and_then(|v| KafkaPosition::from_value(v).ok()) else {
-        return;
-    };
+    let offsets = committed_offsets(committed);
     let assigned = cx.state().assigned.clone();
     let mut tpl = TopicPartitionList::new();
-    for (p, o) in pos.offsets.iter().filter(|(p, _)| assigned.contains(p)) {
-        let _ = tpl.add_partition_offset(&cx.topic, *p, Offset::Offset(*o));
+    for (p, o) in offsets.iter().filter(|(p, _)| assigned.contains(p)) {
+        let _ = tpl.add_partition_offset(&cx.config.topic, *p, Offset::Offset(*o));
     }
     if tpl.count() > 0
         && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
@@ -894,17 +881,14 @@ fn commit_group_offsets(consumer: &BaseConsumer<Ctx>, committed: Option<&serde_j
 
 /// Publishes per-partition lag: log-end offset minus the committed offset.
 fn report_lag(cx: &Ctx, committed: Option<&serde_json::Value>) {
-    let offsets = committed
-        .and_then(|v| KafkaPosition::from_value(v).ok())
-        .map(|p| p.offsets)
-        .unwrap_or_default();
+    let offsets = committed_offsets(committed);
     let st = cx.state();
     for p in &st.assigned {
         let Some(high) = st.high.get(p) else { continue };
         let done = offsets.get(p).or(st.known.get(p)).copied().unwrap_or(0);
         let lag = (*high - done).max(0) as u64;
         cx.lag.set(&p.to_string(), lag);
-        metrics::gauge!("sluice_kafka_lag", "pipeline" => cx.pipeline.clone(), "topic" => cx.topic.clone(), "partition" => p.to_string())
+        metrics::gauge!("sluice_kafka_lag", "pipeline" => cx.pipeline.clone(), "topic" => cx.config.topic.clone(), "partition" => p.to_string())
             .set(lag as f64);
     }
 }

@@ -177,6 +177,25 @@ pub struct ReconcileReport {
 /// Progress of a long step: `(step, done, total)`.
 pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 
+/// The pipeline `name` of `program` and its sink, or an error listing the pipelines there are.
+pub fn pipeline_and_sink<'a>(
+    program: &'a Program,
+    name: &str,
+) -> Result<(&'a PipelineDef, &'a sluice_sql::SinkDef)> {
+    let def = program.pipelines.iter().find(|p| p.name == name).ok_or_else(|| {
+        let names: Vec<&str> = program.pipelines.iter().map(|p| p.name.as_str()).collect();
+        EngineError::config(
+            format!("no pipeline {name} in the files"),
+            Some(format!("pipelines: {}", names.join(", "))),
+        )
+    })?;
+    let sink = program
+        .sinks
+        .get(&def.name)
+        .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its sink", def.name)))?;
+    Ok((def, sink))
+}
+
 /// Reconciles `pipeline` of `program` (compiled in `ctx`) over `opts.range`. `sink` is the
 /// pipeline's sink; `shadow` is the same sink on a scratch store (the batch result is encoded
 /// there first, exactly as the sink would write it).
@@ -189,24 +208,7 @@ pub async fn reconcile(
     opts: &ReconcileOptions,
     progress: Progress<'_>,
 ) -> Result<ReconcileReport> {
-    let def = program.pipelines.iter().find(|p| p.name == pipeline).ok_or_else(|| {
-        EngineError::config(
-            format!("no pipeline {pipeline} in the files"),
-            Some(format!(
-                "pipelines: {}",
-                program
-                    .pipelines
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-        )
-    })?;
-    let sink_def = program
-        .sinks
-        .get(&def.name)
-        .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its sink", def.name)))?;
+    let (def, sink_def) = pipeline_and_sink(program, pipeline)?;
     let key: Vec<String> = sink_def
         .options
         .get("key")
