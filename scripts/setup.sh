@@ -8,7 +8,8 @@
 #
 # What the tests need beyond the toolchain is installed here: the Parquet readers of
 # tests/it/readers.rs (a Python virtualenv cached under ~/.cache/sluice-tools) and Debian's
-# chromium for the HTML quality report, and a Kafka-protocol broker (tansu) for the Kafka source.
+# chromium for the HTML quality report, a Kafka-protocol broker (tansu) for the Kafka source, and
+# an S3-compatible server (moto) for S3 tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,6 +34,15 @@ if [[ "${1:-}" == "--test" ]]; then
     # shellcheck disable=SC2086
     "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check $READERS
     echo "$READERS" > "$TOOLS/venv/.readers"
+  fi
+  # An S3-compatible server for tests/it/s3.rs: moto from PyPI, in the same virtualenv; the
+  # tests start `moto_server -H 127.0.0.1 -p PORT` on random loopback ports.
+  MOTO="moto[server]==5.2.5"
+  if [[ ! -f "$TOOLS/venv/.moto" ]] || [[ "$(cat "$TOOLS/venv/.moto")" != "$MOTO" ]]; then
+    echo "setup: installing $MOTO into $TOOLS/venv"
+    [[ -x "$TOOLS/venv/bin/pip" ]] || python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "$MOTO"
+    echo "$MOTO" > "$TOOLS/venv/.moto"
   fi
   # A Kafka-protocol broker for tests/it/kafka.rs: tansu from crates.io, built once (about 13
   # minutes on 2 cores) and cached as $TOOLS/tansu/bin/tansu; the tests start it on random

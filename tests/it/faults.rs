@@ -164,10 +164,12 @@ impl ObjectStore for FaultyStore {
     }
 }
 
-/// The Parquet sink, over a faulty store.
-struct FaultySinkFactory {
-    seed: u64,
-    injected: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+/// The Parquet sink, over a faulty store (any LOCATION the sink takes, local or S3).
+pub(crate) struct FaultySinkFactory {
+    /// Seeds the faults.
+    pub(crate) seed: u64,
+    /// Faults injected, by call.
+    pub(crate) injected: Arc<Mutex<BTreeMap<&'static str, u64>>>,
 }
 
 impl SinkFactory for FaultySinkFactory {
@@ -176,7 +178,7 @@ impl SinkFactory for FaultySinkFactory {
     }
 
     fn create(&self, def: &SinkDef) -> sluice_engine::Result<Arc<dyn Sink>> {
-        let table = TableStore::open(&def.location)?;
+        let table = TableStore::open_for(&def.location, &def.options)?;
         let faulty = Arc::new(FaultyStore {
             inner: table.store.clone(),
             state: AtomicU64::new(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),

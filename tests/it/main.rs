@@ -10,12 +10,16 @@ mod harness;
 mod http;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "s3")]
+mod moto;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
 mod quality;
 mod quickstart;
 mod readers;
 mod reconcile;
+#[cfg(feature = "s3")]
+mod s3;
 #[cfg(feature = "kafka")]
 mod services;
 mod slt;

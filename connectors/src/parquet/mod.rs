@@ -27,19 +27,13 @@ impl SinkFactory for ParquetSinkFactory {
             options: config::option_specs(),
             check: Some(Arc::new(|opts, location| {
                 ParquetSinkConfig::from_options(opts)?;
-                if location.contains("://") && !location.starts_with("file://") {
-                    return Err(sluice_sql::OptionError {
-                        key: "LOCATION".into(),
-                        message: format!("unsupported location '{location}': use a local path or a file:// URL"),
-                    });
-                }
-                Ok(())
+                sluice_engine::log::store::check(location, opts)
             })),
         }
     }
 
     fn create(&self, def: &SinkDef) -> Result<Arc<dyn Sink>> {
-        sink_on(TableStore::open(&def.location)?, def)
+        sink_on(TableStore::open_for(&def.location, &def.options)?, def)
     }
 
     fn create_on(&self, table: TableStore, def: &SinkDef) -> Result<Arc<dyn Sink>> {

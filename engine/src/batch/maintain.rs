@@ -53,7 +53,7 @@ pub struct CompactReport {
 /// `key=value` must match) into files of about `target` bytes, one commit per partition. Files
 /// of different pipelines or different schemas are never merged together.
 pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)]) -> Result<CompactReport> {
-    let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER)?;
+    let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
     let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
     log.recover().await?;
     let snap = log.snapshot().await?;
@@ -216,7 +216,7 @@ pub async fn vacuum(
     retention: Duration,
     archive_retention: Option<Duration>,
 ) -> Result<VacuumReport> {
-    let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER)?;
+    let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
     let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
     log.recover().await?;
     let mut report = VacuumReport::default();
@@ -257,7 +257,7 @@ pub async fn vacuum(
         if writer.is_empty() || writer == MAINTENANCE_WRITER {
             continue;
         }
-        if let Ok(_held) = WriterLease::acquire(table, &writer) {
+        if let Ok(_held) = WriterLease::acquire_now(table, &writer).await {
             report.staging_orphans += CommitLog::new(table.clone(), &writer).recover().await?.orphans_removed;
         }
     }

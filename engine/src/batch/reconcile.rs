@@ -224,7 +224,7 @@ pub async fn reconcile(
     // A repair holds the lease throughout; a report finishes an interrupted repair first when
     // no maintenance job runs (else both versions of a partition would be compared).
     let _lease = if opts.repair {
-        let lease = WriterLease::acquire(&table, MAINTENANCE_WRITER)?;
+        let lease = WriterLease::acquire(&table, MAINTENANCE_WRITER).await?;
         log.recover().await?;
         Some(lease)
     } else {
@@ -475,7 +475,7 @@ pub async fn reconcile(
 /// Finishes the newest maintenance entry's moves when no maintenance job holds the lease (a
 /// repair killed after its commit entry was written).
 pub async fn finish_interrupted_maintenance(table: &TableStore) -> Result<()> {
-    if let Ok(_lease) = WriterLease::acquire(table, MAINTENANCE_WRITER) {
+    if let Ok(_lease) = WriterLease::acquire_now(table, MAINTENANCE_WRITER).await {
         CommitLog::new(table.clone(), MAINTENANCE_WRITER).recover().await?;
     }
     Ok(())

@@ -360,6 +360,7 @@ pub struct CommitLog {
     table: TableStore,
     writer: String,
     retry: RetryPolicy,
+    fence: Option<crate::log::lease::Fence>,
 }
 
 /// What [`CommitLog::recover`] found.
@@ -373,6 +374,8 @@ pub struct Recovered {
     pub orphans_removed: usize,
     /// Staged files moved into place to finish this writer's newest commit.
     pub moves_completed: usize,
+    /// Unfinished multipart uploads of this writer aborted ([`crate::log::upload`]).
+    pub uploads_aborted: usize,
 }
 
 impl Recovered {
@@ -389,7 +392,14 @@ impl CommitLog {
             table,
             writer: writer.to_string(),
             retry: RetryPolicy::default(),
+            fence: None,
         }
+    }
+
+    /// Refuses to commit once `fence`'s lease is lost.
+    pub fn with_fence(mut self, fence: crate::log::lease::Fence) -> Self {
+        self.fence = Some(fence);
+        self
     }
 
     /// Uses `retry` for transient store failures.
@@ -518,6 +528,7 @@ impl CommitLog {
     /// Brings the table to a clean state for this writer: finishes the moves of its newest entry
     /// (invariant 4) and removes its staged files (invariant 5).
     pub async fn recover(&self) -> Result<Recovered> {
+        self.table.check_atomic_create().await?;
         let snap = self.snapshot().await?;
         let mut rec = Recovered {
             newest_epoch: snap.newest_epoch(),
@@ -535,6 +546,7 @@ impl CommitLog {
                 .collect();
             rec.moves_completed = self.move_into_place(&last, &removed_later).await?;
         }
+        rec.uploads_aborted = crate::log::upload::abort_recorded(&self.table, &self.writer, &self.retry).await?;
         let prefix = self.table.path(&format!("_sluice/staging/{}", self.writer));
         let staged: Vec<_> = self
             .retry
@@ -564,6 +576,20 @@ impl CommitLog {
     /// Writes `bytes` to the staging path of `target` (table-relative).
     pub async fn stage(&self, target: &str, bytes: Vec<u8>) -> Result<()> {
         let path = self.staged(target);
+        if let Some(multipart) = &self.table.multipart
+            && bytes.len() > self.table.settings.part_size
+        {
+            return crate::log::upload::put_recorded(
+                &self.table,
+                multipart,
+                &self.writer,
+                target,
+                &path,
+                bytes,
+                &self.retry,
+            )
+            .await;
+        }
         let payload = PutPayload::from(bytes);
         self.retry
             .run("staging a file", || async {
@@ -631,7 +657,11 @@ impl CommitLog {
     /// pipeline), the commit stops with an error. Every file the entry names must be staged.
     pub async fn commit(&self, entry: &mut CommitEntry) -> Result<()> {
         crate::crash::point("after_stage");
+        self.table.check_atomic_create().await?;
         loop {
+            if let Some(fence) = &self.fence {
+                fence.check(&self.writer)?;
+            }
             let path = self.entry_path(entry.epoch);
             let body = serde_json::to_vec_pretty(&*entry)
                 .map_err(|e| EngineError::Internal(format!("encoding commit entry: {e}")))?;

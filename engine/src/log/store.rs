@@ -1,13 +1,157 @@
 //! Where a table lives: an object store and the table's root inside it, plus the fixed layout
 //! of DESIGN §4 (`_sluice/log`, `_sluice/staging`, `_sluice/dead_letter`).
+//!
+//! A LOCATION is a local path, a `file://` URL (local disk, [`DurableLocalStore`]) or an
+//! `s3://bucket/prefix/` URL (S3 and S3-compatible stores, [`crate::log::s3`]). The store
+//! options of a sink (`s3.*`, `lease.ttl`, `upload.part_size`) are read here.
+//!
+//! The commit log needs an atomic create-if-absent. Local disk has one (a hard link); an object
+//! store has it when it honours a conditional PUT (`If-None-Match: *`), which
+//! [`TableStore::check_atomic_create`] probes once before the first commit. A store without it
+//! is refused with a clear error unless the sink opts into single-writer mode
+//! (`'s3.conditional_put' 'disabled'`), where create-if-absent is a HEAD then a PUT
+//! ([`crate::log::single_writer`]) and nothing guards against a second writer.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use object_store::ObjectStore;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use sluice_sql::{OptionError, OptionSpec, Options};
 
 use super::local::DurableLocalStore;
 use crate::error::{EngineError, Result};
+
+/// Default writer-lease time to live on object stores (`lease.ttl`).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default part size of multipart uploads (`upload.part_size`).
+pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
+/// The smallest part S3 accepts (all but the last part).
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+
+/// The OPTIONS keys of a table's store, accepted by every sink.
+pub fn option_specs() -> Vec<OptionSpec> {
+    vec![
+        OptionSpec {
+            key: "s3.*",
+            doc: "an S3 client setting for an s3:// LOCATION (object_store's AmazonS3ConfigKey names: s3.endpoint, s3.region, s3.access_key_id, s3.secret_access_key, s3.session_token, s3.allow_http, s3.conditional_put, ...); the AWS_* environment variables are read first; values may use ${ENV} and are never printed",
+        },
+        OptionSpec {
+            key: "lease.ttl",
+            doc: "on an object store: how long a writer's lease lives without renewal (renewed every third of it; a restarted writer waits at most this long for a dead holder's lease; default 30s)",
+        },
+        OptionSpec {
+            key: "upload.part_size",
+            doc: "on an object store: files larger than this go up as multipart uploads in parts of this size (default 16MB, at least 5MB)",
+        },
+    ]
+}
+
+/// Settings of a table's store beyond its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// `s3.*` client settings, keys without the `s3.` prefix.
+    pub s3: BTreeMap<String, String>,
+    /// Writer-lease time to live (object stores).
+    pub lease_ttl: Duration,
+    /// Multipart part size (object stores).
+    pub part_size: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            s3: BTreeMap::new(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            part_size: DEFAULT_PART_SIZE,
+        }
+    }
+}
+
+impl StoreSettings {
+    /// The store settings among a sink's OPTIONS (other keys are ignored).
+    pub fn from_options(options: &Options) -> Result<Self, OptionError> {
+        let mut s = StoreSettings::default();
+        for (k, v) in options {
+            if let Some(key) = k.strip_prefix("s3.") {
+                s.s3.insert(key.to_string(), v.clone());
+            }
+        }
+        let ttl = sluice_sql::option_duration(options, "lease.ttl", DEFAULT_LEASE_TTL)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(OptionError {
+                key: "lease.ttl".into(),
+                message: format!("{ttl:?} is too short: a lease lives at least 1s"),
+            });
+        }
+        s.lease_ttl = ttl;
+        let part = sluice_sql::option_bytes(options, "upload.part_size", DEFAULT_PART_SIZE as u64)?;
+        if part < MIN_PART_SIZE as u64 {
+            return Err(OptionError {
+                key: "upload.part_size".into(),
+                message: format!("{part} bytes is below S3's smallest part (5MB)"),
+            });
+        }
+        s.part_size = usize::try_from(part).unwrap_or(usize::MAX);
+        #[cfg(feature = "s3")]
+        super::s3::check_keys(&s.s3)?;
+        Ok(s)
+    }
+
+    /// True in single-writer mode (`'s3.conditional_put' 'disabled'`).
+    pub fn single_writer(&self) -> bool {
+        self.s3.get("conditional_put").is_some_and(|v| v.trim() == "disabled")
+    }
+}
+
+/// Checks a sink's LOCATION and store options (for `sluice validate` and start-up).
+pub fn check(location: &str, options: &Options) -> Result<(), OptionError> {
+    let settings = StoreSettings::from_options(options)?;
+    match scheme(location) {
+        None | Some("file") => {
+            if let Some(k) = options.keys().find(|k| k.starts_with("s3.")) {
+                return Err(OptionError {
+                    key: k.clone(),
+                    message: format!("s3.* options apply to s3:// locations, and '{location}' is local disk"),
+                });
+            }
+            Ok(())
+        }
+        Some("s3") if cfg!(feature = "s3") => {
+            let _ = settings;
+            Ok(())
+        }
+        Some(other) => Err(OptionError {
+            key: "LOCATION".into(),
+            message: format!("unsupported location '{location}' (scheme {other}://): {}", supported()),
+        }),
+    }
+}
+
+fn scheme(location: &str) -> Option<&str> {
+    location.split_once("://").map(|(s, _)| s)
+}
+
+fn supported() -> &'static str {
+    if cfg!(feature = "s3") {
+        "use a local path, a file:// URL or an s3://bucket/prefix/ URL"
+    } else {
+        "use a local path or a file:// URL (this build has no S3 support: build with the s3 feature)"
+    }
+}
+
+/// The raw multipart API of a table's store (S3's create / upload part / complete / abort),
+/// for uploads whose id is recorded so that recovery can abort them.
+#[derive(Clone)]
+pub struct Multipart(pub Arc<dyn MultipartStore>);
+
+impl std::fmt::Debug for Multipart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Multipart")
+    }
+}
 
 /// A table's object store and root path.
 #[derive(Debug, Clone)]
@@ -20,24 +164,60 @@ pub struct TableStore {
     pub location: String,
     /// The table's directory when it is on local disk (writer leases are OS locks there).
     pub local_dir: Option<std::path::PathBuf>,
+    /// The store's multipart API, when large files go up as recorded multipart uploads.
+    pub multipart: Option<Multipart>,
+    /// Lease, upload and client settings.
+    pub settings: StoreSettings,
+    probed: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl TableStore {
-    /// Opens the table at `location`: a local path (absolute or relative to the working
-    /// directory) or a `file://` URL. The directory is created when missing. Writes through
-    /// the store are durable when they return ([`DurableLocalStore`]).
+    /// Opens the table at `location` with default store settings (the `AWS_*` environment
+    /// only, for an s3:// location). See [`TableStore::open_with`].
     pub fn open(location: &str) -> Result<Self> {
-        let local = if let Some(rest) = location.strip_prefix("file://") {
-            rest.to_string()
-        } else if location.contains("://") {
-            let scheme = location.split("://").next().unwrap_or_default();
-            return Err(EngineError::config(
-                format!("unsupported location scheme \"{scheme}://\" in '{location}'"),
-                Some("use a local path or a file:// URL".to_string()),
-            ));
-        } else {
-            location.to_string()
-        };
+        Self::open_with(location, &StoreSettings::default())
+    }
+
+    /// Opens the table at `location` with a sink's OPTIONS (their store keys).
+    pub fn open_for(location: &str, options: &Options) -> Result<Self> {
+        let settings = StoreSettings::from_options(options)
+            .map_err(|e| EngineError::config(format!("option '{}': {}", e.key, e.message), None::<String>))?;
+        Self::open_with(location, &settings)
+    }
+
+    /// Opens the table at `location`: a local path (absolute or relative to the working
+    /// directory) or a `file://` URL, whose directory is created when missing and whose writes
+    /// are durable when they return ([`DurableLocalStore`]); or an `s3://bucket/prefix/` URL.
+    pub fn open_with(location: &str, settings: &StoreSettings) -> Result<Self> {
+        match scheme(location) {
+            None | Some("file") => Self::open_local(location),
+            #[cfg(feature = "s3")]
+            Some("s3") => {
+                let (s3, root) = super::s3::open(location, &settings.s3)?;
+                let store: Arc<dyn ObjectStore> = if settings.single_writer() {
+                    Arc::new(super::single_writer::SingleWriterStore::new(s3.clone()))
+                } else {
+                    s3.clone()
+                };
+                Ok(TableStore {
+                    store,
+                    root,
+                    location: location.to_string(),
+                    local_dir: None,
+                    multipart: Some(Multipart(s3)),
+                    settings: settings.clone(),
+                    probed: Default::default(),
+                })
+            }
+            Some(other) => Err(EngineError::config(
+                format!("unsupported location scheme \"{other}://\" in '{location}'"),
+                Some(supported().to_string()),
+            )),
+        }
+    }
+
+    fn open_local(location: &str) -> Result<Self> {
+        let local = location.strip_prefix("file://").unwrap_or(location).to_string();
         crate::durability::create_dir_all(std::path::Path::new(&local))
             .map_err(EngineError::io(format!("creating table directory {local}")))?;
         let store = DurableLocalStore::new(std::path::Path::new(&local))
@@ -47,6 +227,9 @@ impl TableStore {
             root: Path::default(),
             location: location.to_string(),
             local_dir: Some(std::path::PathBuf::from(local)),
+            multipart: None,
+            settings: StoreSettings::default(),
+            probed: Default::default(),
         })
     }
 
@@ -57,13 +240,101 @@ impl TableStore {
             root,
             location: location.into(),
             local_dir: None,
+            multipart: None,
+            settings: StoreSettings::default(),
+            probed: Default::default(),
         }
     }
 
     /// The same table seen through another store (a wrapper of this one's, in tests): keeps
-    /// the local directory, so writer leases still apply.
+    /// the local directory (writer leases still apply) and the multipart API.
     pub fn wrapped(&self, store: Arc<dyn ObjectStore>) -> Self {
-        TableStore { store, ..self.clone() }
+        TableStore {
+            store,
+            probed: Default::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Uses `multipart` for large staged files.
+    pub fn with_multipart(mut self, multipart: Arc<dyn MultipartStore>) -> Self {
+        self.multipart = Some(Multipart(multipart));
+        self
+    }
+
+    /// Uses `settings` (lease TTL, part size).
+    pub fn with_settings(mut self, settings: StoreSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// True when the table is on an object store with no atomic create (single-writer mode).
+    pub fn single_writer(&self) -> bool {
+        self.local_dir.is_none() && self.settings.single_writer()
+    }
+
+    /// Makes sure the store's create-if-absent is atomic, once per opened table: local disk
+    /// and single-writer mode pass; an object store must refuse a second conditional PUT of
+    /// the same new object. A store that accepts it would let two writers commit the same
+    /// epoch, so the table is refused with a clear error.
+    pub async fn check_atomic_create(&self) -> Result<()> {
+        if self.local_dir.is_some() || self.single_writer() {
+            return Ok(());
+        }
+        self.probed.get_or_try_init(|| self.probe_atomic_create()).await?;
+        Ok(())
+    }
+
+    async fn probe_atomic_create(&self) -> Result<()> {
+        let refused = |what: &str| {
+            EngineError::config(
+                format!(
+                    "the store at '{}' {what}: it has no atomic create-if-absent (conditional PUT, If-None-Match: *), so two writers could both commit the same epoch",
+                    self.location
+                ),
+                Some(
+                    "use a store with conditional writes (AWS S3, MinIO, Ceph RGW, Cloudflare R2 all have them), or run one writer only with OPTIONS ('s3.conditional_put' 'disabled') (single-writer mode, see the README)"
+                        .to_string(),
+                ),
+            )
+        };
+        let attempt = std::sync::atomic::AtomicU32::new(0);
+        crate::retry::RetryPolicy::default()
+            .run("checking the store's conditional PUT", || async {
+                // A fresh object per attempt: a failed attempt may have created its own.
+                let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let path = self.path(&format!("_sluice/probe/{}-{nanos}-{n}", std::process::id()));
+                let result = self.probe_once(&path).await;
+                let _ = self.store.delete(&path).await;
+                match result {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(refused("overwrote an existing object on a conditional PUT")),
+                    Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
+                        Err(refused("does not support conditional PUT"))
+                    }
+                    Err(e) => Err(EngineError::store(format!("probing {path}"))(e)),
+                }
+            })
+            .await
+    }
+
+    /// Creates `path`, then creates it again: true when the second create is refused.
+    async fn probe_once(&self, path: &Path) -> object_store::Result<bool> {
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(path, PutPayload::from_static(b"1"), create())
+            .await?;
+        match self.store.put_opts(path, PutPayload::from_static(b"2"), create()).await {
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The absolute path of a table-relative path (`a/b/c`).
@@ -85,5 +356,111 @@ impl TableStore {
     /// `_sluice/log/`.
     pub fn log_dir(&self) -> Path {
         self.path("_sluice/log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+
+    use bytes::Bytes;
+    use futures::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions, PutResult,
+        RenameOptions,
+    };
+
+    use super::*;
+
+    /// A store that ignores If-None-Match (as some S3-compatible stores do): Create overwrites.
+    #[derive(Debug)]
+    struct IgnoresCreate(InMemory);
+
+    impl std::fmt::Display for IgnoresCreate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("IgnoresCreate")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for IgnoresCreate {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            mut opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            opts.mode = PutMode::Overwrite;
+            self.0.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+            self.0.get_opts(location, options).await
+        }
+        async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+            self.0.get_ranges(location, ranges).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
+            self.0.delete_stream(locations)
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.0.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+            self.0.copy_opts(from, to, options).await
+        }
+        async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
+            self.0.rename_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_without_atomic_create_is_refused_unless_single_writer() {
+        let t = TableStore::from_store(Arc::new(IgnoresCreate(InMemory::new())), Path::from("t"), "s3://b/t/");
+        let e = t.check_atomic_create().await.unwrap_err().to_string();
+        assert!(e.contains("no atomic create-if-absent"), "{e}");
+        assert!(e.contains("s3.conditional_put"), "the hint names the opt-in: {e}");
+        // The probe object is gone either way.
+        let left: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(t.store.list(None))
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        let mut s = StoreSettings::default();
+        s.s3.insert("conditional_put".into(), "disabled".into());
+        t.clone().with_settings(s).check_atomic_create().await.unwrap();
+        // A store with conditional PUT passes (and is probed once).
+        let good = TableStore::from_store(Arc::new(InMemory::new()), Path::from("t"), "memory");
+        good.check_atomic_create().await.unwrap();
+        good.check_atomic_create().await.unwrap();
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let opts =
+            |kv: &[(&str, &str)]| -> Options { kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        assert!(check("/tmp/x", &opts(&[("s3.region", "x")])).is_err());
+        assert!(
+            check("gs://b/x", &opts(&[]))
+                .unwrap_err()
+                .message
+                .contains("unsupported")
+        );
+        assert!(check("/tmp/x", &opts(&[("upload.part_size", "1MB")])).is_err());
+        assert!(check("/tmp/x", &opts(&[("lease.ttl", "10ms")])).is_err());
+        let s = StoreSettings::from_options(&opts(&[("lease.ttl", "5s"), ("upload.part_size", "8MB")])).unwrap();
+        assert_eq!((s.lease_ttl, s.part_size), (Duration::from_secs(5), 8 * 1024 * 1024));
     }
 }

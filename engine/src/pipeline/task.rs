@@ -128,8 +128,6 @@ pub struct PipelineTask {
     pub shutdown: watch::Receiver<bool>,
     /// Back-off for failed commits.
     pub retry: RetryPolicy,
-    /// This pipeline's writer lease on its sink, held while it runs.
-    pub _lease: crate::log::lease::WriterLease,
     /// Whether the pipeline takes input (failed or stopped: its sources refuse intake).
     pub health: Health,
     /// Expectations and profiles.

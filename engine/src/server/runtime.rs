@@ -166,8 +166,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         let sink = sink_factory.create(sink_def)?;
         // One writer per pipeline instance and sink, checked before recovery touches anything.
         let writer = writer_name(&def.name, config.instance.as_deref());
-        let lease = WriterLease::acquire(sink.table(), &writer)?;
-        let log = CommitLog::new(sink.table().clone(), &writer);
+        let lease = WriterLease::acquire(sink.table(), &writer).await?;
+        let log = CommitLog::new(sink.table().clone(), &writer).with_fence(lease.fence());
         let recovered = log.recover().await?;
         // A repair killed after its entry was written: its files move into place before the
         // stream goes on (plain readers would see both versions of a partition meanwhile).
@@ -262,7 +262,6 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             committed: committed_tx,
             shutdown: shutdown_rx.clone(),
             retry: crate::retry::RetryPolicy::default(),
-            _lease: lease,
             health,
             quality,
             archive: crate::batch::archive::enabled(&sink_def.options)?,
@@ -278,6 +277,9 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
                 },
                 Err(e) => Err(e),
             };
+            // The pipeline writes no more: its lease goes now (on an object store, before
+            // the process exits, so a restart need not wait it out).
+            lease.release().await;
             (name, result)
         });
     }

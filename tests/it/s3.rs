@@ -1,0 +1,424 @@
+//! Sink tables on S3, against a real S3-compatible server (moto) on loopback: the HTTP →
+//! Parquet pipeline under kill -9, a crash in the middle of a multipart upload, two writers
+//! racing for one commit entry, a faulty store in front of S3, single-writer mode, and
+//! `sluice query` / `validate` on an s3:// location. Every check reads the bucket with an
+//! independent client (object_store's S3 client and the parquet crate).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use sluice_engine::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, TableSchema};
+use sluice_engine::log::store::TableStore;
+use sluice_engine::server::runtime::{ServerConfig, start};
+use sluice_sql::PipelineText;
+
+use crate::delivery::{Load, malformed, passes, requests};
+use crate::harness::{Rng, Server, bin, drop_file, free_port, wait_until};
+use crate::moto::{Moto, S3Table, SECRET};
+
+const BUCKET: &str = "lake";
+
+/// The HTTP pipeline of the delivery tests, writing to `s3://lake/<table>/`.
+fn http_pipeline(dir: &Path, moto: &Moto, table: &str, source_options: &str, sink_options: &str) -> std::path::PathBuf {
+    let sql = dir.join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, v BIGINT) STORED AS HTTP
+             LOCATION '/v1/sources/ev'
+             OPTIONS ({source_options});
+             CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (part)
+             LOCATION 's3://{BUCKET}/{table}/'
+             OPTIONS ({}, 'lease.ttl' '2s' {sink_options});
+             INSERT INTO out SELECT id, v, id % 4 AS part FROM ev WHERE id % 10 <> 3;",
+            moto.options()
+        ),
+    )
+    .unwrap();
+    sql
+}
+
+fn table(moto: &Moto, name: &str) -> S3Table {
+    S3Table {
+        store: moto.client(BUCKET),
+        root: name.to_string(),
+    }
+}
+
+// The HTTP → Parquet pipeline on S3 under kill -9: every acknowledged event is committed
+// exactly once, the hive view (every Parquet object outside `_sluice/`) equals the files the
+// log names, malformed records are dead letters once each, `sluice query` and `validate` work
+// on the s3:// location, and the secret key is never printed.
+#[test]
+fn http_to_s3_is_exactly_once_under_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let sql = http_pipeline(
+        dir.path(),
+        &moto,
+        "orders",
+        "'batch.max_rows' '2000', 'batch.interval' '50ms'",
+        "",
+    );
+    let port = free_port();
+    let rt = crate::harness::runtime();
+    let n = 30_000;
+    let reqs = requests(n, 250);
+    let mut server = Server::start_with(&[&sql], dir.path(), port, &[]);
+    let load = Load::start(&rt, port, reqs.clone(), 4);
+    let mut rng = Rng(0x53_c0ff_ee);
+    let kills = 4;
+    for _ in 0..kills {
+        let target = (load.acked() + rng.range(4, 20) as usize).min(load.total);
+        wait_until(
+            Duration::from_secs(120),
+            "more acknowledgements before the next kill",
+            || (load.acked() >= target).then_some(()),
+        );
+        server.kill9();
+        // The killed writer's lease object stays: the new process waits it out (lease.ttl 2s).
+        server = Server::start_with(&[&sql], dir.path(), port, &[]);
+    }
+    wait_until(Duration::from_secs(300), "every request acknowledged", || {
+        (load.acked() == load.total).then_some(())
+    });
+    let t = table(&moto, "orders");
+    let expected: Vec<i64> = (0..n).filter(|i| passes(*i) && !malformed(*i)).collect();
+    wait_until(Duration::from_secs(300), "every acknowledged record committed", || {
+        (rt.block_on(t.committed_output()) >= expected.len() as u64).then_some(())
+    });
+    server.stop();
+    let acked = load.acked_ids(&reqs);
+    assert_eq!(acked.len() as i64, n, "every request was acknowledged in the end");
+    assert_eq!(
+        rt.block_on(t.logged_ids()),
+        expected,
+        "the files the log names hold each id once"
+    );
+    assert_eq!(
+        rt.block_on(t.hive_ids()),
+        expected,
+        "the hive view equals the committed table"
+    );
+    let dead = rt.block_on(t.dead_letter_ids());
+    assert!(dead.values().all(|c| *c == 1), "dead letters once each");
+    let want_dead: BTreeSet<i64> = (0..n).filter(|i| malformed(*i)).collect();
+    assert_eq!(dead.keys().copied().collect::<BTreeSet<_>>(), want_dead);
+    let keys = rt.block_on(t.keys());
+    assert!(
+        !keys.iter().any(|k| k.starts_with("_sluice/staging/")),
+        "nothing left in staging: {:?}",
+        keys.iter()
+            .filter(|k| k.contains("staging"))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !keys.iter().any(|k| k.starts_with("_sluice/lock/")),
+        "a stopped server releases its lease"
+    );
+
+    // `sluice query` over the s3:// location, credentials from the AWS_* environment.
+    let env = moto.env();
+    let out = std::process::Command::new(bin())
+        .args([
+            "query",
+            "SELECT count(*) AS n, count(DISTINCT id) AS d FROM out",
+            "--table",
+            &format!("out=s3://{BUCKET}/orders/"),
+            "--format",
+            "csv",
+        ])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "query: {}", String::from_utf8_lossy(&out.stderr));
+    let m = expected.len();
+    assert!(text.contains(&format!("{m},{m}")), "query output: {text}");
+    // `sluice validate` on the file with an s3:// sink.
+    let v = std::process::Command::new(bin())
+        .args(["validate", sql.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "validate: {}", String::from_utf8_lossy(&v.stderr));
+    assert!(String::from_utf8_lossy(&v.stdout).contains("s3://lake/orders/"));
+    // The secret never reaches a log.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with("sluice-stderr") {
+            let log = std::fs::read_to_string(&p).unwrap();
+            assert!(!log.contains(SECRET), "{} prints the secret key", p.display());
+        }
+    }
+    eprintln!(
+        "s3 kill -9 loop: {n} sent, {m} committed, {} dead letters, {kills} kills",
+        dead.len()
+    );
+}
+
+/// `n` NDJSON lines with a 200-character pseudo-random text each (hardly compressible, so the
+/// Parquet file is larger than one upload part).
+fn big_rows(n: i64) -> String {
+    let mut rng = Rng(0xb16_f11e);
+    let mut out = String::with_capacity(n as usize * 230);
+    for id in 0..n {
+        let text: String = (0..25)
+            .map(|_| format!("{:08x}", rng.range(0, u64::from(u32::MAX))))
+            .collect();
+        out.push_str(&format!("{{\"id\": {id}, \"text\": \"{text}\"}}\n"));
+    }
+    out
+}
+
+// A crash in the middle of a multipart upload leaves an unfinished upload behind; the writer's
+// recovery aborts it (nothing visible, nothing left in the bucket's upload list), and the
+// restarted pipeline commits every row once.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_crash_mid_upload_is_aborted_by_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let incoming = dir.path().join("in");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let n = 80_000;
+    drop_file(&incoming, "000.ndjson", &big_rows(n));
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, text VARCHAR) STORED AS NDJSON
+             LOCATION '{}'
+             OPTIONS ('poll_interval' '50ms', 'batch.max_rows' '100000', 'batch.max_bytes' '64MB',
+                      'batch.interval' '2s', 'buffer.max_bytes' '256MB');
+             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION 's3://{BUCKET}/big/'
+             OPTIONS ({}, 'lease.ttl' '2s', 'upload.part_size' '5MB', 'dictionary_page_limit' '0');
+             INSERT INTO out SELECT id, text FROM ev;",
+            incoming.display(),
+            moto.options()
+        ),
+    )
+    .unwrap();
+    let crashing = Server::start_with(&[&sql], dir.path(), 0, &[("SLUICE_CRASH_AT", "mid_upload")]);
+    let status = crashing.wait_exit(Duration::from_secs(120));
+    assert!(!status.success(), "the server aborted at the crash point");
+    assert!(moto.open_uploads(BUCKET) >= 1, "the crash left an unfinished upload");
+    let t = table(&moto, "big");
+    let rt = crate::harness::runtime();
+    assert_eq!(
+        rt.block_on(t.committed_output()),
+        0,
+        "nothing committed before the crash"
+    );
+
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(180), "the rows committed after restart", || {
+        (rt.block_on(t.committed_output()) >= n as u64).then_some(())
+    });
+    server.stop();
+    assert_eq!(moto.open_uploads(BUCKET), 0, "recovery aborted the unfinished upload");
+    let all: Vec<i64> = (0..n).collect();
+    assert_eq!(rt.block_on(t.logged_ids()), all);
+    assert_eq!(rt.block_on(t.hive_ids()), all);
+    let entries = rt.block_on(t.entries());
+    let biggest = entries
+        .iter()
+        .flat_map(|e| e["add"].as_array().cloned().unwrap_or_default())
+        .map(|a| a["bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        biggest > 5 * 1024 * 1024,
+        "a file went up in several parts ({biggest} bytes)"
+    );
+}
+
+fn entry(writer: &str, epoch: u64, file: &str) -> CommitEntry {
+    CommitEntry {
+        version: LOG_VERSION,
+        epoch,
+        pipeline: writer.into(),
+        instance: None,
+        committed_at: String::new(),
+        add: vec![FileAction {
+            path: file.into(),
+            rows: 1,
+            bytes: 1,
+            partition: vec![],
+            covers: None,
+        }],
+        remove: vec![],
+        dead_letters: vec![],
+        sources: BTreeMap::from([(writer.to_string(), serde_json::json!({ "epoch": epoch }))]),
+        counts: Counts::default(),
+        schema: TableSchema::default(),
+        quality: None,
+        archive: None,
+    }
+}
+
+// Two writers racing for the same commit entry on S3: exactly one wins each epoch, the loser
+// moves to the next, and the log stays contiguous with every commit in it once. Below that,
+// eight concurrent conditional PUTs of one new object: exactly one succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_racing_for_one_entry_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let opts: BTreeMap<String, String> = moto.settings().into_iter().collect();
+    let store = TableStore::open_for(&format!("s3://{BUCKET}/race/"), &opts).unwrap();
+
+    let path = store.path("_sluice/contended");
+    let puts = (0..8).map(|i| {
+        let s = store.store.clone();
+        let p = path.clone();
+        tokio::spawn(async move {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            s.put_opts(&p, PutPayload::from(format!("{i}")), opts).await
+        })
+    });
+    let results = futures::future::join_all(puts).await;
+    let won = results.iter().filter(|r| r.as_ref().unwrap().is_ok()).count();
+    assert_eq!(won, 1, "exactly one conditional PUT wins: {results:?}");
+    for r in &results {
+        if let Err(e) = r.as_ref().unwrap() {
+            assert!(
+                matches!(e, object_store::Error::AlreadyExists { .. }),
+                "loser's error: {e}"
+            );
+        }
+    }
+
+    let rounds = 8u64;
+    for round in 0..rounds {
+        let (a, b) = (CommitLog::new(store.clone(), "a"), CommitLog::new(store.clone(), "b"));
+        let (fa, fb) = (format!("a-{round}.parquet"), format!("b-{round}.parquet"));
+        a.stage(&fa, b"a".to_vec()).await.unwrap();
+        b.stage(&fb, b"b".to_vec()).await.unwrap();
+        let mut ea = entry("a", round * 2 + 1, &fa);
+        let mut eb = entry("b", round * 2 + 1, &fb);
+        let (ra, rb) = tokio::join!(a.commit(&mut ea), b.commit(&mut eb));
+        ra.unwrap();
+        rb.unwrap();
+        let mut got = [ea.epoch, eb.epoch];
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [round * 2 + 1, round * 2 + 2],
+            "one wins the epoch, the other takes the next"
+        );
+    }
+    let log = CommitLog::new(store.clone(), "reader");
+    let entries = log.entries().await.unwrap();
+    let epochs: Vec<u64> = entries.iter().map(|e| e.epoch).collect();
+    assert_eq!(epochs, (1..=rounds * 2).collect::<Vec<_>>(), "a contiguous log");
+    let files: HashSet<String> = entries
+        .iter()
+        .flat_map(|e| e.add.iter().map(|f| f.path.clone()))
+        .collect();
+    assert_eq!(files.len() as u64, rounds * 2, "every commit once");
+    for f in &files {
+        store
+            .store
+            .head(&store.path(f))
+            .await
+            .unwrap_or_else(|e| panic!("{f} in place: {e}"));
+    }
+}
+
+/// A directory-source pipeline into `s3://lake/<name>/`, run in process with `registry`.
+async fn run_dir_pipeline(
+    dir: &Path,
+    moto: &Moto,
+    name: &str,
+    sink_options: &str,
+    registry: &sluice_engine::server::registry::Registry,
+    rows: i64,
+) {
+    let incoming = dir.join(format!("in-{name}"));
+    std::fs::create_dir_all(&incoming).unwrap();
+    for f in 0..3 {
+        let body: Vec<String> = (f * rows / 3..(f + 1) * rows / 3)
+            .map(|i| format!("{{\"id\": {i}}}"))
+            .collect();
+        drop_file(&incoming, &format!("{f:03}.ndjson"), &body.join("\n"));
+    }
+    let sql = format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
+         OPTIONS ('poll_interval' '20ms', 'batch.interval' '20ms', 'batch.max_rows' '300');
+         CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (part) LOCATION 's3://{BUCKET}/{name}/'
+         OPTIONS ({}, 'lease.ttl' '2s' {sink_options});
+         INSERT INTO out SELECT id, id % 4 AS part FROM ev;",
+        incoming.display(),
+        moto.options()
+    );
+    let text = PipelineText::new("s3.sql", sql).unwrap();
+    let server = start(&[text], registry, ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: start failed: {e}"));
+    let t = table(moto, name);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while t.committed_output().await < rows as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "{name}: timed out");
+        // Polling interval of a condition wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown_trigger().trigger();
+    server.wait().await.unwrap_or_else(|e| panic!("{name}: {e}"));
+    let all: Vec<i64> = (0..rows).collect();
+    assert_eq!(t.logged_ids().await, all, "{name}: the log's files hold every id once");
+    assert_eq!(t.hive_ids().await, all, "{name}: the hive view holds every id once");
+}
+
+// A faulty store in front of S3 (calls fail before or after taking effect, or stall): over
+// several seeds, every record is committed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faulty_store_in_front_of_s3_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for seed in 1..=6u64 {
+        let injected = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut registry = sluice_connectors::registry_with_state(&dir.path().join(format!(".sluice-{seed}")));
+        registry.add_sink(Arc::new(crate::faults::FaultySinkFactory {
+            seed,
+            injected: injected.clone(),
+        }));
+        run_dir_pipeline(dir.path(), &moto, &format!("faulty-{seed}"), "", &registry, 900).await;
+        for (k, v) in injected.lock().unwrap().iter() {
+            *totals.entry(k).or_default() += v;
+        }
+    }
+    assert!(totals.values().sum::<u64>() > 6, "faults were injected: {totals:?}");
+    eprintln!("faulty store over S3: injected faults by call: {totals:?}");
+}
+
+// Single-writer mode (`'s3.conditional_put' 'disabled'`) for stores without conditional PUT:
+// the pipeline runs, commits exactly once, and takes no lease object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_writer_mode_runs_without_conditional_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let registry = sluice_connectors::registry_with_state(&dir.path().join(".sluice"));
+    run_dir_pipeline(
+        dir.path(),
+        &moto,
+        "single",
+        ", 's3.conditional_put' 'disabled'",
+        &registry,
+        600,
+    )
+    .await;
+    let keys = table(&moto, "single").keys().await;
+    assert!(
+        !keys.iter().any(|k| k.starts_with("_sluice/lock/")),
+        "no lease in single-writer mode"
+    );
+}
