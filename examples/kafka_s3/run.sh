@@ -11,9 +11,8 @@ source scripts/env.sh
 EX=examples/kafka_s3
 TOOLS="${SLUICE_TOOLS:-$HOME/.cache/sluice-tools}"
 TANSU="$TOOLS/tansu/bin/tansu"
-MOTO="$TOOLS/venv/bin/moto_server"
 PY="$TOOLS/venv/bin/python"
-[[ -x "$TANSU" && -x "$MOTO" ]] || scripts/setup.sh --test
+[[ -x "$TANSU" && -x "$TOOLS/venv/bin/moto_server" ]] || scripts/setup.sh --test
 if [[ -z "${SLUICE:-}" ]]; then
   cargo build --release --bin sluice
   SLUICE="$CARGO_TARGET_DIR/release/sluice"
@@ -34,7 +33,7 @@ KPORT=$(free_port); SPORT=$(free_port)
 "$TANSU" broker --storage-engine memory://tansu/ --listener-url "tcp://127.0.0.1:$KPORT" \
   --advertised-listener-url "tcp://127.0.0.1:$KPORT" >"$WORK/tansu.log" 2>&1 &
 PIDS+=($!)
-"$MOTO" -H 127.0.0.1 -p "$SPORT" >"$WORK/moto.log" 2>&1 &
+"$PY" scripts/moto_server.py -H 127.0.0.1 -p "$SPORT" >"$WORK/moto.log" 2>&1 &
 PIDS+=($!)
 http() { python3 -c 'import sys, urllib.request as u; u.urlopen(u.Request(sys.argv[2], method=sys.argv[1]), timeout=5)' "$@"; }
 wait_for "moto" http GET "http://127.0.0.1:$SPORT/"

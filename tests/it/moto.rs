@@ -1,6 +1,7 @@
-//! A real S3-compatible server for the tests: moto's `moto_server` (from PyPI, installed by
-//! `scripts/setup.sh --test` into the tools virtualenv, or `$SLUICE_MOTO`), started on a random
-//! loopback port and killed when dropped; plus an independent reader of Sluice tables on it
+//! A real S3-compatible server for the tests: moto's S3 server (from PyPI, installed by
+//! `scripts/setup.sh --test` into the tools virtualenv; `$SLUICE_MOTO_PYTHON` names another
+//! Python with moto), run by `scripts/moto_server.py` on a random loopback port and killed when
+//! dropped; plus an independent reader of Sluice tables on it
 //! (object_store's S3 client and the parquet crate, not Sluice's reader).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,18 +26,17 @@ pub const KEY_ID: &str = "sluice-test-key";
 /// The secret the tests use; it must never appear in Sluice's output.
 pub const SECRET: &str = "s3cr3t-never-printed-8f2d";
 
-/// The moto_server binary.
-pub fn moto_server() -> PathBuf {
-    if let Ok(p) = std::env::var("SLUICE_MOTO") {
-        return PathBuf::from(p);
-    }
-    let cached = tools_dir().join("venv/bin/moto_server");
+/// The Python that has moto, and the launcher that runs its S3 server with atomic requests
+/// (`scripts/moto_server.py`: moto's own server checks a conditional PUT and then writes,
+/// unlocked, so racing writers could both win).
+pub fn moto_server() -> (PathBuf, PathBuf) {
+    let python = std::env::var("SLUICE_MOTO_PYTHON").map_or_else(|_| tools_dir().join("venv/bin/python"), PathBuf::from);
     assert!(
-        cached.exists(),
-        "no S3-compatible server at {}: run scripts/setup.sh --test",
-        cached.display()
+        python.exists(),
+        "no Python with moto at {}: run scripts/setup.sh --test",
+        python.display()
     );
-    cached
+    (python, crate::harness::repo_root().join("scripts/moto_server.py"))
 }
 
 /// A moto S3 server on a random loopback port, killed when dropped.
@@ -53,7 +53,9 @@ impl Moto {
         let port = free_port();
         let log = dir.join(format!("moto-{port}.log"));
         let out = std::fs::File::create(&log).expect("moto log");
-        let child = Command::new(moto_server())
+        let (python, launcher) = moto_server();
+        let child = Command::new(python)
+            .arg(launcher)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(out.try_clone().expect("moto log"))
             .stderr(out)

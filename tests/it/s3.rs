@@ -116,10 +116,18 @@ fn http_to_s3_is_exactly_once_under_kill9() {
             .take(5)
             .collect::<Vec<_>>()
     );
-    assert!(
-        !keys.iter().any(|k| k.starts_with("_sluice/lock/")),
-        "a stopped server releases its lease"
-    );
+    let lock = rt.block_on(async {
+        let p = object_store::path::Path::from("orders/_sluice/lock/out.json");
+        t.store
+            .get(&p)
+            .await
+            .expect("the lease object")
+            .bytes()
+            .await
+            .expect("lease body")
+    });
+    let lock: serde_json::Value = serde_json::from_slice(&lock).unwrap();
+    assert_eq!(lock["released"], true, "a stopped server releases its lease: {lock}");
 
     // `sluice query` over the s3:// location, credentials from the AWS_* environment.
     let env = moto.env();
@@ -421,4 +429,60 @@ async fn single_writer_mode_runs_without_conditional_put() {
         !keys.iter().any(|k| k.starts_with("_sluice/lock/")),
         "no lease in single-writer mode"
     );
+}
+
+// A second server of the same pipeline on the same S3 sink, while the first runs: it watches
+// the first's lease for a TTL and a half, sees it renewed, and exits with an error before
+// touching anything; the first keeps committing, every row once.
+#[test]
+fn a_second_server_on_the_same_s3_sink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let incoming = dir.path().join("in");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let lines = |r: std::ops::Range<i64>| r.map(|i| format!("{{\"id\": {i}}}")).collect::<Vec<_>>().join("\n");
+    drop_file(&incoming, "000.ndjson", &lines(0..1000));
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '20ms', 'batch.max_rows' '300');
+             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION 's3://{BUCKET}/two/'
+             OPTIONS ({}, 'lease.ttl' '2s');
+             INSERT INTO out SELECT id FROM ev;",
+            incoming.display(),
+            moto.options()
+        ),
+    )
+    .unwrap();
+    let t = table(&moto, "two");
+    let rt = crate::harness::runtime();
+    let first = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(60), "the first server's commits", || {
+        (rt.block_on(t.committed_output()) >= 1000).then_some(())
+    });
+    let state = dir.path().join("state-b");
+    let (code, out) = crate::harness::run_to_exit(
+        &[
+            "run",
+            sql.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_ne!(code, 0, "the second server must not run: {out}");
+    assert!(out.contains("already running"), "{out}");
+    // The first one was not disturbed: it takes more input and commits it once.
+    drop_file(&incoming, "001.ndjson", &lines(1000..2000));
+    wait_until(Duration::from_secs(60), "the first server's later commits", || {
+        (rt.block_on(t.committed_output()) >= 2000).then_some(())
+    });
+    first.stop();
+    let all: Vec<i64> = (0..2000).collect();
+    assert_eq!(rt.block_on(t.logged_ids()), all);
+    assert_eq!(rt.block_on(t.hive_ids()), all);
 }

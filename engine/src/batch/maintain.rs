@@ -53,8 +53,19 @@ pub struct CompactReport {
 /// `key=value` must match) into files of about `target` bytes, one commit per partition. Files
 /// of different pipelines or different schemas are never merged together.
 pub async fn compact(table: &TableStore, target: u64, filter: &[(String, String)]) -> Result<CompactReport> {
-    let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
-    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
+    let lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
+    let result = compact_holding(table, &lease, target, filter).await;
+    lease.release().await;
+    result
+}
+
+async fn compact_holding(
+    table: &TableStore,
+    lease: &WriterLease,
+    target: u64,
+    filter: &[(String, String)],
+) -> Result<CompactReport> {
+    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER).with_fence(lease.fence());
     log.recover().await?;
     let snap = log.snapshot().await?;
     let mut next_epoch = snap.newest_epoch() + 1;
@@ -216,8 +227,19 @@ pub async fn vacuum(
     retention: Duration,
     archive_retention: Option<Duration>,
 ) -> Result<VacuumReport> {
-    let _lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
-    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
+    let lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
+    let result = vacuum_holding(table, &lease, retention, archive_retention).await;
+    lease.release().await;
+    result
+}
+
+async fn vacuum_holding(
+    table: &TableStore,
+    lease: &WriterLease,
+    retention: Duration,
+    archive_retention: Option<Duration>,
+) -> Result<VacuumReport> {
+    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER).with_fence(lease.fence());
     log.recover().await?;
     let mut report = VacuumReport::default();
     let now = chrono::Utc::now();
@@ -257,8 +279,22 @@ pub async fn vacuum(
         if writer.is_empty() || writer == MAINTENANCE_WRITER {
             continue;
         }
-        if let Ok(_held) = WriterLease::acquire_now(table, &writer).await {
-            report.staging_orphans += CommitLog::new(table.clone(), &writer).recover().await?.orphans_removed;
+        if let Ok(held) = WriterLease::acquire_if_stopped(table, &writer).await {
+            let recovered = CommitLog::new(table.clone(), &writer).recover().await;
+            held.release().await;
+            report.staging_orphans += recovered?.orphans_removed;
+        }
+    }
+    // Probe objects of the store check (`_sluice/probe/`) left by a killed process.
+    let probes: Vec<_> = table
+        .store
+        .list(Some(&table.path("_sluice/probe")))
+        .try_collect()
+        .await
+        .map_err(EngineError::store("listing _sluice/probe"))?;
+    for p in probes {
+        if now.signed_duration_since(p.last_modified) > chrono::Duration::hours(1) {
+            delete(table, &p.location).await?;
         }
     }
     if let Some(keep) = archive_retention {

@@ -178,10 +178,7 @@ pub struct ReconcileReport {
 pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 
 /// The pipeline `name` of `program` and its sink, or an error listing the pipelines there are.
-pub fn pipeline_and_sink<'a>(
-    program: &'a Program,
-    name: &str,
-) -> Result<(&'a PipelineDef, &'a sluice_sql::SinkDef)> {
+pub fn pipeline_and_sink<'a>(program: &'a Program, name: &str) -> Result<(&'a PipelineDef, &'a sluice_sql::SinkDef)> {
     let def = program.pipelines.iter().find(|p| p.name == name).ok_or_else(|| {
         let names: Vec<&str> = program.pipelines.iter().map(|p| p.name.as_str()).collect();
         EngineError::config(
@@ -220,16 +217,17 @@ pub async fn reconcile(
         })
         .unwrap_or_default();
     let table = sink.table().clone();
-    let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER);
-    // A repair holds the lease throughout; a report finishes an interrupted repair first when
-    // no maintenance job runs (else both versions of a partition would be compared).
-    let _lease = if opts.repair {
+    // A repair holds the lease throughout (its commit is fenced by it); a report finishes an
+    // interrupted repair first when no maintenance job runs (else both versions of a partition
+    // would be compared).
+    let (log, lease) = if opts.repair {
         let lease = WriterLease::acquire(&table, MAINTENANCE_WRITER).await?;
+        let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER).with_fence(lease.fence());
         log.recover().await?;
-        Some(lease)
+        (log, Some(lease))
     } else {
         finish_interrupted_maintenance(&table).await?;
-        None
+        (CommitLog::new(table.clone(), MAINTENANCE_WRITER), None)
     };
     let snap = log.snapshot().await?;
     let folded = snap.folded();
@@ -469,14 +467,19 @@ pub async fn reconcile(
         };
         report.repair = Some(job.commit(parts).await?);
     }
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
     Ok(report)
 }
 
 /// Finishes the newest maintenance entry's moves when no maintenance job holds the lease (a
 /// repair killed after its commit entry was written).
 pub async fn finish_interrupted_maintenance(table: &TableStore) -> Result<()> {
-    if let Ok(_lease) = WriterLease::acquire_now(table, MAINTENANCE_WRITER).await {
-        CommitLog::new(table.clone(), MAINTENANCE_WRITER).recover().await?;
+    if let Ok(lease) = WriterLease::acquire_if_stopped(table, MAINTENANCE_WRITER).await {
+        let recovered = CommitLog::new(table.clone(), MAINTENANCE_WRITER).recover().await;
+        lease.release().await;
+        recovered?;
     }
     Ok(())
 }

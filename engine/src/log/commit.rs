@@ -658,6 +658,7 @@ impl CommitLog {
     pub async fn commit(&self, entry: &mut CommitEntry) -> Result<()> {
         crate::crash::point("after_stage");
         self.table.check_atomic_create().await?;
+        let mut conflicts = 0u32;
         loop {
             if let Some(fence) = &self.fence {
                 fence.check(&self.writer)?;
@@ -686,7 +687,19 @@ impl CommitLog {
                     source: object_store::Error::AlreadyExists { .. },
                     ..
                 }) => {
-                    let existing = self.read(entry.epoch).await?;
+                    let existing = match self.read(entry.epoch).await {
+                        Ok(e) => e,
+                        // A conflict answer (S3's 409) with nothing there yet: try again.
+                        Err(EngineError::Store {
+                            source: object_store::Error::NotFound { .. },
+                            ..
+                        }) if conflicts < 10 => {
+                            conflicts += 1;
+                            tokio::time::sleep(self.retry.delay(conflicts)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if existing.same_commit(entry) {
                         // Our own earlier attempt got through; its answer was lost.
                         break;

@@ -10,38 +10,78 @@
 //!
 //! On an object store the lease is the object `_sluice/lock/<writer>.json`, created with a
 //! conditional PUT (`If-None-Match: *`) and renewed every third of its time to live
-//! (`lease.ttl`, default 30 s) with `If-Match` on its last ETag. A lease not renewed for a TTL
-//! (its holder died) is taken over with `If-Match` on the stale ETag, so of two contenders one
-//! wins. A holder whose renewal is refused (someone took it over) or that could not renew for
-//! a whole TTL has lost the lease: its [`Fence`] then fails the next commit. Staleness is judged
-//! both by the object's Last-Modified against this machine's clock and by watching its ETag not
-//! change for a TTL on a monotonic clock, so a skewed clock delays a takeover but never makes a
-//! live lease look dead for longer than the skew. Single-writer mode has no lease (it has no
-//! atomic create to build one on).
+//! (`lease.ttl`, default 30 s) with `If-Match` on its last ETag. Every write of it carries the
+//! holder's id and a renewal counter, so its ETag changes on each renewal (S3's ETag is the
+//! MD5 of the body). A contender judges a lease stale only by watching it not change for a
+//! whole TTL on its own monotonic clock (the larger of its TTL and the one the lease records),
+//! never by comparing clocks; it then takes the lease over with `If-Match` on the stale ETag,
+//! so of two contenders one wins. A holder's [`Fence`] is valid until one TTL after it *sent*
+//! its last successful renewal (minus a tenth): a holder that cannot renew (or whose renewal is
+//! refused because the lease was taken over) stops committing before anyone can take over.
+//! Released leases are overwritten with `"released": true` (with `If-Match`, so never someone
+//! else's) and are free to take at once. Single-writer mode has no lease (it has no atomic
+//! create to build one on): there, maintenance never treats another writer as stopped.
+//!
+//! Residual risk: a commit-entry PUT sent before the fence expired but delayed in the network
+//! for longer than the rest of the TTL can land after a takeover; the new holder's recovery has
+//! then removed its staged files, and the entry names files that `sluice check` reports missing.
 
 use std::fs::File;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use serde::{Deserialize, Serialize};
 
 use crate::durability;
 use crate::error::{EngineError, Result};
 use crate::log::store::TableStore;
 
-/// Set when a writer lost its lease; commits check it first.
+#[derive(Debug, Default)]
+struct FenceState {
+    lost: AtomicBool,
+    /// None: no deadline (an OS lock, or no lease at all).
+    valid_until: Mutex<Option<Instant>>,
+}
+
+/// Whether a writer still holds its lease; commits check it first.
 #[derive(Debug, Clone, Default)]
-pub struct Fence(Arc<AtomicBool>);
+pub struct Fence(Arc<FenceState>);
 
 impl Fence {
-    /// Fails when the lease this fence belongs to was lost.
+    fn until(t: Instant) -> Fence {
+        let f = Fence::default();
+        f.extend(t);
+        f
+    }
+
+    fn extend(&self, t: Instant) {
+        if let Ok(mut v) = self.0.valid_until.lock() {
+            *v = Some(v.map_or(t, |old| old.max(t)));
+        }
+    }
+
+    fn lose(&self) {
+        self.0.lost.store(true, Ordering::SeqCst);
+    }
+
+    fn expired(&self) -> bool {
+        self.0.lost.load(Ordering::SeqCst)
+            || self
+                .0
+                .valid_until
+                .lock()
+                .map_or(true, |v| v.is_some_and(|t| Instant::now() >= t))
+    }
+
+    /// Fails when the lease this fence belongs to was lost or could not be renewed in time.
     pub fn check(&self, writer: &str) -> Result<()> {
-        if self.0.load(Ordering::SeqCst) {
+        if self.expired() {
             return Err(EngineError::config(
                 format!(
-                    "writer {writer} lost its lease on the table (another process took it over, or renewals failed for a whole lease.ttl); it stops before committing"
+                    "writer {writer} no longer holds its lease on the table (another process took it over, or it could not be renewed within lease.ttl); it stops before committing"
                 ),
                 Some("restart it once the other writer is gone; check the store's availability".to_string()),
             ));
@@ -60,24 +100,63 @@ pub struct WriterLease {
 
 #[derive(Debug)]
 struct RemoteLease {
-    renewer: tokio::task::JoinHandle<()>,
+    renewer: tokio::task::JoinHandle<Loss>,
     holder: String,
     table: TableStore,
     path: Path,
 }
 
+/// How a contender treats a lease another holder has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Wait (up to one and a half TTL) to see whether it is renewed.
+    Yes,
+    /// Wait only when it looks dead (not written for two TTLs by the store's clock).
+    IfLooksDead,
+}
+
+/// Why a renewer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Another holder wrote the lease.
+    TakenOver,
+    /// No renewal succeeded before the fence's deadline.
+    Expired,
+}
+
+/// The body of a lease object.
+#[derive(Debug, Serialize, Deserialize)]
+struct Body {
+    holder: String,
+    /// Counts the holder's writes, so each changes the ETag.
+    renewal: u64,
+    ttl_ms: u64,
+    #[serde(default)]
+    released: bool,
+}
+
 impl WriterLease {
-    /// Takes the lease of `writer` on `table`. On an object store a lease that is held but
-    /// may belong to a dead process is waited for, up to one `lease.ttl`; a live holder's
-    /// lease is an error naming it.
+    /// Takes the lease of `writer` on `table`. On an object store a lease that another process
+    /// holds is watched for up to one and a half `lease.ttl`: taken over if it was not renewed
+    /// for a whole TTL (its holder died), else an error naming it.
     pub async fn acquire(table: &TableStore, writer: &str) -> Result<Self> {
-        Self::take(table, writer, true).await
+        Self::take(table, writer, Wait::Yes).await
     }
 
-    /// Takes the lease of `writer` on `table` only if it is free now (a maintenance job asking
-    /// whether a writer runs).
-    pub async fn acquire_now(table: &TableStore, writer: &str) -> Result<Self> {
-        Self::take(table, writer, false).await
+    /// Takes the lease of `writer` on `table` when no live process holds it (a maintenance
+    /// job asking whether a writer runs): a held lease is watched only when it looks dead. In
+    /// single-writer mode (no leases) a writer always counts as running.
+    pub async fn acquire_if_stopped(table: &TableStore, writer: &str) -> Result<Self> {
+        if table.local_dir.is_none() && table.single_writer() {
+            return Err(EngineError::config(
+                format!(
+                    "single-writer mode: writer {writer} on {} may be running",
+                    table.location
+                ),
+                None::<String>,
+            ));
+        }
+        Self::take(table, writer, Wait::IfLooksDead).await
     }
 
     /// The fence that fails commits once this lease is lost.
@@ -85,7 +164,7 @@ impl WriterLease {
         self.fence.clone()
     }
 
-    async fn take(table: &TableStore, writer: &str, wait: bool) -> Result<Self> {
+    async fn take(table: &TableStore, writer: &str, wait: Wait) -> Result<Self> {
         if let Some(dir) = &table.local_dir {
             return Self::take_local(table, dir, writer);
         }
@@ -98,15 +177,10 @@ impl WriterLease {
         }
         table.check_atomic_create().await?;
         let holder = holder_id();
-        let (path, etag) = take_remote(table, writer, &holder, wait).await?;
-        let fence = Fence::default();
-        let renewer = tokio::spawn(renew(
-            table.clone(),
-            path.clone(),
-            holder.clone(),
-            Some(etag),
-            fence.clone(),
-        ));
+        let ttl = table.settings.lease_ttl;
+        let (path, etag, sent) = take_remote(table, writer, &holder, wait).await?;
+        let fence = Fence::until(valid_until(sent, ttl));
+        let renewer = tokio::spawn(renew(table.clone(), path.clone(), holder.clone(), etag, fence.clone()));
         Ok(WriterLease {
             _file: None,
             remote: Some(RemoteLease {
@@ -133,13 +207,11 @@ impl WriterLease {
         }
     }
 
-    /// Releases the lease now (an object-store lease is deleted when still ours).
+    /// Releases the lease now (an object-store lease is marked released when still ours).
     pub async fn release(mut self) {
         if let Some(r) = self.remote.take() {
             r.renewer.abort();
-            if !self.fence.0.load(Ordering::SeqCst) {
-                delete_if_ours(&r.table, &r.path, &r.holder).await;
-            }
+            release_if_ours(&r.table, &r.path, &r.holder).await;
         }
     }
 }
@@ -148,13 +220,17 @@ impl Drop for WriterLease {
     fn drop(&mut self) {
         if let Some(r) = self.remote.take() {
             r.renewer.abort();
-            if !self.fence.0.load(Ordering::SeqCst)
-                && let Ok(handle) = tokio::runtime::Handle::try_current()
-            {
-                handle.spawn(async move { delete_if_ours(&r.table, &r.path, &r.holder).await });
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { release_if_ours(&r.table, &r.path, &r.holder).await });
             }
         }
     }
+}
+
+/// Until when a lease renewed by a write sent at `sent` is surely still ours: a contender
+/// takes over only after seeing it unchanged for a whole TTL, which starts no earlier.
+fn valid_until(sent: Instant, ttl: Duration) -> Instant {
+    sent + ttl - ttl / 10
 }
 
 fn already_running(table: &TableStore, writer: &str, holder: &str) -> EngineError {
@@ -177,53 +253,82 @@ fn holder_id() -> String {
     format!("{host}/{}/{nanos}", std::process::id())
 }
 
-fn body(holder: &str, ttl: Duration) -> PutPayload {
-    let v = serde_json::json!({ "holder": holder, "ttl_ms": ttl.as_millis() as u64 });
-    PutPayload::from(v.to_string())
+fn body(holder: &str, renewal: u64, ttl: Duration, released: bool) -> PutPayload {
+    let b = Body {
+        holder: holder.to_string(),
+        renewal,
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        released,
+    };
+    PutPayload::from(serde_json::to_vec(&b).unwrap_or_default())
 }
 
-/// The lease object's holder and metadata, if it exists.
-async fn read_lease(table: &TableStore, path: &Path) -> object_store::Result<Option<(String, ObjectMeta)>> {
+fn update(etag: Option<String>) -> PutOptions {
+    PutOptions {
+        mode: PutMode::Update(UpdateVersion {
+            e_tag: etag,
+            version: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The lease object's body and metadata, if it exists (an unreadable body counts as a live
+/// lease of an unknown holder).
+async fn read_lease(table: &TableStore, path: &Path) -> object_store::Result<Option<(Body, ObjectMeta)>> {
     match table.store.get(path).await {
         Ok(r) => {
             let meta = r.meta.clone();
-            let body = r.bytes().await?;
-            let holder = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["holder"].as_str().map(str::to_string))
-                .unwrap_or_default();
-            Ok(Some((holder, meta)))
+            let bytes = r.bytes().await?;
+            let body = serde_json::from_slice::<Body>(&bytes).unwrap_or(Body {
+                holder: String::new(),
+                renewal: 0,
+                ttl_ms: 0,
+                released: false,
+            });
+            Ok(Some((body, meta)))
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// Creates or takes over the lease object; returns its path and our ETag. A lost answer
-/// (the write happened, its reply did not arrive) is recognised by the holder id in the body.
-async fn take_remote(table: &TableStore, writer: &str, holder: &str, wait: bool) -> Result<(Path, String)> {
+/// Creates or takes over the lease object; returns its path, our ETag and when the winning
+/// write was sent. A lost answer (the write happened, its reply did not arrive) is recognised
+/// by the holder id in the body.
+async fn take_remote(
+    table: &TableStore,
+    writer: &str,
+    holder: &str,
+    wait: Wait,
+) -> Result<(Path, Option<String>, Instant)> {
     let path = table.path(&format!("_sluice/lock/{writer}.json"));
     let ttl = table.settings.lease_ttl;
-    let deadline = Instant::now() + ttl + ttl / 3;
     let pause = (ttl / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    // The ETag last seen on the lease, and since when (monotonic).
+    // The ETag last seen on the lease, and since when (monotonic); the watch's deadline.
     let mut seen: Option<(Option<String>, Instant)> = None;
+    let mut deadline: Option<Instant> = None;
     let mut failures = 0u32;
+    let mut fail = |e: object_store::Error, what: &str| -> Result<()> {
+        failures += 1;
+        if failures >= crate::retry::DEFAULT_RETRY_ATTEMPTS {
+            return Err(EngineError::store(format!("{what} {path}"))(e));
+        }
+        tracing::warn!(lease = %path, error = %e, "{what}: retrying");
+        Ok(())
+    };
+    let mut sent = Instant::now();
     loop {
         let create = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        let created = table.store.put_opts(&path, body(holder, ttl), create).await;
-        match created {
-            Ok(r) => return Ok((path, r.e_tag.unwrap_or_default())),
+        sent = sent.max(Instant::now());
+        match table.store.put_opts(&path, body(holder, 0, ttl, false), create).await {
+            Ok(r) => return Ok((path, r.e_tag, sent)),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
             Err(e) => {
-                failures += 1;
-                if failures >= crate::retry::DEFAULT_RETRY_ATTEMPTS || Instant::now() >= deadline {
-                    return Err(EngineError::store(format!("creating the lease {path}"))(e));
-                }
-                tracing::warn!(lease = %path, error = %e, "could not write the writer lease; retrying");
+                fail(e, "creating the writer lease")?;
                 // Back-off before retrying a failed write to the store.
                 tokio::time::sleep(pause).await;
             }
@@ -232,79 +337,101 @@ async fn take_remote(table: &TableStore, writer: &str, holder: &str, wait: bool)
             Ok(Some(found)) => found,
             Ok(None) => continue,
             Err(e) => {
-                failures += 1;
-                if failures >= crate::retry::DEFAULT_RETRY_ATTEMPTS {
-                    return Err(EngineError::store(format!("reading the lease {path}"))(e));
-                }
+                fail(e, "reading the writer lease")?;
                 // Back-off before retrying a failed read of the store.
                 tokio::time::sleep(pause).await;
                 continue;
             }
         };
-        if current == holder {
+        if current.holder == holder {
             // Our own write got through; its answer was lost.
-            return Ok((path, meta.e_tag.unwrap_or_default()));
+            return Ok((path, meta.e_tag, sent));
         }
+        let ttl_eff = ttl.max(Duration::from_millis(current.ttl_ms));
         let since = match &seen {
             Some((e, t)) if *e == meta.e_tag => *t,
             _ => {
-                seen = Some((meta.e_tag.clone(), Instant::now()));
-                Instant::now()
+                let now = Instant::now();
+                if seen.is_none() && wait == Wait::IfLooksDead && !current.released {
+                    // Only a lease not written for two TTLs by the store's clock is worth
+                    // watching; the takeover itself never trusts clocks.
+                    let age = chrono::Utc::now()
+                        .signed_duration_since(meta.last_modified)
+                        .to_std()
+                        .unwrap_or_default();
+                    if age < 2 * ttl_eff {
+                        return Err(already_running(table, writer, &path.to_string()));
+                    }
+                }
+                seen = Some((meta.e_tag.clone(), now));
+                now
             }
         };
-        let age = chrono::Utc::now()
-            .signed_duration_since(meta.last_modified)
-            .to_std()
-            .unwrap_or_default();
-        if age > ttl || since.elapsed() > ttl {
-            let update = PutOptions {
-                mode: PutMode::Update(UpdateVersion {
-                    e_tag: meta.e_tag.clone(),
-                    version: meta.version.clone(),
-                }),
-                ..Default::default()
-            };
-            match table.store.put_opts(&path, body(holder, ttl), update).await {
+        let end = *deadline.get_or_insert(since + ttl_eff + ttl_eff / 2);
+        if current.released || since.elapsed() > ttl_eff {
+            sent = Instant::now();
+            match table
+                .store
+                .put_opts(&path, body(holder, 0, ttl, false), update(meta.e_tag.clone()))
+                .await
+            {
                 Ok(r) => {
-                    tracing::warn!(lease = %path, age_s = age.as_secs(), "took over a writer lease its holder stopped renewing");
-                    return Ok((path, r.e_tag.unwrap_or_default()));
+                    if !current.released {
+                        tracing::warn!(lease = %path, "took over a writer lease its holder stopped renewing");
+                    }
+                    return Ok((path, r.e_tag, sent));
                 }
                 // Lost the race, or our own takeover's answer was lost: the next read tells.
-                Err(_) => continue,
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::NotFound { .. },
+                ) => continue,
+                Err(e) => {
+                    fail(e, "taking over the writer lease")?;
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
             }
         }
-        if !wait || Instant::now() >= deadline {
-            let who = format!("{path}, renewed {}s ago, lease.ttl {}s", age.as_secs(), ttl.as_secs());
+        if Instant::now() >= end {
+            let who = format!("{path}, renewed within lease.ttl {}s", ttl_eff.as_secs());
             return Err(already_running(table, writer, &who));
         }
-        // Waiting out a lease whose holder may be dead (bounded by the deadline above).
+        // Watching a lease whose holder may be dead (bounded by the deadline above).
         tokio::time::sleep(pause).await;
     }
 }
 
-/// Renews the lease every third of its TTL until aborted; marks the fence on loss.
-async fn renew(table: TableStore, path: Path, holder: String, mut etag: Option<String>, fence: Fence) {
+/// Renews the lease every third of its TTL until aborted; extends the fence on each success
+/// and marks it lost when the lease was taken over or could not be renewed in time.
+async fn renew(table: TableStore, path: Path, holder: String, mut etag: Option<String>, fence: Fence) -> Loss {
     let ttl = table.settings.lease_ttl;
-    let mut renewed = Instant::now();
+    let mut renewal = 0u64;
     loop {
         tokio::time::sleep(ttl / 3).await;
-        let update = PutOptions {
-            mode: PutMode::Update(UpdateVersion {
-                e_tag: etag.clone(),
-                version: None,
-            }),
-            ..Default::default()
-        };
-        let result = match table.store.put_opts(&path, body(&holder, ttl), update).await {
+        renewal += 1;
+        let sent = Instant::now();
+        let result = match table
+            .store
+            .put_opts(&path, body(&holder, renewal, ttl, false), update(etag.clone()))
+            .await
+        {
             Ok(r) => Ok(r.e_tag),
             Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => {
                 // Ours still, when an earlier renewal got through with its answer lost.
                 match read_lease(&table, &path).await {
-                    Ok(Some((h, meta))) if h == holder => Ok(meta.e_tag),
+                    Ok(Some((b, meta))) if b.holder == holder && !b.released => {
+                        etag = meta.e_tag;
+                        if b.renewal == renewal {
+                            fence.extend(valid_until(sent, ttl));
+                        }
+                        continue;
+                    }
                     Ok(_) => {
                         tracing::error!(lease = %path, "writer lease lost: another process took it over");
-                        fence.0.store(true, Ordering::SeqCst);
-                        return;
+                        fence.lose();
+                        return Loss::TakenOver;
                     }
                     Err(e) => Err(e),
                 }
@@ -314,25 +441,35 @@ async fn renew(table: TableStore, path: Path, holder: String, mut etag: Option<S
         match result {
             Ok(tag) => {
                 etag = tag;
-                renewed = Instant::now();
+                fence.extend(valid_until(sent, ttl));
             }
             Err(e) => {
                 tracing::warn!(lease = %path, error = %e, "could not renew the writer lease; retrying");
-                if renewed.elapsed() >= ttl {
-                    tracing::error!(lease = %path, "writer lease lost: not renewed for a whole lease.ttl");
-                    fence.0.store(true, Ordering::SeqCst);
-                    return;
+                if fence.expired() {
+                    tracing::error!(lease = %path, "writer lease lost: not renewed within lease.ttl");
+                    fence.lose();
+                    return Loss::Expired;
                 }
             }
         }
     }
 }
 
-async fn delete_if_ours(table: &TableStore, path: &Path, holder: &str) {
-    if let Ok(Some((current, _))) = read_lease(table, path).await
-        && current == holder
+/// Marks the lease released, with `If-Match` on its current version when it is still ours
+/// (never someone else's).
+async fn release_if_ours(table: &TableStore, path: &Path, holder: &str) {
+    if let Ok(Some((b, meta))) = read_lease(table, path).await
+        && b.holder == holder
+        && !b.released
     {
-        let _ = table.store.delete(path).await;
+        let _ = table
+            .store
+            .put_opts(
+                path,
+                body(holder, b.renewal + 1, table.settings.lease_ttl, true),
+                update(meta.e_tag),
+            )
+            .await;
     }
 }
 
@@ -363,43 +500,72 @@ mod tests {
         })
     }
 
+    async fn body_of(table: &TableStore, writer: &str) -> Body {
+        read_lease(table, &table.path(&format!("_sluice/lock/{writer}.json")))
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
     #[tokio::test]
     async fn object_store_lease_is_exclusive_renewed_and_released() {
-        let table = object_table(300);
-        let lease = WriterLease::acquire_now(&table, "p").await.unwrap();
-        let err = WriterLease::acquire_now(&table, "p").await.unwrap_err().to_string();
+        let table = object_table(400);
+        let lease = WriterLease::acquire(&table, "p").await.unwrap();
+        // A maintenance job asking whether the writer runs: it does (renewed just now).
+        let err = WriterLease::acquire_if_stopped(&table, "p")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already running"), "{err}");
-        // A live holder renews: a waiting contender gives up after one TTL and change.
+        // A live holder renews (the body, hence the ETag, changes every time): a contender
+        // watching it gives up after one and a half TTL.
         let err = WriterLease::acquire(&table, "p").await.unwrap_err().to_string();
         assert!(err.contains("already running"), "{err}");
+        assert!(body_of(&table, "p").await.renewal > 0, "renewed");
         lease.fence().check("p").unwrap();
         lease.release().await;
-        WriterLease::acquire_now(&table, "p").await.unwrap().release().await;
+        assert!(body_of(&table, "p").await.released);
+        // A released lease is free at once.
+        WriterLease::acquire_if_stopped(&table, "p")
+            .await
+            .unwrap()
+            .release()
+            .await;
     }
 
     #[tokio::test]
     async fn a_dead_holders_lease_is_taken_over_and_fences_it() {
-        let table = object_table(300);
-        let first = WriterLease::acquire_now(&table, "p").await.unwrap();
-        // The holder stops renewing (its process froze): the lease goes stale.
-        first.remote.as_ref().unwrap().renewer.abort();
+        let table = object_table(400);
+        let ttl = table.settings.lease_ttl;
+        // A holder that froze right after taking the lease: nothing renews it.
+        let (path, etag, sent) = take_remote(&table, "p", "frozen", Wait::Yes).await.unwrap();
+        let frozen = Fence::until(valid_until(sent, ttl));
+        frozen.check("p").unwrap();
         let second = WriterLease::acquire(&table, "p").await.unwrap();
-        // The frozen holder wakes up: its next renewal is refused and its fence fails.
-        let fence = first.fence();
-        let r = first.remote.as_ref().unwrap();
-        let renewer = tokio::spawn(renew(
-            r.table.clone(),
-            r.path.clone(),
-            r.holder.clone(),
-            // Its last ETag is stale since the takeover, whatever it was.
-            None,
-            fence.clone(),
-        ));
-        tokio::time::timeout(Duration::from_secs(5), renewer)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(fence.check("p").is_err());
+        // By the time anyone could take over, the frozen holder's fence had expired.
+        assert!(
+            frozen.check("p").is_err(),
+            "the old holder's fence expires before a takeover"
+        );
+        // It wakes up: its renewal is refused and it learns the lease was taken over.
+        let loss = tokio::time::timeout(
+            Duration::from_secs(5),
+            renew(table.clone(), path, "frozen".into(), etag, frozen.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(loss, Loss::TakenOver);
         second.fence().check("p").unwrap();
+        assert_ne!(body_of(&table, "p").await.holder, "frozen");
+    }
+
+    #[tokio::test]
+    async fn single_writer_mode_never_counts_a_writer_stopped() {
+        let mut s = StoreSettings::default();
+        s.s3.insert("conditional_put".into(), "disabled".into());
+        let table = object_table(400).with_settings(s);
+        WriterLease::acquire(&table, "p").await.unwrap();
+        assert!(WriterLease::acquire_if_stopped(&table, "p").await.is_err());
     }
 }

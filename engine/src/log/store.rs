@@ -49,8 +49,8 @@ pub fn option_specs() -> Vec<OptionSpec> {
     ]
 }
 
-/// Settings of a table's store beyond its location.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Settings of a table's store beyond its location (its `Debug` shows no `s3.*` value).
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     /// `s3.*` client settings, keys without the `s3.` prefix.
     pub s3: BTreeMap<String, String>,
@@ -58,6 +58,16 @@ pub struct StoreSettings {
     pub lease_ttl: Duration,
     /// Multipart part size (object stores).
     pub part_size: usize,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("s3", &self.s3.keys().collect::<Vec<_>>())
+            .field("lease_ttl", &self.lease_ttl)
+            .field("part_size", &self.part_size)
+            .finish()
+    }
 }
 
 impl Default for StoreSettings {
@@ -311,7 +321,9 @@ impl TableStore {
                 let _ = self.store.delete(&path).await;
                 match result {
                     Ok(true) => Ok(()),
-                    Ok(false) => Err(refused("overwrote an existing object on a conditional PUT")),
+                    Ok(false) => Err(refused(
+                        "overwrote an existing object on a conditional PUT (If-None-Match or If-Match ignored)",
+                    )),
                     Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
                         Err(refused("does not support conditional PUT"))
                     }
@@ -321,17 +333,48 @@ impl TableStore {
             .await
     }
 
-    /// Creates `path`, then creates it again: true when the second create is refused.
+    /// Creates `path`, creates it again, and updates it with a wrong ETag: true when both the
+    /// second create and the update are refused (the lease needs `If-Match` as the log needs
+    /// `If-None-Match`).
     async fn probe_once(&self, path: &Path) -> object_store::Result<bool> {
-        let create = || PutOptions {
-            mode: PutMode::Create,
+        let put = |mode| PutOptions {
+            mode,
             ..Default::default()
         };
-        self.store
-            .put_opts(path, PutPayload::from_static(b"1"), create())
-            .await?;
-        match self.store.put_opts(path, PutPayload::from_static(b"2"), create()).await {
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(true),
+        match self
+            .store
+            .put_opts(path, PutPayload::from_static(b"1"), put(PutMode::Create))
+            .await
+        {
+            Ok(_) => {}
+            // The path is new: this is our own create whose answer was lost. Try another.
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(object_store::Error::Generic {
+                    store: "probe",
+                    source: "the probe object already existed".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        match self
+            .store
+            .put_opts(path, PutPayload::from_static(b"2"), put(PutMode::Create))
+            .await
+        {
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
+            Ok(_) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let wrong = PutMode::Update(object_store::UpdateVersion {
+            e_tag: Some("\"sluice-probe-wrong-etag\"".into()),
+            version: None,
+        });
+        match self
+            .store
+            .put_opts(path, PutPayload::from_static(b"3"), put(wrong))
+            .await
+        {
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => Ok(true),
             Ok(_) => Ok(false),
             Err(e) => Err(e),
         }
@@ -462,5 +505,7 @@ mod tests {
         assert!(check("/tmp/x", &opts(&[("lease.ttl", "10ms")])).is_err());
         let s = StoreSettings::from_options(&opts(&[("lease.ttl", "5s"), ("upload.part_size", "8MB")])).unwrap();
         assert_eq!((s.lease_ttl, s.part_size), (Duration::from_secs(5), 8 * 1024 * 1024));
+        let s = StoreSettings::from_options(&opts(&[("s3.secret_access_key", "hunter2")])).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
     }
 }

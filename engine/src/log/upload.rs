@@ -9,9 +9,10 @@
 //!
 //! An unfinished upload is invisible (S3 lists no object for it) but holds its parts' storage.
 //! [`abort_recorded`], run by the writer's recovery before it clears its staging directory,
-//! aborts every upload a marker names. The one gap is a crash between creating the upload and
-//! writing its marker (one request): that upload is found by no marker, and the bucket's
-//! lifecycle rule `AbortIncompleteMultipartUpload` (README) is the backstop for it.
+//! aborts every upload a marker names. The gap is an upload no marker names: a crash between
+//! creating it and writing its marker, or a create whose answer was lost and that the client
+//! retried (S3 then holds two uploads, one unnamed). The bucket's lifecycle rule
+//! `AbortIncompleteMultipartUpload` (README) is the backstop for those.
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -53,14 +54,19 @@ pub async fn put_recorded(
                 .map_err(EngineError::store(format!("starting an upload of {path}")))
         })
         .await?;
-    let marker = table.path(&format!("_sluice/staging/{writer}/_uploads/{target}.json"));
+    // One marker per upload: an earlier upload of the same target whose abort failed keeps
+    // its own.
+    let marker = table.path(&format!(
+        "_sluice/staging/{writer}/_uploads/{target}.{:08x}.json",
+        crc32c::crc32c(id.as_bytes())
+    ));
     let body = serde_json::to_vec(&Marker {
         path: path.to_string(),
         upload_id: id.clone(),
     })
     .map_err(|e| EngineError::Internal(format!("encoding an upload marker: {e}")))?;
     let body = PutPayload::from(body);
-    retry
+    let recorded = retry
         .run("recording a multipart upload", || async {
             table
                 .store
@@ -68,7 +74,12 @@ pub async fn put_recorded(
                 .await
                 .map_err(EngineError::store(format!("writing {marker}")))
         })
-        .await?;
+        .await;
+    if let Err(e) = recorded {
+        // Unrecorded: abort it now, or nothing will.
+        let _ = mp.abort_multipart(path, &id).await;
+        return Err(e);
+    }
     let result = upload_parts(table, multipart, &id, path, Bytes::from(bytes), retry).await;
     if result.is_err() {
         // Best effort: recovery aborts it anyway while the marker stays.
@@ -215,7 +226,7 @@ mod tests {
         mem.put_part(&path, &id, 0, PutPayload::from_static(b"0123456789"))
             .await
             .unwrap();
-        let marker = t.path("_sluice/staging/w/_uploads/b.parquet.json");
+        let marker = t.path("_sluice/staging/w/_uploads/b.parquet.0.json");
         let body = serde_json::to_vec(&Marker {
             path: path.to_string(),
             upload_id: id.clone(),
