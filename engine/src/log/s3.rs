@@ -6,14 +6,26 @@
 //! store honours it is [`super::store::TableStore::check_atomic_create`].
 //!
 //! Secrets: values are handed to the client and never formatted into a message; an unknown
-//! key is reported by its name only.
+//! key is reported by its name only. The client is wrapped in [`Redacting`], which scrubs the
+//! secret key and session token out of every error it returns (S3 quotes the signed request,
+//! session token included, in a `SignatureDoesNotMatch` answer, and object_store puts answers
+//! into its errors).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
 use sluice_sql::OptionError;
 
 use crate::error::{EngineError, Result};
@@ -41,8 +53,9 @@ pub fn check_keys(keys: &BTreeMap<String, String>) -> Result<(), OptionError> {
     Ok(())
 }
 
-/// The client and the table's root path for `location` (`s3://bucket[/prefix]`).
-pub fn open(location: &str, settings: &BTreeMap<String, String>) -> Result<(Arc<AmazonS3>, Path)> {
+/// The client (wrapped in [`Redacting`]) and the table's root path for `location`
+/// (`s3://bucket[/prefix]`).
+pub fn open(location: &str, settings: &BTreeMap<String, String>) -> Result<(Arc<Redacting>, Path)> {
     let bad = |why: &str| {
         EngineError::config(
             format!("bad S3 location '{location}': {why}"),
@@ -71,7 +84,190 @@ pub fn open(location: &str, settings: &BTreeMap<String, String>) -> Result<(Arc<
             Some("set the s3.* OPTIONS or the AWS_* environment variables (endpoint, region, credentials)".to_string()),
         )
     })?;
-    Ok((Arc::new(store), root))
+    let store = Arc::new(store);
+    Ok((Arc::new(Redacting::new(store.clone(), store, secrets(settings))), root))
+}
+
+/// The secret values among `settings` and the `AWS_*` environment.
+fn secrets(settings: &BTreeMap<String, String>) -> Vec<String> {
+    const KEYS: [&str; 6] = [
+        "secret_access_key",
+        "aws_secret_access_key",
+        "session_token",
+        "aws_session_token",
+        "token",
+        "aws_token",
+    ];
+    let env = ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_TOKEN"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok());
+    KEYS.iter()
+        .filter_map(|k| settings.get(*k).cloned())
+        .chain(env)
+        .filter(|v| v.len() >= 4)
+        .collect()
+}
+
+/// An S3 client whose errors never carry its secrets (see the module header).
+pub struct Redacting {
+    inner: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+    secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for Redacting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redacting({})", self.inner)
+    }
+}
+
+impl std::fmt::Display for Redacting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.inner)
+    }
+}
+
+impl Redacting {
+    /// Wraps a store and its multipart API, scrubbing `secrets` from their errors.
+    pub fn new(inner: Arc<dyn ObjectStore>, multipart: Arc<dyn MultipartStore>, secrets: Vec<String>) -> Self {
+        Redacting {
+            inner,
+            multipart,
+            secrets,
+        }
+    }
+
+    fn clean(&self, text: &str) -> String {
+        self.secrets
+            .iter()
+            .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+    }
+
+    /// The same error, its text scrubbed when it holds a secret (the kind is kept where the
+    /// engine acts on it).
+    fn scrub(&self, e: object_store::Error) -> object_store::Error {
+        use object_store::Error as E;
+        let text = e.to_string();
+        if !self.secrets.iter().any(|s| text.contains(s.as_str())) {
+            return e;
+        }
+        let source: Box<dyn std::error::Error + Send + Sync> = self.clean(&text).into();
+        match e {
+            E::NotFound { path, .. } => E::NotFound {
+                path: self.clean(&path),
+                source,
+            },
+            E::AlreadyExists { path, .. } => E::AlreadyExists {
+                path: self.clean(&path),
+                source,
+            },
+            E::Precondition { path, .. } => E::Precondition {
+                path: self.clean(&path),
+                source,
+            },
+            E::NotModified { path, .. } => E::NotModified {
+                path: self.clean(&path),
+                source,
+            },
+            E::PermissionDenied { path, .. } => E::PermissionDenied {
+                path: self.clean(&path),
+                source,
+            },
+            E::Unauthenticated { path, .. } => E::Unauthenticated {
+                path: self.clean(&path),
+                source,
+            },
+            _ => E::Generic { store: "S3", source },
+        }
+    }
+}
+
+type StoreResult<T> = object_store::Result<T>;
+
+#[async_trait::async_trait]
+impl ObjectStore for Redacting {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> StoreResult<PutResult> {
+        self.inner
+            .put_opts(location, payload, opts)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> StoreResult<Box<dyn MultipartUpload>> {
+        self.inner
+            .put_multipart_opts(location, opts)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> StoreResult<GetResult> {
+        self.inner.get_opts(location, options).await.map_err(|e| self.scrub(e))
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> StoreResult<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await.map_err(|e| self.scrub(e))
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, StoreResult<Path>>) -> BoxStream<'static, StoreResult<Path>> {
+        let secrets = self.secrets.clone();
+        let me = Redacting::new(self.inner.clone(), self.multipart.clone(), secrets);
+        self.inner
+            .delete_stream(locations)
+            .map(move |r| r.map_err(|e| me.scrub(e)))
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, StoreResult<ObjectMeta>> {
+        let me = Redacting::new(self.inner.clone(), self.multipart.clone(), self.secrets.clone());
+        self.inner.list(prefix).map(move |r| r.map_err(|e| me.scrub(e))).boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> StoreResult<ListResult> {
+        self.inner.list_with_delimiter(prefix).await.map_err(|e| self.scrub(e))
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> StoreResult<()> {
+        self.inner.copy_opts(from, to, options).await.map_err(|e| self.scrub(e))
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> StoreResult<()> {
+        self.inner
+            .rename_opts(from, to, options)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
+}
+
+#[async_trait::async_trait]
+impl MultipartStore for Redacting {
+    async fn create_multipart(&self, path: &Path) -> StoreResult<MultipartId> {
+        self.multipart.create_multipart(path).await.map_err(|e| self.scrub(e))
+    }
+
+    async fn put_part(&self, path: &Path, id: &MultipartId, part_idx: usize, data: PutPayload) -> StoreResult<PartId> {
+        self.multipart
+            .put_part(path, id, part_idx, data)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
+
+    async fn complete_multipart(&self, path: &Path, id: &MultipartId, parts: Vec<PartId>) -> StoreResult<PutResult> {
+        self.multipart
+            .complete_multipart(path, id, parts)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
+
+    async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> StoreResult<()> {
+        self.multipart
+            .abort_multipart(path, id)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +287,24 @@ mod tests {
         let mut k = BTreeMap::new();
         k.insert("conditional_put".to_string(), "maybe".to_string());
         assert!(check_keys(&k).unwrap_err().message.contains("single-writer"));
+    }
+
+    #[tokio::test]
+    async fn errors_never_carry_a_secret() {
+        use object_store::ObjectStoreExt;
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        let s = Redacting::new(mem.clone(), mem, vec!["hunter2".into()]);
+        let e = s.get(&Path::from("a/hunter2/b")).await.unwrap_err();
+        assert!(
+            matches!(e, object_store::Error::NotFound { .. }),
+            "the kind is kept: {e}"
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = s.get(&Path::from("a/other")).await.unwrap_err();
+        assert!(
+            e.to_string().contains("a/other"),
+            "errors without secrets pass as they are: {e}"
+        );
     }
 
     #[test]
