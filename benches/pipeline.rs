@@ -12,18 +12,20 @@
 //!
 //! - `sluice` with the Kafka source (tansu on loopback, the same events produced into a
 //!   4-partition topic before the timed run), when tansu is installed (`--no-kafka` skips);
+//! - `sluice` with the directory source writing to S3 (moto on loopback, `--no-s3` skips);
 //! - Nexmark q0 (pass-through), q1 (projection + arithmetic), q2 (filter), q10 (log to files
 //!   partitioned by date and minute) over a generated bid stream, directory source;
 //! - freshness under fixed-rate HTTP load (10k and 100k events/s): event sent → visible in a
 //!   committed entry, and acknowledgement latency.
 //!
 //! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
-//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-kafka`, `--no-nexmark`, `--freshness-secs N`
+//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-kafka`, `--no-s3`, `--no-nexmark`, `--freshness-secs N`
 //! (default 30; 0 skips), `--rounds N` (directory source, HTTP and DuckDB in turn, medians
 //! reported; default 3).
 
 mod broker;
 mod datagen;
+mod moto;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -314,6 +316,38 @@ fn run_kafka(work: &Path, broker: &broker::Broker, messages: u64, events: u64, b
             .as_object()
             .is_some_and(|offs| offs.values().filter_map(|v| v.as_u64()).sum::<u64>() >= messages)
     })
+}
+
+/// The directory run with its sink on S3 (moto on loopback, table `dir-<round>` in bucket
+/// `bench`); done when the log covers the last input file.
+fn run_s3(work: &Path, moto: &moto::Moto, events: u64, bytes: u64, files: u64, round: usize) -> Row {
+    let prefix = format!("dir-{round}");
+    let sql = pipeline_sql_with(
+        &format!("STORED AS NDJSON LOCATION 'in' {DIR_OPTIONS}"),
+        &format!("s3://bench/{prefix}/"),
+        &format!("OPTIONS ({})", moto.options()),
+        "",
+    );
+    let last = format!("orders-{:05}.ndjson", files - 1);
+    let t0 = Instant::now();
+    let (child, _) = start_server(work, &sql, &format!("s3-{round}"));
+    wait_for("the S3 run", || {
+        moto.log_totals(&prefix)
+            .1
+            .is_some_and(|e| e["sources"]["orders"]["file"] == last.as_str() && e["sources"]["orders"]["complete"] == true)
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu, rss) = (cpu_of(child.id()), peak_rss(child.id()));
+    stop_child(child);
+    Row {
+        name: "sluice: directory source, sink on S3 (moto on loopback)".into(),
+        events,
+        bytes,
+        wall,
+        cpu,
+        rss,
+        rows_out: Some(moto.log_totals(&prefix).0),
+    }
 }
 
 /// Runs `argv` in `work` under Python's `resource` module: wall, CPU and peak RSS of the
@@ -1022,6 +1056,13 @@ fn main() {
         }
     };
     let mut kafkas = Vec::new();
+    let s3 = moto::moto_server()
+        .filter(|_| !args.iter().any(|a| a == "--no-s3"))
+        .map(|m| moto::start(&m));
+    if s3.is_none() {
+        eprintln!("no moto (scripts/setup.sh --test installs it): the S3 row is skipped");
+    }
+    let mut s3s = Vec::new();
     for round in 1..=rounds {
         for old in [
             "lake/sluice-dir",
@@ -1045,6 +1086,9 @@ fn main() {
         dirs.push(run_directory(&work, events, bytes, files));
         if let Some((b, n)) = &kafka {
             kafkas.push(run_kafka(&work, b, *n, events, bytes, round));
+        }
+        if let Some(m) = &s3 {
+            s3s.push(run_s3(&work, m, events, bytes, files, round));
         }
         if with_archive {
             archive_off.push(run_directory_noarchive(&work, events, bytes, files));
@@ -1087,6 +1131,10 @@ fn main() {
     let kafka_share: Vec<f64> = kafkas.iter().zip(&dirs).map(|(k, d)| d.wall / k.wall).collect();
     let kafka_row = median(kafkas);
     drop(kafka);
+    let s3_share: Vec<f64> = s3s.iter().zip(&dirs).map(|(k, d)| d.wall / k.wall).collect();
+    let s3_walls = walls(&s3s);
+    let s3_row = median(s3s);
+    drop(s3);
     let defaults_note = if with_defaults {
         format!(
             "- default options: the directory source with no tuning (`batch.max_rows` 100000, `batch.max_bytes` 32MB, `buffer.max_bytes` 64MB), over the same files and over all of them as one file (walls s: files {}; one file {})\n",
@@ -1155,6 +1203,7 @@ fn main() {
     let mut rows = vec![dir];
     rows.extend(kafka_row);
     rows.extend(kafka_floor);
+    rows.extend(s3_row);
     rows.extend(default_row);
     rows.extend(one_row);
     rows.extend(archive_off_row);
@@ -1259,6 +1308,15 @@ fn main() {
                 100.0 * f / k
             ));
         }
+    }
+    if !s3_share.is_empty() {
+        let mut sorted = s3_share.clone();
+        sorted.sort_by(f64::total_cmp);
+        table.push_str(&format!(
+            "\n**S3** (same run): the directory source writing its sink to S3 (moto, an in-memory Python S3 server on the same 2 cores; every commit also copies each staged object into place, S3 having no rename) runs at {:.0}% of its speed on local disk (paired rounds: {}; walls s: {s3_walls}).\n",
+            100.0 * sorted[sorted.len() / 2],
+            s3_share.iter().map(|r| format!("{:.0}%", 100.0 * r)).collect::<Vec<_>>().join(", "),
+        ));
     }
     if let Some(r) = reconcile_ratio {
         table.push_str(&format!(

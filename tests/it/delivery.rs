@@ -154,6 +154,35 @@ impl Load {
     }
 }
 
+/// Kills `server` with SIGKILL `kills` times, each after `lo..hi` (random) more requests of
+/// `load` were acknowledged, restarting it on `sql` and `port` each time; returns the last
+/// server once every request is acknowledged.
+pub(crate) fn kill9_under_load(
+    mut server: Server,
+    load: &Load,
+    sql: &Path,
+    port: u16,
+    mut rng: Rng,
+    kills: usize,
+    (lo, hi): (u64, u64),
+) -> Server {
+    let dir = sql.parent().expect("the pipeline file's directory");
+    for _ in 0..kills {
+        let target = (load.acked() + rng.range(lo, hi) as usize).min(load.total);
+        wait_until(
+            Duration::from_secs(120),
+            "more acknowledgements before the next kill",
+            || (load.acked() >= target).then_some(()),
+        );
+        server.kill9();
+        server = Server::start_with(&[sql], dir, port, &[]);
+    }
+    wait_until(Duration::from_secs(300), "every request acknowledged", || {
+        (load.acked() == load.total).then_some(())
+    });
+    server
+}
+
 /// Checks the equation; returns (output rows, dead letters).
 pub(crate) async fn check(sink: &Path, sent: &HashSet<i64>, acked: &HashSet<i64>) -> (usize, usize) {
     let batches = read_hive(sink, &[("part", DataType::Int64)], "SELECT id, v, part FROM t").await;
@@ -223,23 +252,10 @@ fn http_kill9_loop_is_exactly_once() {
     let rt = crate::harness::runtime();
     let n = 200_000;
     let reqs = requests(n, 500);
-    let mut server = Server::start_with(&[&sql], dir.path(), port, &[]);
+    let server = Server::start_with(&[&sql], dir.path(), port, &[]);
     let load = Load::start(&rt, port, reqs.clone(), 4);
-    let mut rng = Rng(0x5eed_1234_abcd);
     let kills = 20;
-    for _ in 0..kills {
-        let target = (load.acked() + rng.range(2, 14) as usize).min(load.total);
-        wait_until(
-            Duration::from_secs(120),
-            "more acknowledgements before the next kill",
-            || (load.acked() >= target).then_some(()),
-        );
-        server.kill9();
-        server = Server::start_with(&[&sql], dir.path(), port, &[]);
-    }
-    wait_until(Duration::from_secs(300), "every request acknowledged", || {
-        (load.acked() == load.total).then_some(())
-    });
+    let server = kill9_under_load(server, &load, &sql, port, Rng(0x5eed_1234_abcd), kills, (2, 14));
     // Acknowledged is durable, not yet committed: a pipeline that fell behind is still catching
     // up from the log (a graceful stop would leave the rest there for the next start).
     let expected = (0..n).filter(|i| passes(*i) && !malformed(*i)).count() as u64;

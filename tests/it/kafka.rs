@@ -522,3 +522,52 @@ fn csv_messages_are_decoded_one_record_each() {
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["position"]["offset"], 2);
 }
+
+// The broker is killed mid-run and restarted (its storage on an S3 server, so the topic
+// survives): the server's consumer reconnects by itself (librdkafka's back-off), goes on from
+// its committed offsets, and every message is written exactly once, those produced while the
+// broker was down-and-up included.
+#[cfg(feature = "s3")]
+#[test]
+fn a_broker_restart_mid_run_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = crate::moto::Moto::start(dir.path(), "tansu");
+    let mut env = moto.env();
+    env.push(("AWS_DEFAULT_REGION", "us-east-1".into()));
+    let mut broker = Broker::start_on_s3(dir.path(), "tansu", env);
+    broker.create_topic("events", 2);
+    let sql = pipeline(dir.path(), &broker, "events", ", 'start' 'earliest'");
+    let sink = dir.path().join("lake/out");
+    // Small: every message is a record batch of its own, and tansu writes each to S3.
+    let (first, n) = (600i64, 1_000i64);
+    let producer = broker.producer();
+    for id in 0..first {
+        producer.send("events", Some((id % 2) as i32), None, message(id).as_bytes());
+    }
+    producer.flush();
+    drop(producer);
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(120), "a first commit", || {
+        (committed_output(&sink) > 0).then_some(())
+    });
+    broker.kill();
+    let rt = crate::harness::runtime();
+    wait_until(
+        Duration::from_secs(60),
+        "the consumer to notice the broker is gone",
+        || (metric(&rt, &server, "sluice_kafka_errors_total", "") > 0).then_some(()),
+    );
+    broker.restart();
+    let producer = broker.producer();
+    for id in first..n {
+        producer.send("events", Some((id % 2) as i32), None, message(id).as_bytes());
+    }
+    producer.flush();
+    wait_until(
+        Duration::from_secs(180),
+        "every message committed after the restart",
+        || (log_offsets(&sink).values().sum::<i64>() >= n).then_some(()),
+    );
+    server.stop();
+    rt.block_on(assert_exactly_once(&sink, n));
+}

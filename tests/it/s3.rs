@@ -15,7 +15,7 @@ use sluice_engine::log::store::TableStore;
 use sluice_engine::server::runtime::{ServerConfig, start};
 use sluice_sql::PipelineText;
 
-use crate::delivery::{Load, malformed, passes, requests};
+use crate::delivery::{Load, kill9_under_load, malformed, passes, requests};
 use crate::harness::{Rng, Server, bin, drop_file, free_port, wait_until};
 use crate::moto::{Moto, S3Table, SECRET};
 
@@ -67,24 +67,11 @@ fn http_to_s3_is_exactly_once_under_kill9() {
     let rt = crate::harness::runtime();
     let n = 30_000;
     let reqs = requests(n, 250);
-    let mut server = Server::start_with(&[&sql], dir.path(), port, &[]);
+    let server = Server::start_with(&[&sql], dir.path(), port, &[]);
     let load = Load::start(&rt, port, reqs.clone(), 4);
-    let mut rng = Rng(0x53_c0ff_ee);
     let kills = 4;
-    for _ in 0..kills {
-        let target = (load.acked() + rng.range(4, 20) as usize).min(load.total);
-        wait_until(
-            Duration::from_secs(120),
-            "more acknowledgements before the next kill",
-            || (load.acked() >= target).then_some(()),
-        );
-        server.kill9();
-        // The killed writer's lease object stays: the new process waits it out (lease.ttl 2s).
-        server = Server::start_with(&[&sql], dir.path(), port, &[]);
-    }
-    wait_until(Duration::from_secs(300), "every request acknowledged", || {
-        (load.acked() == load.total).then_some(())
-    });
+    // Each killed writer's lease stays behind: its successor takes it over (lease.ttl 2s).
+    let server = kill9_under_load(server, &load, &sql, port, Rng(0x53_c0ff_ee), kills, (4, 20));
     let t = table(&moto, "orders");
     let expected: Vec<i64> = (0..n).filter(|i| passes(*i) && !malformed(*i)).collect();
     wait_until(Duration::from_secs(300), "every acknowledged record committed", || {

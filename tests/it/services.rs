@@ -1,5 +1,5 @@
 //! Real services for the tests, started on random loopback ports and stopped when dropped: a
-//! Kafka-protocol broker (tansu, in-memory storage). Installed by `scripts/setup.sh --test`
+//! Kafka-protocol broker (tansu, with in-memory storage, or on an S3 server to survive restarts). Installed by `scripts/setup.sh --test`
 //! under `~/.cache/sluice-tools/` (or `$SLUICE_TOOLS`); `$SLUICE_TANSU` names another binary.
 
 use std::path::{Path, PathBuf};
@@ -37,28 +37,59 @@ pub struct Broker {
     /// Its port on 127.0.0.1.
     pub port: u16,
     log: PathBuf,
+    /// `--storage-engine`.
+    storage: String,
+    /// Environment of the broker process (the S3 client's, for S3 storage).
+    env: Vec<(&'static str, String)>,
 }
 
 impl Broker {
     /// Starts a broker with in-memory storage, logging under `dir`, and waits until it answers
     /// metadata requests.
     pub fn start(dir: &Path) -> Broker {
+        Self::start_with(dir, "memory://tansu/", Vec::new())
+    }
+
+    /// Starts a broker whose storage is bucket `bucket` of an S3 server (`env`: its `AWS_*`
+    /// settings), so that its topics survive a restart ([`Broker::restart`]).
+    pub fn start_on_s3(dir: &Path, bucket: &str, env: Vec<(&'static str, String)>) -> Broker {
+        Self::start_with(dir, &format!("s3://{bucket}/"), env)
+    }
+
+    fn start_with(dir: &Path, storage: &str, env: Vec<(&'static str, String)>) -> Broker {
         let port = free_port();
         let log = dir.join(format!("tansu-{port}.log"));
-        let mut b = Broker { child: None, port, log };
+        let mut b = Broker {
+            child: None,
+            port,
+            log,
+            storage: storage.into(),
+            env,
+        };
         b.spawn();
         b
     }
 
+    /// Starts the killed broker again on the same port and storage.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the broker first");
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let err = std::fs::File::create(&self.log).expect("broker log");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("broker log");
         let child = Command::new(tansu())
-            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["broker", "--storage-engine", &self.storage])
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")
             .env_remove("STORAGE_ENGINE")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("SLUICE_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
