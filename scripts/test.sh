@@ -9,4 +9,14 @@ scripts/setup.sh --test
 for name in it sluice; do
   { ls -t "$CARGO_TARGET_DIR"/debug/deps/"$name"-???????????????? 2>/dev/null || true; } | tail -n +3 | xargs -r rm -f
 done
+# One build directory shared by several checkouts (a CI clone, the working copy): cargo keys the
+# workspace crates by their path inside the workspace and judges them fresh by mtime, so after
+# building another checkout it would reuse test binaries with that checkout's paths baked in
+# (CARGO_BIN_EXE_sluice, CARGO_MANIFEST_DIR). Rebuild the workspace crates when the checkout
+# changed.
+STAMP="$CARGO_TARGET_DIR/.sluice-checkout"
+if [[ "$(cat "$STAMP" 2>/dev/null)" != "$PWD" ]]; then
+  find src engine connectors sql tests benches -name '*.rs' -exec touch {} +
+  echo "$PWD" > "$STAMP"
+fi
 cargo test --workspace --locked --features sluice/fault-injection,sluice/cluster

@@ -317,13 +317,16 @@ async fn take_remote(
         tracing::warn!(lease = %path, error = %e, "{what}: retrying");
         Ok(())
     };
-    let mut sent = Instant::now();
+    // When our earliest write that may have landed was sent (reset on seeing another holder's
+    // body: then none of them did). A lost answer's lease dates from then, conservatively.
+    let mut first_write: Option<Instant> = None;
     loop {
         let create = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        sent = sent.max(Instant::now());
+        let sent = Instant::now();
+        first_write.get_or_insert(sent);
         match table.store.put_opts(&path, body(holder, 0, ttl, false), create).await {
             Ok(r) => return Ok((path, r.e_tag, sent)),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
@@ -345,8 +348,9 @@ async fn take_remote(
         };
         if current.holder == holder {
             // Our own write got through; its answer was lost.
-            return Ok((path, meta.e_tag, sent));
+            return Ok((path, meta.e_tag, first_write.unwrap_or_else(Instant::now)));
         }
+        first_write = None;
         let ttl_eff = ttl.max(Duration::from_millis(current.ttl_ms));
         let since = match &seen {
             Some((e, t)) if *e == meta.e_tag => *t,
@@ -369,7 +373,8 @@ async fn take_remote(
         };
         let end = *deadline.get_or_insert(since + ttl_eff + ttl_eff / 2);
         if current.released || since.elapsed() > ttl_eff {
-            sent = Instant::now();
+            let sent = Instant::now();
+            first_write.get_or_insert(sent);
             match table
                 .store
                 .put_opts(&path, body(holder, 0, ttl, false), update(meta.e_tag.clone()))
