@@ -416,6 +416,31 @@ async fn single_writer_mode_runs_without_conditional_put() {
         !keys.iter().any(|k| k.starts_with("_sluice/lock/")),
         "no lease in single-writer mode"
     );
+    // The CLI's maintenance takes single-writer mode from the environment: no lease either.
+    let vacuum = |single: bool| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["vacuum", &format!("s3://{BUCKET}/single/")])
+            .envs(moto.env().iter().map(|(k, v)| (*k, v.as_str())))
+            .current_dir(dir.path());
+        if single {
+            cmd.env("AWS_CONDITIONAL_PUT", "disabled");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "vacuum: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    vacuum(true);
+    let keys = table(&moto, "single").keys().await;
+    assert!(
+        !keys.iter().any(|k| k.starts_with("_sluice/lock/")),
+        "vacuum took no lease: {keys:?}"
+    );
+    // Without it the same vacuum runs under a lease (the store has conditional PUT).
+    vacuum(false);
+    let keys = table(&moto, "single").keys().await;
+    assert!(
+        keys.iter().any(|k| k.starts_with("_sluice/lock/")),
+        "a leased vacuum: {keys:?}"
+    );
 }
 
 // A second server of the same pipeline on the same S3 sink, while the first runs: it watches

@@ -110,9 +110,15 @@ impl StoreSettings {
         Ok(s)
     }
 
-    /// True in single-writer mode (`'s3.conditional_put' 'disabled'`).
+    /// True in single-writer mode: `'s3.conditional_put' 'disabled'`, or, when the option is
+    /// absent, `AWS_CONDITIONAL_PUT=disabled` (which the S3 client reads too; the CLI's
+    /// maintenance commands take their settings from the environment).
     pub fn single_writer(&self) -> bool {
-        self.s3.get("conditional_put").is_some_and(|v| v.trim() == "disabled")
+        let mode = match self.s3.get("conditional_put") {
+            Some(v) => Some(v.clone()),
+            None => std::env::var("AWS_CONDITIONAL_PUT").ok(),
+        };
+        mode.is_some_and(|v| v.trim() == "disabled")
     }
 }
 
