@@ -329,12 +329,12 @@ async fn check(sink: &str, json: bool) -> Result<bool> {
 }
 
 /// The sink table at `sink` (a path or URL); a missing local directory is an error.
-fn open_table(sink: &str) -> Result<sluice_engine::log::store::TableStore> {
+fn open_table(sink: &str) -> Result<sluice_engine::store::TableStore> {
     let local = sink.strip_prefix("file://").unwrap_or(sink);
     if !local.contains("://") && !Path::new(local).is_dir() {
         bail!("no table at {sink}: the directory does not exist");
     }
-    Ok(sluice_engine::log::store::TableStore::open(sink)?)
+    Ok(sluice_engine::store::TableStore::open(sink)?)
 }
 
 /// An instant given as RFC 3339 or as a date (midnight UTC), in ms since the Unix epoch.
@@ -390,7 +390,7 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
         .sink(&sink_def.connector)
         .with_context(|| format!("no sink connector {}", sink_def.connector))?;
     let sink = factory.create(sink_def)?;
-    let scratch = sluice_engine::log::store::TableStore::from_store(
+    let scratch = sluice_engine::store::TableStore::from_store(
         Arc::new(object_store::memory::InMemory::new()),
         object_store::path::Path::default(),
         "memory://reconcile",

@@ -9,7 +9,8 @@
 //! through [`durability`].
 //!
 //! Subsystems, each a folder, imports pointing down: [`decode`] (records to Arrow),
-//! [`ingest`] (the ingest log), [`log`] (a table's store, commit log, lease, check, reader),
+//! [`ingest`] (the ingest log), [`store`] (where a table lives: local disk or S3, multipart
+//! uploads, the writer lease), [`log`] (a table's commit log, checkpoints, check, reader),
 //! [`pipeline`] (batching, plan, epoch commit), [`quality`] (profiles, expectations, drift),
 //! [`batch`] (the raw archive and reconciliation), [`server`] (runtime, API, registry, metrics).
 //! At the root: the [`source`] and [`sink`] traits, [`budget`], [`dead_letter`], [`retry`],
@@ -49,5 +50,6 @@ pub mod retry;
 pub mod server;
 pub mod sink;
 pub mod source;
+pub mod store;
 
 pub use error::{EngineError, Result};

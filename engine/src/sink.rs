@@ -5,7 +5,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::error::Result;
 use crate::log::commit::{CommitLog, FileAction};
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 
 /// A table a pipeline commits to.
 ///

@@ -19,7 +19,7 @@ use object_store::{
     PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 use sluice_connectors::parquet::ParquetSinkFactory;
-use sluice_engine::log::store::TableStore;
+use sluice_engine::store::TableStore;
 use sluice_engine::server::registry::SinkFactory;
 use sluice_engine::server::runtime::{ServerConfig, start};
 use sluice_engine::sink::Sink;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use sluice_engine::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, TableSchema};
-use sluice_engine::log::store::TableStore;
+use sluice_engine::store::TableStore;
 use sluice_engine::server::runtime::{ServerConfig, start};
 use sluice_sql::PipelineText;
 

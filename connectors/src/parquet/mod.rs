@@ -6,7 +6,7 @@ pub mod sink;
 
 use std::sync::Arc;
 
-use sluice_engine::log::store::TableStore;
+use sluice_engine::store::TableStore;
 use sluice_engine::server::registry::SinkFactory;
 use sluice_engine::sink::Sink;
 use sluice_engine::{EngineError, Result};
@@ -27,7 +27,7 @@ impl SinkFactory for ParquetSinkFactory {
             options: config::option_specs(),
             check: Some(Arc::new(|opts, location| {
                 ParquetSinkConfig::from_options(opts)?;
-                sluice_engine::log::store::check(location, opts)
+                sluice_engine::store::check(location, opts)
             })),
         }
     }

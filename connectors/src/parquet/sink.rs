@@ -13,7 +13,7 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use futures::StreamExt;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::log::commit::{CommitLog, FileAction};
-use sluice_engine::log::store::TableStore;
+use sluice_engine::store::TableStore;
 use sluice_engine::sink::Sink;
 use sluice_engine::{EngineError, Result};
 

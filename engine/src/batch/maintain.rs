@@ -21,8 +21,8 @@ use super::reconcile::{MAINTENANCE_WRITER, read_parquet};
 use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
 use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin};
-use crate::log::lease::WriterLease;
-use crate::log::store::TableStore;
+use crate::store::lease::WriterLease;
+use crate::store::TableStore;
 
 /// Default `--target-file-size`.
 pub const DEFAULT_TARGET_FILE_SIZE: u64 = 128 << 20;

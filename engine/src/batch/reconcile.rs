@@ -40,8 +40,8 @@ use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
 use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
-use crate::log::lease::WriterLease;
-use crate::log::store::TableStore;
+use crate::store::lease::WriterLease;
+use crate::store::TableStore;
 use crate::sink::Sink;
 
 /// The writer name of maintenance jobs (reconcile's repair; later compaction): their lease,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::log::commit::{CommitLog, live_files};
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 
 /// What is wrong with one file or entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

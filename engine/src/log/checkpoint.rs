@@ -239,7 +239,7 @@ mod tests {
 
     use super::*;
     use crate::log::commit::{Counts, LOG_VERSION, live_files};
-    use crate::log::store::TableStore;
+    use crate::store::TableStore;
 
     /// An in-memory store that counts reads of commit entries.
     #[derive(Debug, Default)]

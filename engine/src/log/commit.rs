@@ -33,7 +33,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 use crate::retry::RetryPolicy;
 
 /// The log format version this build writes and reads.
@@ -360,7 +360,7 @@ pub struct CommitLog {
     table: TableStore,
     writer: String,
     retry: RetryPolicy,
-    fence: Option<crate::log::lease::Fence>,
+    fence: Option<crate::store::lease::Fence>,
 }
 
 /// What [`CommitLog::recover`] found.
@@ -374,7 +374,7 @@ pub struct Recovered {
     pub orphans_removed: usize,
     /// Staged files moved into place to finish this writer's newest commit.
     pub moves_completed: usize,
-    /// Unfinished multipart uploads of this writer aborted ([`crate::log::upload`]).
+    /// Unfinished multipart uploads of this writer aborted ([`crate::store::upload`]).
     pub uploads_aborted: usize,
 }
 
@@ -397,7 +397,7 @@ impl CommitLog {
     }
 
     /// Refuses to commit once `fence`'s lease is lost.
-    pub fn with_fence(mut self, fence: crate::log::lease::Fence) -> Self {
+    pub fn with_fence(mut self, fence: crate::store::lease::Fence) -> Self {
         self.fence = Some(fence);
         self
     }
@@ -546,7 +546,7 @@ impl CommitLog {
                 .collect();
             rec.moves_completed = self.move_into_place(&last, &removed_later).await?;
         }
-        rec.uploads_aborted = crate::log::upload::abort_recorded(&self.table, &self.writer, &self.retry).await?;
+        rec.uploads_aborted = crate::store::upload::abort_recorded(&self.table, &self.writer, &self.retry).await?;
         let prefix = self.table.path(&format!("_sluice/staging/{}", self.writer));
         let staged: Vec<_> = self
             .retry
@@ -579,7 +579,7 @@ impl CommitLog {
         if let Some(multipart) = &self.table.multipart
             && bytes.len() > self.table.settings.part_size
         {
-            return crate::log::upload::put_recorded(
+            return crate::store::upload::put_recorded(
                 &self.table,
                 multipart,
                 &self.writer,

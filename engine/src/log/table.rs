@@ -21,7 +21,7 @@ use url::Url;
 
 use crate::error::{EngineError, Result};
 use crate::log::commit::{CommitLog, FileAction};
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 
 static NEXT_STORE: AtomicUsize = AtomicUsize::new(0);
 

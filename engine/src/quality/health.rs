@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::log::commit::CommitLog;
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 use crate::quality::drift::median;
 use crate::quality::report::{ColumnSummary, figure, spread, summarize_rows};
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::log::commit::CommitLog;
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 use crate::decode::nanos_per;
 use crate::quality::profile::{ColumnProfile, merge};
 use crate::quality::store::{ProfileRow, decode};

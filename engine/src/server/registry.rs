@@ -40,7 +40,7 @@ pub trait SinkFactory: Send + Sync {
 
     /// The same sink writing to another store (reconcile encodes its batch result on a scratch
     /// store first, exactly as the sink would write it). Sinks that cannot do so say so.
-    fn create_on(&self, _table: crate::log::store::TableStore, _def: &SinkDef) -> Result<Arc<dyn Sink>> {
+    fn create_on(&self, _table: crate::store::TableStore, _def: &SinkDef) -> Result<Arc<dyn Sink>> {
         Err(crate::error::EngineError::config(
             format!("the {} sink cannot be reconciled", self.spec().name),
             None::<String>,

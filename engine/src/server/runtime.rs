@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
 use crate::error::{EngineError, Result};
 use crate::log::commit::{CommitLog, TableSchema, writer_name};
-use crate::log::lease::WriterLease;
+use crate::store::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
 use crate::pipeline::exec::BatchPlan;
 use crate::pipeline::{PipelineState, PipelineStatus, PipelineTask, StatusHandle, update};

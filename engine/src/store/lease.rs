@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::durability;
 use crate::error::{EngineError, Result};
-use crate::log::store::TableStore;
+use crate::store::TableStore;
 
 #[derive(Debug, Default)]
 struct FenceState {
@@ -483,7 +483,7 @@ mod tests {
     use object_store::memory::InMemory;
 
     use super::*;
-    use crate::log::store::StoreSettings;
+    use crate::store::StoreSettings;
 
     #[tokio::test]
     async fn one_holder_at_a_time() {

@@ -1,16 +1,26 @@
 //! Where a table lives: an object store and the table's root inside it, plus the fixed layout
-//! of DESIGN §4 (`_sluice/log`, `_sluice/staging`, `_sluice/dead_letter`).
+//! of DESIGN §4 (`_sluice/log`, `_sluice/staging`, `_sluice/dead_letter`), and what writing
+//! to it safely takes: local disk with durable writes ([`local`]), S3 (`s3`), single-writer
+//! mode for stores without conditional PUT ([`single_writer`]), large files as recorded
+//! multipart uploads ([`upload`]) and the one-writer lease ([`lease`]).
 //!
 //! A LOCATION is a local path, a `file://` URL (local disk, [`DurableLocalStore`]) or an
-//! `s3://bucket/prefix/` URL (S3 and S3-compatible stores, [`crate::log::s3`]). The store
-//! options of a sink (`s3.*`, `lease.ttl`, `upload.part_size`) are read here.
+//! `s3://bucket/prefix/` URL (S3 and S3-compatible stores, `store::s3`). The store options of
+//! a sink (`s3.*`, `lease.ttl`, `upload.part_size`) are read here.
 //!
 //! The commit log needs an atomic create-if-absent. Local disk has one (a hard link); an object
 //! store has it when it honours a conditional PUT (`If-None-Match: *`), which
 //! [`TableStore::check_atomic_create`] probes once before the first commit. A store without it
 //! is refused with a clear error unless the sink opts into single-writer mode
 //! (`'s3.conditional_put' 'disabled'`), where create-if-absent is a HEAD then a PUT
-//! ([`crate::log::single_writer`]) and nothing guards against a second writer.
+//! ([`single_writer`]) and nothing guards against a second writer.
+
+pub mod lease;
+pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
+pub mod single_writer;
+pub mod upload;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,8 +31,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use sluice_sql::{OptionError, OptionSpec, Options};
 
-use super::local::DurableLocalStore;
 use crate::error::{EngineError, Result};
+use local::DurableLocalStore;
 
 /// Default writer-lease time to live on object stores (`lease.ttl`).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
@@ -106,7 +116,7 @@ impl StoreSettings {
         }
         s.part_size = usize::try_from(part).unwrap_or(usize::MAX);
         #[cfg(feature = "s3")]
-        super::s3::check_keys(&s.s3)?;
+        s3::check_keys(&s.s3)?;
         Ok(s)
     }
 
@@ -209,9 +219,9 @@ impl TableStore {
             None | Some("file") => Self::open_local(location),
             #[cfg(feature = "s3")]
             Some("s3") => {
-                let (s3, root) = super::s3::open(location, &settings.s3)?;
+                let (s3, root) = s3::open(location, &settings.s3)?;
                 let store: Arc<dyn ObjectStore> = if settings.single_writer() {
-                    Arc::new(super::single_writer::SingleWriterStore::new(s3.clone()))
+                    Arc::new(single_writer::SingleWriterStore::new(s3.clone()))
                 } else {
                     s3.clone()
                 };

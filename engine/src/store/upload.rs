@@ -21,7 +21,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::log::store::{Multipart, TableStore};
+use crate::store::{Multipart, TableStore};
 use crate::retry::RetryPolicy;
 
 /// What a marker records.
@@ -191,7 +191,7 @@ mod tests {
     use object_store::multipart::MultipartStore;
 
     use super::*;
-    use crate::log::store::StoreSettings;
+    use crate::store::StoreSettings;
 
     fn table() -> (TableStore, Arc<InMemory>) {
         let mem = Arc::new(InMemory::new());
