@@ -66,6 +66,7 @@ pub fn start((python, launcher): &(PathBuf, PathBuf)) -> Moto {
     let end = Instant::now() + Duration::from_secs(60);
     while request(port, "GET", "/").is_err() {
         assert!(Instant::now() < end, "moto did not answer");
+        // Polling interval of a condition wait with a deadline.
         std::thread::sleep(Duration::from_millis(50));
     }
     let created = request(port, "PUT", "/bench").expect("create bucket");

@@ -583,7 +583,7 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
             .map_err(|e| EngineError::Internal(format!("comparing failed: {e}")))?
     };
     match unit {
-        Unit::Stream(i, path) => match fetch(table, &table.path(&path)).await? {
+        Unit::Stream(i, path) => match table.get_if_exists(&table.path(&path)).await? {
             None => Ok((i, Outcome::Missing(path))),
             Some(bytes) => Ok((
                 i,
@@ -592,7 +592,7 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
         },
         Unit::Stray(i, path) => {
             // A stray file that cannot be read still differs (readers trip on it).
-            let Ok(Some(bytes)) = fetch(table, &table.path(&path)).await else {
+            let Ok(Some(bytes)) = table.get_if_exists(&table.path(&path)).await else {
                 return Ok((i, Outcome::Unreadable));
             };
             let out = blocking(Box::new(move || {
@@ -775,20 +775,9 @@ pub(crate) async fn read_parquet(
     table: &TableStore,
     path: &object_store::path::Path,
 ) -> Result<Option<Vec<RecordBatch>>> {
-    match fetch(table, path).await? {
+    match table.get_if_exists(path).await? {
         Some(bytes) => Ok(Some(decode(bytes, path.as_ref())?)),
         None => Ok(None),
-    }
-}
-
-/// A file's bytes; `None` when it does not exist.
-async fn fetch(table: &TableStore, path: &object_store::path::Path) -> Result<Option<bytes::Bytes>> {
-    match table.store.get(path).await {
-        Ok(g) => Ok(Some(
-            g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?,
-        )),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(EngineError::store(format!("reading {path}"))(e)),
     }
 }
 

@@ -178,17 +178,7 @@ impl CommitLog {
         let path = checkpoint_dir(self).join(format!("{epoch:020}.json"));
         let bytes = self
             .retry()
-            .run("reading a checkpoint", || async {
-                match self.table().store.get(&path).await {
-                    Ok(g) => g
-                        .bytes()
-                        .await
-                        .map(Some)
-                        .map_err(EngineError::store(format!("reading {path}"))),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(EngineError::store(format!("reading {path}"))(e)),
-                }
-            })
+            .run("reading a checkpoint", || self.table().get_if_exists(&path))
             .await?;
         let cp = bytes.and_then(|b| serde_json::from_slice::<Checkpoint>(&b).ok());
         Ok(cp.filter(|cp| cp.version == CHECKPOINT_VERSION && cp.epoch == epoch))

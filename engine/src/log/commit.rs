@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -670,13 +670,8 @@ impl CommitLog {
             let put = self
                 .retry
                 .run("writing a commit entry", || async {
-                    let opts = PutOptions {
-                        mode: PutMode::Create,
-                        ..Default::default()
-                    };
                     self.table
-                        .store
-                        .put_opts(&path, payload.clone(), opts)
+                        .create(&path, payload.clone())
                         .await
                         .map_err(EngineError::store(format!("writing {path}")))
                 })

@@ -1,7 +1,7 @@
 //! Where a table lives: an object store and the table's root inside it, plus the fixed layout
 //! of DESIGN §4 (`_sluice/log`, `_sluice/staging`, `_sluice/dead_letter`), and what writing
 //! to it safely takes: local disk with durable writes ([`local`]), S3 (`s3`), single-writer
-//! mode for stores without conditional PUT ([`single_writer`]), large files as recorded
+//! mode for stores without conditional PUT ([`TableStore::create`]), large files as recorded
 //! multipart uploads ([`upload`]) and the one-writer lease ([`lease`]).
 //!
 //! A LOCATION is a local path, a `file://` URL (local disk, [`DurableLocalStore`]) or an
@@ -13,13 +13,13 @@
 //! [`TableStore::check_atomic_create`] probes once before the first commit. A store without it
 //! is refused with a clear error unless the sink opts into single-writer mode
 //! (`'s3.conditional_put' 'disabled'`), where create-if-absent is a HEAD then a PUT
-//! ([`single_writer`]) and nothing guards against a second writer.
+//! ([`TableStore::create`]): not atomic, so exactly one process may write the table, which the
+//! user guarantees (no lease can be built without an atomic create either).
 
 pub mod lease;
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;
-pub mod single_writer;
 pub mod upload;
 
 use std::collections::BTreeMap;
@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use bytes::Bytes;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, PutResult};
 use sluice_sql::{OptionError, OptionSpec, Options};
 
 use crate::error::{EngineError, Result};
@@ -220,13 +221,8 @@ impl TableStore {
             #[cfg(feature = "s3")]
             Some("s3") => {
                 let (s3, root) = s3::open(location, &settings.s3)?;
-                let store: Arc<dyn ObjectStore> = if settings.single_writer() {
-                    Arc::new(single_writer::SingleWriterStore::new(s3.clone()))
-                } else {
-                    s3.clone()
-                };
                 Ok(TableStore {
-                    store,
+                    store: s3.clone(),
                     root,
                     location: location.to_string(),
                     local_dir: None,
@@ -416,6 +412,38 @@ impl TableStore {
     pub fn log_dir(&self) -> Path {
         self.path("_sluice/log")
     }
+
+    /// The bytes of the object at `path`, or `None` when there is none.
+    pub async fn get_if_exists(&self, path: &Path) -> Result<Option<Bytes>> {
+        match self.store.get(path).await {
+            Ok(g) => Ok(Some(g.bytes().await.map_err(EngineError::store(format!("reading {path}")))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(EngineError::store(format!("reading {path}"))(e)),
+        }
+    }
+
+    /// Creates the object at `path` only if there is none (the commit log's create-if-absent):
+    /// a conditional PUT, or in single-writer mode a HEAD then a PUT (see the module header).
+    pub async fn create(&self, path: &Path, payload: PutPayload) -> object_store::Result<PutResult> {
+        if self.single_writer() {
+            match self.store.head(path).await {
+                Ok(_) => {
+                    return Err(object_store::Error::AlreadyExists {
+                        path: path.to_string(),
+                        source: "exists (single-writer mode checked with HEAD)".into(),
+                    });
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            return self.store.put(path, payload).await;
+        }
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.store.put_opts(path, payload, opts).await
+    }
 }
 
 #[cfg(test)]
@@ -504,6 +532,20 @@ mod tests {
         let good = TableStore::from_store(Arc::new(InMemory::new()), Path::from("t"), "memory");
         good.check_atomic_create().await.unwrap();
         good.check_atomic_create().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn single_writer_create_is_refused_when_present() {
+        let mut settings = StoreSettings::default();
+        settings.s3.insert("conditional_put".into(), "disabled".into());
+        let t = TableStore::from_store(Arc::new(InMemory::new()), Path::from("t"), "s3://b/t/").with_settings(settings);
+        assert!(t.single_writer());
+        let p = t.path("a");
+        t.create(&p, PutPayload::from_static(b"1")).await.unwrap();
+        let e = t.create(&p, PutPayload::from_static(b"2")).await.unwrap_err();
+        assert!(matches!(e, object_store::Error::AlreadyExists { .. }), "{e}");
+        assert_eq!(t.get_if_exists(&p).await.unwrap().unwrap().as_ref(), b"1");
+        assert!(t.get_if_exists(&t.path("b")).await.unwrap().is_none());
     }
 
     #[test]

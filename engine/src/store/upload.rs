@@ -152,13 +152,8 @@ pub async fn abort_recorded(table: &TableStore, writer: &str, retry: &RetryPolic
         .await?;
     let mut aborted = 0;
     for meta in markers {
-        let body = match table.store.get(&meta.location).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .map_err(EngineError::store(format!("reading {}", meta.location)))?,
-            Err(object_store::Error::NotFound { .. }) => continue,
-            Err(e) => return Err(EngineError::store(format!("reading {}", meta.location))(e)),
+        let Some(body) = table.get_if_exists(&meta.location).await? else {
+            continue;
         };
         // A marker cut short cannot exist (puts are whole); an unreadable one is not ours.
         let Ok(marker) = serde_json::from_slice::<Marker>(&body) else {
