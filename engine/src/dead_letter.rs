@@ -13,6 +13,9 @@ pub enum Stage {
     Transform,
     /// The record (or its batch) failed an expectation whose action sends it here.
     Expectation,
+    /// The record's event time was below the watermark (or missing), and the source's `late`
+    /// option sends late rows here.
+    Late,
 }
 
 impl Stage {
@@ -22,6 +25,7 @@ impl Stage {
             Stage::Decode => "decode",
             Stage::Transform => "transform",
             Stage::Expectation => "expectation",
+            Stage::Late => "late",
         }
     }
 }

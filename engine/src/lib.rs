@@ -41,6 +41,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod durability;
 pub mod error;
+pub mod event_time;
 pub mod ingest;
 pub mod log;
 pub mod parquet_file;

@@ -30,6 +30,8 @@ use datafusion::sql::sqlparser::tokenizer::{Location, Span};
 
 use crate::catalog::{ConnectorCatalog, Options, Role};
 use crate::error::{SourceLocation, SqlError, nearest};
+use crate::event_time::EventTimeDef;
+use crate::window::{WINDOW_TABLE, WindowDef};
 use crate::expect::{ExpectationDef, Written, is_expectation};
 use crate::text::{PipelineText, StatementTokens, strip_position};
 
@@ -46,6 +48,8 @@ pub struct SourceDef {
     pub schema: SchemaRef,
     /// OPTIONS, after `${NAME}` substitution.
     pub options: Options,
+    /// Event time, watermark, late rows and dedup, when `'event_time'` is given.
+    pub event_time: Option<EventTimeDef>,
     /// Where the table is defined.
     pub defined_at: Option<SourceLocation>,
 }
@@ -79,6 +83,8 @@ pub struct PipelineDef {
     /// The logical plan of the SELECT, with the output cast to the sink's columns. The source
     /// appears as a `TableScan` named after it; the engine binds it to each micro-batch.
     pub plan: LogicalPlan,
+    /// The same plan split at its windowed aggregate, when it has one.
+    pub window: Option<WindowDef>,
     /// Where the INSERT is.
     pub defined_at: Option<SourceLocation>,
 }
@@ -542,6 +548,8 @@ impl<'a> Compiler<'a> {
             ));
         }
         let schema = self.declared_schema(p, c).await?;
+        let event_time = crate::event_time::from_options(&options, &schema)
+            .map_err(|e| err_at(p, p.tokens.option_value(&e.key), e.message, None))?;
         let provider: Arc<dyn TableProvider> = Arc::new(EmptyTable::new(schema.clone()));
         self.ctx
             .register_table(name, provider)
@@ -557,6 +565,7 @@ impl<'a> Compiler<'a> {
                 location,
                 schema,
                 options,
+                event_time,
                 defined_at,
             },
         );
@@ -746,8 +755,8 @@ impl<'a> Compiler<'a> {
                 ));
             }
         };
-        self.check_stateless(p, &plan, &source)?;
         let plan = self.fit_to_sink(p, plan, &sink)?;
+        let window = self.window(p, &plan, &source)?;
 
         // A sink without declared columns takes the SELECT's output schema.
         let out_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
@@ -782,13 +791,40 @@ impl<'a> Compiler<'a> {
             name: sink_name,
             source,
             plan,
+            window,
             defined_at,
         });
         Ok(())
     }
 
+    /// Splits a pipeline at its windowed aggregate, if it has one, and checks that the rest
+    /// keeps no state across micro-batches.
+    fn window(&self, p: &Parsed<'_>, plan: &LogicalPlan, source: &str) -> Result<Option<WindowDef>, SqlError> {
+        let state = self.ctx.state();
+        let analyzed = state
+            .analyzer()
+            .execute_and_check(plan.clone(), state.config_options(), |_, _| {})
+            .map_err(|e| self.df_error(p, e))?;
+        let event_time = self
+            .program
+            .sources
+            .get(source)
+            .and_then(|s| s.event_time.as_ref())
+            .map(|e| e.column.as_str());
+        let window = crate::window::split(&analyzed, source, event_time)
+            .map_err(|e| err_at(p, p.tokens.keyword(e.keyword), e.message, e.hint))?;
+        match &window {
+            None => self.check_stateless(p, plan, source, &format!("the unbounded source \"{source}\""))?,
+            Some(w) => {
+                self.check_stateless(p, &w.input, source, &format!("the unbounded source \"{source}\""))?;
+                self.check_stateless(p, &w.output, WINDOW_TABLE, &format!("the windows of \"{source}\""))?;
+            }
+        }
+        Ok(window)
+    }
+
     /// Rejects operators that need state across micro-batches when they apply to the source.
-    fn check_stateless(&self, p: &Parsed<'_>, plan: &LogicalPlan, source: &str) -> Result<(), SqlError> {
+    fn check_stateless(&self, p: &Parsed<'_>, plan: &LogicalPlan, source: &str, what_reads: &str) -> Result<(), SqlError> {
         let mut bad: Option<(&'static str, Keyword)> = None;
         plan.apply_with_subqueries(|node| {
             let what = match node {
@@ -821,11 +857,9 @@ impl<'a> Compiler<'a> {
             Some((what, kw)) => Err(err_at(
                 p,
                 p.tokens.keyword(kw),
-                format!(
-                    "{what} over the unbounded source \"{source}\" needs state across micro-batches, which this version does not keep"
-                ),
+                format!("{what} over {what_reads} needs state across micro-batches"),
                 Some(
-                    "pipelines are stateless per event for now: filter, project, compute and join with static tables"
+                    "state is kept for windows only: GROUP BY date_bin(INTERVAL '1 minute', <event_time>), ... over a source with 'event_time'; drop repeats with the source's 'dedup.key'"
                         .into(),
                 ),
             )),

@@ -28,9 +28,11 @@
 mod catalog;
 mod compile;
 mod error;
+mod event_time;
 mod expect;
 mod static_table;
 mod text;
+mod window;
 
 pub use catalog::{
     ConnectorCatalog, ConnectorSpec, OptionCheck, OptionError, OptionSpec, Options, Role, option_bytes, option_choice,
@@ -38,9 +40,11 @@ pub use catalog::{
 };
 pub use compile::{PipelineDef, Program, SinkDef, SourceDef, bind_scan, compile, substitute_env};
 pub use error::{SourceLocation, SqlError, nearest};
+pub use event_time::{DedupDef, EventTimeDef, LatePolicy, option_specs as event_time_option_specs};
 pub use expect::{Action, EXPECTATION_INPUT, ExpectationDef, Level};
 pub use static_table::StaticTable;
 pub use text::PipelineText;
+pub use window::{Lowered, LoweredAggregate, WINDOW_TABLE, WindowDef};
 
 /// A DataFusion session configured the way pipeline files are planned: spans collected so that
 /// planning errors point into the file.

@@ -3,6 +3,7 @@
 mod cli;
 mod delivery;
 mod dir_source;
+mod event_time;
 mod disconnect;
 mod faults;
 mod fuzz;

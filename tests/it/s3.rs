@@ -254,6 +254,7 @@ fn entry(writer: &str, epoch: u64, file: &str) -> CommitEntry {
         schema: TableSchema::default(),
         quality: None,
         archive: None,
+        state: None,
     }
 }
 

@@ -161,6 +161,7 @@ async fn compact_holding(
             schema: schema.clone(),
             quality: None,
             archive: None,
+            state: None,
         };
         log.commit(&mut entry).await?;
         next_epoch = entry.epoch + 1;

@@ -855,6 +855,7 @@ impl Repair<'_> {
             schema: self.schema,
             quality: None,
             archive: None,
+            state: None,
         };
         self.log.commit(&mut entry).await?;
         Ok(RepairReport {

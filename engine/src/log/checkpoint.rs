@@ -314,6 +314,7 @@ mod tests {
             schema: TableSchema::default(),
             quality: None,
             archive: None,
+            state: None,
         }
     }
 

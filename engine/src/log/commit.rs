@@ -187,6 +187,60 @@ pub struct CommitEntry {
     /// The epoch's raw-archive file, when the sink archives (`archive` = `on`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveFile>,
+    /// Event time and the state kept across micro-batches, when the source has event time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateEntry>,
+}
+
+/// What a commit records about event time and the state a pipeline keeps across micro-batches
+/// (windows, dedup keys): enough to resume exactly where it left off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateEntry {
+    /// Newest event time seen (nanoseconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_time_ns: Option<i64>,
+    /// The watermark after this epoch (nanoseconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark_ns: Option<i64>,
+    /// The same watermark as RFC 3339, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+    /// Late rows in this epoch (dropped or dead-lettered by the source's `late` option).
+    #[serde(default)]
+    pub late: u64,
+    /// Repeats dropped by dedup in this epoch.
+    #[serde(default)]
+    pub duplicates: u64,
+    /// Windows emitted in this epoch.
+    #[serde(default)]
+    pub windows_emitted: u64,
+    /// The partitions (`k=v/.../`) this epoch's late rows would have written to: the
+    /// reconciliation job's work list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirty: Vec<String>,
+    /// The state of every open window, one file each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<StateFile>,
+    /// The dedup keys still remembered, one file per epoch that kept keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dedup: Vec<StateFile>,
+    /// The state files this entry adds (the rest were added by earlier entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<String>,
+    /// Bytes of state held in memory after this epoch.
+    #[serde(default)]
+    pub state_bytes: u64,
+}
+
+/// One checkpointed state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// Table-relative path.
+    pub path: String,
+    /// A window's end, or the newest time a key in a dedup file was kept at (nanoseconds).
+    pub time_ns: i64,
+    /// Rows (groups or keys).
+    pub rows: u64,
 }
 
 /// What a commit records about the quality of its epoch.
@@ -294,6 +348,7 @@ impl CommitEntry {
             .chain(self.quality.iter().filter_map(|q| q.profile.as_deref()))
             .chain(self.quality.iter().filter_map(|q| q.anomaly_file.as_deref()))
             .chain(self.archive.iter().map(|a| a.path.as_str()))
+            .chain(self.state.iter().flat_map(|s| s.added.iter().map(String::as_str)))
     }
 }
 
@@ -753,6 +808,7 @@ mod tests {
             dead_letters: vec![],
             quality: None,
             archive: None,
+            state: None,
             sources: BTreeMap::new(),
             counts: Counts::default(),
             schema: TableSchema::default(),

@@ -107,13 +107,18 @@ pub struct BatchPlan {
 impl BatchPlan {
     /// Binds `def`'s source scan to a fresh slot of `source_schema`.
     pub fn new(ctx: &SessionContext, def: &PipelineDef, source_schema: SchemaRef) -> Result<Self> {
+        Self::bind(ctx, &def.plan, &def.source, source_schema)
+    }
+
+    /// Binds the scans of `table` in `plan` to a fresh slot of `schema`.
+    pub fn bind(ctx: &SessionContext, plan: &LogicalPlan, table: &str, schema: SchemaRef) -> Result<Self> {
         let partitions = ctx.state().config().target_partitions().max(1);
         let slot = Arc::new(BatchSlot {
-            schema: source_schema,
+            schema,
             partitions,
             current: Mutex::new(vec![]),
         });
-        let plan = sluice_sql::bind_scan(&def.plan, &def.source, &provider_as_source(slot.clone()))?;
+        let plan = sluice_sql::bind_scan(plan, table, &provider_as_source(slot.clone()))?;
         let output = Arc::new(plan.schema().as_arrow().clone());
         Ok(BatchPlan {
             ctx: ctx.clone(),

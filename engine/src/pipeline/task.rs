@@ -18,8 +18,11 @@ use tokio::sync::{mpsc, watch};
 use crate::budget::Budget;
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
 use crate::error::{EngineError, Result};
+use crate::event_time::state::StreamState;
+use crate::event_time::window::WindowAggregate;
 use crate::log::commit::{
-    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema, TableSummary,
+    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema,
+    TableSummary,
 };
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::pipeline::exec::{BatchPlan, slice_rows};
@@ -85,6 +88,16 @@ pub struct PipelineStatus {
     /// How far behind its input the pipeline is, per part of the input (Kafka: messages per
     /// partition between the log end and the committed offset); empty for other sources.
     pub source_lag: crate::source::Lag,
+    /// The committed watermark (RFC 3339), when the source has event time.
+    pub watermark: Option<String>,
+    /// Bytes of state (open windows, dedup keys) as of the newest commit.
+    pub state_bytes: u64,
+    /// Windows open as of the newest commit.
+    pub open_windows: u64,
+    /// Late rows since start.
+    pub late_rows: u64,
+    /// Repeats dropped by dedup since start.
+    pub duplicates_dropped: u64,
 }
 
 /// Shared, updatable status of one pipeline.
@@ -94,6 +107,23 @@ pub type StatusHandle = Arc<Mutex<PipelineStatus>>;
 pub fn update(status: &StatusHandle, f: impl FnOnce(&mut PipelineStatus)) {
     let mut guard = status.lock().unwrap_or_else(|p| p.into_inner());
     f(&mut guard);
+}
+
+/// The part of a windowed pipeline above its aggregate, run over the windows the watermark
+/// closes (the task's `plan` is then the part below it).
+pub struct Windowed {
+    /// The split pipeline.
+    pub def: sluice_sql::WindowDef,
+    /// The part above the aggregate, bound to the emitted windows.
+    pub output: BatchPlan,
+}
+
+impl Windowed {
+    /// Empty window state for this pipeline.
+    pub fn state(&self) -> Result<WindowAggregate> {
+        WindowAggregate::new(&self.def, &datafusion::execution::context::ExecutionProps::new())
+            .map_err(EngineError::Environment)
+    }
 }
 
 /// Everything a running pipeline owns.
@@ -134,6 +164,10 @@ pub struct PipelineTask {
     pub quality: Quality,
     /// Whether each epoch's accepted events go to the raw archive (sink option `archive`).
     pub archive: bool,
+    /// Watermark, dedup and window state, when the source has event time.
+    pub state: Option<StreamState>,
+    /// The windowed part, when the pipeline aggregates windows.
+    pub windowed: Option<Windowed>,
 }
 
 impl PipelineTask {
@@ -214,7 +248,13 @@ impl PipelineTask {
                 Some(s) => self.commit_staged(s).await,
                 None => match self.stage_epoch(&chunks).await {
                     Ok(s) => self.commit_staged(staged.insert(s)).await,
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        // The state may hold part of this epoch: reloaded before the retry.
+                        if let Some(st) = &mut self.state {
+                            st.stale = true;
+                        }
+                        Err(e)
+                    }
                 },
             };
             match result {
@@ -302,20 +342,49 @@ impl PipelineTask {
         if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
             positions.insert(self.source.clone(), p);
         }
+        // Event time: late rows and repeats leave before the plan; late rows are still
+        // archived (reconciliation brings them into the batch view), repeats are not.
+        let (kept, late, duplicates) = match &mut self.state {
+            Some(st) => {
+                if st.stale {
+                    let windowed = &self.windowed;
+                    st.reload(&self.log, || windowed.as_ref().map(|w| w.state()).transpose())
+                        .await?;
+                }
+                let watermark = st.event_time.watermark();
+                let split = st.event_time.split(&checked.kept)?;
+                let late_rows: u64 = split.late.iter().map(|b| b.num_rows() as u64).sum();
+                if st.event_time.def.late == sluice_sql::LatePolicy::Drop {
+                    dropped += late_rows;
+                } else if late_rows > 0 {
+                    let letters = self.late_letters(&split.late, watermark);
+                    dead.extend(letters);
+                }
+                dropped += split.duplicates;
+                (split.kept, split.late, split.duplicates)
+            }
+            None => (checked.kept, Vec::new(), 0),
+        };
+        let late_rows: u64 = late.iter().map(|b| b.num_rows() as u64).sum();
         // The raw archive of what the SQL reads is encoded on a blocking thread while the plan
         // runs (on one thread: the plan and the sink's encoder have the other cores). Rows the
         // plan fails on are rare: the archive is then encoded again without them.
         let position = positions.get(&self.source).map(|p| p.to_string());
+        let archived = |failed: &[usize]| {
+            let mut rows = without_rows(&kept, failed);
+            rows.extend(late.iter().cloned());
+            rows
+        };
         let archiving = self
             .archive
-            .then(|| self.encode_archive(checked.kept.clone(), epoch, position.clone(), now));
-        let (output, failed) = self.transform(&checked.kept, &mut dead).await?;
+            .then(|| self.encode_archive(archived(&[]), epoch, position.clone(), now));
+        let (output, failed) = self.transform(&kept, &mut dead).await?;
         let archiving = match archiving {
-            Some(_) if !failed.is_empty() => {
-                Some(self.encode_archive(without_rows(&checked.kept, &failed), epoch, position, now))
-            }
+            Some(_) if !failed.is_empty() => Some(self.encode_archive(archived(&failed), epoch, position, now)),
             other => other,
         };
+        let (output, windows_emitted) = self.close_windows(output).await?;
+        let dirty = if late.is_empty() { Vec::new() } else { self.dirty_partitions(&late).await };
         let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let checked = self.quality.sink.check(&self.name, output).await?;
         // Quarantined whole: every event is a dead letter, none is archived.
@@ -333,14 +402,14 @@ impl PipelineTask {
         let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
         let mut drift = (BTreeMap::new(), Vec::new());
         let sink_profile = if self.quality.profile {
-            profile_batches(&output, self.plan.output_schema())
+            profile_batches(&output, self.output_schema())
                 .map_err(|e| tracing::warn!(pipeline = %self.name, epoch, error = %e, "sink profile skipped"))
                 .ok()
         } else {
             None
         };
         if let Some(mut p) = sink_profile {
-            profile::set_freshness(&mut p, self.plan.output_schema(), now);
+            profile::set_freshness(&mut p, self.output_schema(), now);
             let values = crate::quality::drift::metrics(written, &p);
             let events = self.quality.drift.evaluate(epoch, now.timestamp_millis(), &values);
             drift = (values, events);
@@ -375,6 +444,18 @@ impl PipelineTask {
                 });
             }
         }
+        let state = match &mut self.state {
+            Some(st) => {
+                let mut s = st.checkpoint(&self.log, epoch).await?;
+                s.late = late_rows;
+                s.duplicates = duplicates;
+                s.dirty = dirty;
+                s.windows_emitted = windows_emitted;
+                Some(s)
+            }
+            None => None,
+        };
+        let late_dead = dead.iter().filter(|d| d.stage == Stage::Late).count() as u64;
         let entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
@@ -395,11 +476,13 @@ impl PipelineTask {
             schema: self.schema.clone(),
             quality,
             archive,
+            state,
         };
         Ok(Staged {
             entry,
             decode_dead,
             expectation_dead,
+            late_dead,
             started,
             profile_bytes,
         })
@@ -506,7 +589,9 @@ impl PipelineTask {
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "decode", "reason" => "dead_letter")
             .increment(staged.decode_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "transform", "reason" => "dead_letter")
-            .increment(dl - staged.decode_dead - staged.expectation_dead);
+            .increment(dl - staged.decode_dead - staged.expectation_dead - staged.late_dead);
+        metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "late", "reason" => "dead_letter")
+            .increment(staged.late_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "expectation", "reason" => "dead_letter")
             .increment(staged.expectation_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "expectation", "reason" => "drop")
@@ -532,6 +617,27 @@ impl PipelineTask {
                 }
             }
         }
+        if let (Some(st), Some(s)) = (&mut self.state, &entry.state) {
+            st.committed(&self.log, s).await;
+            let late_dropped = if st.event_time.def.late == sluice_sql::LatePolicy::Drop { s.late } else { 0 };
+            metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "late", "reason" => "drop")
+                .increment(late_dropped);
+            metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "dedup", "reason" => "drop")
+                .increment(s.duplicates);
+            metrics::counter!("sluice_windows_emitted_total", "pipeline" => name.clone()).increment(s.windows_emitted);
+            metrics::gauge!("sluice_state_bytes", "pipeline" => name.clone()).set(s.state_bytes as f64);
+            if let Some(w) = s.watermark_ns {
+                metrics::gauge!("sluice_watermark_seconds", "pipeline" => name.clone()).set(w as f64 / 1e9);
+            }
+            let s = s.clone();
+            update(&self.status, |status| {
+                status.watermark = s.watermark.clone();
+                status.state_bytes = s.state_bytes;
+                status.open_windows = s.windows.len() as u64;
+                status.late_rows += s.late;
+                status.duplicates_dropped += s.duplicates;
+            });
+        }
         let at = entry.committed_at.clone();
         let open = self.quality.drift.open().clone();
         let profile_bytes = staged.profile_bytes;
@@ -550,6 +656,79 @@ impl PipelineTask {
         });
         tracing::debug!(pipeline = %self.name, epoch, received, written, dead_lettered = dl, "committed");
         Ok(())
+    }
+
+    /// The schema of what the pipeline writes.
+    fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
+        match &self.windowed {
+            Some(w) => w.output.output_schema(),
+            None => self.plan.output_schema(),
+        }
+    }
+
+    /// For a windowed pipeline: adds `rows` (the aggregate's input) to the open windows and
+    /// returns the output of the windows the watermark now closes, and how many closed; other
+    /// pipelines' rows pass through.
+    async fn close_windows(&mut self, rows: Vec<RecordBatch>) -> Result<(Vec<RecordBatch>, u64)> {
+        let (Some(w), Some(st)) = (&self.windowed, &mut self.state) else {
+            return Ok((rows, 0));
+        };
+        let Some(open) = st.windows.as_mut() else {
+            return Ok((rows, 0));
+        };
+        for b in &rows {
+            open.update(b).map_err(EngineError::Environment)?;
+        }
+        let emitted = match st.event_time.watermark() {
+            Some(wm) => open.close(wm).map_err(EngineError::Environment)?,
+            None => Vec::new(),
+        };
+        if emitted.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let n = emitted.len() as u64;
+        let out = w.output.execute(&emitted).await.map_err(EngineError::Environment)?;
+        Ok((out, n))
+    }
+
+    /// The partitions (`k=v/.../`) `late` rows would have written to, had they been on time:
+    /// what they produce through the plan on their own. Best effort: the list informs
+    /// reconciliation, and a row the plan fails on is left out.
+    async fn dirty_partitions(&self, late: &[RecordBatch]) -> Vec<String> {
+        let produced = async {
+            let rows = self.plan.execute(late).await.map_err(EngineError::Environment)?;
+            let Some(w) = &self.windowed else { return Ok(rows) };
+            let mut open = w.state()?;
+            for b in &rows {
+                open.update(b).map_err(EngineError::Environment)?;
+            }
+            let emitted = open.close_all().map_err(EngineError::Environment)?;
+            w.output.execute(&emitted).await.map_err(EngineError::Environment)
+        };
+        match produced.await.and_then(|rows| self.sink.partition(rows)) {
+            Ok(parts) => parts.into_iter().map(|(dir, _)| dir).collect(),
+            Err(e) => {
+                tracing::warn!(pipeline = %self.name, error = %e, "could not work out the partitions late rows touch");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The dead letters of late rows.
+    fn late_letters(&self, late: &[RecordBatch], watermark: Option<i64>) -> Vec<DeadLetter> {
+        let at = watermark.map_or_else(|| "none yet".to_string(), crate::event_time::rfc3339);
+        late.iter()
+            .flat_map(|b| (0..b.num_rows()).map(move |i| b.slice(i, 1)))
+            .enumerate()
+            .map(|(i, row)| DeadLetter {
+                source: self.source.clone(),
+                position: serde_json::json!({ "epoch": self.next_epoch, "late_row": i }),
+                stage: Stage::Late,
+                error: format!("late: event time is below the watermark ({at}) or missing"),
+                raw: row_json(std::slice::from_ref(&row)),
+                raw_base64: None,
+            })
+            .collect()
     }
 
     /// Starts encoding `rows` as the epoch's archive file on a blocking thread (its row count and
@@ -650,8 +829,10 @@ struct Staged {
     entry: CommitEntry,
     /// How many of its dead letters come from decoding.
     decode_dead: u64,
-    /// How many come from expectations (the rest from the transform).
+    /// How many come from expectations.
     expectation_dead: u64,
+    /// How many are late rows (the rest come from the transform).
+    late_dead: u64,
     /// When the epoch started, for the batch duration metric.
     started: Instant,
     /// Bytes of its profile file (0 without one).

@@ -95,6 +95,7 @@ impl Registry {
             spec.options.extend(BatchPolicy::option_specs());
             spec.options.extend(BufferPolicy::option_specs());
             spec.options.extend(crate::decode::timestamp::option_specs());
+            spec.options.extend(sluice_sql::event_time_option_specs());
             let inner = spec.check.take();
             spec.check = Some(Arc::new(move |opts, location| {
                 BatchPolicy::from_options(opts)?;

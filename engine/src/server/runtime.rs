@@ -13,10 +13,13 @@ use tokio::task::JoinSet;
 
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
 use crate::error::{EngineError, Result};
+use crate::event_time::EventTime;
+use crate::event_time::state::StreamState;
 use crate::log::commit::{CommitLog, TableSchema, writer_name};
 use crate::store::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
 use crate::pipeline::exec::BatchPlan;
+use crate::pipeline::task::Windowed;
 use crate::pipeline::{PipelineState, PipelineStatus, PipelineTask, StatusHandle, update};
 use crate::server::api::{self, ApiState};
 use crate::server::registry::Registry;
@@ -182,7 +185,38 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
                 s.last_commit_at = Some(last.committed_at.clone());
             });
         }
-        let plan = BatchPlan::new(&ctx, def, source_def.schema.clone())?;
+        // A windowed pipeline runs its part below the aggregate per micro-batch.
+        let plan = match &def.window {
+            Some(w) => BatchPlan::bind(&ctx, &w.input, &def.source, source_def.schema.clone())?,
+            None => BatchPlan::new(&ctx, def, source_def.schema.clone())?,
+        };
+        let windowed = match &def.window {
+            Some(w) => Some(Windowed {
+                def: w.clone(),
+                output: BatchPlan::bind(&ctx, &w.output, sluice_sql::WINDOW_TABLE, w.emitted.clone())?,
+            }),
+            None => None,
+        };
+        let state = match &source_def.event_time {
+            Some(et) => {
+                let event_time = EventTime::new(et.clone(), &source_def.schema)?;
+                let mut st = StreamState::new(event_time, None);
+                let last = recovered.last.as_ref().and_then(|e| e.state.as_ref());
+                st.restore(&log, last, || windowed.as_ref().map(|w| w.state()).transpose())
+                    .await?;
+                let swept = st.sweep(&log).await?;
+                if let Some(s) = last {
+                    update(&status, |status| {
+                        status.watermark = s.watermark.clone();
+                        status.state_bytes = s.state_bytes;
+                        status.open_windows = s.windows.len() as u64;
+                    });
+                }
+                tracing::info!(pipeline = %def.name, watermark = ?last.and_then(|s| s.watermark.clone()), swept, "event-time state restored");
+                Some(st)
+            }
+            None => None,
+        };
         let policy = BatchPolicy::from_options(&source_def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let schema = TableSchema::of(&sink.stored_schema(), &sink_def.partition_by);
@@ -265,6 +299,8 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             health,
             quality,
             archive: crate::batch::archive::enabled(&sink_def.options)?,
+            state,
+            windowed,
         };
         let name = def.name.clone();
         // A pipeline whose source failed ends with the source's error (the pipeline itself

@@ -1,0 +1,300 @@
+//! Open windows of a windowed aggregation: per window end, DataFusion's own group values and
+//! groups accumulators (the vectorised partial state `AggregateExec` keeps). Each micro-batch
+//! updates them; a window is evaluated and dropped once the watermark passes its end, so memory
+//! grows with open groups, never with rows. A window's state round-trips through Arrow
+//! (`state()` then `merge_batch()`) for checkpoints.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
+use arrow::compute::{cast, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampNanosecondType};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::GroupsAccumulatorAdapter;
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use sluice_sql::{Lowered, LoweredAggregate, WindowDef};
+
+type DfResult<T> = Result<T, DataFusionError>;
+
+/// One open window's groups and their partial aggregates.
+struct Window {
+    groups: Box<dyn GroupValues>,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Updated since its state was last checkpointed.
+    changed: bool,
+}
+
+/// The open windows of one pipeline.
+pub struct WindowAggregate {
+    lowered: Lowered,
+    window: usize,
+    width_ns: i64,
+    keys: SchemaRef,
+    emitted: SchemaRef,
+    state: SchemaRef,
+    /// Open windows by end. Behind a mutex only so that the pipeline task is `Sync` (group
+    /// values and accumulators are `Send` only); every access has `&mut self`.
+    open: Mutex<BTreeMap<i64, Window>>,
+}
+
+fn accumulator(agg: &LoweredAggregate) -> DfResult<Box<dyn GroupsAccumulator>> {
+    if agg.function.groups_accumulator_supported() {
+        return agg.function.create_groups_accumulator();
+    }
+    let f = agg.function.clone();
+    Ok(Box::new(GroupsAccumulatorAdapter::new(move || f.create_accumulator())))
+}
+
+fn evaluate(expr: &Arc<dyn datafusion::physical_expr::PhysicalExpr>, batch: &RecordBatch) -> DfResult<ArrayRef> {
+    expr.evaluate(batch)?.into_array(batch.num_rows())
+}
+
+impl WindowAggregate {
+    /// Empty state for `def`, whose expressions are lowered with `props`.
+    pub fn new(def: &WindowDef, props: &datafusion::execution::context::ExecutionProps) -> DfResult<Self> {
+        let lowered = def.lower(props)?;
+        let input = def.input.schema().as_arrow().clone();
+        let keys: SchemaRef = Arc::new(Schema::new(
+            lowered
+                .group_by
+                .iter()
+                .enumerate()
+                .map(|(i, (e, _))| Ok(Field::new(format!("k{i}"), e.data_type(&input)?, true)))
+                .collect::<DfResult<Vec<_>>>()?,
+        ));
+        let mut fields: Vec<Field> = keys.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for (a, agg) in lowered.aggregates.iter().enumerate() {
+            for (s, f) in agg.function.state_fields()?.iter().enumerate() {
+                fields.push(Field::new(format!("a{a}_{s}"), f.data_type().clone(), true));
+            }
+        }
+        Ok(WindowAggregate {
+            window: def.window,
+            width_ns: def.width_ns,
+            keys,
+            emitted: def.emitted.clone(),
+            state: Arc::new(Schema::new(fields)),
+            open: Mutex::new(BTreeMap::new()),
+            lowered,
+        })
+    }
+
+    fn new_window(&self) -> DfResult<Window> {
+        Ok(Window {
+            groups: new_group_values(self.keys.clone(), &GroupOrdering::None)?,
+            accumulators: self
+                .lowered
+                .aggregates
+                .iter()
+                .map(accumulator)
+                .collect::<DfResult<_>>()?,
+            changed: true,
+        })
+    }
+
+    /// Adds the rows of `batch` (the aggregate's input) to their windows.
+    pub fn update(&mut self, batch: &RecordBatch) -> DfResult<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let keys: Vec<ArrayRef> = self
+            .lowered
+            .group_by
+            .iter()
+            .map(|(e, _)| evaluate(e, batch))
+            .collect::<DfResult<_>>()?;
+        let inputs: Vec<Vec<ArrayRef>> = self
+            .lowered
+            .aggregates
+            .iter()
+            .map(|a| a.inputs.iter().map(|e| evaluate(e, batch)).collect::<DfResult<Vec<_>>>())
+            .collect::<DfResult<_>>()?;
+        let filters: Vec<Option<ArrayRef>> = self
+            .lowered
+            .aggregates
+            .iter()
+            .map(|a| a.filter.as_ref().map(|f| evaluate(f, batch)).transpose())
+            .collect::<DfResult<_>>()?;
+        let starts = cast(&keys[self.window], &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
+        let starts = starts.as_primitive::<TimestampNanosecondType>();
+        if starts.null_count() > 0 {
+            return Err(DataFusionError::Execution(
+                "a row has no window: its event time is null".into(),
+            ));
+        }
+        // Rows by window end, in row order (usually one or two windows per batch).
+        let mut by_end: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for (i, s) in starts.values().iter().enumerate() {
+            by_end.entry(s.saturating_add(self.width_ns)).or_default().push(i as u32);
+        }
+        let whole = by_end.len() == 1;
+        for (end, rows) in by_end {
+            let pick = |a: &ArrayRef| -> DfResult<ArrayRef> {
+                if whole {
+                    Ok(a.clone())
+                } else {
+                    Ok(take(a.as_ref(), &UInt32Array::from(rows.clone()), None)?)
+                }
+            };
+            let k: Vec<ArrayRef> = keys.iter().map(pick).collect::<DfResult<_>>()?;
+            let v: Vec<Vec<ArrayRef>> = inputs
+                .iter()
+                .map(|cols| cols.iter().map(pick).collect::<DfResult<Vec<_>>>())
+                .collect::<DfResult<_>>()?;
+            let f: Vec<Option<ArrayRef>> = filters
+                .iter()
+                .map(|f| f.as_ref().map(pick).transpose())
+                .collect::<DfResult<_>>()?;
+            if !self.windows().contains_key(&end) {
+                let w = self.new_window()?;
+                self.windows().insert(end, w);
+            }
+            let Some(w) = self.windows().get_mut(&end) else { continue };
+            let mut groups = Vec::with_capacity(rows.len());
+            w.groups.intern(&k, &mut groups)?;
+            let n = w.groups.len();
+            for ((acc, values), filter) in w.accumulators.iter_mut().zip(&v).zip(&f) {
+                let filter: Option<&BooleanArray> = filter.as_ref().map(|a| a.as_boolean());
+                acc.update_batch(values, &groups, filter, n)?;
+            }
+            w.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Evaluates and drops every window whose end is at or below `watermark_ns`, oldest first:
+    /// rows in the emitted schema (GROUP BY values, then aggregate values).
+    pub fn close(&mut self, watermark_ns: i64) -> DfResult<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        loop {
+            let w = match self.windows().first_entry() {
+                Some(entry) if *entry.key() <= watermark_ns => entry.remove(),
+                _ => break,
+            };
+            let mut w = w;
+            out.push(self.evaluate(&mut w)?);
+        }
+        Ok(out)
+    }
+
+    /// Evaluates and drops every open window (for what late rows would have produced).
+    pub fn close_all(&mut self) -> DfResult<Vec<RecordBatch>> {
+        self.close(i64::MAX)
+    }
+
+    fn evaluate(&self, w: &mut Window) -> DfResult<RecordBatch> {
+        let mut cols = w.groups.emit(EmitTo::All)?;
+        for acc in &mut w.accumulators {
+            cols.push(acc.evaluate(EmitTo::All)?);
+        }
+        let cols = cols
+            .into_iter()
+            .zip(self.emitted.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    Ok(cast(&c, f.data_type())?)
+                }
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        Ok(RecordBatch::try_new(self.emitted.clone(), cols)?)
+    }
+
+    fn windows(&mut self) -> &mut BTreeMap<i64, Window> {
+        self.open.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, Window>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ends of the open windows.
+    pub fn open_ends(&self) -> Vec<i64> {
+        self.locked().keys().copied().collect()
+    }
+
+    /// Groups held over all open windows.
+    pub fn groups(&self) -> usize {
+        self.locked().values().map(|w| w.groups.len()).sum()
+    }
+
+    /// Bytes the open windows hold (group values and accumulators).
+    pub fn size(&self) -> usize {
+        self.locked()
+            .values()
+            .map(|w| w.groups.size() + w.accumulators.iter().map(|a| a.size()).sum::<usize>())
+            .sum()
+    }
+
+    /// The partial state of each window updated since the last call (all windows when
+    /// `all`), by window end: GROUP BY values then each aggregate's state columns. The
+    /// windows stay open (their state is read out and merged back).
+    pub fn checkpoint(&mut self, all: bool) -> DfResult<Vec<(i64, RecordBatch)>> {
+        let ends: Vec<i64> = self
+            .windows()
+            .iter()
+            .filter(|(_, w)| all || w.changed)
+            .map(|(e, _)| *e)
+            .collect();
+        let mut out = Vec::with_capacity(ends.len());
+        for end in ends {
+            let Some(mut w) = self.windows().remove(&end) else { continue };
+            let mut cols = w.groups.emit(EmitTo::All)?;
+            for acc in &mut w.accumulators {
+                cols.extend(acc.state(EmitTo::All)?);
+            }
+            let batch = RecordBatch::try_new(self.state.clone(), cols)?;
+            self.restore(end, &batch)?;
+            if let Some(w) = self.windows().get_mut(&end) {
+                w.changed = false;
+            }
+            out.push((end, batch));
+        }
+        Ok(out)
+    }
+
+    /// Merges a checkpointed window state (as [`WindowAggregate::checkpoint`] gives it) into
+    /// the window ending at `end`.
+    pub fn restore(&mut self, end: i64, batch: &RecordBatch) -> DfResult<()> {
+        if batch.schema().fields().len() != self.state.fields().len() {
+            return Err(DataFusionError::Execution(format!(
+                "window state has {} columns, this pipeline's aggregate keeps {}: the pipeline's SQL changed",
+                batch.num_columns(),
+                self.state.fields().len()
+            )));
+        }
+        if !self.windows().contains_key(&end) {
+            let w = self.new_window()?;
+            self.windows().insert(end, w);
+        }
+        let nk = self.keys.fields().len();
+        let widths: Vec<usize> = self
+            .lowered
+            .aggregates
+            .iter()
+            .map(|a| a.function.state_fields().map(|f| f.len()))
+            .collect::<DfResult<_>>()?;
+        let Some(w) = self.windows().get_mut(&end) else {
+            return Ok(());
+        };
+        let mut groups = Vec::with_capacity(batch.num_rows());
+        w.groups.intern(&batch.columns()[..nk], &mut groups)?;
+        let n = w.groups.len();
+        let mut at = nk;
+        for (acc, width) in w.accumulators.iter_mut().zip(widths) {
+            acc.merge_batch(&batch.columns()[at..at + width], &groups, n)?;
+            at += width;
+        }
+        w.changed = true;
+        Ok(())
+    }
+
+    /// The schema of checkpointed window state.
+    pub fn state_schema(&self) -> &SchemaRef {
+        &self.state
+    }
+}

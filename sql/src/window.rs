@@ -1,0 +1,303 @@
+//! Windowed aggregation (DESIGN §3): a pipeline whose SELECT groups its source by
+//! `date_bin(<width>, <event_time>)` is split at its aggregate into the per-row part below it
+//! (run on every micro-batch), the aggregate (kept as partial state per open window by the
+//! engine) and the part above it (run over the windows the watermark closes, reading
+//! [`WINDOW_TABLE`]). Everything here is planning; the engine owns the state.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::datasource::provider_as_source;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::ExecutionProps;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::utils::AggregateOrderSensitivity;
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::physical_expr::aggregate::{AggregateFunctionExpr, LoweredAggregateBuilder};
+use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
+
+/// The table the part of a windowed pipeline above its aggregate reads: the closed windows.
+pub const WINDOW_TABLE: &str = "__sluice_windows";
+
+/// A windowed pipeline, split at its aggregate.
+#[derive(Debug, Clone)]
+pub struct WindowDef {
+    /// The per-row part: the aggregate's input, reading the source.
+    pub input: LogicalPlan,
+    /// GROUP BY expressions over `input`'s schema; one of them is the window.
+    pub group_by: Vec<Expr>,
+    /// Aggregate expressions over `input`'s schema.
+    pub aggregates: Vec<Expr>,
+    /// Which of `group_by` is the window start (`date_bin(width, event_time)`).
+    pub window: usize,
+    /// The window width in nanoseconds.
+    pub width_ns: i64,
+    /// What the aggregate emits per closed group: the GROUP BY values, then each aggregate's
+    /// value (columns named `c0`, `c1`, ...), as [`WINDOW_TABLE`] has them.
+    pub emitted: SchemaRef,
+    /// The part above the aggregate, reading [`WINDOW_TABLE`].
+    pub output: LogicalPlan,
+}
+
+/// One aggregate lowered to its physical form.
+#[derive(Debug, Clone)]
+pub struct LoweredAggregate {
+    /// The aggregate function with its arguments.
+    pub function: Arc<AggregateFunctionExpr>,
+    /// What its accumulator is fed: the arguments, then any ORDER BY expressions.
+    pub inputs: Vec<Arc<dyn PhysicalExpr>>,
+    /// Its `FILTER (WHERE ...)`, if any.
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+}
+
+/// The physical expressions of a [`WindowDef`], over `input`'s output.
+#[derive(Debug, Clone)]
+pub struct Lowered {
+    /// The GROUP BY expressions, with their output names.
+    pub group_by: Vec<(Arc<dyn PhysicalExpr>, String)>,
+    /// The aggregates.
+    pub aggregates: Vec<LoweredAggregate>,
+}
+
+impl WindowDef {
+    /// Lowers the GROUP BY and aggregate expressions to physical ones.
+    pub fn lower(&self, props: &ExecutionProps) -> Result<Lowered, DataFusionError> {
+        let schema = self.input.schema();
+        let arrow_schema = schema.as_arrow();
+        let ctx = PhysicalPlanningContext::default();
+        let group_by = self
+            .group_by
+            .iter()
+            .map(|e| Ok((create_physical_expr(e, schema, props, &ctx)?, e.schema_name().to_string())))
+            .collect::<Result<Vec<_>, DataFusionError>>()?;
+        let aggregates = self
+            .aggregates
+            .iter()
+            .map(|e| lower_aggregate(e, schema, arrow_schema, props, &ctx))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Lowered { group_by, aggregates })
+    }
+}
+
+fn lower_aggregate(
+    e: &Expr,
+    schema: &DFSchema,
+    arrow_schema: &Schema,
+    props: &ExecutionProps,
+    ctx: &PhysicalPlanningContext,
+) -> Result<LoweredAggregate, DataFusionError> {
+    let lowered = LoweredAggregateBuilder::new(e, schema, arrow_schema, props, ctx).build()?;
+    let mut inputs = lowered.aggregate.expressions();
+    inputs.extend(lowered.order_bys.iter().map(|s| s.expr.clone()));
+    Ok(LoweredAggregate {
+        function: lowered.aggregate,
+        inputs,
+        filter: lowered.filter,
+    })
+}
+
+/// Why a pipeline's aggregate cannot run as a streaming window: the message, the SQL keyword
+/// to point at and a hint.
+#[derive(Debug, Clone)]
+pub struct WindowError {
+    /// What is wrong.
+    pub message: String,
+    /// The keyword of the clause at fault (`GROUP`, `ORDER`, ...).
+    pub keyword: datafusion::sql::sqlparser::keywords::Keyword,
+    /// How to fix it.
+    pub hint: Option<String>,
+}
+
+fn refuse(
+    keyword: datafusion::sql::sqlparser::keywords::Keyword,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> WindowError {
+    WindowError {
+        message: message.into(),
+        keyword,
+        hint: Some(hint.into()),
+    }
+}
+
+/// The window width of `e` when it is `date_bin(<constant interval>, <event_time>[, origin])`.
+fn window_width(e: &Expr, event_time: &str) -> Option<i64> {
+    let Expr::ScalarFunction(f) = e.clone().unalias_nested().data else {
+        return None;
+    };
+    if f.func.name() != "date_bin" || f.args.len() < 2 {
+        return None;
+    }
+    let mut arg = &f.args[1];
+    while let Expr::Cast(c) = arg {
+        arg = &c.expr;
+    }
+    if !matches!(arg, Expr::Column(Column { name, .. }) if name == event_time) {
+        return None;
+    }
+    let mut width = &f.args[0];
+    while let Expr::Cast(c) = width {
+        width = &c.expr;
+    }
+    let ns = match width {
+        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => {
+            (v.days as i64).checked_mul(86_400_000_000_000)?.checked_add(v.nanoseconds)?
+        }
+        Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
+            (v.days as i64).checked_mul(86_400_000)?.checked_add(v.milliseconds as i64)? * 1_000_000
+        }
+        _ => return None,
+    };
+    (ns > 0).then_some(ns)
+}
+
+fn reads(plan: &LogicalPlan, table: &str) -> bool {
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|n| {
+        if matches!(n, LogicalPlan::TableScan(s) if s.table_name.table() == table) {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// Splits `plan` (analyzed: types coerced) at its aggregate over `source`, whose event time is
+/// `event_time`. `Ok(None)` when no aggregate reads the source. The caller checks that the
+/// parts below and above the aggregate are stateless.
+pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Result<Option<WindowDef>, WindowError> {
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    let mut aggregates = Vec::new();
+    let _ = plan.apply_with_subqueries(|n| {
+        if let LogicalPlan::Aggregate(a) = n
+            && reads(&a.input, source)
+        {
+            aggregates.push(a.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    let agg = match aggregates.as_slice() {
+        [] => return Ok(None),
+        [one] => one.clone(),
+        _ => {
+            return Err(refuse(
+                Keyword::GROUP,
+                format!("the pipeline aggregates the unbounded source \"{source}\" more than once"),
+                "one windowed GROUP BY per pipeline: aggregate further downstream, in a second pipeline reading the first one's sink",
+            ));
+        }
+    };
+    let Some(event_time) = event_time else {
+        return Err(refuse(
+            Keyword::GROUP,
+            format!("GROUP BY over the unbounded source \"{source}\" needs event time, and \"{source}\" declares none"),
+            "add OPTIONS ('event_time' '<timestamp column>', 'watermark.delay' '10s') to the source and GROUP BY date_bin(INTERVAL '1 minute', <that column>), ...",
+        ));
+    };
+    if agg.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+        return Err(refuse(
+            Keyword::GROUP,
+            "GROUPING SETS, ROLLUP and CUBE are not supported over an unbounded source",
+            "group by the window and plain columns",
+        ));
+    }
+    let windows: Vec<(usize, i64)> = agg
+        .group_expr
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| window_width(e, event_time).map(|w| (i, w)))
+        .collect();
+    let Some(&(window, width_ns)) = windows.first() else {
+        return Err(refuse(
+            Keyword::GROUP,
+            format!("GROUP BY over the unbounded source \"{source}\" has no window"),
+            format!(
+                "group by date_bin(INTERVAL '1 minute', {event_time}), ...: a window closes once the watermark passes its end"
+            ),
+        ));
+    };
+    // Every aggregate must have a mergeable partial form that does not depend on row order.
+    let props = ExecutionProps::new();
+    let input_schema = agg.input.schema();
+    let ctx = PhysicalPlanningContext::default();
+    for e in &agg.aggr_expr {
+        let name = match e.clone().unalias_nested().data {
+            Expr::AggregateFunction(AggregateFunction { func, .. }) => func.name().to_string(),
+            other => other.schema_name().to_string(),
+        };
+        let lowered = lower_aggregate(e, input_schema, input_schema.as_arrow(), &props, &ctx).map_err(|err| {
+            refuse(
+                Keyword::SELECT,
+                format!("aggregate {name} cannot be planned: {}", err.strip_backtrace()),
+                "use an aggregate with a partial form: count, sum, min, max, avg, approx_distinct, approx_percentile_cont, ...",
+            )
+        })?;
+        // WITHIN GROUP (ORDER BY x) names the input of an ordered-set aggregate
+        // (approx_percentile_cont): its result does not depend on arrival order.
+        if lowered.function.order_sensitivity() == AggregateOrderSensitivity::HardRequirement
+            && !lowered.function.fun().supports_within_group_clause()
+        {
+            return Err(refuse(
+                Keyword::SELECT,
+                format!("aggregate {name} depends on the order rows arrive in, so its partial results cannot be merged across micro-batches"),
+                "drop its ORDER BY, or use an order-insensitive aggregate",
+            ));
+        }
+        lowered.function.state_fields().map_err(|err| {
+            refuse(
+                Keyword::SELECT,
+                format!("aggregate {name} has no partial state: {}", err.strip_backtrace()),
+                "use an aggregate with a partial form: count, sum, min, max, avg, approx_distinct, ...",
+            )
+        })?;
+    }
+    // The part above reads the emitted windows: a scan of WINDOW_TABLE (columns c0, c1, ...)
+    // renamed back to the aggregate's qualified output columns.
+    let out = agg.schema.clone();
+    let emitted: SchemaRef = Arc::new(Schema::new(
+        out.fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), f.is_nullable()))
+            .collect::<Vec<_>>(),
+    ));
+    let internal = |e: DataFusionError| refuse(Keyword::GROUP, format!("planning the window: {e}"), "");
+    let scan = LogicalPlanBuilder::scan(
+        WINDOW_TABLE,
+        provider_as_source(Arc::new(EmptyTable::new(emitted.clone()))),
+        None,
+    )
+    .and_then(|b| {
+        b.project((0..out.fields().len()).map(|i| {
+            let (q, f) = out.qualified_field(i);
+            Expr::Column(Column::new_unqualified(format!("c{i}"))).alias_qualified(q.cloned(), f.name())
+        }))
+    })
+    .and_then(|b| b.build())
+    .map_err(internal)?;
+    let output = plan
+        .clone()
+        .transform_up_with_subqueries(|n| match n {
+            LogicalPlan::Aggregate(a) if a == agg => Ok(Transformed::yes(scan.clone())),
+            other => Ok(Transformed::no(other)),
+        })
+        .map_err(internal)?
+        .data;
+    // The rebuilt nodes above keep their schemas: the renaming projection matches the
+    // aggregate's output exactly.
+    let output = output.recompute_schema().map_err(internal)?;
+    Ok(Some(WindowDef {
+        input: agg.input.as_ref().clone(),
+        group_by: agg.group_expr.clone(),
+        aggregates: agg.aggr_expr.clone(),
+        window,
+        width_ns,
+        emitted,
+        output,
+    }))
+}

@@ -1,0 +1,14 @@
+-- Late rows (more than 5 s behind the newest event time) are dropped and counted.
+CREATE UNBOUNDED EXTERNAL TABLE clicks (
+  id BIGINT NOT NULL, user_id VARCHAR NOT NULL, amount BIGINT, ts TIMESTAMP NOT NULL
+) STORED AS NDJSON LOCATION '${GOLDEN_INCOMING}'
+OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'batch.max_rows' '7',
+         'event_time' 'ts', 'watermark.delay' '5s', 'late' 'drop');
+
+CREATE EXTERNAL TABLE clicks_per_minute STORED AS PARQUET LOCATION '${GOLDEN_SINK}';
+
+INSERT INTO clicks_per_minute
+SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, user_id,
+       count(*) AS clicks, sum(amount) AS total
+FROM clicks
+GROUP BY date_bin(INTERVAL '1 minute', ts), user_id;
