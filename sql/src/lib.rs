@@ -52,5 +52,7 @@ pub fn session() -> datafusion::prelude::SessionContext {
     let config = datafusion::prelude::SessionConfig::new()
         .set_bool("datafusion.sql_parser.collect_spans", true)
         .with_information_schema(false);
-    datafusion::prelude::SessionContext::new_with_config(config)
+    let ctx = datafusion::prelude::SessionContext::new_with_config(config);
+    window::register_functions(&ctx);
+    ctx
 }

@@ -36,6 +36,9 @@ pub struct WindowDef {
     pub window: usize,
     /// The window width in nanoseconds.
     pub width_ns: i64,
+    /// For hopping windows (`hop(slide, width, event_time)`), how far apart windows start
+    /// (nanoseconds; divides the width); `None` for tumbling windows.
+    pub slide_ns: Option<i64>,
     /// What the aggregate emits per closed group: the GROUP BY values, then each aggregate's
     /// value (columns named `c0`, `c1`, ...), as [`WINDOW_TABLE`] has them.
     pub emitted: SchemaRef,
@@ -124,26 +127,13 @@ fn refuse(
     }
 }
 
-/// The window width of `e` when it is `date_bin(<constant interval>, <event_time>[, origin])`.
-fn window_width(e: &Expr, event_time: &str) -> Option<i64> {
-    let Expr::ScalarFunction(f) = e.clone().unalias_nested().data else {
-        return None;
-    };
-    if f.func.name() != "date_bin" || f.args.len() < 2 {
-        return None;
+/// A constant interval in nanoseconds (no months: their length varies).
+fn interval_ns(e: &Expr) -> Option<i64> {
+    let mut e = e;
+    while let Expr::Cast(c) = e {
+        e = &c.expr;
     }
-    let mut arg = &f.args[1];
-    while let Expr::Cast(c) = arg {
-        arg = &c.expr;
-    }
-    if !matches!(arg, Expr::Column(Column { name, .. }) if name == event_time) {
-        return None;
-    }
-    let mut width = &f.args[0];
-    while let Expr::Cast(c) = width {
-        width = &c.expr;
-    }
-    let ns = match width {
+    let ns = match e {
         Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => {
             (v.days as i64).checked_mul(86_400_000_000_000)?.checked_add(v.nanoseconds)?
         }
@@ -153,6 +143,29 @@ fn window_width(e: &Expr, event_time: &str) -> Option<i64> {
         _ => return None,
     };
     (ns > 0).then_some(ns)
+}
+
+/// The window of `e`: (width, slide) when it is `date_bin(<interval>, <event_time>[, origin])`
+/// (tumbling) or `hop(<slide>, <width>, <event_time>)` (hopping).
+fn window_of(e: &Expr, event_time: &str) -> Option<(i64, Option<i64>)> {
+    let Expr::ScalarFunction(f) = e.clone().unalias_nested().data else {
+        return None;
+    };
+    let on_event_time = |arg: &Expr| {
+        let mut arg = arg;
+        while let Expr::Cast(c) = arg {
+            arg = &c.expr;
+        }
+        matches!(arg, Expr::Column(Column { name, .. }) if name == event_time)
+    };
+    match (f.func.name(), f.args.as_slice()) {
+        ("date_bin", [width, ts, ..]) if on_event_time(ts) => Some((interval_ns(width)?, None)),
+        ("hop", [slide, width, ts]) if on_event_time(ts) => {
+            let (slide, width) = (interval_ns(slide)?, interval_ns(width)?);
+            (width % slide == 0).then_some((width, Some(slide)))
+        }
+        _ => None,
+    }
 }
 
 fn reads(plan: &LogicalPlan, table: &str) -> bool {
@@ -206,18 +219,18 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
             "group by the window and plain columns",
         ));
     }
-    let windows: Vec<(usize, i64)> = agg
+    let windows: Vec<(usize, (i64, Option<i64>))> = agg
         .group_expr
         .iter()
         .enumerate()
-        .filter_map(|(i, e)| window_width(e, event_time).map(|w| (i, w)))
+        .filter_map(|(i, e)| window_of(e, event_time).map(|w| (i, w)))
         .collect();
-    let Some(&(window, width_ns)) = windows.first() else {
+    let Some(&(window, (width_ns, slide_ns))) = windows.first() else {
         return Err(refuse(
             Keyword::GROUP,
             format!("GROUP BY over the unbounded source \"{source}\" has no window"),
             format!(
-                "group by date_bin(INTERVAL '1 minute', {event_time}), ...: a window closes once the watermark passes its end"
+                "group by date_bin(INTERVAL '1 minute', {event_time}) (tumbling) or hop(INTERVAL '1 minute', INTERVAL '5 minutes', {event_time}) (hopping; the width a multiple of the slide): a window closes once the watermark passes its end"
             ),
         ));
     };
@@ -297,7 +310,70 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
         aggregates: agg.aggr_expr.clone(),
         window,
         width_ns,
+        slide_ns,
         emitted,
         output,
     }))
+}
+
+/// `hop(slide, width, ts)`: the GROUP BY key of hopping windows. A row belongs to every window
+/// `[start, start + width)` whose start is a multiple of `slide` (from the Unix epoch) and
+/// that contains `ts`; the engine counts it in each. Evaluated as a plain function (outside a
+/// streaming GROUP BY) it gives the newest of those starts, `date_bin(slide, ts)`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Hop {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl Default for Hop {
+    fn default() -> Self {
+        Hop {
+            signature: datafusion::logical_expr::Signature::any(3, datafusion::logical_expr::Volatility::Immutable),
+        }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for Hop {
+    fn name(&self) -> &str {
+        "hop"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[arrow::datatypes::DataType]) -> Result<arrow::datatypes::DataType, DataFusionError> {
+        match args {
+            [_, _, t @ arrow::datatypes::DataType::Timestamp(_, _)] => Ok(t.clone()),
+            _ => Err(DataFusionError::Plan(
+                "hop(slide INTERVAL, width INTERVAL, event_time TIMESTAMP) takes two constant intervals and a timestamp"
+                    .into(),
+            )),
+        }
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> Result<datafusion::logical_expr::ColumnarValue, DataFusionError> {
+        use arrow::array::AsArray;
+        use datafusion::logical_expr::ColumnarValue;
+        let slide = match &args.args[0] {
+            ColumnarValue::Scalar(v) => interval_ns(&Expr::Literal(v.clone(), None)),
+            ColumnarValue::Array(_) => None,
+        }
+        .ok_or_else(|| DataFusionError::Execution("hop: the slide must be a constant interval".into()))?;
+        let ts = args.args[2].to_array(args.number_rows)?;
+        let ty = ts.data_type().clone();
+        let ns = arrow::compute::cast(&ts, &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None))?;
+        let starts: arrow::array::TimestampNanosecondArray = ns
+            .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
+            .unary(|t| t - t.rem_euclid(slide));
+        Ok(ColumnarValue::Array(arrow::compute::cast(&starts, &ty)?))
+    }
+}
+
+/// Registers Sluice's window functions (`hop`) in `ctx`.
+pub fn register_functions(ctx: &datafusion::prelude::SessionContext) {
+    ctx.register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(Hop::default()));
 }

@@ -45,11 +45,14 @@ def split_late(events, delay):
     return on_time, late, newest - delay
 
 
-def windows(rows, width, watermark, hop=None):
-    """count, sum, avg of amount per (window, user) for windows that end by the watermark."""
+def windows(rows, width, watermark, slide=None):
+    """amounts per (window, user) for windows that end by the watermark: tumbling, or hopping
+    every `slide` seconds (a row is in every window that contains it)."""
     groups = {}
     for e in rows:
-        starts = [e["ts"] - e["ts"] % width]
+        step = slide or width
+        newest = e["ts"] - e["ts"] % step
+        starts = [newest - k * step for k in range(width // step)]
         for start in starts:
             g = groups.setdefault((start, e["user_id"]), [])
             g.append(e["amount"])
@@ -135,7 +138,24 @@ def dedup():
     write("dedup", events, "id,user_id,ts", rows)
 
 
+def hopping():
+    rng = random.Random(19)
+    events = []
+    for i in range(70):
+        events.append({"id": i, "user_id": f"u{rng.randrange(2)}", "amount": rng.randrange(1, 20), "ts": BASE + i * 5})
+    shuffled = sorted(events, key=lambda e: e["ts"] + rng.uniform(0, 9.9))
+    shuffled.append({"id": 1000, "user_id": "zz", "amount": 1, "ts": BASE + 3600})
+    on_time, late, wm = split_late(shuffled, 10)
+    assert not late
+    rows = [
+        f"{shown(s)},{shown(s + 180)},{u},{len(a)},{sum(a)}"
+        for s, u, a in windows(on_time, 180, wm, slide=60)
+    ]
+    write("hopping", shuffled, "window_start,window_end,user_id,clicks,total", rows)
+
+
 tumbling()
+hopping()
 late("late_drop")
 late("late_dead_letter")
 dedup()

@@ -250,3 +250,10 @@ fn golden_dedup_within_ttl_straight_and_through_kill9() {
         assert_eq!(r.state_sum("duplicates"), repeats, "repeats counted");
     }
 }
+
+#[test]
+fn golden_hopping_window_straight_and_through_kill9() {
+    let lines = input("hopping");
+    check_golden("hopping", &run("hopping", &lines, None));
+    check_golden("hopping", &run("hopping", &lines, Some(&mut Rng(seed()))));
+}

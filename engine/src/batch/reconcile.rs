@@ -190,6 +190,12 @@ pub fn pipeline_and_sink<'a>(program: &'a Program, name: &str) -> Result<(&'a Pi
         .sinks
         .get(&def.name)
         .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its sink", def.name)))?;
+    if def.window.as_ref().is_some_and(|w| w.slide_ns.is_some()) {
+        return Err(EngineError::config(
+            format!("pipeline {name} aggregates hopping windows, which the batch job cannot recompute yet"),
+            Some("reconcile tumbling-window and stateless pipelines".to_string()),
+        ));
+    }
     Ok((def, sink))
 }
 

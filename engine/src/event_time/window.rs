@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, TimestampNanosecondArray, UInt32Array};
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampNanosecondType};
 use datafusion::error::DataFusionError;
@@ -32,6 +32,7 @@ pub struct WindowAggregate {
     lowered: Lowered,
     window: usize,
     width_ns: i64,
+    slide_ns: Option<i64>,
     keys: SchemaRef,
     emitted: SchemaRef,
     state: SchemaRef,
@@ -74,6 +75,7 @@ impl WindowAggregate {
         Ok(WindowAggregate {
             window: def.window,
             width_ns: def.width_ns,
+            slide_ns: def.slide_ns,
             keys,
             emitted: def.emitted.clone(),
             state: Arc::new(Schema::new(fields)),
@@ -118,13 +120,40 @@ impl WindowAggregate {
             .iter()
             .map(|a| a.filter.as_ref().map(|f| evaluate(f, batch)).transpose())
             .collect::<DfResult<_>>()?;
-        let starts = cast(&keys[self.window], &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
-        let starts = starts.as_primitive::<TimestampNanosecondType>();
-        if starts.null_count() > 0 {
+        let base = cast(&keys[self.window], &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
+        let base = base.as_primitive::<TimestampNanosecondType>();
+        if base.null_count() > 0 {
             return Err(DataFusionError::Execution(
                 "a row has no window: its event time is null".into(),
             ));
         }
+        // A hopping window's key is the newest start containing the row; the row also counts
+        // in the width / slide - 1 windows that started before it.
+        let (copies, slide) = match self.slide_ns {
+            Some(slide) => (self.width_ns / slide, slide),
+            None => (1, 0),
+        };
+        for k in 0..copies {
+            if k == 0 {
+                self.add(base, &keys, &inputs, &filters)?;
+            } else {
+                let starts: TimestampNanosecondArray = base.unary(|t| t - k * slide);
+                let mut shifted = keys.clone();
+                shifted[self.window] = cast(&starts, keys[self.window].data_type())?;
+                self.add(&starts, &shifted, &inputs, &filters)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds rows to the windows starting at `starts`.
+    fn add(
+        &mut self,
+        starts: &TimestampNanosecondArray,
+        keys: &[ArrayRef],
+        inputs: &[Vec<ArrayRef>],
+        filters: &[Option<ArrayRef>],
+    ) -> DfResult<()> {
         // Rows by window end, in row order (usually one or two windows per batch).
         let mut by_end: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
         for (i, s) in starts.values().iter().enumerate() {
