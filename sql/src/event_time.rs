@@ -36,6 +36,12 @@ pub struct EventTimeDef {
     pub delay: Duration,
     /// What late rows become (`'late'`).
     pub late: LatePolicy,
+    /// The column whose values are the source's partitions (`'watermark.partition'`, e.g.
+    /// `_kafka_partition`): the watermark is then the minimum over partitions.
+    pub partition: Option<String>,
+    /// A partition silent this long (wall clock) stops holding the watermark back
+    /// (`'watermark.idle_timeout'`).
+    pub idle_timeout: Option<Duration>,
     /// Deduplication, when `'dedup.key'` is given.
     pub dedup: Option<DedupDef>,
 }
@@ -50,6 +56,14 @@ pub fn option_specs() -> Vec<OptionSpec> {
         OptionSpec {
             key: "watermark.delay",
             doc: "how far the watermark trails the newest event time seen, e.g. '10s' (default 0s)",
+        },
+        OptionSpec {
+            key: "watermark.partition",
+            doc: "a column whose values are the source's partitions (e.g. _kafka_partition): the watermark is the minimum over partitions of each one's newest event time, minus the delay",
+        },
+        OptionSpec {
+            key: "watermark.idle_timeout",
+            doc: "with 'watermark.partition': a partition silent this long (wall clock) stops holding the watermark back, e.g. '30s' (default: never)",
         },
         OptionSpec {
             key: "late",
@@ -82,7 +96,14 @@ fn duration(options: &Options, key: &str, default: Duration, zero_ok: bool) -> R
 /// Names in `dedup.key` and `event_time` must be declared columns; `event_time` a TIMESTAMP.
 pub fn from_options(options: &Options, schema: &Schema) -> Result<Option<EventTimeDef>, OptionError> {
     let Some(column) = options.get("event_time").map(|c| c.trim().to_string()) else {
-        if let Some(key) = ["watermark.delay", "late", "dedup.key", "dedup.ttl"]
+        if let Some(key) = [
+            "watermark.delay",
+            "watermark.partition",
+            "watermark.idle_timeout",
+            "late",
+            "dedup.key",
+            "dedup.ttl",
+        ]
             .into_iter()
             .find(|k| options.contains_key(*k))
         {
@@ -116,6 +137,28 @@ pub fn from_options(options: &Options, schema: &Schema) -> Result<Option<EventTi
         LatePolicy::Drop,
         &[("drop", LatePolicy::Drop), ("dead_letter", LatePolicy::DeadLetter)],
     )?;
+    let partition = options.get("watermark.partition").map(|c| c.trim().to_string());
+    if let Some(p) = &partition
+        && schema.field_with_name(p).is_err()
+    {
+        return Err(OptionError {
+            key: "watermark.partition".into(),
+            message: format!(
+                "watermark.partition names \"{p}\", which is not a declared column (columns: {})",
+                names(schema)
+            ),
+        });
+    }
+    let idle_timeout = match options.get("watermark.idle_timeout") {
+        None => None,
+        Some(_) if partition.is_none() => {
+            return Err(OptionError {
+                key: "watermark.idle_timeout".into(),
+                message: "watermark.idle_timeout needs watermark.partition (a source without partitions is never partly idle)".into(),
+            });
+        }
+        Some(_) => Some(duration(options, "watermark.idle_timeout", Duration::ZERO, false)?),
+    };
     let dedup = match options.get("dedup.key") {
         None if options.contains_key("dedup.ttl") => {
             return Err(OptionError {
@@ -153,6 +196,8 @@ pub fn from_options(options: &Options, schema: &Schema) -> Result<Option<EventTi
         column,
         delay,
         late,
+        partition,
+        idle_timeout,
         dedup,
     }))
 }
@@ -211,6 +256,8 @@ mod tests {
         assert_eq!(err(&[("event_time", "ts"), ("late", "keep")]).key, "late");
         assert!(err(&[("event_time", "ts"), ("dedup.key", "id, nope")]).message.contains("\"nope\""));
         assert_eq!(err(&[("event_time", "ts"), ("dedup.ttl", "1h")]).key, "dedup.ttl");
+        assert_eq!(err(&[("event_time", "ts"), ("watermark.partition", "p")]).key, "watermark.partition");
+        assert_eq!(err(&[("event_time", "ts"), ("watermark.idle_timeout", "5s")]).key, "watermark.idle_timeout");
         assert_eq!(err(&[("event_time", "ts"), ("dedup.key", "id"), ("dedup.ttl", "0s")]).key, "dedup.ttl");
     }
 }

@@ -257,3 +257,157 @@ fn golden_hopping_window_straight_and_through_kill9() {
     check_golden("hopping", &run("hopping", &lines, None));
     check_golden("hopping", &run("hopping", &lines, Some(&mut Rng(seed()))));
 }
+
+/// GET a JSON document from the server.
+fn get_json(server: &Server, path: &str) -> serde_json::Value {
+    crate::harness::runtime().block_on(async {
+        reqwest::get(server.url(path)).await.unwrap().json().await.unwrap()
+    })
+}
+
+fn get_text(server: &Server, path: &str) -> String {
+    crate::harness::runtime().block_on(async { reqwest::get(server.url(path)).await.unwrap().text().await.unwrap() })
+}
+
+fn ndjson(rows: impl Iterator<Item = serde_json::Value>) -> String {
+    rows.map(|r| r.to_string() + "\n").collect()
+}
+
+const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+
+fn at(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(T0 + secs, 0).unwrap().to_rfc3339()
+}
+
+#[test]
+fn state_stays_flat_over_a_long_run_with_steady_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/per_minute");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE readings (id BIGINT NOT NULL, sensor VARCHAR NOT NULL, v BIGINT, ts TIMESTAMP NOT NULL)
+             STORED AS NDJSON LOCATION '{}/'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'batch.max_rows' '200',
+                      'event_time' 'ts', 'watermark.delay' '5s', 'dedup.key' 'id', 'dedup.ttl' '2m');
+             CREATE EXTERNAL TABLE per_minute STORED AS PARQUET LOCATION '{}/';
+             INSERT INTO per_minute SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, sensor, count(*) AS n, sum(v) AS total
+             FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), sensor;",
+            incoming.display(),
+            sink.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[sql.as_path()], dir.path());
+    // 90 minutes of event time, 20 sensors, one reading per sensor every 6 s: 18,000 rows fed a
+    // minute at a time (one commit or more each), a steady 20 keys per window and 2 minutes of
+    // ids to remember.
+    let (minutes, sensors) = (90i64, 20i64);
+    let received = || -> u64 { log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum() };
+    let mut id = 0;
+    for m in 0..minutes {
+        let rows = (0..10).flat_map(|step| (0..sensors).map(move |s| (s, m * 60 + step * 6)));
+        let text = ndjson(rows.map(|(s, t)| {
+            id += 1;
+            serde_json::json!({"id": id, "sensor": format!("s{s}"), "v": s, "ts": at(t)})
+        }));
+        drop_file(&incoming, &format!("m-{m:04}.ndjson"), &text);
+        let want = ((m + 1) * sensors * 10) as u64;
+        wait_until(Duration::from_secs(60), "the minute committed", || (received() >= want).then_some(()));
+    }
+    let status = wait_until(Duration::from_secs(30), "the status to show the last commit", || {
+        let s = get_json(&server, "/v1/pipelines");
+        s[0]["watermark"].as_str().is_some_and(|w| w.starts_with("2026-01-01T01:29:")).then_some(s)
+    });
+    assert!(status[0]["state_bytes"].as_u64().unwrap() > 0, "{status}");
+    assert!(get_text(&server, "/metrics").contains("sluice_state_bytes"));
+    server.stop();
+
+    let entries = log_entries(&sink);
+    let bytes: Vec<u64> = entries.iter().map(|e| e["state"]["state_bytes"].as_u64().unwrap()).collect();
+    let emitted: u64 = entries.iter().map(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(emitted, minutes as u64 - 1, "every window but the last one closed");
+    let third = bytes.len() / 3;
+    assert!(third >= 5, "enough commits to compare: {}", bytes.len());
+    let early = *bytes[..third].iter().max().unwrap();
+    let late = *bytes[2 * third..].iter().max().unwrap();
+    assert!(early > 0 && late <= early * 3 / 2, "state grew from {early} to {late} bytes: {bytes:?}");
+    // Open windows stay at one or two; dedup files stay within the two-minute TTL.
+    let last = &entries.last().unwrap()["state"];
+    assert!(last["windows"].as_array().unwrap().len() <= 2, "{last}");
+    assert!(last["dedup"].as_array().unwrap().len() < entries.len() / 2, "{last}");
+}
+
+#[test]
+fn an_idle_partition_stops_holding_the_watermark_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/per_minute");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE readings (part VARCHAR NOT NULL, v BIGINT, ts TIMESTAMP NOT NULL)
+             STORED AS NDJSON LOCATION '{}/'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'event_time' 'ts', 'watermark.delay' '5s',
+                      'watermark.partition' 'part', 'watermark.idle_timeout' '1s');
+             CREATE EXTERNAL TABLE per_minute STORED AS PARQUET LOCATION '{}/';
+             INSERT INTO per_minute SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, part, count(*) AS n
+             FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), part;",
+            incoming.display(),
+            sink.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[sql.as_path()], dir.path());
+    // Both partitions for the first 50 s; then only "a".
+    let first = ndjson((0..10).flat_map(|i| {
+        ["a", "b"].map(|p| serde_json::json!({"part": p, "v": i, "ts": at(i * 5)}))
+    }));
+    drop_file(&incoming, "f-0000.ndjson", &first);
+    let committed = |n: u64| {
+        let received: u64 = log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum();
+        received >= n
+    };
+    wait_until(Duration::from_secs(30), "both partitions committed", || committed(20).then_some(()));
+    let b_last = log_entries(&sink).last().unwrap()["committed_at"].as_str().unwrap().to_string();
+    let mut fed = 20u64;
+    let mut n = 1;
+    // "a" goes on alone: "b" holds the watermark at 45 s until it has been idle for 1 s.
+    wait_until(Duration::from_secs(30), "the first window to close", || {
+        drop_file(
+            &incoming,
+            &format!("f-{n:04}.ndjson"),
+            &ndjson(std::iter::once(serde_json::json!({"part": "a", "v": n, "ts": at(60 + n * 5)}))),
+        );
+        n += 1;
+        fed += 1;
+        let emitted = log_entries(&sink)
+            .iter()
+            .any(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0) > 0);
+        emitted.then_some(())
+    });
+    wait_until(Duration::from_secs(30), "every row committed", || committed(fed).then_some(()));
+    server.stop();
+    let entries = log_entries(&sink);
+    let closing = entries
+        .iter()
+        .find(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0) > 0)
+        .unwrap();
+    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
+    let waited = t(closing["committed_at"].as_str().unwrap()) - t(&b_last);
+    assert!(waited >= chrono::TimeDelta::seconds(1), "the window closed {waited} after b's last row");
+    // Before that, the watermark never passed b's newest event time minus the delay.
+    let b_newest = (T0 + 45) * 1_000_000_000;
+    for e in entries.iter().take_while(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0) == 0) {
+        assert!(e["state"]["watermark_ns"].as_i64().unwrap() <= b_newest - 5_000_000_000, "{e}");
+    }
+    assert_eq!(closing["state"]["partitions"]["b"].as_i64(), Some(b_newest));
+    let rows = crate::harness::runtime().block_on(read_hive(&sink, &[], "SELECT part, n FROM t ORDER BY part"));
+    let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
+    assert!(text.contains("| a    | 10 |") && text.contains("| b    | 10 |"), "{text}");
+}

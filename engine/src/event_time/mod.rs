@@ -4,7 +4,11 @@
 //! Every decision is made row by row in input order, never per micro-batch, so a restart that
 //! cuts the input into other batches gives the same output:
 //! - the watermark before a row is the newest event time of the rows before it minus
-//!   `watermark.delay`; a row below it (or without event time) is late;
+//!   `watermark.delay`; a row below it (or without event time) is late. With
+//!   `watermark.partition` it is the minimum over partitions (values of that column) of each
+//!   one's newest event time, minus the delay, never moving back; a partition silent for
+//!   `watermark.idle_timeout` (wall clock) stops holding it back. That one depends on how
+//!   partitions interleave, so it is the only rule that is not the same on every run;
 //! - a row whose `dedup.key` was kept at event time `t0` is a repeat when its own event time is
 //!   within `dedup.ttl` of `t0`; a key is forgotten once the watermark passes `t0 + ttl`, when
 //!   no row that is not late could repeat it any more;
@@ -30,8 +34,33 @@ pub struct EventTime {
     delay_ns: i64,
     /// Newest event time seen (nanoseconds since the Unix epoch).
     max_ns: Option<i64>,
+    /// The watermark (never moves back).
+    watermark: Option<i64>,
+    /// Per-partition newest event times, with `watermark.partition`.
+    parts: Option<Partitions>,
     /// Keys kept recently, when the source deduplicates.
     pub dedup: Option<dedup::Dedup>,
+}
+
+/// The newest event time of each partition of a source, and when each last had a row.
+struct Partitions {
+    column: usize,
+    idle: Option<std::time::Duration>,
+    newest: std::collections::BTreeMap<String, (i64, std::time::Instant)>,
+}
+
+impl Partitions {
+    /// The oldest newest-event-time over partitions not idle at `now` (all partitions idle:
+    /// the newest of them).
+    fn low(&self, now: std::time::Instant) -> Option<i64> {
+        let active = self
+            .newest
+            .values()
+            .filter(|(_, seen)| self.idle.is_none_or(|idle| now.duration_since(*seen) < idle))
+            .map(|(t, _)| *t)
+            .min();
+        active.or_else(|| self.newest.values().map(|(t, _)| *t).max())
+    }
 }
 
 /// One micro-batch after the event-time step.
@@ -61,18 +90,50 @@ impl EventTime {
             Some(d) => Some(dedup::Dedup::new(d, schema)?),
             None => None,
         };
+        let parts = match &def.partition {
+            Some(p) => Some(Partitions {
+                column: schema
+                    .index_of(p)
+                    .map_err(|_| EngineError::Internal(format!("watermark partition column {p} not in the source")))?,
+                idle: def.idle_timeout,
+                newest: Default::default(),
+            }),
+            None => None,
+        };
         Ok(EventTime {
             def,
             column,
             delay_ns,
             max_ns: None,
+            watermark: None,
+            parts,
             dedup,
         })
     }
 
-    /// The watermark: the newest event time seen minus the delay; `None` before any row.
+    /// The watermark; `None` before any row.
     pub fn watermark(&self) -> Option<i64> {
-        self.max_ns.map(|m| m.saturating_sub(self.delay_ns))
+        self.watermark
+    }
+
+    /// Each partition's newest event time (with `watermark.partition`).
+    pub fn partitions(&self) -> std::collections::BTreeMap<String, i64> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.newest.iter().map(|(k, (t, _))| (k.clone(), *t)))
+            .collect()
+    }
+
+    /// The watermark once the newest event time (of the row's partition) has moved.
+    fn advance(&mut self, now: std::time::Instant) {
+        let low = match &self.parts {
+            Some(p) => p.low(now),
+            None => self.max_ns,
+        };
+        if let Some(low) = low {
+            let w = low.saturating_sub(self.delay_ns);
+            self.watermark = Some(self.watermark.map_or(w, |old| old.max(w)));
+        }
     }
 
     /// The newest event time seen.
@@ -80,9 +141,21 @@ impl EventTime {
         self.max_ns
     }
 
-    /// Resumes from a checkpoint's newest event time.
-    pub fn set_max_event_time(&mut self, max_ns: Option<i64>) {
+    /// Resumes from a checkpoint: the newest event time, the watermark, and each partition's
+    /// newest event time (counted as seen now: a partition holds the watermark back again
+    /// until it has been idle for the timeout).
+    pub fn resume(
+        &mut self,
+        max_ns: Option<i64>,
+        watermark: Option<i64>,
+        partitions: &std::collections::BTreeMap<String, i64>,
+    ) {
         self.max_ns = max_ns;
+        self.watermark = watermark;
+        if let Some(p) = &mut self.parts {
+            let now = std::time::Instant::now();
+            p.newest = partitions.iter().map(|(k, t)| (k.clone(), (*t, now))).collect();
+        }
     }
 
     /// Splits `batches` (in input order) into rows kept, late rows and repeats, advancing the
@@ -94,6 +167,16 @@ impl EventTime {
                 .map_err(|e| EngineError::Internal(format!("reading event time: {e}")))?;
             let ts = ts.as_primitive::<TimestampNanosecondType>();
             let n = batch.num_rows();
+            let now = std::time::Instant::now();
+            let part_names = match &self.parts {
+                Some(p) => {
+                    let col = batch.column(p.column);
+                    let f = arrow::util::display::ArrayFormatter::try_new(col.as_ref(), &Default::default())
+                        .map_err(|e| EngineError::Internal(format!("reading the partition column: {e}")))?;
+                    Some((0..n).map(|i| f.value(i).to_string()).collect::<Vec<_>>())
+                }
+                None => None,
+            };
             let mut on_time = Vec::with_capacity(n);
             for i in 0..n {
                 if ts.is_null(i) {
@@ -101,9 +184,14 @@ impl EventTime {
                     continue;
                 }
                 let t = ts.value(i);
-                let late = self.watermark().is_some_and(|w| t < w);
+                let late = self.watermark.is_some_and(|w| t < w);
                 if !late {
                     self.max_ns = Some(self.max_ns.map_or(t, |m| m.max(t)));
+                    if let (Some(p), Some(names)) = (&mut self.parts, &part_names) {
+                        let e = p.newest.entry(names[i].clone()).or_insert((t, now));
+                        *e = (e.0.max(t), now);
+                    }
+                    self.advance(now);
                 }
                 on_time.push(!late);
             }

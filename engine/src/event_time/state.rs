@@ -82,6 +82,7 @@ impl StreamState {
         let watermark = self.event_time.watermark();
         let mut entry = StateEntry {
             max_event_time_ns: self.event_time.max_event_time(),
+            partitions: self.event_time.partitions(),
             watermark_ns: watermark,
             watermark: watermark.map(super::rfc3339),
             ..Default::default()
@@ -154,7 +155,8 @@ impl StreamState {
     /// Loads the state `entry` names (none: empty state), replacing what is in memory.
     pub async fn restore(&mut self, log: &CommitLog, entry: Option<&StateEntry>, rebuild: impl Fn() -> Result<Option<WindowAggregate>>) -> Result<()> {
         let entry = entry.cloned().unwrap_or_default();
-        self.event_time.set_max_event_time(entry.max_event_time_ns);
+        self.event_time
+            .resume(entry.max_event_time_ns, entry.watermark_ns, &entry.partitions);
         self.windows = rebuild()?;
         if let Some(w) = &mut self.windows {
             for f in &entry.windows {

@@ -205,6 +205,9 @@ pub struct StateEntry {
     /// The same watermark as RFC 3339, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<String>,
+    /// Each partition's newest event time, with `watermark.partition`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<String, i64>,
     /// Late rows in this epoch (dropped or dead-lettered by the source's `late` option).
     #[serde(default)]
     pub late: u64,
