@@ -15,11 +15,14 @@
 //! - `sluice` with the directory source writing to S3 (moto on loopback, `--no-s3` skips);
 //! - Nexmark q0 (pass-through), q1 (projection + arithmetic), q2 (filter), q10 (log to files
 //!   partitioned by date and minute) over a generated bid stream, directory source;
+//! - windowed aggregation: a tumbling 1-minute count and sum per key (`price / 10`, ~865k
+//!   distinct keys) over the same bid stream, with the peak state bytes, next to DuckDB
+//!   computing the same aggregate in batch (`--no-window` skips);
 //! - freshness under fixed-rate HTTP load (10k and 100k events/s): event sent → visible in a
 //!   committed entry, and acknowledgement latency.
 //!
 //! It prints a table and rewrites `BENCHMARKS.md`. Arguments: `--events N` (default 2,000,000),
-//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-kafka`, `--no-s3`, `--no-nexmark`, `--freshness-secs N`
+//! `--out PATH` (default BENCHMARKS.md), `--no-duckdb`, `--no-http`, `--no-kafka`, `--no-s3`, `--no-nexmark`, `--no-window`, `--freshness-secs N`
 //! (default 30; 0 skips), `--rounds N` (directory source, HTTP and DuckDB in turn, medians
 //! reported; default 3).
 
@@ -555,6 +558,92 @@ INSERT INTO nexmark_{q} {select};",
         eprintln!("nexmark {q} measured");
     }
     rows
+}
+
+/// The windowed aggregation rows: Sluice keeping per-window state over the bid stream (the
+/// last window stays open: the input ends) with the default sink options and with the raw
+/// archive and profiles off (the work DuckDB does), and DuckDB computing every window in batch.
+/// Returns the rows (default, lean, DuckDB) and Sluice's peak state bytes.
+fn run_window(work: &Path, events: u64, with_duckdb: bool) -> (Row, Row, Option<Row>, u64) {
+    let bids = work.join("bids");
+    let bytes = if bids.exists() {
+        input_bytes(&bids)
+    } else {
+        datagen::write_bids(&bids, 7, events, PER_FILE).expect("generate bids")
+    };
+    let last = format!("bids-{:05}.ndjson", events.div_ceil(PER_FILE) - 1);
+    let columns = "auction BIGINT NOT NULL, bidder BIGINT NOT NULL, price BIGINT NOT NULL, channel VARCHAR, url VARCHAR,
+      date_time TIMESTAMP NOT NULL, extra VARCHAR";
+    let select = "SELECT date_bin(INTERVAL '1 minute', date_time) AS window_start, price / 10 AS k, count(*) AS n, sum(price) AS total
+FROM bids GROUP BY date_bin(INTERVAL '1 minute', date_time), price / 10";
+    let duck = with_duckdb
+        .then(|| {
+            let cols = "auction:'BIGINT', bidder:'BIGINT', price:'BIGINT', channel:'VARCHAR', url:'VARCHAR', date_time:'TIMESTAMP', extra:'VARCHAR'";
+            let copy = format!(
+                "COPY (SELECT time_bucket(INTERVAL '1 minute', date_time) AS window_start, price // 10 AS k, count(*) AS n, sum(price) AS total
+FROM read_ndjson('bids/*.ndjson', columns={{{cols}}}) GROUP BY ALL) TO 'lake/duckdb-window.parquet' (FORMAT PARQUET, COMPRESSION ZSTD)"
+            );
+            duckdb_copy(
+                work,
+                "DuckDB: tumbling 1-minute count + sum per key (batch)",
+                &copy,
+                "lake/duckdb-window.parquet",
+                events,
+                bytes,
+            )
+        })
+        .flatten();
+    let options = DIR_OPTIONS.replace(
+        "OPTIONS (",
+        "OPTIONS ('event_time' 'date_time', 'watermark.delay' '5s', ",
+    );
+    let run = |tag: &str, name: &str, sink_options: &str| {
+        let sink = work.join(format!("lake/{tag}"));
+        let sql = format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE bids ({columns}) STORED AS NDJSON LOCATION 'bids' {options};
+CREATE EXTERNAL TABLE window_counts STORED AS PARQUET LOCATION '{}' {sink_options};
+INSERT INTO window_counts {select};",
+            sink.display()
+        );
+        let row = run_dir_sql(work, name, tag, &sql, &sink, "bids", &last, events, bytes);
+        let peak = entries(&sink)
+            .iter()
+            .filter_map(|e| e["state"]["state_bytes"].as_u64())
+            .max()
+            .unwrap_or(0);
+        (row, peak)
+    };
+    let (ours, peak) = run(
+        "window",
+        "sluice: tumbling 1-minute count + sum per key (stream)",
+        "",
+    );
+    let (lean, _) = run(
+        "window-lean",
+        "sluice: the same, archive and profiles off",
+        "OPTIONS ('archive' 'off', 'quality.profile' 'off')",
+    );
+    (ours, lean, duck, peak)
+}
+
+/// Total bytes of the files under `dir`.
+fn input_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+/// Every commit entry of a sink, in epoch order.
+fn entries(sink: &Path) -> Vec<serde_json::Value> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(sink.join("_sluice/log"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    paths.sort();
+    paths
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
 }
 
 fn run_http(work: &Path, events: u64, bytes: u64) -> Row {
@@ -1176,6 +1265,7 @@ fn main() {
     } else {
         run_nexmark(&work, events, with_duckdb)
     };
+    let window = (!args.iter().any(|a| a == "--no-window")).then(|| run_window(&work, events, with_duckdb));
     let fresh_secs: u64 = arg(&args, "--freshness-secs")
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
@@ -1237,12 +1327,38 @@ fn main() {
         }
     }
 
+    let window_from = rows.len();
+    let mut window_note = String::new();
+    if let Some((ours, lean, duck, peak)) = window {
+        let wall = duck.as_ref().map(|d| d.wall);
+        if let Some(d) = wall {
+            window_note = format!(
+                "\n**Windows** (same run): a tumbling 1-minute count + sum per key over {events} bids (~865k keys of `price / 10`), state kept per open window and checkpointed with every commit. With the archive and profiles off (the work DuckDB does: decode, aggregate, write), DuckDB wall / sluice wall = {:.2} (target ≥ 1.0: {}); with the default sink options (the raw archive, a second Parquet encode of every input row, and profiles on) {:.2}. Peak state {:.1} MiB (the entries' `state.state_bytes`).\n",
+                d / lean.wall,
+                if d / lean.wall >= 1.0 { "met" } else { "NOT met" },
+                d / ours.wall,
+                peak as f64 / 1048576.0
+            );
+        }
+        rows.push(ours);
+        reference.push(wall);
+        rows.push(lean);
+        reference.push(wall);
+        if let Some(d) = duck {
+            rows.push(d);
+            reference.push(wall);
+        }
+    }
+
     let mut table = String::new();
     table.push_str("| run | events | wall s | events/s | input MB/s | CPU-s | CPU-s per M events | events per CPU-s | peak RSS MiB | rows out | DuckDB wall / this wall | floor / this wall |\n");
     table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (i, r) in rows.iter().enumerate() {
-        if i == nexmark_from {
+        if i == nexmark_from && nexmark_from < window_from {
             table.push_str("| *Nexmark (bids, directory source)* | | | | | | | | | | | |\n");
+        }
+        if i == window_from {
+            table.push_str("| *Windows (bids, directory source)* | | | | | | | | | | | |\n");
         }
         let vs_duck = reference[i].map_or("–".to_string(), |d| format!("{:.2}", d / r.wall));
         // The floor ratio compares runs over the order stream only.
@@ -1318,6 +1434,7 @@ fn main() {
             s3_share.iter().map(|r| format!("{:.0}%", 100.0 * r)).collect::<Vec<_>>().join(", "),
         ));
     }
+    table.push_str(&window_note);
     if let Some(r) = reconcile_ratio {
         table.push_str(&format!(
             "\n**Reconcile** (same run): recomputing all {events} events of the directory run from the raw archive and comparing with its output, DuckDB wall / sluice wall = {r:.2}. Target ≥ 1.0: {}.\n",

@@ -4,7 +4,9 @@
 //! test suite's); elsewhere [`point`] is empty and the variable is ignored.
 //!
 //! `SLUICE_FAIL_AT=<name>[,<name>...]` makes [`fails`] return true at those names, for faults
-//! that are errors rather than crashes (`catch_up`: the HTTP source's catch-up reader fails).
+//! that are errors rather than crashes (`catch_up`: the HTTP source's catch-up reader fails), and
+//! [`fails_alternately`] true every other time (`after_state`: an epoch fails once after its
+//! event-time state changed, then succeeds when tried again).
 //!
 //! `SLUICE_HOLD_AT=<name>:<path>` makes [`held`] return true at `name` while the file `path`
 //! exists: a fault a test switches off by removing the file (`commit`: every commit fails with
@@ -59,6 +61,20 @@ pub fn fails(name: &str) -> bool {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn fails(_name: &str) -> bool {
+    false
+}
+
+/// True the 1st, 3rd, 5th... time execution reaches `name` while `SLUICE_FAIL_AT` names it.
+#[cfg(feature = "fault-injection")]
+pub fn fails_alternately(name: &str) -> bool {
+    static ALTERNATE: AtomicU64 = AtomicU64::new(0);
+    fails(name) && ALTERNATE.fetch_add(1, Ordering::Relaxed) % 2 == 0
+}
+
+/// True every other time `SLUICE_FAIL_AT` names `name` (never, outside fault-injection builds).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fails_alternately(_name: &str) -> bool {
     false
 }
 

@@ -45,7 +45,12 @@ impl Run {
     }
 
     fn start(&self) -> Server {
-        let env = self.env();
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, extra: &[(&'static str, &str)]) -> Server {
+        let mut env = self.env();
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Server::start_with(&[self.sql.as_path()], &self.cwd, 0, &env)
     }
@@ -189,6 +194,22 @@ fn golden_tumbling_window_straight_and_through_kill9() {
     let lines = input("tumbling");
     check_golden("tumbling", &run("tumbling", &lines, None));
     check_golden("tumbling", &run("tumbling", &lines, Some(&mut Rng(seed()))));
+}
+
+/// Every epoch fails once after it changed the state in memory (and is tried again): the state
+/// is reloaded from the last commit first, so nothing is counted twice.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn an_epoch_failing_after_its_state_changed_counts_nothing_twice() {
+    for case in ["tumbling", "dedup"] {
+        let lines = input(case);
+        let r = Run::new(case);
+        let server = r.start_with(&[("SLUICE_FAIL_AT", "after_state")]);
+        r.feed(&lines, 0..lines.len().div_ceil(LINES_PER_FILE));
+        r.wait_all(lines.len() as u64);
+        server.stop();
+        check_golden(case, &r);
+    }
 }
 
 #[test]

@@ -451,6 +451,12 @@ impl PipelineTask {
                 s.duplicates = duplicates;
                 s.dirty = dirty;
                 s.windows_emitted = windows_emitted;
+                if crate::crash::fails_alternately("after_state") {
+                    return Err(EngineError::Io {
+                        context: "staging an epoch (injected after its state changed: SLUICE_FAIL_AT=after_state)".into(),
+                        source: std::io::Error::other("injected"),
+                    });
+                }
                 Some(s)
             }
             None => None,
