@@ -238,6 +238,13 @@ async fn validate(files: &[PathBuf]) -> Result<()> {
         if !sink.partition_by.is_empty() {
             writeln!(out, "  partitioned by: {}", sink.partition_by.join(", "))?;
         }
+        if let Some(w) = &p.window {
+            writeln!(
+                out,
+                "  window: {}, each written once the watermark passes its end",
+                w.describe()
+            )?;
+        }
         writeln!(out, "{}", indent(&program.explain(&ctx, p)?))?;
     }
     writeln!(

@@ -42,6 +42,10 @@ pub struct EventTimeDef {
     /// A partition silent this long (wall clock) stops holding the watermark back
     /// (`'watermark.idle_timeout'`).
     pub idle_timeout: Option<Duration>,
+    /// A row whose event time is further than this ahead of the clock is late instead of
+    /// moving the watermark (`'watermark.max_ahead'`, default 1 day): one bad timestamp cannot
+    /// close every window.
+    pub max_ahead: Duration,
     /// Deduplication, when `'dedup.key'` is given.
     pub dedup: Option<DedupDef>,
 }
@@ -64,6 +68,10 @@ pub fn option_specs() -> Vec<OptionSpec> {
         OptionSpec {
             key: "watermark.idle_timeout",
             doc: "with 'watermark.partition': a partition silent this long (wall clock) stops holding the watermark back, e.g. '30s' (default: never)",
+        },
+        OptionSpec {
+            key: "watermark.max_ahead",
+            doc: "a row whose event time is further than this ahead of the clock is treated as late and never moves the watermark, e.g. '1h' (default 1d)",
         },
         OptionSpec {
             key: "late",
@@ -100,6 +108,7 @@ pub fn from_options(options: &Options, schema: &Schema) -> Result<Option<EventTi
             "watermark.delay",
             "watermark.partition",
             "watermark.idle_timeout",
+            "watermark.max_ahead",
             "late",
             "dedup.key",
             "dedup.ttl",
@@ -159,6 +168,7 @@ pub fn from_options(options: &Options, schema: &Schema) -> Result<Option<EventTi
         }
         Some(_) => Some(duration(options, "watermark.idle_timeout", Duration::ZERO, false)?),
     };
+    let max_ahead = duration(options, "watermark.max_ahead", Duration::from_secs(86_400), false)?;
     let dedup = match options.get("dedup.key") {
         None if options.contains_key("dedup.ttl") => {
             return Err(OptionError {
@@ -198,6 +208,7 @@ pub fn from_options(options: &Options, schema: &Schema) -> Result<Option<EventTi
         late,
         partition,
         idle_timeout,
+        max_ahead,
         dedup,
     }))
 }

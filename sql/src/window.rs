@@ -23,6 +23,9 @@ use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
 /// The table the part of a windowed pipeline above its aggregate reads: the closed windows.
 pub const WINDOW_TABLE: &str = "__sluice_windows";
 
+/// The most windows one row may count in (hopping width / slide).
+pub const MAX_HOPS: i64 = 1000;
+
 /// A windowed pipeline, split at its aggregate.
 #[derive(Debug, Clone)]
 pub struct WindowDef {
@@ -66,7 +69,26 @@ pub struct Lowered {
     pub aggregates: Vec<LoweredAggregate>,
 }
 
+/// A duration in nanoseconds as people write it (`90s`, `5m`, `1h`).
+fn human(ns: i64) -> String {
+    let s = ns / 1_000_000_000;
+    match s {
+        _ if ns % 1_000_000_000 != 0 => format!("{}ms", ns / 1_000_000),
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 impl WindowDef {
+    /// One line saying what the window is (`tumbling 1m`, `hopping 5m every 1m`).
+    pub fn describe(&self) -> String {
+        match self.slide_ns {
+            None => format!("tumbling {}", human(self.width_ns)),
+            Some(slide) => format!("hopping {} every {}", human(self.width_ns), human(slide)),
+        }
+    }
+
     /// Lowers the GROUP BY and aggregate expressions to physical ones.
     pub fn lower(&self, props: &ExecutionProps) -> Result<Lowered, DataFusionError> {
         let schema = self.input.schema();
@@ -103,6 +125,9 @@ fn lower_aggregate(
     })
 }
 
+/// Aggregates whose result depends on the order of their input unless they are given one.
+const ORDER_DEPENDENT: [&str; 4] = ["first_value", "last_value", "array_agg", "string_agg"];
+
 /// Why a pipeline's aggregate cannot run as a streaming window: the message, the SQL keyword
 /// to point at and a hint.
 #[derive(Debug, Clone)]
@@ -138,7 +163,10 @@ fn interval_ns(e: &Expr) -> Option<i64> {
             (v.days as i64).checked_mul(86_400_000_000_000)?.checked_add(v.nanoseconds)?
         }
         Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
-            (v.days as i64).checked_mul(86_400_000)?.checked_add(v.milliseconds as i64)? * 1_000_000
+            (v.days as i64)
+                .checked_mul(86_400_000)?
+                .checked_add(v.milliseconds as i64)?
+                .checked_mul(1_000_000)?
         }
         _ => return None,
     };
@@ -151,9 +179,13 @@ fn window_of(e: &Expr, event_time: &str) -> Option<(i64, Option<i64>)> {
     let Expr::ScalarFunction(f) = e.clone().unalias_nested().data else {
         return None;
     };
+    // The event-time column itself, at most cast to another timestamp type.
     let on_event_time = |arg: &Expr| {
         let mut arg = arg;
         while let Expr::Cast(c) = arg {
+            if !matches!(c.field.data_type(), arrow::datatypes::DataType::Timestamp(_, _)) {
+                return false;
+            }
             arg = &c.expr;
         }
         matches!(arg, Expr::Column(Column { name, .. }) if name == event_time)
@@ -225,6 +257,20 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
         .enumerate()
         .filter_map(|(i, e)| window_of(e, event_time).map(|w| (i, w)))
         .collect();
+    if let Some((_, (width, Some(slide)))) = windows.first()
+        && width / slide > MAX_HOPS
+    {
+        return Err(refuse(
+            Keyword::GROUP,
+            format!(
+                "a hopping window {} wide every {} puts each row in {} windows (at most {MAX_HOPS})",
+                human(*width),
+                human(*slide),
+                width / slide
+            ),
+            "use a wider slide, or a tumbling window",
+        ));
+    }
     let Some(&(window, (width_ns, slide_ns))) = windows.first() else {
         return Err(refuse(
             Keyword::GROUP,
@@ -257,8 +303,15 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
         {
             return Err(refuse(
                 Keyword::SELECT,
-                format!("aggregate {name} depends on the order rows arrive in, so its partial results cannot be merged across micro-batches"),
-                "drop its ORDER BY, or use an order-insensitive aggregate",
+                format!("aggregate {name} needs its input sorted, which a stream cannot give it across micro-batches"),
+                "use an aggregate that keeps its own order (first_value, last_value, array_agg with ORDER BY) or an order-insensitive one",
+            ));
+        }
+        if ORDER_DEPENDENT.contains(&name.as_str()) && lowered.function.order_bys().is_empty() {
+            return Err(refuse(
+                Keyword::SELECT,
+                format!("aggregate {name} without ORDER BY depends on the order rows reach it, which differs with how the stream is cut into micro-batches"),
+                format!("give it an order: {name}(... ORDER BY {event_time})"),
             ));
         }
         lowered.function.state_fields().map_err(|err| {
@@ -304,6 +357,13 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
     // The rebuilt nodes above keep their schemas: the renaming projection matches the
     // aggregate's output exactly.
     let output = output.recompute_schema().map_err(internal)?;
+    if reads(&output, source) {
+        return Err(refuse(
+            Keyword::FROM,
+            format!("the pipeline reads the unbounded source \"{source}\" outside its windowed GROUP BY too"),
+            "read the source once, under the GROUP BY; join the windows only with static tables",
+        ));
+    }
     Ok(Some(WindowDef {
         input: agg.input.as_ref().clone(),
         group_by: agg.group_expr.clone(),
@@ -368,7 +428,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for Hop {
         let ns = arrow::compute::cast(&ts, &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None))?;
         let starts: arrow::array::TimestampNanosecondArray = ns
             .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
-            .unary(|t| t - t.rem_euclid(slide));
+            .unary(|t| t.saturating_sub(t.rem_euclid(slide)));
         Ok(ColumnarValue::Array(arrow::compute::cast(&starts, &ty)?))
     }
 }

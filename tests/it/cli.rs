@@ -33,6 +33,10 @@ fn every_example_validates_and_prints_its_plan() {
                     String::from_utf8_lossy(&out.stderr)
                 );
                 assert!(stdout.contains("pipeline ") && stdout.contains("TableScan"), "{stdout}");
+                if f.ends_with("examples/windows/pipeline.sql") {
+                    assert!(stdout.contains("  window: tumbling 1m,"), "{stdout}");
+                    assert!(stdout.contains("  window: hopping 5m every 1m,"), "{stdout}");
+                }
                 checked += 1;
             }
         }

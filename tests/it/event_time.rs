@@ -432,3 +432,53 @@ fn an_idle_partition_stops_holding_the_watermark_back() {
     let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
     assert!(text.contains("| a    | 10 |") && text.contains("| b    | 10 |"), "{text}");
 }
+
+/// A row the GROUP BY fails on, and a closed window the SELECT above the aggregate fails on,
+/// are dead-lettered; every other window is written, and the pipeline goes on.
+#[test]
+fn a_bad_row_or_window_is_dead_lettered_not_retried_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sink = dir.path().join("lake/out");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (k BIGINT NOT NULL, d BIGINT NOT NULL, ts TIMESTAMP NOT NULL)
+             STORED AS NDJSON LOCATION '{}/'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'event_time' 'ts');
+             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}/';
+             INSERT INTO out SELECT date_bin(INTERVAL '1 minute', ts) AS w, 100 / d AS bucket,
+                    count(*) AS n, 60 / (count(*) - 1) AS spread
+             FROM ev GROUP BY date_bin(INTERVAL '1 minute', ts), 100 / d;",
+            incoming.display(),
+            sink.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[sql.as_path()], dir.path());
+    // Minute 0: three rows of bucket 1 and one with d = 0 (the GROUP BY fails on it);
+    // minute 1: one row alone in its group (count(*) - 1 = 0: the window's SELECT fails);
+    // minute 2: two rows; minute 5 closes them all.
+    let rows = [(1, 100, 0), (2, 100, 10), (3, 0, 20), (4, 100, 30), (5, 100, 70), (6, 50, 130), (7, 50, 140), (8, 1, 300)];
+    drop_file(
+        &incoming,
+        "a.ndjson",
+        &ndjson(rows.iter().map(|(k, d, t)| serde_json::json!({"k": k, "d": d, "ts": at(*t)}))),
+    );
+    wait_until(Duration::from_secs(30), "every row committed", || {
+        let n: u64 = log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum();
+        (n >= rows.len() as u64).then_some(())
+    });
+    server.stop();
+    let letters = dead_letters(&sink);
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters.iter().all(|l| l["stage"] == "transform"), "{letters:?}");
+    assert!(letters.iter().any(|l| l["raw"].as_str().unwrap().contains("\"d\":0")), "{letters:?}");
+    assert!(letters.iter().any(|l| l["position"]["window_row"].is_number()), "{letters:?}");
+    let out = crate::harness::runtime().block_on(read_hive(&sink, &[], "SELECT bucket, n, spread FROM t ORDER BY w"));
+    let text = arrow::util::pretty::pretty_format_batches(&out).unwrap().to_string();
+    assert!(text.contains("| 1      | 3 | 30     |") && text.contains("| 2      | 2 | 60     |"), "{text}");
+    assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 2, "{text}");
+}

@@ -92,7 +92,9 @@ impl Dedup {
                     keep.push(false);
                 }
                 Some(t0) => {
-                    *t0 = t;
+                    // Kept again (its TTL had passed): remembered from the newest time it was
+                    // kept, so expiry only moves forward.
+                    *t0 = (*t0).max(t);
                     kept_rows.push(i as u32);
                     keep.push(true);
                 }

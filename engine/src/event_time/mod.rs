@@ -4,7 +4,8 @@
 //! Every decision is made row by row in input order, never per micro-batch, so a restart that
 //! cuts the input into other batches gives the same output:
 //! - the watermark before a row is the newest event time of the rows before it minus
-//!   `watermark.delay`; a row below it (or without event time) is late. With
+//!   `watermark.delay`; a row below it (or without event time, or more than
+//!   `watermark.max_ahead` ahead of the clock) is late. With
 //!   `watermark.partition` it is the minimum over partitions (values of that column) of each
 //!   one's newest event time, minus the delay, never moving back; a partition silent for
 //!   `watermark.idle_timeout` (wall clock) stops holding it back. That one depends on how
@@ -41,6 +42,9 @@ pub struct EventTime {
     /// Keys kept recently, when the source deduplicates.
     pub dedup: Option<dedup::Dedup>,
 }
+
+/// Partitions tracked at most: rows of further partitions do not hold the watermark back.
+pub const MAX_PARTITIONS: usize = 10_000;
 
 /// The newest event time of each partition of a source, and when each last had a row.
 struct Partitions {
@@ -158,6 +162,18 @@ impl EventTime {
         }
     }
 
+    /// The rows of `batches` that have an event time.
+    pub fn with_event_time(&self, batches: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+        batches
+            .iter()
+            .map(|b| {
+                let keep = arrow::compute::is_not_null(b.column(self.column))
+                    .map_err(|e| EngineError::Internal(e.to_string()))?;
+                filter_record_batch(b, &keep).map_err(|e| EngineError::Internal(e.to_string()))
+            })
+            .collect()
+    }
+
     /// Splits `batches` (in input order) into rows kept, late rows and repeats, advancing the
     /// watermark and the dedup state row by row.
     pub fn split(&mut self, batches: &[RecordBatch]) -> Result<Split> {
@@ -168,6 +184,11 @@ impl EventTime {
             let ts = ts.as_primitive::<TimestampNanosecondType>();
             let n = batch.num_rows();
             let now = std::time::Instant::now();
+            let ahead_limit = chrono::Utc::now()
+                .timestamp_nanos_opt()
+                .unwrap_or(i64::MAX)
+                .saturating_add(i64::try_from(self.def.max_ahead.as_nanos()).unwrap_or(i64::MAX));
+
             let part_names = match &self.parts {
                 Some(p) => {
                     let col = batch.column(p.column);
@@ -184,12 +205,18 @@ impl EventTime {
                     continue;
                 }
                 let t = ts.value(i);
-                let late = self.watermark.is_some_and(|w| t < w);
+                let late = self.watermark.is_some_and(|w| t < w) || t > ahead_limit;
                 if !late {
                     self.max_ns = Some(self.max_ns.map_or(t, |m| m.max(t)));
                     if let (Some(p), Some(names)) = (&mut self.parts, &part_names) {
-                        let e = p.newest.entry(names[i].clone()).or_insert((t, now));
-                        *e = (e.0.max(t), now);
+                        let room = p.newest.len() < MAX_PARTITIONS;
+                        match p.newest.get_mut(&names[i]) {
+                            Some(e) => *e = (e.0.max(t), now),
+                            None if room => {
+                                p.newest.insert(names[i].clone(), (t, now));
+                            }
+                            None => {}
+                        }
                     }
                     self.advance(now);
                 }
@@ -219,5 +246,86 @@ impl EventTime {
             d.expire(w);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arrow::array::{Int64Array, TimestampNanosecondArray};
+    use arrow::datatypes::Field;
+    use sluice_sql::LatePolicy;
+
+    use super::*;
+
+    fn def(delay_s: u64) -> EventTimeDef {
+        EventTimeDef {
+            column: "ts".into(),
+            delay: Duration::from_secs(delay_s),
+            late: LatePolicy::Drop,
+            partition: None,
+            idle_timeout: None,
+            max_ahead: Duration::from_secs(3600),
+            dedup: None,
+        }
+    }
+
+    fn batch(rows: &[(i64, Option<i64>)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
+        ]));
+        let ids = Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
+        let ts = TimestampNanosecondArray::from(rows.iter().map(|r| r.1.map(|s| s * 1_000_000_000)).collect::<Vec<_>>());
+        RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(ts)]).unwrap()
+    }
+
+    fn ids(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<arrow::datatypes::Int64Type>().values().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn lateness_is_decided_row_by_row_whatever_the_batches() {
+        let now = chrono::Utc::now().timestamp();
+        let rows = [(1, Some(100)), (2, Some(95)), (3, Some(89)), (4, Some(120)), (5, None), (6, Some(111)), (7, Some(109)), (8, Some(now + 7200))];
+        let schema = batch(&rows).schema();
+        let mut whole = EventTime::new(def(10), &schema).unwrap();
+        let a = whole.split(&[batch(&rows)]).unwrap();
+        // 3 is 11 s behind 100; 5 has no time; 7 is 11 s behind 120; 8 is two hours ahead of
+        // the clock (max_ahead 1 h) and moves nothing.
+        assert_eq!(ids(&a.kept), vec![1, 2, 4, 6]);
+        assert_eq!(ids(&a.late), vec![3, 5, 7, 8]);
+        assert_eq!(whole.watermark(), Some(110 * 1_000_000_000));
+        for cut in 1..rows.len() {
+            let mut cuts = EventTime::new(def(10), &schema).unwrap();
+            let mut kept = Vec::new();
+            for part in [&rows[..cut], &rows[cut..]] {
+                kept.extend(cuts.split(&[batch(part)]).unwrap().kept);
+            }
+            assert_eq!(ids(&kept), vec![1, 2, 4, 6], "cut at {cut}");
+            assert_eq!(cuts.watermark(), whole.watermark());
+        }
+    }
+
+    #[test]
+    fn the_watermark_is_the_slowest_partition_until_it_idles() {
+        let mut d = def(0);
+        d.partition = Some("id".into());
+        d.idle_timeout = Some(Duration::from_secs(3600));
+        let rows = [(1, Some(100)), (2, Some(120)), (1, Some(200))];
+        let mut et = EventTime::new(d, &batch(&rows).schema()).unwrap();
+        let s = et.split(&[batch(&rows)]).unwrap();
+        assert_eq!(ids(&s.kept), vec![1, 2, 1]);
+        // Partition 2 holds it at 120 s (not 200 s): a row of partition 1 at 130 s is on time,
+        // one of partition 2 at 115 s is late.
+        assert_eq!(et.watermark(), Some(120 * 1_000_000_000));
+        let s = et.split(&[batch(&[(1, Some(130)), (2, Some(115))])]).unwrap();
+        assert_eq!((ids(&s.kept), ids(&s.late)), (vec![1], vec![2]));
+        assert_eq!(et.partitions().len(), 2);
     }
 }

@@ -159,6 +159,7 @@ impl StreamState {
             .resume(entry.max_event_time_ns, entry.watermark_ns, &entry.partitions);
         self.windows = rebuild()?;
         if let Some(w) = &mut self.windows {
+            w.resume(entry.watermark_ns);
             for f in &entry.windows {
                 for batch in read(log, &f.path).await? {
                     w.restore(f.time_ns, &batch).map_err(|e| EngineError::CommitLog {

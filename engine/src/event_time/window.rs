@@ -19,6 +19,14 @@ use sluice_sql::{Lowered, LoweredAggregate, WindowDef};
 
 type DfResult<T> = Result<T, DataFusionError>;
 
+/// A batch's GROUP BY keys, aggregate inputs and filters, evaluated ([`WindowAggregate::prepare`]).
+pub struct Prepared {
+    base: TimestampNanosecondArray,
+    keys: Vec<ArrayRef>,
+    inputs: Vec<Vec<ArrayRef>>,
+    filters: Vec<Option<ArrayRef>>,
+}
+
 /// One open window's groups and their partial aggregates.
 struct Window {
     groups: Box<dyn GroupValues>,
@@ -36,6 +44,12 @@ pub struct WindowAggregate {
     keys: SchemaRef,
     emitted: SchemaRef,
     state: SchemaRef,
+    /// Windows ending at or before this were emitted: a row for one of them is dropped (late),
+    /// never allowed to open it again.
+    closed_through: Option<i64>,
+    /// Rows dropped because their window had closed, since the last call to
+    /// [`WindowAggregate::take_closed_rows`].
+    closed_rows: u64,
     /// Open windows by end. Behind a mutex only so that the pipeline task is `Sync` (group
     /// values and accumulators are `Send` only); every access has `&mut self`.
     open: Mutex<BTreeMap<i64, Window>>,
@@ -80,6 +94,8 @@ impl WindowAggregate {
             emitted: def.emitted.clone(),
             state: Arc::new(Schema::new(fields)),
             open: Mutex::new(BTreeMap::new()),
+            closed_through: None,
+            closed_rows: 0,
             lowered,
         })
     }
@@ -99,9 +115,14 @@ impl WindowAggregate {
 
     /// Adds the rows of `batch` (the aggregate's input) to their windows.
     pub fn update(&mut self, batch: &RecordBatch) -> DfResult<()> {
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
+        let prepared = self.prepare(batch)?;
+        self.apply(prepared)
+    }
+
+    /// Evaluates the GROUP BY keys, aggregate arguments and filters over `batch` without
+    /// changing any state: a failure here is the data's (a division by zero, a null event
+    /// time), and the same rows can be tried again in parts.
+    pub fn prepare(&self, batch: &RecordBatch) -> DfResult<Prepared> {
         let keys: Vec<ArrayRef> = self
             .lowered
             .group_by
@@ -121,14 +142,35 @@ impl WindowAggregate {
             .map(|a| a.filter.as_ref().map(|f| evaluate(f, batch)).transpose())
             .collect::<DfResult<_>>()?;
         let base = cast(&keys[self.window], &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
-        let base = base.as_primitive::<TimestampNanosecondType>();
+        let base = base.as_primitive::<TimestampNanosecondType>().clone();
         if base.null_count() > 0 {
             return Err(DataFusionError::Execution(
-                "a row has no window: its event time is null".into(),
+                "a row has no window: its window column is null".into(),
             ));
         }
+        Ok(Prepared {
+            base,
+            keys,
+            inputs,
+            filters,
+        })
+    }
+
+    /// Adds prepared rows to their windows.
+    pub fn apply(&mut self, p: Prepared) -> DfResult<()> {
+        let Prepared {
+            base,
+            keys,
+            inputs,
+            filters,
+        } = p;
+        if base.is_empty() {
+            return Ok(());
+        }
+        let base = &base;
         // A hopping window's key is the newest start containing the row; the row also counts
-        // in the width / slide - 1 windows that started before it.
+        // in the width / slide - 1 windows that started before it (at most MAX_HOPS, checked
+        // by validate).
         let (copies, slide) = match self.slide_ns {
             Some(slide) => (self.width_ns / slide, slide),
             None => (1, 0),
@@ -137,7 +179,7 @@ impl WindowAggregate {
             if k == 0 {
                 self.add(base, &keys, &inputs, &filters)?;
             } else {
-                let starts: TimestampNanosecondArray = base.unary(|t| t - k * slide);
+                let starts: TimestampNanosecondArray = base.unary(|t| t.saturating_sub(k.saturating_mul(slide)));
                 let mut shifted = keys.clone();
                 shifted[self.window] = cast(&starts, keys[self.window].data_type())?;
                 self.add(&starts, &shifted, &inputs, &filters)?;
@@ -161,6 +203,12 @@ impl WindowAggregate {
         }
         let whole = by_end.len() == 1;
         for (end, rows) in by_end {
+            // A window already emitted is never opened again (only possible when the window
+            // column is not exactly the event time; such rows are late).
+            if self.closed_through.is_some_and(|c| end <= c) {
+                self.closed_rows += rows.len() as u64;
+                continue;
+            }
             let pick = |a: &ArrayRef| -> DfResult<ArrayRef> {
                 if whole {
                     Ok(a.clone())
@@ -197,6 +245,7 @@ impl WindowAggregate {
     /// Evaluates and drops every window whose end is at or below `watermark_ns`, oldest first:
     /// rows in the emitted schema (GROUP BY values, then aggregate values).
     pub fn close(&mut self, watermark_ns: i64) -> DfResult<Vec<RecordBatch>> {
+        self.closed_through = Some(self.closed_through.map_or(watermark_ns, |c| c.max(watermark_ns)));
         let mut out = Vec::new();
         loop {
             let w = match self.windows().first_entry() {
@@ -212,6 +261,16 @@ impl WindowAggregate {
     /// Evaluates and drops every open window (for what late rows would have produced).
     pub fn close_all(&mut self) -> DfResult<Vec<RecordBatch>> {
         self.close(i64::MAX)
+    }
+
+    /// Resumes after a checkpoint taken at `watermark`: windows ending by it were emitted.
+    pub fn resume(&mut self, watermark: Option<i64>) {
+        self.closed_through = watermark;
+    }
+
+    /// Rows dropped since the last call because their window had already been emitted.
+    pub fn take_closed_rows(&mut self) -> u64 {
+        std::mem::take(&mut self.closed_rows)
     }
 
     fn evaluate(&self, w: &mut Window) -> DfResult<RecordBatch> {
@@ -289,9 +348,10 @@ impl WindowAggregate {
     /// Merges a checkpointed window state (as [`WindowAggregate::checkpoint`] gives it) into
     /// the window ending at `end`.
     pub fn restore(&mut self, end: i64, batch: &RecordBatch) -> DfResult<()> {
-        if batch.schema().fields().len() != self.state.fields().len() {
+        let types = |s: &Schema| s.fields().iter().map(|f| f.data_type().clone()).collect::<Vec<_>>();
+        if types(&batch.schema()) != types(&self.state) {
             return Err(DataFusionError::Execution(format!(
-                "window state has {} columns, this pipeline's aggregate keeps {}: the pipeline's SQL changed",
+                "the checkpointed window state ({} columns) is not what this pipeline's aggregate keeps ({} columns): the pipeline's GROUP BY or aggregates changed since the last commit",
                 batch.num_columns(),
                 self.state.fields().len()
             )));

@@ -104,7 +104,8 @@ pub struct Counts {
     pub decoded: u64,
     /// Records sent to dead letters (decode, transform or expectation).
     pub dead_lettered: u64,
-    /// Rows removed by expectations with `ON VIOLATION DROP`.
+    /// Rows dropped by an explicit policy: expectations with `ON VIOLATION DROP`, late rows
+    /// with `'late' 'drop'`, dedup repeats (the last two also in [`StateEntry`]).
     #[serde(default)]
     pub dropped: u64,
     /// Rows written.

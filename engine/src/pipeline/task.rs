@@ -383,7 +383,10 @@ impl PipelineTask {
             Some(_) if !failed.is_empty() => Some(self.encode_archive(archived(&failed), epoch, position, now)),
             other => other,
         };
-        let (output, windows_emitted) = self.close_windows(output).await?;
+        let (output, windows_emitted, closed_rows) = self.close_windows(output, &mut dead).await?;
+        // Rows whose window had already been emitted are late too (dropped, counted).
+        dropped += closed_rows;
+        let late_rows = late_rows + closed_rows;
         let dirty = if late.is_empty() { Vec::new() } else { self.dirty_partitions(&late).await };
         let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let checked = self.quality.sink.check(&self.name, output).await?;
@@ -462,6 +465,9 @@ impl PipelineTask {
             None => None,
         };
         let late_dead = dead.iter().filter(|d| d.stage == Stage::Late).count() as u64;
+        // Rows an event-time policy dropped (late with `drop`, repeats): in `dropped`, but not
+        // the expectations'.
+        let policy_dropped = (late_rows - late_dead) + duplicates;
         let entry = CommitEntry {
             version: LOG_VERSION,
             epoch,
@@ -489,6 +495,7 @@ impl PipelineTask {
             decode_dead,
             expectation_dead,
             late_dead,
+            policy_dropped,
             started,
             profile_bytes,
         })
@@ -601,7 +608,7 @@ impl PipelineTask {
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "expectation", "reason" => "dead_letter")
             .increment(staged.expectation_dead);
         metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "expectation", "reason" => "drop")
-            .increment(entry.counts.dropped);
+            .increment(entry.counts.dropped - staged.policy_dropped);
         for (expectation, v) in entry.quality.iter().flat_map(|q| q.expectations.iter()) {
             metrics::counter!("sluice_expectation_violations_total", "pipeline" => name.clone(), "expectation" => expectation.clone(), "action" => v.action.clone())
                 .increment(v.violations);
@@ -625,7 +632,7 @@ impl PipelineTask {
         }
         if let (Some(st), Some(s)) = (&mut self.state, &entry.state) {
             st.committed(&self.log, s).await;
-            let late_dropped = if st.event_time.def.late == sluice_sql::LatePolicy::Drop { s.late } else { 0 };
+            let late_dropped = staged.policy_dropped - s.duplicates;
             metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "late", "reason" => "drop")
                 .increment(late_dropped);
             metrics::counter!("sluice_events_discarded_total", "pipeline" => name.clone(), "stage" => "dedup", "reason" => "drop")
@@ -673,28 +680,53 @@ impl PipelineTask {
     }
 
     /// For a windowed pipeline: adds `rows` (the aggregate's input) to the open windows and
-    /// returns the output of the windows the watermark now closes, and how many closed; other
-    /// pipelines' rows pass through.
-    async fn close_windows(&mut self, rows: Vec<RecordBatch>) -> Result<(Vec<RecordBatch>, u64)> {
-        let (Some(w), Some(st)) = (&self.windowed, &mut self.state) else {
-            return Ok((rows, 0));
+    /// returns the output of the windows the watermark now closes, how many closed, and how
+    /// many rows fell in windows already emitted (dropped as late); other pipelines' rows pass
+    /// through. A row the GROUP BY or aggregate arguments fail on, and a closed window the part
+    /// above the aggregate fails on, are dead-lettered (stage `transform`).
+    async fn close_windows(
+        &mut self,
+        rows: Vec<RecordBatch>,
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<(Vec<RecordBatch>, u64, u64)> {
+        let epoch = self.next_epoch;
+        let source = self.source.clone();
+        let emitted = {
+            let (Some(st), true) = (&mut self.state, self.windowed.is_some()) else {
+                return Ok((rows, 0, 0));
+            };
+            let Some(open) = st.windows.as_mut() else {
+                return Ok((rows, 0, 0));
+            };
+            let mut bad = Vec::new();
+            for b in &rows {
+                add_isolating(open, b, &mut bad)?;
+            }
+            dead.extend(bad.into_iter().map(|(row, error)| DeadLetter {
+                source: source.clone(),
+                position: serde_json::json!({ "epoch": epoch, "aggregate_input_row": row.1 }),
+                stage: Stage::Transform,
+                error,
+                raw: row_json(std::slice::from_ref(&row.0)),
+                raw_base64: None,
+            }));
+            let closed_rows = open.take_closed_rows();
+            let emitted = match st.event_time.watermark() {
+                Some(wm) => open.close(wm).map_err(EngineError::Environment)?,
+                None => Vec::new(),
+            };
+            (emitted, closed_rows)
         };
-        let Some(open) = st.windows.as_mut() else {
-            return Ok((rows, 0));
-        };
-        for b in &rows {
-            open.update(b).map_err(EngineError::Environment)?;
-        }
-        let emitted = match st.event_time.watermark() {
-            Some(wm) => open.close(wm).map_err(EngineError::Environment)?,
-            None => Vec::new(),
+        let (emitted, closed_rows) = emitted;
+        let Some(w) = &self.windowed else {
+            return Ok((Vec::new(), 0, closed_rows));
         };
         if emitted.is_empty() {
-            return Ok((Vec::new(), 0));
+            return Ok((Vec::new(), 0, closed_rows));
         }
         let n = emitted.len() as u64;
-        let out = w.output.execute(&emitted).await.map_err(EngineError::Environment)?;
-        Ok((out, n))
+        let (out, _) = self.isolating(&w.output, "window_row", &emitted, dead).await?;
+        Ok((out, n, closed_rows))
     }
 
     /// The partitions (`k=v/.../`) `late` rows would have written to, had they been on time:
@@ -702,11 +734,16 @@ impl PipelineTask {
     /// reconciliation, and a row the plan fails on is left out.
     async fn dirty_partitions(&self, late: &[RecordBatch]) -> Vec<String> {
         let produced = async {
-            let rows = self.plan.execute(late).await.map_err(EngineError::Environment)?;
+            let late = match &self.state {
+                Some(st) => st.event_time.with_event_time(late)?,
+                None => late.to_vec(),
+            };
+            let rows = self.plan.execute(&late).await.map_err(EngineError::Environment)?;
             let Some(w) = &self.windowed else { return Ok(rows) };
             let mut open = w.state()?;
+            let mut bad = Vec::new();
             for b in &rows {
-                open.update(b).map_err(EngineError::Environment)?;
+                add_isolating(&mut open, b, &mut bad)?;
             }
             let emitted = open.close_all().map_err(EngineError::Environment)?;
             w.output.execute(&emitted).await.map_err(EngineError::Environment)
@@ -764,16 +801,29 @@ impl PipelineTask {
         input: &[RecordBatch],
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(Vec<RecordBatch>, Vec<usize>)> {
+        self.isolating(&self.plan, "row", input, dead).await
+    }
+
+    /// Runs `plan` over `input`; when it fails, isolates the failing rows (their position
+    /// named `what`) by bisection and dead-letters them at the `transform` stage. Returns the
+    /// output and the indexes of the input rows it failed on.
+    async fn isolating(
+        &self,
+        plan: &BatchPlan,
+        what: &str,
+        input: &[RecordBatch],
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<(Vec<RecordBatch>, Vec<usize>)> {
         let rows: usize = input.iter().map(|b| b.num_rows()).sum();
-        match self.plan.execute(input).await {
+        match plan.execute(input).await {
             Ok(out) => return Ok((out, vec![])),
             Err(e) if rows == 0 => return Err(EngineError::Environment(e)),
             Err(e) => {
                 // A plan that fails without any row fails for its environment (a static table
                 // missing or half-written, the store), not for a row: retried, never
                 // dead-lettered.
-                let empty = RecordBatch::new_empty(self.plan.input_schema().clone());
-                if let Err(env) = self.plan.execute(&[empty]).await {
+                let empty = RecordBatch::new_empty(plan.input_schema().clone());
+                if let Err(env) = plan.execute(&[empty]).await {
                     return Err(EngineError::Environment(env));
                 }
                 tracing::warn!(pipeline = %self.name, error = %e, "batch failed in the plan; isolating bad rows")
@@ -784,13 +834,13 @@ impl PipelineTask {
         let mut stack = vec![(0usize, rows)];
         while let Some((offset, len)) = stack.pop() {
             let part = slice_rows(input, offset, len);
-            match self.plan.execute(&part).await {
+            match plan.execute(&part).await {
                 Ok(b) => out.push((offset, b)),
                 Err(e) if len == 1 => {
                     failed.push(offset);
                     dead.push(DeadLetter {
                         source: self.source.clone(),
-                        position: serde_json::json!({ "epoch": self.next_epoch, "row": offset }),
+                        position: serde_json::json!({ "epoch": self.next_epoch, what: offset }),
                         stage: Stage::Transform,
                         error: e.strip_backtrace(),
                         raw: row_json(&part),
@@ -809,6 +859,31 @@ impl PipelineTask {
         failed.sort_unstable();
         Ok((out.into_iter().flat_map(|(_, b)| b).collect(), failed))
     }
+}
+
+/// Adds `batch` to the open windows; the rows whose GROUP BY or aggregate arguments fail to
+/// evaluate (found by bisection; evaluation changes nothing) are left out and returned in
+/// `bad` with their index in `batch` and the error.
+fn add_isolating(
+    open: &mut WindowAggregate,
+    batch: &RecordBatch,
+    bad: &mut Vec<((RecordBatch, usize), String)>,
+) -> Result<()> {
+    let mut stack = vec![(0usize, batch.num_rows())];
+    while let Some((offset, len)) = stack.pop() {
+        let part = batch.slice(offset, len);
+        match open.prepare(&part) {
+            Ok(prepared) => open.apply(prepared).map_err(EngineError::Environment)?,
+            Err(e) if len == 1 => bad.push(((part, offset), e.strip_backtrace())),
+            Err(e) if len == 0 => return Err(EngineError::Environment(e)),
+            Err(_) => {
+                let half = len / 2;
+                stack.push((offset + half, len - half));
+                stack.push((offset, half));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `batches` without the rows at `skip` (sorted indexes over the batches taken as one
@@ -839,6 +914,8 @@ struct Staged {
     expectation_dead: u64,
     /// How many are late rows (the rest come from the transform).
     late_dead: u64,
+    /// Rows dropped by an event-time policy (late rows with `drop`, dedup repeats).
+    policy_dropped: u64,
     /// When the epoch started, for the batch duration metric.
     started: Instant,
     /// Bytes of its profile file (0 without one).
