@@ -296,38 +296,73 @@ fn ndjson(rows: impl Iterator<Item = serde_json::Value>) -> String {
 
 const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 
+/// A pipeline written for one test: `source` (the text after `CREATE UNBOUNDED EXTERNAL TABLE`,
+/// up to STORED AS), `options` and `rest` (the sink and the INSERT, over the sink `out`), with
+/// its server started.
+struct Adhoc {
+    _dir: tempfile::TempDir,
+    incoming: PathBuf,
+    sink: PathBuf,
+    server: Server,
+}
+
+impl Adhoc {
+    fn start(source: &str, options: &str, rest: &str) -> Adhoc {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("incoming");
+        std::fs::create_dir_all(&incoming).unwrap();
+        let sink = dir.path().join("lake/out");
+        let sql = dir.path().join("p.sql");
+        std::fs::write(
+            &sql,
+            format!(
+                "CREATE UNBOUNDED EXTERNAL TABLE {source} STORED AS NDJSON LOCATION '{}/'
+                 OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', {options});
+                 CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}/';
+                 {rest}",
+                incoming.display(),
+                sink.display()
+            ),
+        )
+        .unwrap();
+        let server = Server::start(&[sql.as_path()], dir.path());
+        Adhoc {
+            _dir: dir,
+            incoming,
+            sink,
+            server,
+        }
+    }
+
+    /// Records committed so far.
+    fn received(&self) -> u64 {
+        log_entries(&self.sink)
+            .iter()
+            .map(|e| e["counts"]["received"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    fn wait_received(&self, n: u64, what: &str) {
+        wait_until(Duration::from_secs(60), what, || (self.received() >= n).then_some(()));
+    }
+}
+
 fn at(secs: i64) -> String {
     chrono::DateTime::from_timestamp(T0 + secs, 0).unwrap().to_rfc3339()
 }
 
 #[test]
 fn state_stays_flat_over_a_long_run_with_steady_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/per_minute");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE readings (id BIGINT NOT NULL, sensor VARCHAR NOT NULL, v BIGINT, ts TIMESTAMP NOT NULL)
-             STORED AS NDJSON LOCATION '{}/'
-             OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'batch.max_rows' '200',
-                      'event_time' 'ts', 'watermark.delay' '5s', 'dedup.key' 'id', 'dedup.ttl' '2m');
-             CREATE EXTERNAL TABLE per_minute STORED AS PARQUET LOCATION '{}/';
-             INSERT INTO per_minute SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, sensor, count(*) AS n, sum(v) AS total
-             FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), sensor;",
-            incoming.display(),
-            sink.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start(&[sql.as_path()], dir.path());
+    let t = Adhoc::start(
+        "readings (id BIGINT NOT NULL, sensor VARCHAR NOT NULL, v BIGINT, ts TIMESTAMP NOT NULL)",
+        "'batch.max_rows' '200', 'event_time' 'ts', 'watermark.delay' '5s', 'dedup.key' 'id', 'dedup.ttl' '2m'",
+        "INSERT INTO out SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, sensor, count(*) AS n, sum(v) AS total
+         FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), sensor;",
+    );
     // 90 minutes of event time, 20 sensors, one reading per sensor every 6 s: 18,000 rows fed a
     // minute at a time (one commit or more each), a steady 20 keys per window and 2 minutes of
     // ids to remember.
     let (minutes, sensors) = (90i64, 20i64);
-    let received = || -> u64 { log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum() };
     let mut id = 0;
     for m in 0..minutes {
         let rows = (0..10).flat_map(|step| (0..sensors).map(move |s| (s, m * 60 + step * 6)));
@@ -335,17 +370,17 @@ fn state_stays_flat_over_a_long_run_with_steady_keys() {
             id += 1;
             serde_json::json!({"id": id, "sensor": format!("s{s}"), "v": s, "ts": at(t)})
         }));
-        drop_file(&incoming, &format!("m-{m:04}.ndjson"), &text);
-        let want = ((m + 1) * sensors * 10) as u64;
-        wait_until(Duration::from_secs(60), "the minute committed", || (received() >= want).then_some(()));
+        drop_file(&t.incoming, &format!("m-{m:04}.ndjson"), &text);
+        t.wait_received(((m + 1) * sensors * 10) as u64, "the minute committed");
     }
     let status = wait_until(Duration::from_secs(30), "the status to show the last commit", || {
-        let s = get_json(&server, "/v1/pipelines");
+        let s = get_json(&t.server, "/v1/pipelines");
         s[0]["watermark"].as_str().is_some_and(|w| w.starts_with("2026-01-01T01:29:")).then_some(s)
     });
     assert!(status[0]["state_bytes"].as_u64().unwrap() > 0, "{status}");
-    assert!(get_text(&server, "/metrics").contains("sluice_state_bytes"));
-    server.stop();
+    assert!(get_text(&t.server, "/metrics").contains("sluice_state_bytes"));
+    let sink = t.sink.clone();
+    t.server.stop();
 
     let entries = log_entries(&sink);
     let bytes: Vec<u64> = entries.iter().map(|e| e["state"]["state_bytes"].as_u64().unwrap()).collect();
@@ -364,56 +399,38 @@ fn state_stays_flat_over_a_long_run_with_steady_keys() {
 
 #[test]
 fn an_idle_partition_stops_holding_the_watermark_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/per_minute");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE readings (part VARCHAR NOT NULL, v BIGINT, ts TIMESTAMP NOT NULL)
-             STORED AS NDJSON LOCATION '{}/'
-             OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'event_time' 'ts', 'watermark.delay' '5s',
-                      'watermark.partition' 'part', 'watermark.idle_timeout' '1s');
-             CREATE EXTERNAL TABLE per_minute STORED AS PARQUET LOCATION '{}/';
-             INSERT INTO per_minute SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, part, count(*) AS n
-             FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), part;",
-            incoming.display(),
-            sink.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start(&[sql.as_path()], dir.path());
+    let t = Adhoc::start(
+        "readings (part VARCHAR NOT NULL, v BIGINT, ts TIMESTAMP NOT NULL)",
+        "'event_time' 'ts', 'watermark.delay' '5s', 'watermark.partition' 'part', 'watermark.idle_timeout' '1s'",
+        "INSERT INTO out SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, part, count(*) AS n
+         FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), part;",
+    );
     // Both partitions for the first 50 s; then only "a".
     let first = ndjson((0..10).flat_map(|i| {
         ["a", "b"].map(|p| serde_json::json!({"part": p, "v": i, "ts": at(i * 5)}))
     }));
-    drop_file(&incoming, "f-0000.ndjson", &first);
-    let committed = |n: u64| {
-        let received: u64 = log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum();
-        received >= n
-    };
-    wait_until(Duration::from_secs(30), "both partitions committed", || committed(20).then_some(()));
-    let b_last = log_entries(&sink).last().unwrap()["committed_at"].as_str().unwrap().to_string();
+    drop_file(&t.incoming, "f-0000.ndjson", &first);
+    t.wait_received(20, "both partitions committed");
+    let b_last = log_entries(&t.sink).last().unwrap()["committed_at"].as_str().unwrap().to_string();
     let mut fed = 20u64;
     let mut n = 1;
     // "a" goes on alone: "b" holds the watermark at 45 s until it has been idle for 1 s.
     wait_until(Duration::from_secs(30), "the first window to close", || {
         drop_file(
-            &incoming,
+            &t.incoming,
             &format!("f-{n:04}.ndjson"),
             &ndjson(std::iter::once(serde_json::json!({"part": "a", "v": n, "ts": at(60 + n * 5)}))),
         );
         n += 1;
         fed += 1;
-        let emitted = log_entries(&sink)
+        let emitted = log_entries(&t.sink)
             .iter()
             .any(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0) > 0);
         emitted.then_some(())
     });
-    wait_until(Duration::from_secs(30), "every row committed", || committed(fed).then_some(()));
-    server.stop();
+    t.wait_received(fed, "every row committed");
+    let sink = t.sink.clone();
+    t.server.stop();
     let entries = log_entries(&sink);
     let closing = entries
         .iter()
@@ -437,41 +454,25 @@ fn an_idle_partition_stops_holding_the_watermark_back() {
 /// are dead-lettered; every other window is written, and the pipeline goes on.
 #[test]
 fn a_bad_row_or_window_is_dead_lettered_not_retried_forever() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/out");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE ev (k BIGINT NOT NULL, d BIGINT NOT NULL, ts TIMESTAMP NOT NULL)
-             STORED AS NDJSON LOCATION '{}/'
-             OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', 'event_time' 'ts');
-             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}/';
-             INSERT INTO out SELECT date_bin(INTERVAL '1 minute', ts) AS w, 100 / d AS bucket,
-                    count(*) AS n, 60 / (count(*) - 1) AS spread
-             FROM ev GROUP BY date_bin(INTERVAL '1 minute', ts), 100 / d;",
-            incoming.display(),
-            sink.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start(&[sql.as_path()], dir.path());
+    let t = Adhoc::start(
+        "ev (k BIGINT NOT NULL, d BIGINT NOT NULL, ts TIMESTAMP NOT NULL)",
+        "'event_time' 'ts'",
+        "INSERT INTO out SELECT date_bin(INTERVAL '1 minute', ts) AS w, 100 / d AS bucket,
+                count(*) AS n, 60 / (count(*) - 1) AS spread
+         FROM ev GROUP BY date_bin(INTERVAL '1 minute', ts), 100 / d;",
+    );
     // Minute 0: three rows of bucket 1 and one with d = 0 (the GROUP BY fails on it);
     // minute 1: one row alone in its group (count(*) - 1 = 0: the window's SELECT fails);
     // minute 2: two rows; minute 5 closes them all.
     let rows = [(1, 100, 0), (2, 100, 10), (3, 0, 20), (4, 100, 30), (5, 100, 70), (6, 50, 130), (7, 50, 140), (8, 1, 300)];
     drop_file(
-        &incoming,
+        &t.incoming,
         "a.ndjson",
-        &ndjson(rows.iter().map(|(k, d, t)| serde_json::json!({"k": k, "d": d, "ts": at(*t)}))),
+        &ndjson(rows.iter().map(|(k, d, ts)| serde_json::json!({"k": k, "d": d, "ts": at(*ts)}))),
     );
-    wait_until(Duration::from_secs(30), "every row committed", || {
-        let n: u64 = log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum();
-        (n >= rows.len() as u64).then_some(())
-    });
-    server.stop();
+    t.wait_received(rows.len() as u64, "every row committed");
+    let sink = t.sink.clone();
+    t.server.stop();
     let letters = dead_letters(&sink);
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(letters.iter().all(|l| l["stage"] == "transform"), "{letters:?}");

@@ -138,12 +138,14 @@ impl BatchPlan {
         &self.output
     }
 
-    /// Runs the plan over `batches` (one micro-batch, in order).
+    /// Runs the plan over `batches` (one micro-batch, in order). The output comes partition by
+    /// partition, in partition order (not as the partitions finish), so the same input gives
+    /// the same row order: what a windowed aggregate is fed does not depend on thread timing.
     pub async fn execute(&self, batches: &[RecordBatch]) -> Result<Vec<RecordBatch>, DataFusionError> {
         self.slot.set(batches);
         let df = DataFrame::new(self.ctx.state(), self.plan.clone());
-        let out = df.collect().await;
+        let out = df.collect_partitioned().await;
         self.slot.set(&[]);
-        out
+        Ok(out?.into_iter().flatten().collect())
     }
 }
