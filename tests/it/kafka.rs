@@ -571,3 +571,77 @@ fn a_broker_restart_mid_run_loses_and_doubles_nothing() {
     server.stop();
     rt.block_on(assert_exactly_once(&sink, n));
 }
+
+/// Event time over Kafka: a per-partition watermark (`'watermark.partition'
+/// '_kafka_partition'`). While both partitions send, a window closes only once both have passed
+/// it; when partition 1 falls silent, windows close again once it has been idle for
+/// `watermark.idle_timeout`, and each window holds both partitions' rows exactly once.
+#[test]
+fn a_silent_kafka_partition_stops_holding_windows_back_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    broker.create_topic("readings", 2);
+    let sink = dir.path().join("lake/out");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE readings (v BIGINT, ts TIMESTAMP NOT NULL, _kafka_partition INT)
+             STORED AS KAFKA LOCATION 'kafka://{}/readings'
+             OPTIONS ('group.id' 'sluice-windows', 'batch.interval' '50ms', 'event_time' 'ts',
+                      'watermark.delay' '5s', 'watermark.partition' '_kafka_partition',
+                      'watermark.idle_timeout' '1s');
+             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}';
+             INSERT INTO out SELECT date_bin(INTERVAL '1 minute', ts) AS w, _kafka_partition AS p,
+                                    count(*) AS n, sum(v) AS total
+             FROM readings GROUP BY date_bin(INTERVAL '1 minute', ts), _kafka_partition;",
+            broker.bootstrap(),
+            sink.display()
+        ),
+    )
+    .unwrap();
+    let at = |s: i64| chrono::DateTime::from_timestamp(1_767_225_600 + s, 0).unwrap().to_rfc3339();
+    let producer = broker.producer();
+    // Both partitions, one reading every 5 s for the first minute.
+    for i in 0..12 {
+        for p in 0..2 {
+            let m = serde_json::json!({"v": i, "ts": at(i * 5)}).to_string();
+            producer.send("readings", Some(p), None, m.as_bytes());
+        }
+    }
+    producer.flush();
+    let server = Server::start(&[&sql], dir.path());
+    let received = || -> u64 {
+        log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum()
+    };
+    wait_until(Duration::from_secs(60), "the first minute committed", || (received() >= 24).then_some(()));
+    // Partition 0 alone goes on: the first window closes only once partition 1 has been idle.
+    let mut sent = 24;
+    let mut i = 12;
+    wait_until(Duration::from_secs(60), "the first window to close", || {
+        let m = serde_json::json!({"v": i, "ts": at(i * 5)}).to_string();
+        producer.send("readings", Some(0), None, m.as_bytes());
+        producer.flush();
+        i += 1;
+        sent += 1;
+        log_entries(&sink)
+            .iter()
+            .any(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0) > 0)
+            .then_some(())
+    });
+    wait_until(Duration::from_secs(60), "every message committed", || (received() >= sent).then_some(()));
+    server.stop();
+    let entries = log_entries(&sink);
+    let first = entries
+        .iter()
+        .position(|e| e["state"]["windows_emitted"].as_u64().unwrap_or(0) > 0)
+        .unwrap();
+    // Before the first window closed, the watermark stayed behind partition 1's newest row.
+    for e in &entries[..first] {
+        assert!(e["state"]["watermark_ns"].as_i64().unwrap_or(0) <= (1_767_225_600 + 55 - 5) * 1_000_000_000, "{e}");
+    }
+    let rt = crate::harness::runtime();
+    let batches = rt.block_on(read_hive(&sink, &[], "SELECT p, n, total FROM t WHERE w = TIMESTAMP '2026-01-01T00:00:00' ORDER BY p"));
+    let text = arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
+    assert!(text.contains("| 0 | 12 | 66    |") && text.contains("| 1 | 12 | 66    |"), "{text}");
+}

@@ -8,7 +8,9 @@
 //!   `watermark.max_ahead` ahead of the clock) is late. With
 //!   `watermark.partition` it is the minimum over partitions (values of that column) of each
 //!   one's newest event time, minus the delay, never moving back; a partition silent for
-//!   `watermark.idle_timeout` (wall clock) stops holding it back. That one depends on how
+//!   `watermark.idle_timeout` (wall clock) stops holding it back, and for that long after a
+//!   start the watermark does not move at all (a partition not heard from yet may still send
+//!   older rows: a consumer reads partitions' backlogs one after another). That one depends on how
 //!   partitions interleave, so it is the only rule that is not the same on every run;
 //! - a row whose `dedup.key` was kept at event time `t0` is a repeat when its own event time is
 //!   within `dedup.ttl` of `t0`; a key is forgotten once the watermark passes `t0 + ttl`, when
@@ -39,6 +41,9 @@ pub struct EventTime {
     watermark: Option<i64>,
     /// Per-partition newest event times, with `watermark.partition`.
     parts: Option<Partitions>,
+    /// With partitions and an idle timeout: the watermark does not move before this (a
+    /// partition not heard from yet since the start may still send older rows).
+    hold_until: Option<std::time::Instant>,
     /// Keys kept recently, when the source deduplicates.
     pub dedup: Option<dedup::Dedup>,
 }
@@ -104,6 +109,7 @@ impl EventTime {
             }),
             None => None,
         };
+        let hold_until = parts.as_ref().and(def.idle_timeout).map(|d| std::time::Instant::now() + d);
         Ok(EventTime {
             def,
             column,
@@ -111,6 +117,7 @@ impl EventTime {
             max_ns: None,
             watermark: None,
             parts,
+            hold_until,
             dedup,
         })
     }
@@ -130,6 +137,9 @@ impl EventTime {
 
     /// The watermark once the newest event time (of the row's partition) has moved.
     fn advance(&mut self, now: std::time::Instant) {
+        if self.hold_until.is_some_and(|h| now < h) {
+            return;
+        }
         let low = match &self.parts {
             Some(p) => p.low(now),
             None => self.max_ns,
@@ -159,6 +169,7 @@ impl EventTime {
         if let Some(p) = &mut self.parts {
             let now = std::time::Instant::now();
             p.newest = partitions.iter().map(|(k, t)| (k.clone(), (*t, now))).collect();
+            self.hold_until = p.idle.map(|d| now + d);
         }
     }
 
@@ -313,11 +324,16 @@ mod tests {
     }
 
     #[test]
-    fn the_watermark_is_the_slowest_partition_until_it_idles() {
+    fn the_watermark_is_the_slowest_partition() {
         let mut d = def(0);
         d.partition = Some("id".into());
-        d.idle_timeout = Some(Duration::from_secs(3600));
         let rows = [(1, Some(100)), (2, Some(120)), (1, Some(200))];
+        // With an idle timeout, the watermark holds still for that long after the start.
+        let mut held = d.clone();
+        held.idle_timeout = Some(Duration::from_secs(3600));
+        let mut et = EventTime::new(held, &batch(&rows).schema()).unwrap();
+        assert_eq!(et.split(&[batch(&rows)]).unwrap().kept.len(), 1);
+        assert_eq!(et.watermark(), None);
         let mut et = EventTime::new(d, &batch(&rows).schema()).unwrap();
         let s = et.split(&[batch(&rows)]).unwrap();
         assert_eq!(ids(&s.kept), vec![1, 2, 1]);
