@@ -16,7 +16,10 @@ use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::Distinct;
+use datafusion::optimizer::replace_distinct_aggregate::ReplaceDistinctWithAggregate;
+use datafusion::optimizer::{OptimizerContext, OptimizerRule};
 use datafusion::common::{Column, DataFusionError, SchemaError};
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{DdlStatement, Expr, LogicalPlan, LogicalPlanBuilder};
@@ -805,14 +808,29 @@ impl<'a> Compiler<'a> {
             .analyzer()
             .execute_and_check(plan.clone(), state.config_options(), |_, _| {})
             .map_err(|e| self.df_error(p, e))?;
+        // SELECT DISTINCT over the source is a GROUP BY without aggregates: windowed like one.
+        let mut distinct = false;
+        let analyzed = analyzed
+            .transform_up(|n| match n {
+                LogicalPlan::Distinct(Distinct::All(ref input)) if crate::window::reads(input, source) => {
+                    distinct = true;
+                    ReplaceDistinctWithAggregate::new().rewrite(n, &OptimizerContext::new())
+                }
+                other => Ok(Transformed::no(other)),
+            })
+            .map_err(|e| self.df_error(p, e))?
+            .data;
         let event_time = self
             .program
             .sources
             .get(source)
             .and_then(|s| s.event_time.as_ref())
             .map(|e| e.column.as_str());
-        let window = crate::window::split(&analyzed, source, event_time)
-            .map_err(|e| err_at(p, p.tokens.keyword(e.keyword), e.message, e.hint))?;
+        let window = crate::window::split(&analyzed, source, event_time).map_err(|e| {
+            let keyword = if distinct && e.keyword == Keyword::GROUP { Keyword::DISTINCT } else { e.keyword };
+            let message = if distinct { e.message.replace("GROUP BY", "GROUP BY (or DISTINCT)") } else { e.message };
+            err_at(p, p.tokens.keyword(keyword), message, e.hint)
+        })?;
         match &window {
             None => self.check_stateless(p, plan, source, &format!("the unbounded source \"{source}\""))?,
             Some(w) => {

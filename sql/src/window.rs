@@ -200,7 +200,22 @@ fn window_of(e: &Expr, event_time: &str) -> Option<(i64, Option<i64>)> {
     }
 }
 
-fn reads(plan: &LogicalPlan, table: &str) -> bool {
+/// `e`, or, when it is a column the projection just below defines (`SELECT DISTINCT date_bin(..)
+/// AS w, ...` becomes a GROUP BY on `w`), that column's expression.
+fn defined(e: &Expr, input: &LogicalPlan) -> Expr {
+    if let (Expr::Column(c), LogicalPlan::Projection(p)) = (e, input)
+        && let Some(def) = p.expr.iter().enumerate().find_map(|(i, x)| {
+            let (_, field) = p.schema.qualified_field(i);
+            (field.name() == &c.name).then_some(x)
+        })
+    {
+        return def.clone().unalias_nested().data;
+    }
+    e.clone()
+}
+
+/// Whether `plan` scans `table`.
+pub(crate) fn reads(plan: &LogicalPlan, table: &str) -> bool {
     let mut found = false;
     let _ = plan.apply_with_subqueries(|n| {
         if matches!(n, LogicalPlan::TableScan(s) if s.table_name.table() == table) {
@@ -255,7 +270,7 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
         .group_expr
         .iter()
         .enumerate()
-        .filter_map(|(i, e)| window_of(e, event_time).map(|w| (i, w)))
+        .filter_map(|(i, e)| window_of(&defined(e, &agg.input), event_time).map(|w| (i, w)))
         .collect();
     if let Some((_, (width, Some(slide)))) = windows.first()
         && width / slide > MAX_HOPS

@@ -94,6 +94,9 @@ def tumbling():
         for s, u, a in windows(on_time, 60, wm)
     ]
     write("tumbling", shuffled, "window_start,window_end,user_id,clicks,total,mean", rows)
+    # The same input through SELECT DISTINCT window, user: the windows' (start, user) pairs.
+    pairs = [f"{shown(s)},{u}" for s, u, a in windows(on_time, 60, wm)]
+    write("distinct", shuffled, "w,user_id", pairs)
 
 
 def late_events():

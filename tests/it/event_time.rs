@@ -483,3 +483,10 @@ fn a_bad_row_or_window_is_dead_lettered_not_retried_forever() {
     assert!(text.contains("| 1      | 3 | 30     |") && text.contains("| 2      | 2 | 60     |"), "{text}");
     assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 2, "{text}");
 }
+
+#[test]
+fn golden_select_distinct_per_window_straight_and_through_kill9() {
+    let lines = input("distinct");
+    check_golden("distinct", &run("distinct", &lines, None));
+    check_golden("distinct", &run("distinct", &lines, Some(&mut Rng(seed()))));
+}
