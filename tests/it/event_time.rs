@@ -244,6 +244,7 @@ fn golden_late_rows_dead_lettered_and_their_partitions_dirty() {
             .iter()
             .map(|d| {
                 assert_eq!(d["stage"], "late", "{d}");
+                assert!(d["error"].as_str().unwrap().contains("is below the watermark 2026-01-01T"), "{d}");
                 serde_json::from_str::<serde_json::Value>(d["raw"].as_str().unwrap()).unwrap()["id"]
                     .as_i64()
                     .unwrap()

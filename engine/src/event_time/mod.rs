@@ -79,6 +79,8 @@ pub struct Split {
     pub kept: Vec<RecordBatch>,
     /// Late rows (below the watermark, or without event time), in input order.
     pub late: Vec<RecordBatch>,
+    /// Why each late row is late, in the same order.
+    pub reasons: Vec<String>,
     /// Repeats dropped by dedup.
     pub duplicates: u64,
 }
@@ -213,10 +215,26 @@ impl EventTime {
             for i in 0..n {
                 if ts.is_null(i) {
                     on_time.push(false);
+                    out.reasons.push(format!("late: {} is null", self.def.column));
                     continue;
                 }
                 let t = ts.value(i);
-                let late = self.watermark.is_some_and(|w| t < w) || t > ahead_limit;
+                let late = match self.watermark {
+                    Some(w) if t < w => {
+                        out.reasons
+                            .push(format!("late: event time {} is below the watermark {}", rfc3339(t), rfc3339(w)));
+                        true
+                    }
+                    _ if t > ahead_limit => {
+                        out.reasons.push(format!(
+                            "late: event time {} is more than watermark.max_ahead ({}s) ahead of the clock",
+                            rfc3339(t),
+                            self.def.max_ahead.as_secs()
+                        ));
+                        true
+                    }
+                    _ => false,
+                };
                 if !late {
                     self.max_ns = Some(self.max_ns.map_or(t, |m| m.max(t)));
                     if let (Some(p), Some(names)) = (&mut self.parts, &part_names) {

@@ -351,13 +351,12 @@ impl PipelineTask {
                     st.reload(&self.log, || windowed.as_ref().map(|w| w.state()).transpose())
                         .await?;
                 }
-                let watermark = st.event_time.watermark();
                 let split = st.event_time.split(&checked.kept)?;
                 let late_rows: u64 = split.late.iter().map(|b| b.num_rows() as u64).sum();
                 if st.event_time.def.late == sluice_sql::LatePolicy::Drop {
                     dropped += late_rows;
                 } else if late_rows > 0 {
-                    let letters = self.late_letters(&split.late, watermark);
+                    let letters = self.late_letters(&split.late, &split.reasons);
                     dead.extend(letters);
                 }
                 dropped += split.duplicates;
@@ -758,8 +757,7 @@ impl PipelineTask {
     }
 
     /// The dead letters of late rows.
-    fn late_letters(&self, late: &[RecordBatch], watermark: Option<i64>) -> Vec<DeadLetter> {
-        let at = watermark.map_or_else(|| "none yet".to_string(), crate::event_time::rfc3339);
+    fn late_letters(&self, late: &[RecordBatch], reasons: &[String]) -> Vec<DeadLetter> {
         late.iter()
             .flat_map(|b| (0..b.num_rows()).map(move |i| b.slice(i, 1)))
             .enumerate()
@@ -767,7 +765,7 @@ impl PipelineTask {
                 source: self.source.clone(),
                 position: serde_json::json!({ "epoch": self.next_epoch, "late_row": i }),
                 stage: Stage::Late,
-                error: format!("late: event time is below the watermark ({at}) or missing"),
+                error: reasons.get(i).cloned().unwrap_or_else(|| "late".to_string()),
                 raw: row_json(std::slice::from_ref(&row)),
                 raw_base64: None,
             })
