@@ -125,8 +125,13 @@ fn lower_aggregate(
     })
 }
 
-/// Aggregates whose result depends on the order of their input unless they are given one.
-const ORDER_DEPENDENT: [&str; 4] = ["first_value", "last_value", "array_agg", "string_agg"];
+/// Aggregates whose result depends on the order of their input unless they are given one
+/// (which they keep in their partial state, so it merges across micro-batches).
+const ORDER_DEPENDENT: [&str; 3] = ["first_value", "last_value", "array_agg"];
+
+/// Aggregates that depend on input order and cannot keep it in their state: unordered they
+/// depend on arrival, ordered they need their input sorted.
+const NEVER_IN_ORDER: [&str; 2] = ["nth_value", "string_agg"];
 
 /// Why a pipeline's aggregate cannot run as a streaming window: the message, the SQL keyword
 /// to point at and a hint.
@@ -320,6 +325,13 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
                 Keyword::SELECT,
                 format!("aggregate {name} needs its input sorted, which a stream cannot give it across micro-batches"),
                 "use an aggregate that keeps its own order (first_value, last_value, array_agg with ORDER BY) or an order-insensitive one",
+            ));
+        }
+        if NEVER_IN_ORDER.contains(&name.as_str()) {
+            return Err(refuse(
+                Keyword::SELECT,
+                format!("aggregate {name} depends on the order of its input, which a stream cut into micro-batches cannot keep for it"),
+                format!("use first_value, last_value or array_agg(... ORDER BY {event_time}), which keep their order in their state"),
             ));
         }
         if ORDER_DEPENDENT.contains(&name.as_str()) && lowered.function.order_bys().is_empty() {

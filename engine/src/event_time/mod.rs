@@ -111,7 +111,10 @@ impl EventTime {
             }),
             None => None,
         };
-        let hold_until = parts.as_ref().and(def.idle_timeout).map(|d| std::time::Instant::now() + d);
+        let hold_until = parts
+            .as_ref()
+            .and(def.idle_timeout)
+            .and_then(|d| std::time::Instant::now().checked_add(d));
         Ok(EventTime {
             def,
             column,
@@ -169,9 +172,10 @@ impl EventTime {
         self.max_ns = max_ns;
         self.watermark = watermark;
         if let Some(p) = &mut self.parts {
+            // Counted as seen now; the hold after the start was armed when the step was made
+            // (a reload after a failed epoch does not arm it again).
             let now = std::time::Instant::now();
             p.newest = partitions.iter().map(|(k, t)| (k.clone(), (*t, now))).collect();
-            self.hold_until = p.idle.map(|d| now + d);
         }
     }
 

@@ -19,6 +19,15 @@ use sluice_sql::{Lowered, LoweredAggregate, WindowDef};
 
 type DfResult<T> = Result<T, DataFusionError>;
 
+/// The windows one [`WindowAggregate::close`] closed.
+#[derive(Default)]
+pub struct Closed {
+    /// Their rows, in the emitted schema.
+    pub emitted: Vec<RecordBatch>,
+    /// Windows that failed to evaluate: end, groups, error.
+    pub failed: Vec<(i64, usize, String)>,
+}
+
 /// A batch's GROUP BY keys, aggregate inputs and filters, evaluated ([`WindowAggregate::prepare`]).
 pub struct Prepared {
     base: TimestampNanosecondArray,
@@ -243,24 +252,31 @@ impl WindowAggregate {
     }
 
     /// Evaluates and drops every window whose end is at or below `watermark_ns`, oldest first:
-    /// rows in the emitted schema (GROUP BY values, then aggregate values).
-    pub fn close(&mut self, watermark_ns: i64) -> DfResult<Vec<RecordBatch>> {
+    /// rows in the emitted schema (GROUP BY values, then aggregate values). A window whose
+    /// evaluation fails (an aggregate overflowing) is dropped too, and returned in `failed` with
+    /// its end, groups and the error: it can never evaluate, so keeping it would stop the
+    /// pipeline for good.
+    pub fn close(&mut self, watermark_ns: i64) -> DfResult<Closed> {
         self.closed_through = Some(self.closed_through.map_or(watermark_ns, |c| c.max(watermark_ns)));
-        let mut out = Vec::new();
+        let mut out = Closed::default();
         loop {
             let w = match self.windows().first_entry() {
-                Some(entry) if *entry.key() <= watermark_ns => entry.remove(),
+                Some(entry) if *entry.key() <= watermark_ns => (*entry.key(), entry.remove()),
                 _ => break,
             };
-            let mut w = w;
-            out.push(self.evaluate(&mut w)?);
+            let (end, mut w) = w;
+            let groups = w.groups.len();
+            match self.evaluate(&mut w) {
+                Ok(b) => out.emitted.push(b),
+                Err(e) => out.failed.push((end, groups, e.strip_backtrace())),
+            }
         }
         Ok(out)
     }
 
     /// Evaluates and drops every open window (for what late rows would have produced).
     pub fn close_all(&mut self) -> DfResult<Vec<RecordBatch>> {
-        self.close(i64::MAX)
+        Ok(self.close(i64::MAX)?.emitted)
     }
 
     /// Resumes after a checkpoint taken at `watermark`: windows ending by it were emitted.

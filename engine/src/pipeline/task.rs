@@ -387,6 +387,7 @@ impl PipelineTask {
         dropped += closed_rows;
         let late_rows = late_rows + closed_rows;
         let dirty = if late.is_empty() { Vec::new() } else { self.dirty_partitions(&late).await };
+
         let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         let checked = self.quality.sink.check(&self.name, output).await?;
         // Quarantined whole: every event is a dead letter, none is archived.
@@ -710,11 +711,19 @@ impl PipelineTask {
                 raw_base64: None,
             }));
             let closed_rows = open.take_closed_rows();
-            let emitted = match st.event_time.watermark() {
+            let closed = match st.event_time.watermark() {
                 Some(wm) => open.close(wm).map_err(EngineError::Environment)?,
-                None => Vec::new(),
+                None => Default::default(),
             };
-            (emitted, closed_rows)
+            dead.extend(closed.failed.into_iter().map(|(end, groups, error)| DeadLetter {
+                source: source.clone(),
+                position: serde_json::json!({ "epoch": epoch, "window_end": crate::event_time::rfc3339(end) }),
+                stage: Stage::Transform,
+                error: format!("the window ending {} ({groups} groups) could not be evaluated: {error}", crate::event_time::rfc3339(end)),
+                raw: String::new(),
+                raw_base64: None,
+            }));
+            (closed.emitted, closed_rows)
         };
         let (emitted, closed_rows) = emitted;
         let Some(w) = &self.windowed else {
@@ -815,7 +824,7 @@ impl PipelineTask {
         let rows: usize = input.iter().map(|b| b.num_rows()).sum();
         match plan.execute(input).await {
             Ok(out) => return Ok((out, vec![])),
-            Err(e) if rows == 0 => return Err(EngineError::Environment(e)),
+            Err(e) if rows == 0 || environment_error(&e) => return Err(EngineError::Environment(e)),
             Err(e) => {
                 // A plan that fails without any row fails for its environment (a static table
                 // missing or half-written, the store), not for a row: retried, never
@@ -859,6 +868,18 @@ impl PipelineTask {
     }
 }
 
+/// Whether a plan failed for its environment (a store, a file, I/O) whatever its rows: retried,
+/// never dead-lettered. (An empty batch is not always a proof: a hash join whose build side is
+/// empty never reads its other side.)
+fn environment_error(e: &datafusion::error::DataFusionError) -> bool {
+    use datafusion::error::DataFusionError as E;
+    match e.find_root() {
+        E::ObjectStore(_) | E::IoError(_) | E::ParquetError(_) => true,
+        E::ArrowError(a, _) => matches!(a.as_ref(), arrow::error::ArrowError::IoError(..)),
+        _ => false,
+    }
+}
+
 /// Adds `batch` to the open windows; the rows whose GROUP BY or aggregate arguments fail to
 /// evaluate (found by bisection; evaluation changes nothing) are left out and returned in
 /// `bad` with their index in `batch` and the error.
@@ -871,7 +892,10 @@ fn add_isolating(
     while let Some((offset, len)) = stack.pop() {
         let part = batch.slice(offset, len);
         match open.prepare(&part) {
-            Ok(prepared) => open.apply(prepared).map_err(EngineError::Environment)?,
+            // Rows that evaluated but cannot be added are not a transient fault: fail visibly.
+            Ok(prepared) => open
+                .apply(prepared)
+                .map_err(|e| EngineError::Internal(format!("adding rows to the open windows: {}", e.strip_backtrace())))?,
             Err(e) if len == 1 => bad.push(((part, offset), e.strip_backtrace())),
             Err(e) if len == 0 => return Err(EngineError::Environment(e)),
             Err(_) => {
