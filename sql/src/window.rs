@@ -209,10 +209,11 @@ fn window_of(e: &Expr, event_time: &str) -> Option<(i64, Option<i64>)> {
 /// AS w, ...` becomes a GROUP BY on `w`), that column's expression.
 fn defined(e: &Expr, input: &LogicalPlan) -> Expr {
     if let (Expr::Column(c), LogicalPlan::Projection(p)) = (e, input)
-        && let Some(def) = p.expr.iter().enumerate().find_map(|(i, x)| {
-            let (_, field) = p.schema.qualified_field(i);
-            (field.name() == &c.name).then_some(x)
-        })
+        && let Some(def) = p
+            .expr
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| (Column::from(p.schema.qualified_field(i)) == *c).then_some(x))
     {
         return def.clone().unalias_nested().data;
     }

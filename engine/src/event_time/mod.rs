@@ -59,6 +59,14 @@ struct Partitions {
 }
 
 impl Partitions {
+    /// Forgets the partitions idle past the timeout (they no longer hold the watermark back),
+    /// to make room for new ones.
+    fn evict_idle(&mut self, now: std::time::Instant) {
+        if let Some(idle) = self.idle {
+            self.newest.retain(|_, (_, seen)| now.duration_since(*seen) < idle);
+        }
+    }
+
     /// The oldest newest-event-time over partitions not idle at `now` (all partitions idle:
     /// the newest of them).
     fn low(&self, now: std::time::Instant) -> Option<i64> {
@@ -242,13 +250,16 @@ impl EventTime {
                 if !late {
                     self.max_ns = Some(self.max_ns.map_or(t, |m| m.max(t)));
                     if let (Some(p), Some(names)) = (&mut self.parts, &part_names) {
-                        let room = p.newest.len() < MAX_PARTITIONS;
                         match p.newest.get_mut(&names[i]) {
                             Some(e) => *e = (e.0.max(t), now),
-                            None if room => {
-                                p.newest.insert(names[i].clone(), (t, now));
+                            None => {
+                                if p.newest.len() >= MAX_PARTITIONS {
+                                    p.evict_idle(now);
+                                }
+                                if p.newest.len() < MAX_PARTITIONS {
+                                    p.newest.insert(names[i].clone(), (t, now));
+                                }
                             }
-                            None => {}
                         }
                     }
                     self.advance(now);

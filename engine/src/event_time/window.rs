@@ -185,13 +185,15 @@ impl WindowAggregate {
             None => (1, 0),
         };
         for k in 0..copies {
+            // A row is counted as dropped once, when its newest window had closed (then all
+            // its older ones had too); one still counting in a newer window is not dropped.
             if k == 0 {
-                self.add(base, &keys, &inputs, &filters)?;
+                self.add(base, &keys, &inputs, &filters, true)?;
             } else {
                 let starts: TimestampNanosecondArray = base.unary(|t| t.saturating_sub(k.saturating_mul(slide)));
                 let mut shifted = keys.clone();
                 shifted[self.window] = cast(&starts, keys[self.window].data_type())?;
-                self.add(&starts, &shifted, &inputs, &filters)?;
+                self.add(&starts, &shifted, &inputs, &filters, false)?;
             }
         }
         Ok(())
@@ -204,6 +206,7 @@ impl WindowAggregate {
         keys: &[ArrayRef],
         inputs: &[Vec<ArrayRef>],
         filters: &[Option<ArrayRef>],
+        count_closed: bool,
     ) -> DfResult<()> {
         // Rows by window end, in row order (usually one or two windows per batch).
         let mut by_end: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
@@ -215,7 +218,9 @@ impl WindowAggregate {
             // A window already emitted is never opened again (only possible when the window
             // column is not exactly the event time; such rows are late).
             if self.closed_through.is_some_and(|c| end <= c) {
-                self.closed_rows += rows.len() as u64;
+                if count_closed {
+                    self.closed_rows += rows.len() as u64;
+                }
                 continue;
             }
             let pick = |a: &ArrayRef| -> DfResult<ArrayRef> {

@@ -699,8 +699,10 @@ impl PipelineTask {
                 return Ok((rows, 0, 0));
             };
             let mut bad = Vec::new();
+            let mut offset = 0;
             for b in &rows {
-                add_isolating(open, b, &mut bad)?;
+                add_isolating(open, b, offset, &mut bad)?;
+                offset += b.num_rows();
             }
             dead.extend(bad.into_iter().map(|(row, error)| DeadLetter {
                 source: source.clone(),
@@ -751,7 +753,7 @@ impl PipelineTask {
             let mut open = w.state()?;
             let mut bad = Vec::new();
             for b in &rows {
-                add_isolating(&mut open, b, &mut bad)?;
+                add_isolating(&mut open, b, 0, &mut bad)?;
             }
             let emitted = open.close_all().map_err(EngineError::Environment)?;
             w.output.execute(&emitted).await.map_err(EngineError::Environment)
@@ -880,12 +882,13 @@ fn environment_error(e: &datafusion::error::DataFusionError) -> bool {
     }
 }
 
-/// Adds `batch` to the open windows; the rows whose GROUP BY or aggregate arguments fail to
-/// evaluate (found by bisection; evaluation changes nothing) are left out and returned in
-/// `bad` with their index in `batch` and the error.
+/// Adds `batch` (rows `base..` of the epoch's aggregate input) to the open windows; the rows
+/// whose GROUP BY or aggregate arguments fail to evaluate (found by bisection; evaluation
+/// changes nothing) are left out and returned in `bad` with their index and the error.
 fn add_isolating(
     open: &mut WindowAggregate,
     batch: &RecordBatch,
+    base: usize,
     bad: &mut Vec<((RecordBatch, usize), String)>,
 ) -> Result<()> {
     let mut stack = vec![(0usize, batch.num_rows())];
@@ -896,7 +899,7 @@ fn add_isolating(
             Ok(prepared) => open
                 .apply(prepared)
                 .map_err(|e| EngineError::Internal(format!("adding rows to the open windows: {}", e.strip_backtrace())))?,
-            Err(e) if len == 1 => bad.push(((part, offset), e.strip_backtrace())),
+            Err(e) if len == 1 => bad.push(((part, base + offset), e.strip_backtrace())),
             Err(e) if len == 0 => return Err(EngineError::Environment(e)),
             Err(_) => {
                 let half = len / 2;
