@@ -44,10 +44,6 @@ impl Run {
         ]
     }
 
-    fn start(&self) -> Server {
-        self.start_with(&[])
-    }
-
     fn start_with(&self, extra: &[(&'static str, &str)]) -> Server {
         let mut env = self.env();
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
