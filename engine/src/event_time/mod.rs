@@ -55,28 +55,61 @@ pub const MAX_PARTITIONS: usize = 10_000;
 struct Partitions {
     column: usize,
     idle: Option<std::time::Duration>,
-    newest: std::collections::BTreeMap<String, (i64, std::time::Instant)>,
+    newest: std::collections::HashMap<String, (i64, std::time::Instant)>,
+    /// The same newest times, ordered: the watermark's low point without a scan per row.
+    order: std::collections::BTreeSet<(i64, String)>,
 }
 
 impl Partitions {
-    /// Forgets the partitions idle past the timeout (they no longer hold the watermark back),
-    /// to make room for new ones.
-    fn evict_idle(&mut self, now: std::time::Instant) {
-        if let Some(idle) = self.idle {
-            self.newest.retain(|_, (_, seen)| now.duration_since(*seen) < idle);
+    fn is_idle(&self, seen: std::time::Instant, now: std::time::Instant) -> bool {
+        self.idle.is_some_and(|idle| now.duration_since(seen) >= idle)
+    }
+
+    /// Records a row of `name` at event time `t`, seen at `now`. Past [`MAX_PARTITIONS`], idle
+    /// partitions are forgotten to make room; a new one that still finds no room is not
+    /// tracked (it does not hold the watermark back).
+    fn update(&mut self, name: &str, t: i64, now: std::time::Instant) {
+        if let Some((old, seen)) = self.newest.get_mut(name) {
+            *seen = now;
+            if t > *old {
+                self.order.remove(&(*old, name.to_string()));
+                *old = t;
+                self.order.insert((t, name.to_string()));
+            }
+            return;
+        }
+        if self.newest.len() >= MAX_PARTITIONS {
+            let idle: Vec<String> = self
+                .newest
+                .iter()
+                .filter(|(_, (_, seen))| self.is_idle(*seen, now))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in idle {
+                if let Some((t, _)) = self.newest.remove(&k) {
+                    self.order.remove(&(t, k));
+                }
+            }
+        }
+        if self.newest.len() < MAX_PARTITIONS {
+            self.newest.insert(name.to_string(), (t, now));
+            self.order.insert((t, name.to_string()));
         }
     }
 
+    /// Sets every partition's newest time (from a checkpoint), all seen `now`.
+    fn restore(&mut self, partitions: &std::collections::BTreeMap<String, i64>, now: std::time::Instant) {
+        self.newest = partitions.iter().map(|(k, t)| (k.clone(), (*t, now))).collect();
+        self.order = partitions.iter().map(|(k, t)| (*t, k.clone())).collect();
+    }
+
     /// The oldest newest-event-time over partitions not idle at `now` (all partitions idle:
-    /// the newest of them).
+    /// the newest of them). Idle ones are skipped from the low end.
     fn low(&self, now: std::time::Instant) -> Option<i64> {
-        let active = self
-            .newest
-            .values()
-            .filter(|(_, seen)| self.idle.is_none_or(|idle| now.duration_since(*seen) < idle))
-            .map(|(t, _)| *t)
-            .min();
-        active.or_else(|| self.newest.values().map(|(t, _)| *t).max())
+        let active = self.order.iter().find(|(_, k)| {
+            self.newest.get(k).is_some_and(|(_, seen)| !self.is_idle(*seen, now))
+        });
+        active.or_else(|| self.order.last()).map(|(t, _)| *t)
     }
 }
 
@@ -116,6 +149,7 @@ impl EventTime {
                     .map_err(|_| EngineError::Internal(format!("watermark partition column {p} not in the source")))?,
                 idle: def.idle_timeout,
                 newest: Default::default(),
+                order: Default::default(),
             }),
             None => None,
         };
@@ -183,7 +217,7 @@ impl EventTime {
             // Counted as seen now; the hold after the start was armed when the step was made
             // (a reload after a failed epoch does not arm it again).
             let now = std::time::Instant::now();
-            p.newest = partitions.iter().map(|(k, t)| (k.clone(), (*t, now))).collect();
+            p.restore(partitions, now);
         }
     }
 
@@ -250,17 +284,7 @@ impl EventTime {
                 if !late {
                     self.max_ns = Some(self.max_ns.map_or(t, |m| m.max(t)));
                     if let (Some(p), Some(names)) = (&mut self.parts, &part_names) {
-                        match p.newest.get_mut(&names[i]) {
-                            Some(e) => *e = (e.0.max(t), now),
-                            None => {
-                                if p.newest.len() >= MAX_PARTITIONS {
-                                    p.evict_idle(now);
-                                }
-                                if p.newest.len() < MAX_PARTITIONS {
-                                    p.newest.insert(names[i].clone(), (t, now));
-                                }
-                            }
-                        }
+                        p.update(&names[i], t, now);
                     }
                     self.advance(now);
                 }
@@ -354,6 +378,33 @@ mod tests {
             assert_eq!(ids(&kept), vec![1, 2, 4, 6], "cut at {cut}");
             assert_eq!(cuts.watermark(), whole.watermark());
         }
+    }
+
+    #[test]
+    fn partitions_keep_their_low_point_in_order_and_make_room_past_the_cap() {
+        let now = std::time::Instant::now();
+        let mut p = Partitions {
+            column: 0,
+            idle: None,
+            newest: Default::default(),
+            order: Default::default(),
+        };
+        for (name, t) in [("a", 30), ("b", 10), ("c", 20), ("b", 25), ("b", 5)] {
+            p.update(name, t, now);
+        }
+        // b moved to 25 (a later 5 does not move it back): the low point is c's 20.
+        assert_eq!(p.low(now), Some(20));
+        assert_eq!(p.order.len(), 3);
+        for i in 0..MAX_PARTITIONS {
+            p.update(&format!("p{i}"), 100, now);
+        }
+        assert_eq!(p.newest.len(), MAX_PARTITIONS, "no room past the cap while none is idle");
+        // Idle ones make room; everything idle: the newest of them.
+        p.idle = Some(Duration::from_secs(1));
+        let later = now + Duration::from_secs(2);
+        p.update("new", 7, later);
+        assert_eq!((p.newest.len(), p.low(later)), (1, Some(7)));
+        assert_eq!(p.low(later + Duration::from_secs(2)), Some(7));
     }
 
     #[test]
