@@ -507,6 +507,13 @@ async fn reconcile_cmd(a: ReconcileArgs) -> Result<bool> {
             }
         }
     }
+    if !report.late_partitions.is_empty() {
+        writeln!(
+            out,
+            "late rows (left out by the stream, in the batch result) fell in: {}",
+            report.late_partitions.join(" ")
+        )?;
+    }
     for w in &report.warnings {
         writeln!(out, "warning: {w}")?;
     }

@@ -167,6 +167,10 @@ pub struct ReconcileReport {
     pub partitions: Vec<PartitionReport>,
     /// Partitions that differ.
     pub differing: usize,
+    /// The partitions the range's late rows would have written to (their entries'
+    /// `state.dirty`): the stream left those rows out, the batch result has them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub late_partitions: Vec<String>,
     /// The repair, when one was asked for and needed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repair: Option<RepairReport>,
@@ -286,6 +290,12 @@ pub async fn reconcile(
             Some("reconcile a range that starts after the archive was turned on".to_string()),
         ));
     }
+    let late_partitions: Vec<String> = archived
+        .iter()
+        .flat_map(|e| e.late_dirty.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let archive_paths: Vec<String> = archived
         .iter()
         .filter_map(|e| e.archive.as_ref().map(|a| a.path.clone()))
@@ -444,6 +454,7 @@ pub async fn reconcile(
         archive_events,
         partitions,
         differing,
+        late_partitions,
         repair: None,
         warnings: volatile_calls(def),
     };

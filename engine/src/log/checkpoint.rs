@@ -35,6 +35,9 @@ pub struct EntrySummary {
     pub archive: Option<ArchiveFile>,
     /// Rows it wrote.
     pub output: u64,
+    /// The partitions its late rows would have written to (its `state.dirty`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late_dirty: Vec<String>,
 }
 
 impl From<&CommitEntry> for EntrySummary {
@@ -45,6 +48,7 @@ impl From<&CommitEntry> for EntrySummary {
             committed_at: e.committed_at.clone(),
             archive: e.archive.clone(),
             output: e.counts.output,
+            late_dirty: e.state.as_ref().map(|s| s.dirty.clone()).unwrap_or_default(),
         }
     }
 }
