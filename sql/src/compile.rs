@@ -853,19 +853,11 @@ impl<'a> Compiler<'a> {
                 LogicalPlan::Distinct(_) => Some(("DISTINCT", Keyword::DISTINCT)),
                 _ => None,
             };
-            if let Some(w) = what {
-                let mut reads_source = false;
-                node.apply_with_subqueries(|n| {
-                    if matches!(n, LogicalPlan::TableScan(s) if s.table_name.table() == source) {
-                        reads_source = true;
-                        return Ok(TreeNodeRecursion::Stop);
-                    }
-                    Ok(TreeNodeRecursion::Continue)
-                })?;
-                if reads_source {
-                    bad = Some(w);
-                    return Ok(TreeNodeRecursion::Stop);
-                }
+            if let Some(w) = what
+                && crate::window::reads(node, source)
+            {
+                bad = Some(w);
+                return Ok(TreeNodeRecursion::Stop);
             }
             Ok(TreeNodeRecursion::Continue)
         })

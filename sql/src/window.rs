@@ -63,8 +63,8 @@ pub struct LoweredAggregate {
 /// The physical expressions of a [`WindowDef`], over `input`'s output.
 #[derive(Debug, Clone)]
 pub struct Lowered {
-    /// The GROUP BY expressions, with their output names.
-    pub group_by: Vec<(Arc<dyn PhysicalExpr>, String)>,
+    /// The GROUP BY expressions.
+    pub group_by: Vec<Arc<dyn PhysicalExpr>>,
     /// The aggregates.
     pub aggregates: Vec<LoweredAggregate>,
 }
@@ -97,7 +97,7 @@ impl WindowDef {
         let group_by = self
             .group_by
             .iter()
-            .map(|e| Ok((create_physical_expr(e, schema, props, &ctx)?, e.schema_name().to_string())))
+            .map(|e| create_physical_expr(e, schema, props, &ctx))
             .collect::<Result<Vec<_>, DataFusionError>>()?;
         let aggregates = self
             .aggregates
@@ -272,27 +272,12 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
             "group by the window and plain columns",
         ));
     }
-    let windows: Vec<(usize, (i64, Option<i64>))> = agg
+    let window = agg
         .group_expr
         .iter()
         .enumerate()
-        .filter_map(|(i, e)| window_of(&defined(e, &agg.input), event_time).map(|w| (i, w)))
-        .collect();
-    if let Some((_, (width, Some(slide)))) = windows.first()
-        && width / slide > MAX_HOPS
-    {
-        return Err(refuse(
-            Keyword::GROUP,
-            format!(
-                "a hopping window {} wide every {} puts each row in {} windows (at most {MAX_HOPS})",
-                human(*width),
-                human(*slide),
-                width / slide
-            ),
-            "use a wider slide, or a tumbling window",
-        ));
-    }
-    let Some(&(window, (width_ns, slide_ns))) = windows.first() else {
+        .find_map(|(i, e)| window_of(&defined(e, &agg.input), event_time).map(|w| (i, w)));
+    let Some((window, (width_ns, slide_ns))) = window else {
         return Err(refuse(
             Keyword::GROUP,
             format!("GROUP BY over the unbounded source \"{source}\" has no window"),
@@ -301,6 +286,20 @@ pub fn split(plan: &LogicalPlan, source: &str, event_time: Option<&str>) -> Resu
             ),
         ));
     };
+    if let Some(slide) = slide_ns
+        && width_ns / slide > MAX_HOPS
+    {
+        return Err(refuse(
+            Keyword::GROUP,
+            format!(
+                "a hopping window {} wide every {} puts each row in {} windows (at most {MAX_HOPS})",
+                human(width_ns),
+                human(slide),
+                width_ns / slide
+            ),
+            "use a wider slide, or a tumbling window",
+        ));
+    }
     // Every aggregate must have a mergeable partial form that does not depend on row order.
     let props = ExecutionProps::new();
     let input_schema = agg.input.schema();

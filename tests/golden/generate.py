@@ -79,16 +79,22 @@ def write(case, events, header, rows, late_ids=None):
                 f.write(f"{i}\n")
 
 
-def tumbling():
-    rng = random.Random(16)
+def disordered(seed, n, step, users, amounts):
+    """n events `step` seconds apart, each moved at most 10 s (the watermark delay) from its
+    place, then one an hour later that closes every window: (input, rows on time, watermark)."""
+    rng = random.Random(seed)
     events = []
-    for i in range(90):
-        events.append({"id": i, "user_id": f"u{rng.randrange(3)}", "amount": rng.randrange(1, 100), "ts": BASE + i * 4})
-    # Bounded disorder: each event moves at most 10 s (the watermark delay) from its place.
+    for i in range(n):
+        events.append({"id": i, "user_id": f"u{rng.randrange(users)}", "amount": rng.randrange(1, amounts), "ts": BASE + i * step})
     shuffled = sorted(events, key=lambda e: e["ts"] + rng.uniform(0, 9.9))
     shuffled.append({"id": 1000, "user_id": "zz", "amount": 1, "ts": BASE + 3600})
     on_time, late, wm = split_late(shuffled, 10)
     assert not late, "bounded disorder makes no late row"
+    return shuffled, on_time, wm
+
+
+def tumbling():
+    shuffled, on_time, wm = disordered(16, 90, 4, 3, 100)
     rows = [
         f"{shown(s)},{shown(s + 60)},{u},{len(a)},{sum(a)},{num(sum(a) / len(a))}"
         for s, u, a in windows(on_time, 60, wm)
@@ -142,14 +148,7 @@ def dedup():
 
 
 def hopping():
-    rng = random.Random(19)
-    events = []
-    for i in range(70):
-        events.append({"id": i, "user_id": f"u{rng.randrange(2)}", "amount": rng.randrange(1, 20), "ts": BASE + i * 5})
-    shuffled = sorted(events, key=lambda e: e["ts"] + rng.uniform(0, 9.9))
-    shuffled.append({"id": 1000, "user_id": "zz", "amount": 1, "ts": BASE + 3600})
-    on_time, late, wm = split_late(shuffled, 10)
-    assert not late
+    shuffled, on_time, wm = disordered(19, 70, 5, 2, 20)
     rows = [
         f"{shown(s)},{shown(s + 180)},{u},{len(a)},{sum(a)}"
         for s, u, a in windows(on_time, 180, wm, slide=60)

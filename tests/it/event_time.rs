@@ -336,17 +336,23 @@ fn ndjson(rows: impl Iterator<Item = serde_json::Value>) -> String {
 const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 
 /// A pipeline written for one test: `source` (the text after `CREATE UNBOUNDED EXTERNAL TABLE`,
-/// up to STORED AS), `options` and `rest` (the sink and the INSERT, over the sink `out`), with
-/// its server started.
-struct Adhoc {
-    _dir: tempfile::TempDir,
-    incoming: PathBuf,
-    sink: PathBuf,
-    server: Server,
+/// up to STORED AS) read from `incoming/` with `options`, and `rest` (the INSERT into the sink
+/// `out`), with its server started.
+pub(crate) struct Adhoc {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) incoming: PathBuf,
+    pub(crate) sink: PathBuf,
+    pub(crate) sql: PathBuf,
+    pub(crate) server: Server,
 }
 
 impl Adhoc {
     fn start(source: &str, options: &str, rest: &str) -> Adhoc {
+        Adhoc::start_partitioned(source, options, "", rest)
+    }
+
+    /// [`Adhoc::start`] with the sink `out` declared with `partitioned` (e.g. `PARTITIONED BY (day)`).
+    pub(crate) fn start_partitioned(source: &str, options: &str, partitioned: &str, rest: &str) -> Adhoc {
         let dir = tempfile::tempdir().unwrap();
         let incoming = dir.path().join("incoming");
         std::fs::create_dir_all(&incoming).unwrap();
@@ -357,7 +363,7 @@ impl Adhoc {
             format!(
                 "CREATE UNBOUNDED EXTERNAL TABLE {source} STORED AS NDJSON LOCATION '{}/'
                  OPTIONS ('poll_interval' '20ms', 'batch.interval' '30ms', {options});
-                 CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}/';
+                 CREATE EXTERNAL TABLE out STORED AS PARQUET {partitioned} LOCATION '{}/';
                  {rest}",
                 incoming.display(),
                 sink.display()
@@ -366,9 +372,10 @@ impl Adhoc {
         .unwrap();
         let server = Server::start(&[sql.as_path()], dir.path());
         Adhoc {
-            _dir: dir,
+            dir,
             incoming,
             sink,
+            sql,
             server,
         }
     }
@@ -381,7 +388,7 @@ impl Adhoc {
             .sum()
     }
 
-    fn wait_received(&self, n: u64, what: &str) {
+    pub(crate) fn wait_received(&self, n: u64, what: &str) {
         wait_until(Duration::from_secs(60), what, || (self.received() >= n).then_some(()));
     }
 }

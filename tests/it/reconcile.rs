@@ -586,42 +586,29 @@ fn a_repair_killed_at_any_step_is_finished_or_discarded() {
 /// rows into the table.
 #[test]
 fn reconcile_brings_late_rows_into_the_batch_view() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("incoming");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sink = dir.path().join("lake/out");
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, ts TIMESTAMP NOT NULL)
-             STORED AS NDJSON LOCATION '{}/'
-             OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms', 'event_time' 'ts', 'watermark.delay' '1h');
-             CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (day) LOCATION '{}/';
-             INSERT INTO out SELECT id, ts, CAST(ts AS DATE) AS day FROM ev;",
-            incoming.display(),
-            sink.display()
-        ),
-    )
-    .unwrap();
+    let t = crate::event_time::Adhoc::start_partitioned(
+        "ev (id BIGINT NOT NULL, ts TIMESTAMP NOT NULL)",
+        "'event_time' 'ts', 'watermark.delay' '1h'",
+        "PARTITIONED BY (day)",
+        "INSERT INTO out SELECT id, ts, CAST(ts AS DATE) AS day FROM ev;",
+    );
     // Days 1..=4, one event an hour; then ids 1000.. arrive for day 2, two days behind: late.
     let at = |h: i64| chrono::DateTime::from_timestamp(1_767_225_600 + 86_400 + h * 3600, 0).unwrap().to_rfc3339();
     let on_time: String = (0..96).map(|i| format!("{{\"id\": {i}, \"ts\": \"{}\"}}\n", at(i))).collect();
     let late: String = (0..5).map(|i| format!("{{\"id\": {}, \"ts\": \"{}\"}}\n", 1000 + i, at(30 + i))).collect();
-    let server = Server::start(&[&sql], dir.path());
-    drop_file(&incoming, "a.ndjson", &on_time);
-    drop_file(&incoming, "b.ndjson", &late);
-    let received = || -> u64 { log_entries(&sink).iter().map(|e| e["counts"]["received"].as_u64().unwrap_or(0)).sum() };
-    wait_until(Duration::from_secs(60), "every event committed", || (received() >= 101).then_some(()));
-    server.stop();
+    drop_file(&t.incoming, "a.ndjson", &on_time);
+    drop_file(&t.incoming, "b.ndjson", &late);
+    t.wait_received(101, "every event committed");
+    t.server.stop();
+    let sink = t.sink.clone();
     let late_counted: u64 = log_entries(&sink).iter().map(|e| e["state"]["late"].as_u64().unwrap_or(0)).sum();
     assert_eq!(late_counted, 5);
 
     let l = Lake {
-        dir,
-        incoming,
-        sink: sink.clone(),
-        sql: sql.clone(),
+        dir: t.dir,
+        incoming: t.incoming,
+        sink: t.sink,
+        sql: t.sql,
         fx: PathBuf::new(),
     };
     let (code, out, report) = reconcile(&l, &[]);

@@ -182,16 +182,6 @@ impl Dedup {
         self.key_bytes = 0;
     }
 
-    /// Keys remembered.
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-
-    /// Whether no key is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
-    }
-
     /// Approximate bytes the remembered keys hold.
     pub fn size(&self) -> usize {
         self.key_bytes

@@ -89,7 +89,7 @@ impl StreamState {
         };
         if let Some(w) = &mut self.windows {
             let changed = w
-                .checkpoint(false)
+                .checkpoint()
                 .map_err(|e| EngineError::Internal(format!("checkpointing windows: {e}")))?;
             let mut files: std::collections::BTreeMap<i64, StateFile> = self
                 .last
@@ -169,8 +169,7 @@ impl StreamState {
                 }
             }
             // Loaded state is what the entry names: nothing to write again.
-            w.checkpoint(false)
-                .map_err(|e| EngineError::Internal(format!("reloading windows: {e}")))?;
+            w.mark_saved();
         }
         if let Some(d) = &mut self.event_time.dedup {
             d.clear();

@@ -53,6 +53,8 @@ pub struct WindowAggregate {
     keys: SchemaRef,
     emitted: SchemaRef,
     state: SchemaRef,
+    /// How many state columns each aggregate keeps, in order.
+    state_widths: Vec<usize>,
     /// Windows ending at or before this were emitted: a row for one of them is dropped (late),
     /// never allowed to open it again.
     closed_through: Option<i64>,
@@ -72,6 +74,15 @@ fn accumulator(agg: &LoweredAggregate) -> DfResult<Box<dyn GroupsAccumulator>> {
     Ok(Box::new(GroupsAccumulatorAdapter::new(move || f.create_accumulator())))
 }
 
+/// An empty window for groups of `keys` and the aggregates of `lowered`.
+fn new_window(keys: &SchemaRef, lowered: &Lowered) -> DfResult<Window> {
+    Ok(Window {
+        groups: new_group_values(keys.clone(), &GroupOrdering::None)?,
+        accumulators: lowered.aggregates.iter().map(accumulator).collect::<DfResult<_>>()?,
+        changed: true,
+    })
+}
+
 fn evaluate(expr: &Arc<dyn datafusion::physical_expr::PhysicalExpr>, batch: &RecordBatch) -> DfResult<ArrayRef> {
     expr.evaluate(batch)?.into_array(batch.num_rows())
 }
@@ -86,12 +97,15 @@ impl WindowAggregate {
                 .group_by
                 .iter()
                 .enumerate()
-                .map(|(i, (e, _))| Ok(Field::new(format!("k{i}"), e.data_type(&input)?, true)))
+                .map(|(i, e)| Ok(Field::new(format!("k{i}"), e.data_type(&input)?, true)))
                 .collect::<DfResult<Vec<_>>>()?,
         ));
         let mut fields: Vec<Field> = keys.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut state_widths = Vec::with_capacity(lowered.aggregates.len());
         for (a, agg) in lowered.aggregates.iter().enumerate() {
-            for (s, f) in agg.function.state_fields()?.iter().enumerate() {
+            let state = agg.function.state_fields()?;
+            state_widths.push(state.len());
+            for (s, f) in state.iter().enumerate() {
                 fields.push(Field::new(format!("a{a}_{s}"), f.data_type().clone(), true));
             }
         }
@@ -102,6 +116,7 @@ impl WindowAggregate {
             keys,
             emitted: def.emitted.clone(),
             state: Arc::new(Schema::new(fields)),
+            state_widths,
             open: Mutex::new(BTreeMap::new()),
             closed_through: None,
             closed_rows: 0,
@@ -109,23 +124,14 @@ impl WindowAggregate {
         })
     }
 
-    fn new_window(&self) -> DfResult<Window> {
-        Ok(Window {
-            groups: new_group_values(self.keys.clone(), &GroupOrdering::None)?,
-            accumulators: self
-                .lowered
-                .aggregates
-                .iter()
-                .map(accumulator)
-                .collect::<DfResult<_>>()?,
-            changed: true,
+    /// The window ending at `end`, opened empty when it is not open yet.
+    fn window_at(&mut self, end: i64) -> DfResult<&mut Window> {
+        let (keys, lowered) = (&self.keys, &self.lowered);
+        let open = self.open.get_mut().unwrap_or_else(|p| p.into_inner());
+        Ok(match open.entry(end) {
+            std::collections::btree_map::Entry::Occupied(w) => w.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(new_window(keys, lowered)?),
         })
-    }
-
-    /// Adds the rows of `batch` (the aggregate's input) to their windows.
-    pub fn update(&mut self, batch: &RecordBatch) -> DfResult<()> {
-        let prepared = self.prepare(batch)?;
-        self.apply(prepared)
     }
 
     /// Evaluates the GROUP BY keys, aggregate arguments and filters over `batch` without
@@ -136,7 +142,7 @@ impl WindowAggregate {
             .lowered
             .group_by
             .iter()
-            .map(|(e, _)| evaluate(e, batch))
+            .map(|e| evaluate(e, batch))
             .collect::<DfResult<_>>()?;
         let inputs: Vec<Vec<ArrayRef>> = self
             .lowered
@@ -239,11 +245,7 @@ impl WindowAggregate {
                 .iter()
                 .map(|f| f.as_ref().map(pick).transpose())
                 .collect::<DfResult<_>>()?;
-            if !self.windows().contains_key(&end) {
-                let w = self.new_window()?;
-                self.windows().insert(end, w);
-            }
-            let Some(w) = self.windows().get_mut(&end) else { continue };
+            let w = self.window_at(end)?;
             let mut groups = Vec::with_capacity(rows.len());
             w.groups.intern(&k, &mut groups)?;
             let n = w.groups.len();
@@ -326,11 +328,6 @@ impl WindowAggregate {
         self.locked().keys().copied().collect()
     }
 
-    /// Groups held over all open windows.
-    pub fn groups(&self) -> usize {
-        self.locked().values().map(|w| w.groups.len()).sum()
-    }
-
     /// Bytes the open windows hold (group values and accumulators).
     pub fn size(&self) -> usize {
         self.locked()
@@ -339,14 +336,14 @@ impl WindowAggregate {
             .sum()
     }
 
-    /// The partial state of each window updated since the last call (all windows when
-    /// `all`), by window end: GROUP BY values then each aggregate's state columns. The
-    /// windows stay open (their state is read out and merged back).
-    pub fn checkpoint(&mut self, all: bool) -> DfResult<Vec<(i64, RecordBatch)>> {
+    /// The partial state of each window updated since the last call, by window end: GROUP BY
+    /// values then each aggregate's state columns. The windows stay open (their state is read
+    /// out and merged back).
+    pub fn checkpoint(&mut self) -> DfResult<Vec<(i64, RecordBatch)>> {
         let ends: Vec<i64> = self
             .windows()
             .iter()
-            .filter(|(_, w)| all || w.changed)
+            .filter(|(_, w)| w.changed)
             .map(|(e, _)| *e)
             .collect();
         let mut out = Vec::with_capacity(ends.len());
@@ -357,13 +354,17 @@ impl WindowAggregate {
                 cols.extend(acc.state(EmitTo::All)?);
             }
             let batch = RecordBatch::try_new(self.state.clone(), cols)?;
-            self.restore(end, &batch)?;
-            if let Some(w) = self.windows().get_mut(&end) {
-                w.changed = false;
-            }
+            self.merge(end, &batch)?.changed = false;
             out.push((end, batch));
         }
         Ok(out)
+    }
+
+    /// Marks every open window as saved (just loaded from the checkpoint that holds it).
+    pub fn mark_saved(&mut self) {
+        for w in self.windows().values_mut() {
+            w.changed = false;
+        }
     }
 
     /// Merges a checkpointed window state (as [`WindowAggregate::checkpoint`] gives it) into
@@ -377,20 +378,16 @@ impl WindowAggregate {
                 self.state.fields().len()
             )));
         }
-        if !self.windows().contains_key(&end) {
-            let w = self.new_window()?;
-            self.windows().insert(end, w);
-        }
+        self.merge(end, batch)?;
+        Ok(())
+    }
+
+    /// Merges window state in [`WindowAggregate::checkpoint`]'s layout into the window ending
+    /// at `end`.
+    fn merge(&mut self, end: i64, batch: &RecordBatch) -> DfResult<&mut Window> {
         let nk = self.keys.fields().len();
-        let widths: Vec<usize> = self
-            .lowered
-            .aggregates
-            .iter()
-            .map(|a| a.function.state_fields().map(|f| f.len()))
-            .collect::<DfResult<_>>()?;
-        let Some(w) = self.windows().get_mut(&end) else {
-            return Ok(());
-        };
+        let widths = self.state_widths.clone();
+        let w = self.window_at(end)?;
         let mut groups = Vec::with_capacity(batch.num_rows());
         w.groups.intern(&batch.columns()[..nk], &mut groups)?;
         let n = w.groups.len();
@@ -400,11 +397,6 @@ impl WindowAggregate {
             at += width;
         }
         w.changed = true;
-        Ok(())
-    }
-
-    /// The schema of checkpointed window state.
-    pub fn state_schema(&self) -> &SchemaRef {
-        &self.state
+        Ok(w)
     }
 }

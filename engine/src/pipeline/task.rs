@@ -344,27 +344,32 @@ impl PipelineTask {
         }
         // Event time: late rows and repeats leave before the plan; late rows are still
         // archived (reconciliation brings them into the batch view), repeats are not.
-        let (kept, late, duplicates) = match &mut self.state {
+        let split = match &mut self.state {
             Some(st) => {
                 if st.stale {
                     let windowed = &self.windowed;
                     st.reload(&self.log, || windowed.as_ref().map(|w| w.state()).transpose())
                         .await?;
                 }
-                let split = st.event_time.split(&checked.kept)?;
-                let late_rows: u64 = split.late.iter().map(|b| b.num_rows() as u64).sum();
-                if st.event_time.def.late == sluice_sql::LatePolicy::Drop {
-                    dropped += late_rows;
-                } else if late_rows > 0 {
-                    let letters = self.late_letters(&split.late, &split.reasons);
-                    dead.extend(letters);
-                }
-                dropped += split.duplicates;
-                (split.kept, split.late, split.duplicates)
+                st.event_time.split(&checked.kept)?
             }
-            None => (checked.kept, Vec::new(), 0),
+            None => crate::event_time::Split {
+                kept: checked.kept,
+                ..Default::default()
+            },
         };
+        let (kept, late, duplicates) = (split.kept, split.late, split.duplicates);
         let late_rows: u64 = late.iter().map(|b| b.num_rows() as u64).sum();
+        let dead_letter_late = self
+            .state
+            .as_ref()
+            .is_some_and(|st| st.event_time.def.late == sluice_sql::LatePolicy::DeadLetter);
+        if dead_letter_late {
+            dead.extend(self.late_letters(&late, &split.reasons));
+        } else {
+            dropped += late_rows;
+        }
+        dropped += duplicates;
         // The raw archive of what the SQL reads is encoded on a blocking thread while the plan
         // runs (on one thread: the plan and the sink's encoder have the other cores). Rows the
         // plan fails on are rare: the archive is then encoded again without them.
@@ -689,53 +694,38 @@ impl PipelineTask {
         rows: Vec<RecordBatch>,
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(Vec<RecordBatch>, u64, u64)> {
-        let epoch = self.next_epoch;
-        let source = self.source.clone();
-        let emitted = {
-            let (Some(st), true) = (&mut self.state, self.windowed.is_some()) else {
-                return Ok((rows, 0, 0));
-            };
-            let Some(open) = st.windows.as_mut() else {
-                return Ok((rows, 0, 0));
-            };
-            let mut bad = Vec::new();
-            let mut offset = 0;
-            for b in &rows {
-                add_isolating(open, b, offset, &mut bad)?;
-                offset += b.num_rows();
-            }
-            dead.extend(bad.into_iter().map(|(row, error)| DeadLetter {
-                source: source.clone(),
-                position: serde_json::json!({ "epoch": epoch, "aggregate_input_row": row.1 }),
-                stage: Stage::Transform,
-                error,
-                raw: row_json(std::slice::from_ref(&row.0)),
-                raw_base64: None,
-            }));
-            let closed_rows = open.take_closed_rows();
-            let closed = match st.event_time.watermark() {
-                Some(wm) => open.close(wm).map_err(EngineError::Environment)?,
-                None => Default::default(),
-            };
-            dead.extend(closed.failed.into_iter().map(|(end, groups, error)| DeadLetter {
-                source: source.clone(),
-                position: serde_json::json!({ "epoch": epoch, "window_end": crate::event_time::rfc3339(end) }),
-                stage: Stage::Transform,
-                error: format!("the window ending {} ({groups} groups) could not be evaluated: {error}", crate::event_time::rfc3339(end)),
-                raw: String::new(),
-                raw_base64: None,
-            }));
-            (closed.emitted, closed_rows)
+        let Some(st) = self.state.as_mut() else {
+            return Ok((rows, 0, 0));
         };
-        let (emitted, closed_rows) = emitted;
-        let Some(w) = &self.windowed else {
-            return Ok((Vec::new(), 0, closed_rows));
+        let watermark = st.event_time.watermark();
+        let Some(open) = st.windows.as_mut() else {
+            return Ok((rows, 0, 0));
         };
-        if emitted.is_empty() {
-            return Ok((Vec::new(), 0, closed_rows));
+        let mut bad = Vec::new();
+        let mut offset = 0;
+        for b in &rows {
+            add_isolating(open, b, offset, &mut bad)?;
+            offset += b.num_rows();
         }
-        let n = emitted.len() as u64;
-        let (out, _) = self.isolating(&w.output, "window_row", &emitted, dead).await?;
+        let closed_rows = open.take_closed_rows();
+        let closed = match watermark {
+            Some(wm) => open.close(wm).map_err(EngineError::Environment)?,
+            None => Default::default(),
+        };
+        for ((row, at), error) in bad {
+            let position = serde_json::json!({ "aggregate_input_row": at });
+            dead.push(self.letter(Stage::Transform, position, error, row_json(&[row])));
+        }
+        for (end, groups, error) in closed.failed {
+            let end = crate::event_time::rfc3339(end);
+            let error = format!("the window ending {end} ({groups} groups) could not be evaluated: {error}");
+            dead.push(self.letter(Stage::Transform, serde_json::json!({ "window_end": end }), error, String::new()));
+        }
+        let (Some(w), false) = (&self.windowed, closed.emitted.is_empty()) else {
+            return Ok((Vec::new(), 0, closed_rows));
+        };
+        let n = closed.emitted.len() as u64;
+        let (out, _) = self.isolating(&w.output, "window_row", &closed.emitted, dead).await?;
         Ok((out, n, closed_rows))
     }
 
@@ -767,18 +757,28 @@ impl PipelineTask {
         }
     }
 
+    /// A dead letter of this pipeline's source, at `position` within the epoch being staged.
+    fn letter(&self, stage: Stage, position: serde_json::Value, error: String, raw: String) -> DeadLetter {
+        let mut position = position;
+        position["epoch"] = serde_json::json!(self.next_epoch);
+        DeadLetter {
+            source: self.source.clone(),
+            position,
+            stage,
+            error,
+            raw,
+            raw_base64: None,
+        }
+    }
+
     /// The dead letters of late rows.
     fn late_letters(&self, late: &[RecordBatch], reasons: &[String]) -> Vec<DeadLetter> {
         late.iter()
             .flat_map(|b| (0..b.num_rows()).map(move |i| b.slice(i, 1)))
             .enumerate()
-            .map(|(i, row)| DeadLetter {
-                source: self.source.clone(),
-                position: serde_json::json!({ "epoch": self.next_epoch, "late_row": i }),
-                stage: Stage::Late,
-                error: reasons.get(i).cloned().unwrap_or_else(|| "late".to_string()),
-                raw: row_json(std::slice::from_ref(&row)),
-                raw_base64: None,
+            .map(|(i, row)| {
+                let reason = reasons.get(i).cloned().unwrap_or_else(|| "late".to_string());
+                self.letter(Stage::Late, serde_json::json!({ "late_row": i }), reason, row_json(&[row]))
             })
             .collect()
     }
@@ -847,14 +847,8 @@ impl PipelineTask {
                 Ok(b) => out.push((offset, b)),
                 Err(e) if len == 1 => {
                     failed.push(offset);
-                    dead.push(DeadLetter {
-                        source: self.source.clone(),
-                        position: serde_json::json!({ "epoch": self.next_epoch, what: offset }),
-                        stage: Stage::Transform,
-                        error: e.strip_backtrace(),
-                        raw: row_json(&part),
-                        raw_base64: None,
-                    })
+                    let position = serde_json::json!({ what: offset });
+                    dead.push(self.letter(Stage::Transform, position, e.strip_backtrace(), row_json(&part)));
                 }
                 Err(_) => {
                     let half = len / 2;
