@@ -40,6 +40,7 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use sluice_connectors::parquet::config::ParquetSinkConfig;
+use sluice_engine::batch::archive;
 use sluice_engine::decode::{Format, RecordDecoder, lines};
 
 const PER_FILE: u64 = 200_000;
@@ -822,8 +823,8 @@ fn decode_all(decoder: &RecordDecoder, files: &[Vec<u8>]) -> (Vec<RecordBatch>, 
 }
 
 /// Decode only (the engine's decoder, then arrow-json alone for comparison), then encode only,
-/// single-threaded, in this process.
-fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row, Row) {
+/// then the raw archive's encode only, single-threaded, in this process.
+fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row, Row, Row) {
     let decoder = RecordDecoder::new(Format::Json, schema());
     let names = input_files(work);
     let files: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(n).expect("read")).collect();
@@ -869,7 +870,26 @@ fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row, Row) {
         rss: 0,
         rows_out: None,
     };
-    (decode, arrow, encode)
+    // The raw archive's encode of the same batches (what `archive` on adds to a run).
+    let schema = schema();
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut total = 0;
+    for b in &batches {
+        let file = archive::encode(std::slice::from_ref(b), &schema, 1, Some("{\"files\":{}}"), 0, 1).expect("archive");
+        total += file.len();
+    }
+    eprintln!("raw archive: {total} bytes");
+    let archive = Row {
+        name: "floor: raw archive encode only (1 thread)".into(),
+        events,
+        bytes,
+        wall: t0.elapsed().as_secs_f64(),
+        cpu: self_cpu() - cpu0,
+        rss: 0,
+        rows_out: None,
+    };
+    (decode, arrow, encode, archive)
 }
 
 /// Percentile (0..=100) of sorted milliseconds.
@@ -1093,11 +1113,11 @@ fn main() {
     let bytes = datagen::write_orders(&work.join("in"), 42, events, PER_FILE, MALFORMED_PER_MILLION).expect("generate");
     let files = events.div_ceil(PER_FILE);
 
-    let (decode, arrow_decode, encode) = run_floor(&work, events, bytes);
+    let (decode, arrow_decode, encode, archive_encode) = run_floor(&work, events, bytes);
     eprintln!("floor measured");
     if args.iter().any(|a| a == "--floor-only") {
         // For profiling the decoder and encoder (`perf record` on this process); no report.
-        for r in [&decode, &arrow_decode, &encode] {
+        for r in [&decode, &arrow_decode, &encode, &archive_encode] {
             eprintln!("{}: {:.2} s wall, {:.2} CPU-s", r.name, r.wall, r.cpu);
         }
         let _ = std::fs::remove_dir_all(&work);
@@ -1305,6 +1325,7 @@ fn main() {
     rows.push(decode);
     rows.push(arrow_decode);
     rows.push(encode);
+    rows.push(archive_encode);
     // Each row's DuckDB reference: the order-stream DuckDB run, or the same Nexmark query's.
     let mut reference: Vec<Option<f64>> = rows
         .iter()

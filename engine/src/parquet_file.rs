@@ -37,7 +37,11 @@ pub fn encode_file(
         .convert(schema)?;
     let max_rows = props.max_row_group_row_count().unwrap_or(usize::MAX).max(1);
     let props = Arc::new(props);
-    let mut file = SerializedFileWriter::new(Vec::new(), parquet_schema.root_schema_ptr(), props)?;
+    // Reserved up front at the batches' in-memory size, which the encoded file rarely
+    // exceeds: growing the buffer by doubling would copy it and fault its pages in twice.
+    // Reserved pages that are never written cost no memory.
+    let reserve = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    let mut file = SerializedFileWriter::new(Vec::with_capacity(reserve), parquet_schema.root_schema_ptr(), props)?;
     let factory = ArrowRowGroupWriterFactory::new(&file, schema.clone());
     for (index, group) in row_groups(batches, max_rows).iter().enumerate() {
         let writers = factory.create_column_writers(index)?;

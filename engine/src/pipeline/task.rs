@@ -444,7 +444,7 @@ impl PipelineTask {
             if rows > 0 {
                 let path = crate::batch::archive::archive_path(self.log.writer(), epoch, now);
                 let size = bytes.len() as u64;
-                self.log.stage(&path, bytes.to_vec()).await?;
+                self.log.stage(&path, bytes).await?;
                 archive = Some(ArchiveFile {
                     path,
                     rows,
@@ -791,7 +791,7 @@ impl PipelineTask {
         epoch: u64,
         position: Option<String>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> tokio::task::JoinHandle<Result<(u64, bytes::Bytes)>> {
+    ) -> tokio::task::JoinHandle<Result<(u64, Vec<u8>)>> {
         let schema = self.plan.input_schema().clone();
         let at = now.timestamp_micros();
         tokio::task::spawn_blocking(move || {
