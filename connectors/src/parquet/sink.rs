@@ -81,12 +81,21 @@ impl ParquetSink {
         if self.partition_by.is_empty() {
             return Ok(vec![(vec![], batch.clone())]);
         }
+        if batch.num_rows() == 0 {
+            return Ok(vec![]);
+        }
         let cols: Vec<_> = self.partition_by.iter().map(|i| batch.column(*i).clone()).collect();
         let conv = RowConverter::new(cols.iter().map(|c| SortField::new(c.data_type().clone())).collect())?;
         let rows = conv.convert_columns(&cols)?;
         let mut groups: HashMap<&[u8], Vec<u32>> = HashMap::new();
-        for (i, row) in rows.iter().enumerate() {
-            groups.entry(row.data()).or_default().push(i as u32);
+        let first = rows.row(0);
+        if rows.iter().all(|r| r == first) {
+            // One partition (common: an epoch within one day): no per-row grouping.
+            groups.insert(first.data(), vec![0]);
+        } else {
+            for (i, row) in rows.iter().enumerate() {
+                groups.entry(row.data()).or_default().push(i as u32);
+            }
         }
         let opts = FormatOptions::default();
         let formatters = cols

@@ -83,18 +83,28 @@ impl Digest {
             create_hashes([*col], &seed.0, &mut hashes).map_err(hash_err)?;
             let d = self.columns.entry(name.to_string()).or_default();
             // The validity bitmap once per column (not a dynamic call per value).
-            let nulls = col.logical_nulls();
+            let nulls = col.logical_nulls().filter(|n| n.null_count() > 0);
             d.nulls += nulls.as_ref().map_or(0, |n| n.null_count()) as u64;
             let tag = (position as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            for (i, (h, r)) in hashes.iter().zip(rows.iter_mut()).enumerate() {
-                let v = if nulls.as_ref().is_none_or(|n| n.is_valid(i)) {
-                    d.sum = d.sum.wrapping_add(*h);
-                    *h
-                } else {
-                    NULL_TAG
-                };
-                // Xor then multiply: carries make the fold non-linear across columns.
-                *r = (*r ^ v ^ tag).wrapping_mul(0xbf58_476d_1ce4_e5b9).rotate_left(29);
+            // Xor then multiply: carries make the fold non-linear across columns.
+            let fold = |r: u64, v: u64| (r ^ v ^ tag).wrapping_mul(0xbf58_476d_1ce4_e5b9).rotate_left(29);
+            match &nulls {
+                // No nulls: branch-free loops the compiler can vectorise.
+                None => {
+                    d.sum = hashes.iter().fold(d.sum, |s, h| s.wrapping_add(*h));
+                    rows.iter_mut().zip(&hashes).for_each(|(r, h)| *r = fold(*r, *h));
+                }
+                Some(valid) => {
+                    for (i, (h, r)) in hashes.iter().zip(rows.iter_mut()).enumerate() {
+                        let v = if valid.is_valid(i) {
+                            d.sum = d.sum.wrapping_add(*h);
+                            *h
+                        } else {
+                            NULL_TAG
+                        };
+                        *r = fold(*r, v);
+                    }
+                }
             }
         }
         for r in rows.iter_mut() {

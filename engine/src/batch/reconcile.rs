@@ -337,10 +337,12 @@ pub async fn reconcile(
     ));
     let started = std::time::Instant::now();
     progress("recomputing", 0, archive_paths.len() as u64);
-    let batches = if archive_paths.is_empty() {
-        vec![]
+    // The batch side is digested as the recompute streams it, per partition of the plan; its
+    // rows are kept only for a repair (which stages them).
+    let computed = if archive_paths.is_empty() {
+        Computed::default()
     } else {
-        recompute(
+        let frame = recompute(
             opts.exec.as_ref().unwrap_or(ctx),
             opts.exec.is_some(),
             program,
@@ -348,14 +350,12 @@ pub async fn reconcile(
             &table,
             &archive_paths,
         )
-        .await?
+        .await?;
+        digest_batch_side(frame, sink.clone(), key.clone(), seed.clone(), opts.repair).await?
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
     let next_epoch = snap.newest_epoch() + 1;
     let recomputed = started.elapsed();
-    // The batch result as the sink would store it, by partition (nothing written yet).
-    let mut batch_parts: BTreeMap<String, Vec<RecordBatch>> = sink.partition(batches.clone())?.into_iter().collect();
-    let split = started.elapsed();
 
     // Both sides by partition.
     let mut sides: BTreeMap<String, Vec<FileAction>> = BTreeMap::new();
@@ -364,7 +364,7 @@ pub async fn reconcile(
             sides.entry(partition_dir(f)).or_default().push(f.clone());
         }
     }
-    for dir in batch_parts.keys() {
+    for dir in computed.digests.keys() {
         sides.entry(dir.clone()).or_default();
     }
     // Files in the partition directories that no entry names: listed first, then the log read
@@ -381,8 +381,7 @@ pub async fn reconcile(
     let mut partitions = Vec::new();
     let mut repair_parts: Vec<(String, Vec<String>)> = Vec::new();
     let mut strays = BTreeSet::new();
-    // Every file and every slice of the batch result is a unit of work: read and digested on
-    // its own blocking thread, one per core at a time, then merged into its partition's side.
+    // Stray files are read and digested like the stream's, one per core at a time.
     let mut units = Vec::new();
     let mut partition_sides = Vec::with_capacity(sides.len());
     for (dir, stream) in sides {
@@ -393,19 +392,6 @@ pub async fn reconcile(
             .filter(|p| !named.contains(p))
             .collect();
         units.extend(stray.iter().map(|p| Unit::Stray(dir.clone(), p.clone())));
-        let mut chunk: Vec<RecordBatch> = Vec::new();
-        let mut rows = 0;
-        for b in batch_parts.remove(&dir).unwrap_or_default() {
-            rows += b.num_rows();
-            chunk.push(b);
-            if rows >= UNIT_ROWS {
-                units.push(Unit::Batch(dir.clone(), std::mem::take(&mut chunk)));
-                rows = 0;
-            }
-        }
-        if !chunk.is_empty() {
-            units.push(Unit::Batch(dir.clone(), chunk));
-        }
         partition_sides.push(Side { dir, stream, stray });
     }
     progress("comparing", 0, total);
@@ -415,6 +401,7 @@ pub async fn reconcile(
             .await
             .map_err(|e| EngineError::Internal(format!("reading the stream side failed: {e}")))?,
     );
+    outcomes.extend(computed.digests.into_iter().map(|(dir, d)| Ok((dir, Outcome::Batch(d)))));
     progress("comparing", total, total);
     let mut acc: BTreeMap<String, Accumulated> = BTreeMap::new();
     for next in outcomes {
@@ -439,8 +426,7 @@ pub async fn reconcile(
     }
     tracing::debug!(
         recompute_ms = recomputed.as_millis() as u64,
-        split_ms = (split - recomputed).as_millis() as u64,
-        compare_ms = (started.elapsed() - split).as_millis() as u64,
+        compare_ms = (started.elapsed() - recomputed).as_millis() as u64,
         partitions = total,
         "reconcile phases"
     );
@@ -467,7 +453,7 @@ pub async fn reconcile(
         // The batch result encoded by the sink itself on the scratch store; the files of the
         // differing partitions are copied into the table's staging by the repair.
         let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);
-        let files = shadow.stage(&shadow_log, next_epoch, batches).await?;
+        let files = shadow.stage(&shadow_log, next_epoch, computed.rows).await?;
         let parts = repair_parts
             .into_iter()
             .map(|(dir, remove)| {
@@ -546,17 +532,12 @@ struct Side {
     stray: Vec<String>,
 }
 
-/// Rows of the batch result digested as one unit of work.
-const UNIT_ROWS: usize = 64 * 1024;
-
 /// One unit of comparison work, for the partition directory it names first.
 enum Unit {
     /// A file the stream committed.
     Stream(String, String),
     /// A file in the partition directory that no commit names.
     Stray(String, String),
-    /// Rows of the batch result.
-    Batch(String, Vec<RecordBatch>),
 }
 
 /// Digests `units`, `parallel` at a time; each result names its partition.
@@ -593,11 +574,6 @@ struct Accumulated {
 /// Reads and digests one unit on a blocking thread.
 async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed) -> Result<(String, Outcome)> {
     let (key, seed) = (key.to_vec(), seed.clone());
-    let digest = move |rows: &[RecordBatch]| -> Result<Digest> {
-        let mut d = Digest::default();
-        rows.iter().try_for_each(|r| d.add(r, &key, &seed))?;
-        Ok(d)
-    };
     let blocking = |f: Box<dyn FnOnce() -> Result<Outcome> + Send>| async move {
         tokio::task::spawn_blocking(f)
             .await
@@ -608,7 +584,7 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
             None => Ok((i, Outcome::Missing(path))),
             Some(bytes) => Ok((
                 i,
-                blocking(Box::new(move || Ok(Outcome::Stream(digest(&decode(bytes, &path)?)?)))).await?,
+                blocking(Box::new(move || Ok(Outcome::Stream(digest_file(bytes, &path, &key, &seed)?)))).await?,
             )),
         },
         Unit::Stray(i, path) => {
@@ -617,7 +593,7 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
                 return Ok((i, Outcome::Unreadable));
             };
             let out = blocking(Box::new(move || {
-                Ok(match decode(bytes, &path).and_then(|rows| digest(&rows)) {
+                Ok(match digest_file(bytes, &path, &key, &seed) {
                     Ok(d) => Outcome::Stream(d),
                     Err(_) => Outcome::Unreadable,
                 })
@@ -625,8 +601,70 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
             .await?;
             Ok((i, out))
         }
-        Unit::Batch(i, rows) => Ok((i, blocking(Box::new(move || Ok(Outcome::Batch(digest(&rows)?)))).await?)),
     }
+}
+
+/// The digest of a Parquet file's rows, batch by batch as they are decoded.
+fn digest_file(bytes: bytes::Bytes, path: &str, key: &[String], seed: &Seed) -> Result<Digest> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|b| b.build())
+        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
+    let mut d = Digest::default();
+    for batch in reader {
+        let batch = batch.map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
+        d.add(&batch, key, seed)?;
+    }
+    Ok(d)
+}
+
+/// The batch side as the recompute streams it: each partition's digest (partitioned as the
+/// sink would store the rows), and the rows themselves when `keep` (a repair stages them).
+#[derive(Default)]
+struct Computed {
+    digests: BTreeMap<String, Digest>,
+    rows: Vec<RecordBatch>,
+}
+
+/// Runs `frame` and digests its rows as they come, one task per partition of its plan.
+async fn digest_batch_side(
+    frame: DataFrame,
+    sink: Arc<dyn Sink>,
+    key: Arc<[String]>,
+    seed: Seed,
+    keep: bool,
+) -> Result<Computed> {
+    let streams = frame.execute_stream_partitioned().await?;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let (sink, key, seed) = (sink.clone(), key.clone(), seed.clone());
+            tokio::spawn(async move {
+                let mut part = Computed::default();
+                while let Some(batch) = stream.next().await {
+                    let batch = batch?;
+                    if keep {
+                        part.rows.push(batch.clone());
+                    }
+                    for (dir, rows) in sink.partition(vec![batch])? {
+                        let d = part.digests.entry(dir).or_default();
+                        rows.iter().try_for_each(|r| d.add(r, &key, &seed))?;
+                    }
+                }
+                Ok::<_, EngineError>(part)
+            })
+        })
+        .collect();
+    let mut all = Computed::default();
+    for task in tasks {
+        let part = task
+            .await
+            .map_err(|e| EngineError::Internal(format!("recomputing failed: {e}")))??;
+        for (dir, d) in part.digests {
+            all.digests.entry(dir).or_default().merge(d);
+        }
+        all.rows.extend(part.rows);
+    }
+    Ok(all)
 }
 
 /// A partition's report, and the files a repair removes when its sides differ.
@@ -662,8 +700,8 @@ fn verdict(side: Side, a: Accumulated, keyed: bool) -> (PartitionReport, Option<
     (report, remove)
 }
 
-/// Runs the pipeline's SELECT over the archive files, through its row-level expectations, on
-/// `ctx`. `remote`: static tables are read through their own format's provider (a listing
+/// The pipeline's SELECT over the archive files, through its row-level expectations, planned
+/// on `ctx`. `remote`: static tables are read through their own format's provider (a listing
 /// table a cluster can serialise) rather than Sluice's read-whole wrapper.
 async fn recompute(
     ctx: &SessionContext,
@@ -672,7 +710,7 @@ async fn recompute(
     def: &PipelineDef,
     table: &TableStore,
     archive: &[String],
-) -> Result<Vec<RecordBatch>> {
+) -> Result<DataFrame> {
     let source = program
         .sources
         .get(&def.source)
@@ -727,7 +765,7 @@ async fn recompute(
     for e in removing_checks(program, &def.name) {
         out = out.filter(e.is_not_false())?;
     }
-    Ok(out.collect().await?)
+    Ok(out)
 }
 
 /// The row-level checks on `table` that remove rows (`DEAD_LETTER`, `DROP`), unqualified.
