@@ -624,3 +624,71 @@ fn reconcile_brings_late_rows_into_the_batch_view() {
     let (code, out, _) = reconcile(&l, &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// A windowed pipeline emits each window once, when the watermark passes its end, and leaves
+/// out rows that arrive for an emitted window. Reconcile recomputes the windows the range's
+/// epochs emitted from the whole raw archive (late rows included) with the stream's own window
+/// state: equal while no row was late; after late rows, exactly their window's partition
+/// differs, and a repair brings them into that window's row.
+#[test]
+fn reconcile_recomputes_windows_with_their_late_rows() {
+    let t = crate::event_time::Adhoc::start_partitioned(
+        "ev (id BIGINT NOT NULL, k VARCHAR NOT NULL, ts TIMESTAMP NOT NULL)",
+        "'event_time' 'ts'",
+        "PARTITIONED BY (day)",
+        "INSERT INTO out SELECT date_bin(INTERVAL '1 hour', ts) AS window_start, k, count(*) AS n, sum(id) AS ids,
+                CAST(date_bin(INTERVAL '1 hour', ts) AS DATE) AS day
+         FROM ev GROUP BY date_bin(INTERVAL '1 hour', ts), k;",
+    );
+    // Days 1..=4, two keys, an event every 20 minutes: windows close as event time passes.
+    let at = |m: i64| chrono::DateTime::from_timestamp(1_767_225_600 + 86_400 + m * 60, 0).unwrap().to_rfc3339();
+    let on_time: String = (0..288)
+        .map(|i| format!("{{\"id\": {i}, \"k\": \"{}\", \"ts\": \"{}\"}}\n", ["a", "b"][i as usize % 2], at(i * 20)))
+        .collect();
+    drop_file(&t.incoming, "a.ndjson", &on_time);
+    t.wait_received(288, "the on-time events committed");
+    let l = Lake {
+        dir: tempfile::tempdir().unwrap(),
+        incoming: t.incoming.clone(),
+        sink: t.sink.clone(),
+        sql: t.sql.clone(),
+        fx: PathBuf::new(),
+    };
+    let (code, out, report) = reconcile(&l, &[]);
+    assert_eq!(code, 0, "no late rows: the windows agree\n{out}");
+    let rows: u64 = report["partitions"].as_array().unwrap().iter().map(|p| p["batch_rows"].as_u64().unwrap()).sum();
+    assert!(rows > 100, "the windows were compared, not two empty sides\n{out}");
+
+    // Late: ids 1000.. for day 2, 10:xx (an emitted window), key a.
+    let late: String = (0..3).map(|i| format!("{{\"id\": {}, \"k\": \"a\", \"ts\": \"{}\"}}\n", 1000 + i, at(24 * 60 + 600 + i))).collect();
+    drop_file(&t.incoming, "b.ndjson", &late);
+    t.wait_received(291, "the late events committed");
+    t.server.stop();
+    let late_counted: u64 = log_entries(&t.sink).iter().map(|e| e["state"]["late"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(late_counted, 3);
+    // A range of only the late rows' epoch: it emitted no window (late rows do not move the
+    // watermark), so there is nothing to compare, and its late rows' partition is named.
+    let entries = log_entries(&t.sink);
+    let late_epoch = entries.iter().find(|e| e["state"]["late"].as_u64() == Some(3)).expect("the late epoch");
+    let from = late_epoch["committed_at"].as_str().unwrap();
+    let (code, out, report) = reconcile(&l, &["--from", from]);
+    assert_eq!(code, 0, "{out}");
+    assert!(report["partitions"].as_array().unwrap().is_empty(), "{out}");
+    assert_eq!(strings(&report["late_partitions"]), vec!["day=2026-01-03/".to_string()], "{out}");
+    // The whole range: the late rows' window differs.
+    let (code, out, report) = reconcile(&l, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(differing(&report).keys().cloned().collect::<Vec<_>>(), vec!["day=2026-01-03/".to_string()], "{out}");
+    let (code, out, _) = reconcile(&l, &["--repair"]);
+    assert!(code == 1 && out.contains("repaired 1 partition(s)"), "{out}");
+    let rt = crate::harness::runtime();
+    let got = rt.block_on(read_hive(
+        &t.sink,
+        &[("day", DataType::Date32)],
+        "SELECT n FROM t WHERE k = 'a' AND window_start = TIMESTAMP '2026-01-03 10:00:00'",
+    ));
+    let on_time = (0..288).filter(|i| i % 2 == 0 && i * 20 / 60 == (24 * 60 + 600) / 60).count() as i64;
+    assert_eq!(got[0].column(0).as_primitive::<Int64Type>().value(0), on_time + 3, "the late rows are in their window");
+    let (code, out, _) = reconcile(&l, &[]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -12,7 +12,16 @@
 //! now. The stream side is every live file covering those epochs, plus any file in the touched
 //! partition directories that no commit names (plain readers read it). Partitions are
 //! compared by row count, per-column digests and whole-row digests ([`super::digest`]), and by
-//! key when the sink declares `key`.
+//! key when the sink declares `key`. Both sides are digested as they stream (the batch side
+//! per partition of its plan, the stream's files batch by batch), so memory holds batches, not
+//! the range.
+//!
+//! **Windowed pipelines.** The stream emitted a window in the epoch whose watermark passed its
+//! end, from rows of any earlier epoch. A range's epochs therefore cover the windows ending
+//! after the watermark before the range and by the watermark after it (the entries'
+//! `state.watermark_ns`); the batch side recomputes them from the whole raw archive (late rows
+//! included) with the stream's own window state ([`WindowAggregate`]), then through the part
+//! of the SELECT above the aggregate and the sink's row-level expectations.
 //!
 //! **Repair** writes the batch result of each differing partition through the sink (same
 //! encoding and partitioning as the stream), then commits one entry that adds those files
@@ -29,6 +38,7 @@ use std::sync::Arc;
 use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::execution::context::ExecutionProps;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col};
 use futures::StreamExt;
@@ -40,6 +50,8 @@ use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
 use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
+use crate::event_time::window::{WindowAggregate, add_isolating};
+use crate::pipeline::exec::BatchPlan;
 use crate::store::lease::WriterLease;
 use crate::store::TableStore;
 use crate::sink::Sink;
@@ -194,16 +206,6 @@ pub fn pipeline_and_sink<'a>(program: &'a Program, name: &str) -> Result<(&'a Pi
         .sinks
         .get(&def.name)
         .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its sink", def.name)))?;
-    // The batch side of a windowed pipeline would be the GROUP BY over the range's archive,
-    // while the stream wrote each window when the watermark closed it, often in a later epoch:
-    // comparing the two per range would report (and repair) windows the stream is about to
-    // write or has written elsewhere.
-    if def.window.is_some() {
-        return Err(EngineError::config(
-            format!("pipeline {name} aggregates event-time windows, which reconcile cannot compare yet"),
-            Some("reconcile stateless pipelines (with or without event time, late rows and dedup)".to_string()),
-        ));
-    }
     Ok((def, sink))
 }
 
@@ -279,7 +281,28 @@ pub async fn reconcile(
         _ => None,
     };
     let covered = |[a, b]: [u64; 2]| epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo);
-    let archived: Vec<&EntrySummary> = mine.iter().copied().filter(|e| covered([e.epoch, e.epoch])).collect();
+    // A windowed pipeline emitted, in the range's epochs, the windows ending after the
+    // watermark before them and by the watermark after them; those windows take rows from
+    // any epoch (late rows included), so the whole archive is recomputed and only they are
+    // kept.
+    let windows = match (&def.window, epochs) {
+        (Some(_), Some([lo, hi])) => {
+            let newest = |below: u64| mine.iter().filter(|e| e.epoch < below).filter_map(|e| e.watermark_ns).last();
+            Some((newest(lo), newest(hi + 1)))
+        }
+        _ => None,
+    };
+    let archived: Vec<&EntrySummary> = mine
+        .iter()
+        .copied()
+        .filter(|e| windows.is_some() || covered([e.epoch, e.epoch]))
+        .collect();
+    if windows.is_some() && !super::archive::enabled(&sink_def.options)? {
+        return Err(EngineError::config(
+            format!("pipeline {} aggregates windows and its sink does not archive (archive = off), so its windows cannot be recomputed", def.name),
+            Some("turn the archive on; ranges after that can be reconciled".to_string()),
+        ));
+    }
     // An epoch that wrote rows read them, so it archived them unless the archive was off.
     if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.output > 0) {
         return Err(EngineError::config(
@@ -351,6 +374,21 @@ pub async fn reconcile(
             &archive_paths,
         )
         .await?;
+        let frame = match (&def.window, windows) {
+            (Some(w), Some((after, through))) => {
+                let source = program
+                    .sources
+                    .get(&def.source)
+                    .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its source", def.name)))?;
+                let rows = recompute_windows(ctx, frame, w, source, after, through).await?;
+                let mut out = ctx.read_batches(rows)?;
+                for e in removing_checks(program, &def.name) {
+                    out = out.filter(e.is_not_false())?;
+                }
+                out
+            }
+            _ => frame,
+        };
         digest_batch_side(frame, sink.clone(), key.clone(), seed.clone(), opts.repair).await?
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
@@ -730,8 +768,9 @@ async fn recompute(
     // The source's scan is replaced by the archive's plan under the source's name (a plan, not
     // a view: a cluster serialises plans of standard nodes and listing tables only).
     let input = input.into_unoptimized_plan();
-    let plan = def
-        .plan
+    // A windowed pipeline's part below its aggregate: the windows are recomputed after.
+    let plan = def.window.as_ref().map_or(&def.plan, |w| &w.input);
+    let plan = plan
         .clone()
         .transform_up_with_subqueries(|node| match node {
             LogicalPlan::TableScan(scan) if scan.table_name.table() == def.source => {
@@ -762,10 +801,58 @@ async fn recompute(
         })?
         .data;
     let mut out = DataFrame::new(ctx.state(), plan);
-    for e in removing_checks(program, &def.name) {
-        out = out.filter(e.is_not_false())?;
+    if def.window.is_none() {
+        for e in removing_checks(program, &def.name) {
+            out = out.filter(e.is_not_false())?;
+        }
     }
     Ok(out)
+}
+
+/// The windows a windowed pipeline emitted between two watermarks (`after`, exclusive; none:
+/// from the first; `through`, inclusive), recomputed from every row of `input` (the part
+/// below the aggregate, over the archive) with the stream's own window state, then through
+/// the part above it. Rows without an event time, rows whose GROUP BY or aggregate arguments
+/// fail to evaluate and windows that fail to evaluate are left out, as the stream
+/// dead-letters them.
+async fn recompute_windows(
+    ctx: &SessionContext,
+    input: DataFrame,
+    def: &sluice_sql::WindowDef,
+    source: &sluice_sql::SourceDef,
+    after: Option<i64>,
+    through: Option<i64>,
+) -> Result<Vec<RecordBatch>> {
+    let Some(through) = through else {
+        return Ok(Vec::new());
+    };
+    let event_time = match &source.event_time {
+        Some(et) => Some(crate::event_time::EventTime::new(et.clone(), &source.schema)?),
+        None => None,
+    };
+    let mut open = WindowAggregate::new(def, &ExecutionProps::new())?;
+    let mut rows = input.execute_stream().await?;
+    while let Some(batch) = rows.next().await {
+        let batch = batch?;
+        let batch = match &event_time {
+            Some(et) => et.with_event_time(std::slice::from_ref(&batch))?,
+            None => vec![batch],
+        };
+        for b in &batch {
+            // Rows the stream dead-lettered at its window step (their GROUP BY or arguments
+            // fail to evaluate) are archived; they are left out here too.
+            add_isolating(&mut open, b, 0, &mut Vec::new())?;
+        }
+    }
+    if let Some(after) = after {
+        open.close(after)?;
+    }
+    let emitted = open.close(through)?.emitted;
+    if emitted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let output = BatchPlan::bind(ctx, &def.output, sluice_sql::WINDOW_TABLE, def.emitted.clone())?;
+    Ok(output.execute(&emitted).await?)
 }
 
 /// The row-level checks on `table` that remove rows (`DEAD_LETTER`, `DROP`), unqualified.

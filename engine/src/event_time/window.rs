@@ -17,6 +17,8 @@ use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use sluice_sql::{Lowered, LoweredAggregate, WindowDef};
 
+use crate::error::EngineError;
+
 type DfResult<T> = Result<T, DataFusionError>;
 
 /// The windows one [`WindowAggregate::close`] closed.
@@ -400,3 +402,33 @@ impl WindowAggregate {
         Ok(w)
     }
 }
+
+/// Adds `batch` (rows `base..` of the epoch's aggregate input) to the open windows; the rows
+/// whose GROUP BY or aggregate arguments fail to evaluate (found by bisection; evaluation
+/// changes nothing) are left out and returned in `bad` with their index and the error.
+pub fn add_isolating(
+    open: &mut WindowAggregate,
+    batch: &RecordBatch,
+    base: usize,
+    bad: &mut Vec<((RecordBatch, usize), String)>,
+) -> Result<(), EngineError> {
+    let mut stack = vec![(0usize, batch.num_rows())];
+    while let Some((offset, len)) = stack.pop() {
+        let part = batch.slice(offset, len);
+        match open.prepare(&part) {
+            // Rows that evaluated but cannot be added are not a transient fault: fail visibly.
+            Ok(prepared) => open
+                .apply(prepared)
+                .map_err(|e| EngineError::Internal(format!("adding rows to the open windows: {}", e.strip_backtrace())))?,
+            Err(e) if len == 1 => bad.push(((part, base + offset), e.strip_backtrace())),
+            Err(e) if len == 0 => return Err(EngineError::Environment(e)),
+            Err(_) => {
+                let half = len / 2;
+                stack.push((offset + half, len - half));
+                stack.push((offset, half));
+            }
+        }
+    }
+    Ok(())
+}
+

@@ -38,6 +38,10 @@ pub struct EntrySummary {
     /// The partitions its late rows would have written to (its `state.dirty`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub late_dirty: Vec<String>,
+    /// The event-time watermark after it (its `state.watermark_ns`): windows ending by it had
+    /// been emitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark_ns: Option<i64>,
 }
 
 impl From<&CommitEntry> for EntrySummary {
@@ -49,6 +53,7 @@ impl From<&CommitEntry> for EntrySummary {
             archive: e.archive.clone(),
             output: e.counts.output,
             late_dirty: e.state.as_ref().map(|s| s.dirty.clone()).unwrap_or_default(),
+            watermark_ns: e.state.as_ref().and_then(|s| s.watermark_ns),
         }
     }
 }

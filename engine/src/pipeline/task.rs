@@ -19,7 +19,7 @@ use crate::budget::Budget;
 use crate::dead_letter::{DeadLetter, Stage, to_ndjson};
 use crate::error::{EngineError, Result};
 use crate::event_time::state::StreamState;
-use crate::event_time::window::WindowAggregate;
+use crate::event_time::window::{WindowAggregate, add_isolating};
 use crate::log::commit::{
     ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema,
     TableSummary,
@@ -874,35 +874,6 @@ fn environment_error(e: &datafusion::error::DataFusionError) -> bool {
         E::ArrowError(a, _) => matches!(a.as_ref(), arrow::error::ArrowError::IoError(..)),
         _ => false,
     }
-}
-
-/// Adds `batch` (rows `base..` of the epoch's aggregate input) to the open windows; the rows
-/// whose GROUP BY or aggregate arguments fail to evaluate (found by bisection; evaluation
-/// changes nothing) are left out and returned in `bad` with their index and the error.
-fn add_isolating(
-    open: &mut WindowAggregate,
-    batch: &RecordBatch,
-    base: usize,
-    bad: &mut Vec<((RecordBatch, usize), String)>,
-) -> Result<()> {
-    let mut stack = vec![(0usize, batch.num_rows())];
-    while let Some((offset, len)) = stack.pop() {
-        let part = batch.slice(offset, len);
-        match open.prepare(&part) {
-            // Rows that evaluated but cannot be added are not a transient fault: fail visibly.
-            Ok(prepared) => open
-                .apply(prepared)
-                .map_err(|e| EngineError::Internal(format!("adding rows to the open windows: {}", e.strip_backtrace())))?,
-            Err(e) if len == 1 => bad.push(((part, base + offset), e.strip_backtrace())),
-            Err(e) if len == 0 => return Err(EngineError::Environment(e)),
-            Err(_) => {
-                let half = len / 2;
-                stack.push((offset + half, len - half));
-                stack.push((offset, half));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `batches` without the rows at `skip` (sorted indexes over the batches taken as one
