@@ -4,7 +4,7 @@
 //!
 //! Data flow per pipeline: source → [`Chunk`](source::Chunk)s (decoded with
 //! [`decode::RecordDecoder`], bad records as dead letters) → [`pipeline::batcher::Batcher`] →
-//! [`pipeline::exec::BatchPlan`] (the pipeline's DataFusion plan) → sink staging → one
+//! [`plan::BatchPlan`] (the pipeline's DataFusion plan) → sink staging → one
 //! [`log::commit::CommitLog`] entry per epoch. Every durability step on local disk goes
 //! through [`durability`].
 //!
@@ -46,6 +46,7 @@ pub mod ingest;
 pub mod log;
 pub mod parquet_file;
 pub mod pipeline;
+pub mod plan;
 pub mod quality;
 pub mod retry;
 pub mod server;

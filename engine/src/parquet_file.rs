@@ -19,6 +19,9 @@ use parquet::errors::{ParquetError, Result};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 
+/// The most [`encode_file`] reserves for a file before encoding it.
+const MAX_RESERVE: usize = 256 << 20;
+
 /// Encodes `batches` (all with `schema`) as one Parquet file, using up to `threads` threads.
 /// Row groups hold at most `props.max_row_group_row_count()` rows, like [`ArrowWriter`]'s
 /// (a byte limit on row groups is not applied).
@@ -37,11 +40,19 @@ pub fn encode_file(
         .convert(schema)?;
     let max_rows = props.max_row_group_row_count().unwrap_or(usize::MAX).max(1);
     let props = Arc::new(props);
-    // Reserved up front at the batches' in-memory size, which the encoded file rarely
-    // exceeds: growing the buffer by doubling would copy it and fault its pages in twice.
-    // Reserved pages that are never written cost no memory.
-    let reserve = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-    let mut file = SerializedFileWriter::new(Vec::with_capacity(reserve), parquet_schema.root_schema_ptr(), props)?;
+    // Reserved up front at the rows' in-memory size (of the slices, not the buffers they
+    // share), which the encoded file rarely exceeds: growing the buffer by doubling would copy
+    // it and fault its pages in twice. Reserved pages that are never written cost no memory;
+    // a reservation that fails leaves the buffer to grow.
+    let reserve = batches
+        .iter()
+        .flat_map(|b| b.columns())
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+        .fold(0usize, usize::saturating_add)
+        .min(MAX_RESERVE);
+    let mut buffer = Vec::new();
+    let _ = buffer.try_reserve(reserve);
+    let mut file = SerializedFileWriter::new(buffer, parquet_schema.root_schema_ptr(), props)?;
     let factory = ArrowRowGroupWriterFactory::new(&file, schema.clone());
     for (index, group) in row_groups(batches, max_rows).iter().enumerate() {
         let writers = factory.create_column_writers(index)?;

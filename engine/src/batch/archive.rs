@@ -94,16 +94,20 @@ pub fn encode(
 ) -> Result<Vec<u8>> {
     let schema = archive_schema(source);
     let props = writer_properties(&schema);
+    // The added columns are built once, as long as the longest batch, and sliced per batch.
+    let longest = batches.iter().map(RecordBatch::num_rows).max().unwrap_or(0);
     let values: ArrayRef = Arc::new(StringArray::from(vec![position]));
+    let keys = Int32Array::from(vec![0; longest]);
+    let constant: [ArrayRef; 3] = [
+        Arc::new(UInt64Array::from(vec![epoch; longest])),
+        Arc::new(DictionaryArray::<Int32Type>::try_new(keys, values).map_err(arrow_err)?),
+        Arc::new(TimestampMicrosecondArray::from(vec![ingest_us; longest]).with_timezone("UTC")),
+    ];
     let mut rows = Vec::with_capacity(batches.len());
     for b in batches.iter().filter(|b| b.num_rows() > 0) {
         let n = b.num_rows();
         let mut columns = b.columns().to_vec();
-        columns.push(Arc::new(UInt64Array::from(vec![epoch; n])));
-        let keys = Int32Array::from(vec![0; n]);
-        let dict = DictionaryArray::<Int32Type>::try_new(keys, values.clone()).map_err(arrow_err)?;
-        columns.push(Arc::new(dict));
-        columns.push(Arc::new(TimestampMicrosecondArray::from(vec![ingest_us; n]).with_timezone("UTC")));
+        columns.extend(constant.iter().map(|c| c.slice(0, n)));
         rows.push(RecordBatch::try_new(schema.clone(), columns).map_err(arrow_err)?);
     }
     crate::parquet_file::encode_file(&rows, &schema, &props, threads).map_err(parquet_err)

@@ -14,14 +14,17 @@
 //! compared by row count, per-column digests and whole-row digests ([`super::digest`]), and by
 //! key when the sink declares `key`. Both sides are digested as they stream (the batch side
 //! per partition of its plan, the stream's files batch by batch), so memory holds batches, not
-//! the range.
+//! the range (and for a windowed pipeline the windows being recomputed).
 //!
 //! **Windowed pipelines.** The stream emitted a window in the epoch whose watermark passed its
 //! end, from rows of any earlier epoch. A range's epochs therefore cover the windows ending
 //! after the watermark before the range and by the watermark after it (the entries'
-//! `state.watermark_ns`); the batch side recomputes them from the whole raw archive (late rows
-//! included) with the stream's own window state ([`WindowAggregate`]), then through the part
-//! of the SELECT above the aggregate and the sink's row-level expectations.
+//! `state.watermark_ns`); the batch side recomputes them from the raw archive (late rows
+//! included; from the first epoch whose newest event time reaches the earliest start of those
+//! windows, and only rows that can fall in them) with the stream's own window state
+//! ([`WindowAggregate`]), then through the part of the SELECT above the aggregate and the
+//! sink's row-level expectations. One writer only: the servers of a consumer group close
+//! windows at different watermarks.
 //!
 //! **Repair** writes the batch result of each differing partition through the sink (same
 //! encoding and partitioning as the stream), then commits one entry that adds those files
@@ -40,7 +43,8 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::context::ExecutionProps;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
-use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col};
+use datafusion::common::ScalarValue;
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col, lit};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use serde::Serialize;
@@ -51,7 +55,7 @@ use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
 use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
 use crate::event_time::window::{WindowAggregate, add_isolating};
-use crate::pipeline::exec::BatchPlan;
+use crate::plan::BatchPlan;
 use crate::store::lease::WriterLease;
 use crate::store::TableStore;
 use crate::sink::Sink;
@@ -283,19 +287,48 @@ pub async fn reconcile(
     let covered = |[a, b]: [u64; 2]| epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo);
     // A windowed pipeline emitted, in the range's epochs, the windows ending after the
     // watermark before them and by the watermark after them; those windows take rows from
-    // any epoch (late rows included), so the whole archive is recomputed and only they are
-    // kept.
+    // any later epoch (late rows included), so the archive is read from the first epoch that
+    // can hold their rows (the first whose newest event time reaches the earliest start of a
+    // window ending after that watermark) and only they are kept.
     let windows = match (&def.window, epochs) {
-        (Some(_), Some([lo, hi])) => {
+        (Some(w), Some([lo, hi])) => {
+            let instances: BTreeSet<&str> = mine.iter().filter_map(|e| e.instance.as_deref()).collect();
+            if instances.len() > 1 {
+                return Err(EngineError::config(
+                    format!(
+                        "pipeline {} aggregates windows and is written by {} instances (a consumer group), whose watermarks close windows at different times",
+                        def.name,
+                        instances.len()
+                    ),
+                    Some("reconcile windowed pipelines that one server writes".to_string()),
+                ));
+            }
             let newest = |below: u64| mine.iter().filter(|e| e.epoch < below).filter_map(|e| e.watermark_ns).last();
-            Some((newest(lo), newest(hi + 1)))
+            let (after, through) = (newest(lo), newest(hi + 1));
+            let earliest = after.map(|a| a.saturating_sub(w.width_ns));
+            let first = match earliest {
+                Some(t) => mine
+                    .iter()
+                    .find(|e| e.max_event_time_ns.is_some_and(|m| m >= t))
+                    .map_or(u64::MAX, |e| e.epoch),
+                None => 0,
+            };
+            Some(Windows {
+                after,
+                through,
+                earliest,
+                first,
+            })
         }
         _ => None,
     };
     let archived: Vec<&EntrySummary> = mine
         .iter()
         .copied()
-        .filter(|e| windows.is_some() || covered([e.epoch, e.epoch]))
+        .filter(|e| match &windows {
+            Some(w) => e.epoch >= w.first,
+            None => covered([e.epoch, e.epoch]),
+        })
         .collect();
     if windows.is_some() && !super::archive::enabled(&sink_def.options)? {
         return Err(EngineError::config(
@@ -303,18 +336,20 @@ pub async fn reconcile(
             Some("turn the archive on; ranges after that can be reconciled".to_string()),
         ));
     }
-    // An epoch that wrote rows read them, so it archived them unless the archive was off.
-    if let Some(e) = archived.iter().find(|e| e.archive.is_none() && e.output > 0) {
+    if let Some(Windows { through: None, .. }) = &windows
+        && live.iter().any(|(_, o)| covered(o.epochs))
+    {
         return Err(EngineError::config(
             format!(
-                "epoch {} of pipeline {} was committed without a raw archive (sink option archive = off), so the range cannot be recomputed",
-                e.epoch, def.name
+                "pipeline {} wrote windows in the range but its log records no watermark for it",
+                def.name
             ),
-            Some("reconcile a range that starts after the archive was turned on".to_string()),
+            Some("reconcile a range committed by this version of sluice".to_string()),
         ));
     }
-    let late_partitions: Vec<String> = archived
+    let late_partitions: Vec<String> = mine
         .iter()
+        .filter(|e| covered([e.epoch, e.epoch]))
         .flat_map(|e| e.late_dirty.iter().cloned())
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -372,24 +407,28 @@ pub async fn reconcile(
             def,
             &table,
             &archive_paths,
+            windows.as_ref(),
         )
         .await?;
-        let frame = match (&def.window, windows) {
-            (Some(w), Some((after, through))) => {
-                let source = program
-                    .sources
-                    .get(&def.source)
-                    .ok_or_else(|| EngineError::Internal(format!("pipeline {} lost its source", def.name)))?;
-                let rows = recompute_windows(ctx, frame, w, source, after, through).await?;
-                let mut out = ctx.read_batches(rows)?;
-                for e in removing_checks(program, &def.name) {
-                    out = out.filter(e.is_not_false())?;
+        let frame = match (&def.window, &windows) {
+            (Some(w), Some(bounds)) => {
+                let rows = recompute_windows(ctx, frame, w, bounds).await?;
+                if rows.is_empty() {
+                    None
+                } else {
+                    let mut out = ctx.read_batches(rows)?;
+                    for e in removing_checks(program, &def.name) {
+                        out = out.filter(e.is_not_false())?;
+                    }
+                    Some(out)
                 }
-                out
             }
-            _ => frame,
+            _ => Some(frame),
         };
-        digest_batch_side(frame, sink.clone(), key.clone(), seed.clone(), opts.repair).await?
+        match frame {
+            Some(frame) => digest_batch_side(frame, sink.clone(), key.clone(), seed.clone(), opts.repair).await?,
+            None => Computed::default(),
+        }
     };
     progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
     let next_epoch = snap.newest_epoch() + 1;
@@ -748,6 +787,7 @@ async fn recompute(
     def: &PipelineDef,
     table: &TableStore,
     archive: &[String],
+    windows: Option<&Windows>,
 ) -> Result<DataFrame> {
     let source = program
         .sources
@@ -764,6 +804,19 @@ async fn recompute(
     let mut input = raw.select_columns(&names)?;
     for e in removing_checks(program, &def.source) {
         input = input.filter(e.is_not_false())?;
+    }
+    // A windowed pipeline's windows take the rows with an event time (as the stream's do)
+    // that can fall in the windows compared.
+    if let (Some(w), Some(et)) = (windows, &source.event_time) {
+        let ts = |ns: i64| lit(ScalarValue::TimestampNanosecond(Some(ns), None));
+        let mut keep = col(et.column.as_str()).is_not_null();
+        if let Some(t) = w.earliest {
+            keep = keep.and(col(et.column.as_str()).gt_eq(ts(t)));
+        }
+        if let Some(t) = w.through {
+            keep = keep.and(col(et.column.as_str()).lt(ts(t)));
+        }
+        input = input.filter(keep)?;
     }
     // The source's scan is replaced by the archive's plan under the source's name (a plan, not
     // a view: a cluster serialises plans of standard nodes and listing tables only).
@@ -809,50 +862,62 @@ async fn recompute(
     Ok(out)
 }
 
-/// The windows a windowed pipeline emitted between two watermarks (`after`, exclusive; none:
-/// from the first; `through`, inclusive), recomputed from every row of `input` (the part
-/// below the aggregate, over the archive) with the stream's own window state, then through
-/// the part above it. Rows without an event time, rows whose GROUP BY or aggregate arguments
-/// fail to evaluate and windows that fail to evaluate are left out, as the stream
-/// dead-letters them.
+/// Which windows a range of a windowed pipeline covers, and where their rows are.
+struct Windows {
+    /// The watermark before the range: windows ending by it were emitted earlier (none: from
+    /// the first).
+    after: Option<i64>,
+    /// The watermark after the range: windows ending by it were emitted (none: no window yet).
+    through: Option<i64>,
+    /// No row of those windows has an earlier event time (`after` less the window's width).
+    earliest: Option<i64>,
+    /// The first epoch that can hold their rows.
+    first: u64,
+}
+
+/// The windows a windowed pipeline emitted between two watermarks (`after`, exclusive;
+/// `through`, inclusive), recomputed from the rows of `input` (the part below the aggregate,
+/// over the archive) with the stream's own window state, then through the part above it,
+/// Rows whose GROUP BY or aggregate arguments fail to evaluate, windows that fail to evaluate
+/// and window rows that fail in the part above are left out, as the stream dead-letters them.
 async fn recompute_windows(
     ctx: &SessionContext,
     input: DataFrame,
     def: &sluice_sql::WindowDef,
-    source: &sluice_sql::SourceDef,
-    after: Option<i64>,
-    through: Option<i64>,
+    bounds: &Windows,
 ) -> Result<Vec<RecordBatch>> {
-    let Some(through) = through else {
+    let Some(through) = bounds.through else {
         return Ok(Vec::new());
-    };
-    let event_time = match &source.event_time {
-        Some(et) => Some(crate::event_time::EventTime::new(et.clone(), &source.schema)?),
-        None => None,
     };
     let mut open = WindowAggregate::new(def, &ExecutionProps::new())?;
     let mut rows = input.execute_stream().await?;
     while let Some(batch) = rows.next().await {
-        let batch = batch?;
-        let batch = match &event_time {
-            Some(et) => et.with_event_time(std::slice::from_ref(&batch))?,
-            None => vec![batch],
-        };
-        for b in &batch {
-            // Rows the stream dead-lettered at its window step (their GROUP BY or arguments
-            // fail to evaluate) are archived; they are left out here too.
-            add_isolating(&mut open, b, 0, &mut Vec::new())?;
-        }
+        add_isolating(&mut open, &batch?, 0, &mut Vec::new())?;
     }
-    if let Some(after) = after {
+    if let Some(after) = bounds.after {
         open.close(after)?;
     }
     let emitted = open.close(through)?.emitted;
-    if emitted.is_empty() {
-        return Ok(Vec::new());
-    }
     let output = BatchPlan::bind(ctx, &def.output, sluice_sql::WINDOW_TABLE, def.emitted.clone())?;
-    Ok(output.execute(&emitted).await?)
+    if let Ok(rows) = output.execute(&emitted).await {
+        return Ok(rows);
+    }
+    // Some window row fails above the aggregate: each row on its own, the failing ones left
+    // out (as the stream isolates and dead-letters them).
+    let mut rows = Vec::new();
+    for window in &emitted {
+        match output.execute(std::slice::from_ref(window)).await {
+            Ok(out) => rows.extend(out),
+            Err(_) => {
+                for i in 0..window.num_rows() {
+                    if let Ok(out) = output.execute(&[window.slice(i, 1)]).await {
+                        rows.extend(out);
+                    }
+                }
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// The row-level checks on `table` that remove rows (`DEAD_LETTER`, `DROP`), unqualified.

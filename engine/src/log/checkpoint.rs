@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use crate::log::commit::{ArchiveFile, CommitEntry, CommitLog, FileAction, Origin, TableSchema, fold_files};
 
-/// Format version of checkpoint files.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Format version of checkpoint files. A checkpoint of another version is skipped and the log
+/// folded from its entries, which are never deleted (version 2: the index holds each entry's
+/// watermark, newest event time and instance, which reconcile of windowed pipelines reads).
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// What a reader needs of one entry once it is folded into a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +44,12 @@ pub struct EntrySummary {
     /// been emitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark_ns: Option<i64>,
+    /// The newest event time seen by then (its `state.max_event_time_ns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_time_ns: Option<i64>,
+    /// The server instance that wrote it (several with a Kafka consumer group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl From<&CommitEntry> for EntrySummary {
@@ -54,6 +62,8 @@ impl From<&CommitEntry> for EntrySummary {
             output: e.counts.output,
             late_dirty: e.state.as_ref().map(|s| s.dirty.clone()).unwrap_or_default(),
             watermark_ns: e.state.as_ref().and_then(|s| s.watermark_ns),
+            max_event_time_ns: e.state.as_ref().and_then(|s| s.max_event_time_ns),
+            instance: e.instance.clone(),
         }
     }
 }
@@ -384,5 +394,19 @@ mod tests {
         let snap = job.snapshot().await.unwrap();
         assert_eq!(snap.newest_of("maintenance").map(|e| e.epoch), Some(970));
         assert_eq!(snap.folded().index.len(), 1050);
+
+        // A checkpoint of an older format (an index without watermarks) is skipped: readers
+        // take the checkpoint before it and the entries after that, and fold the same.
+        let newest = snap.checkpoint.epoch;
+        let path = checkpoint_dir(&stream).join(format!("{newest:020}.json"));
+        let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
+        let mut old: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        old["version"] = serde_json::json!(1);
+        store.put(&path, serde_json::to_vec(&old).unwrap().into()).await.unwrap();
+        store.entry_reads.store(0, Ordering::Relaxed);
+        let again = stream.snapshot().await.unwrap();
+        assert!(again.checkpoint.epoch < newest, "the old-format checkpoint was read");
+        assert_eq!(store.entry_reads.load(Ordering::Relaxed), 1050 - again.checkpoint.epoch);
+        assert_eq!(again.folded().index, snap.folded().index);
     }
 }

@@ -25,7 +25,7 @@ use crate::log::commit::{
     TableSummary,
 };
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
-use crate::pipeline::exec::{BatchPlan, slice_rows};
+use crate::plan::{BatchPlan, slice_rows};
 use crate::quality::Quality;
 use crate::quality::drift::AnomalyEvent;
 use crate::quality::expect::FailedRow;

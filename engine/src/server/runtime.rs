@@ -18,7 +18,7 @@ use crate::event_time::state::StreamState;
 use crate::log::commit::{CommitLog, TableSchema, writer_name};
 use crate::store::lease::WriterLease;
 use crate::pipeline::batcher::BatchPolicy;
-use crate::pipeline::exec::BatchPlan;
+use crate::plan::BatchPlan;
 use crate::pipeline::task::Windowed;
 use crate::pipeline::{PipelineState, PipelineStatus, PipelineTask, StatusHandle, update};
 use crate::server::api::{self, ApiState};

@@ -1,4 +1,4 @@
-//! Running a pipeline's plan over one micro-batch. The logical plan comes from `sluice-sql`,
+//! Running a pipeline's plan over one micro-batch (the stream's epochs, reconcile's windows). The logical plan comes from `sluice-sql`,
 //! planned once; here its source scan is bound to a [`BatchSlot`], a table whose contents are the
 //! current micro-batch. Each batch is optimized and physically planned afresh (cheap, and it keeps
 //! `now()` and friends per batch), never parsed.
