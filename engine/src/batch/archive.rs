@@ -80,7 +80,7 @@ pub fn archive_schema(source: &Schema) -> SchemaRef {
 /// up to `threads` threads, tuned for encode speed (a second encode of every input row is the
 /// archive's whole cost): integer and time columns DELTA_BINARY_PACKED (no dictionary),
 /// the others with small dictionaries, no compression and no statistics. On the benchmark's
-/// orders (`floor: raw archive encode only`, 1M rows) this takes 0.16–0.18 CPU-s for 31 MB,
+/// orders (`floor: raw archive encode only`, 1M rows) this takes 0.16–0.20 CPU-s for 31 MB,
 /// against 0.29 CPU-s for 28 MB with LZ4 and dictionaries everywhere and 0.24 CPU-s for 20 MB
 /// with LZ4 and delta integers. The added columns are constant per file: a one-value
 /// dictionary for the position, so a long position costs nothing per row.

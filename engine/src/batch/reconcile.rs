@@ -21,10 +21,10 @@
 //! after the watermark before the range and by the watermark after it (the entries'
 //! `state.watermark_ns`); the batch side recomputes them from the raw archive (late rows
 //! included; from the first epoch whose newest event time reaches the earliest start of those
-//! windows, and only rows that can fall in them) with the stream's own window state
-//! ([`WindowAggregate`]), then through the part of the SELECT above the aggregate and the
-//! sink's row-level expectations. One writer only: the servers of a consumer group close
-//! windows at different watermarks.
+//! windows) with the stream's own window state ([`WindowAggregate`], only those windows
+//! opened), then through the part of the SELECT above the aggregate and the sink's row-level
+//! expectations. Refused for several writers (the servers of a consumer group close windows at
+//! different watermarks) and when an epoch read ran with the archive off.
 //!
 //! **Repair** writes the batch result of each differing partition through the sink (same
 //! encoding and partitioning as the stream), then commits one entry that adds those files
@@ -43,8 +43,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::context::ExecutionProps;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
-use datafusion::common::ScalarValue;
-use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col, lit};
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext, col};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use serde::Serialize;
@@ -289,36 +288,20 @@ pub async fn reconcile(
     // watermark before them and by the watermark after them; those windows take rows from
     // any later epoch (late rows included), so the archive is read from the first epoch that
     // can hold their rows (the first whose newest event time reaches the earliest start of a
-    // window ending after that watermark) and only they are kept.
+    // window ending after that watermark) and only they are opened.
     let windows = match (&def.window, epochs) {
         (Some(w), Some([lo, hi])) => {
-            let instances: BTreeSet<&str> = mine.iter().filter_map(|e| e.instance.as_deref()).collect();
-            if instances.len() > 1 {
-                return Err(EngineError::config(
-                    format!(
-                        "pipeline {} aggregates windows and is written by {} instances (a consumer group), whose watermarks close windows at different times",
-                        def.name,
-                        instances.len()
-                    ),
-                    Some("reconcile windowed pipelines that one server writes".to_string()),
-                ));
-            }
             let newest = |below: u64| mine.iter().filter(|e| e.epoch < below).filter_map(|e| e.watermark_ns).last();
             let (after, through) = (newest(lo), newest(hi + 1));
-            let earliest = after.map(|a| a.saturating_sub(w.width_ns));
-            let first = match earliest {
+            let first = match after.map(|a| a.saturating_sub(w.width_ns)) {
+                // None found (an index without event times): every epoch.
                 Some(t) => mine
                     .iter()
                     .find(|e| e.max_event_time_ns.is_some_and(|m| m >= t))
-                    .map_or(u64::MAX, |e| e.epoch),
+                    .map_or(0, |e| e.epoch),
                 None => 0,
             };
-            Some(Windows {
-                after,
-                through,
-                earliest,
-                first,
-            })
+            Some(Windows { after, through, first })
         }
         _ => None,
     };
@@ -330,11 +313,33 @@ pub async fn reconcile(
             None => covered([e.epoch, e.epoch]),
         })
         .collect();
-    if windows.is_some() && !super::archive::enabled(&sink_def.options)? {
+    // An epoch that wrote rows read them, so it archived them unless the archive was off; a
+    // windowed pipeline's epochs read rows that later windows hold, so it is refused when any
+    // epoch it reads ran with the archive off (recorded in the entry's state).
+    if let Some(e) = archived
+        .iter()
+        .find(|e| e.archive.is_none() && (e.output > 0 || (windows.is_some() && e.unarchived)))
+    {
         return Err(EngineError::config(
-            format!("pipeline {} aggregates windows and its sink does not archive (archive = off), so its windows cannot be recomputed", def.name),
-            Some("turn the archive on; ranges after that can be reconciled".to_string()),
+            format!(
+                "epoch {} of pipeline {} was committed without a raw archive (sink option archive = off), so the range cannot be recomputed",
+                e.epoch, def.name
+            ),
+            Some("reconcile a range that starts after the archive was turned on".to_string()),
         ));
+    }
+    if windows.is_some() {
+        let instances: BTreeSet<&str> = archived.iter().filter_map(|e| e.instance.as_deref()).collect();
+        if instances.len() > 1 {
+            return Err(EngineError::config(
+                format!(
+                    "pipeline {} aggregates windows and is written by {} instances (a consumer group), whose watermarks close windows at different times",
+                    def.name,
+                    instances.len()
+                ),
+                Some("reconcile windowed pipelines that one server writes".to_string()),
+            ));
+        }
     }
     if let Some(Windows { through: None, .. }) = &windows
         && live.iter().any(|(_, o)| covered(o.epochs))
@@ -805,18 +810,10 @@ async fn recompute(
     for e in removing_checks(program, &def.source) {
         input = input.filter(e.is_not_false())?;
     }
-    // A windowed pipeline's windows take the rows with an event time (as the stream's do)
-    // that can fall in the windows compared.
-    if let (Some(w), Some(et)) = (windows, &source.event_time) {
-        let ts = |ns: i64| lit(ScalarValue::TimestampNanosecond(Some(ns), None));
-        let mut keep = col(et.column.as_str()).is_not_null();
-        if let Some(t) = w.earliest {
-            keep = keep.and(col(et.column.as_str()).gt_eq(ts(t)));
-        }
-        if let Some(t) = w.through {
-            keep = keep.and(col(et.column.as_str()).lt(ts(t)));
-        }
-        input = input.filter(keep)?;
+    // A windowed pipeline's windows take the rows with an event time, as the stream's do.
+    if let (Some(_), Some(et)) = (windows, &source.event_time) {
+        let column = col(datafusion::common::Column::new_unqualified(et.column.as_str()));
+        input = input.filter(column.is_not_null())?;
     }
     // The source's scan is replaced by the archive's plan under the source's name (a plan, not
     // a view: a cluster serialises plans of standard nodes and listing tables only).
@@ -869,15 +866,14 @@ struct Windows {
     after: Option<i64>,
     /// The watermark after the range: windows ending by it were emitted (none: no window yet).
     through: Option<i64>,
-    /// No row of those windows has an earlier event time (`after` less the window's width).
-    earliest: Option<i64>,
     /// The first epoch that can hold their rows.
     first: u64,
 }
 
 /// The windows a windowed pipeline emitted between two watermarks (`after`, exclusive;
 /// `through`, inclusive), recomputed from the rows of `input` (the part below the aggregate,
-/// over the archive) with the stream's own window state, then through the part above it,
+/// over the archive) with the stream's own window state (only those windows open), then
+/// through the part above it.
 /// Rows whose GROUP BY or aggregate arguments fail to evaluate, windows that fail to evaluate
 /// and window rows that fail in the part above are left out, as the stream dead-letters them.
 async fn recompute_windows(
@@ -890,20 +886,20 @@ async fn recompute_windows(
         return Ok(Vec::new());
     };
     let mut open = WindowAggregate::new(def, &ExecutionProps::new())?;
+    open.only_ending_in(bounds.after, through);
     let mut rows = input.execute_stream().await?;
     while let Some(batch) = rows.next().await {
         add_isolating(&mut open, &batch?, 0, &mut Vec::new())?;
-    }
-    if let Some(after) = bounds.after {
-        open.close(after)?;
     }
     let emitted = open.close(through)?.emitted;
     let output = BatchPlan::bind(ctx, &def.output, sluice_sql::WINDOW_TABLE, def.emitted.clone())?;
     if let Ok(rows) = output.execute(&emitted).await {
         return Ok(rows);
     }
-    // Some window row fails above the aggregate: each row on its own, the failing ones left
-    // out (as the stream isolates and dead-letters them).
+    // The part above the aggregate failed: on nothing, the environment's fault (a static
+    // table gone); else some window rows fail, and each is tried on its own, the failing ones
+    // left out (as the stream isolates and dead-letters them).
+    output.execute(&[]).await?;
     let mut rows = Vec::new();
     for window in &emitted {
         match output.execute(std::slice::from_ref(window)).await {

@@ -66,6 +66,9 @@ pub struct WindowAggregate {
     /// Open windows by end. Behind a mutex only so that the pipeline task is `Sync` (group
     /// values and accumulators are `Send` only); every access has `&mut self`.
     open: Mutex<BTreeMap<i64, Window>>,
+    /// Only windows ending in `(after, through]` are opened (a recompute of some windows);
+    /// rows count in none of the others.
+    only: Option<(Option<i64>, i64)>,
 }
 
 fn accumulator(agg: &LoweredAggregate) -> DfResult<Box<dyn GroupsAccumulator>> {
@@ -122,8 +125,15 @@ impl WindowAggregate {
             open: Mutex::new(BTreeMap::new()),
             closed_through: None,
             closed_rows: 0,
+            only: None,
             lowered,
         })
+    }
+
+    /// From now on opens only the windows ending after `after` (none: from the first) and by
+    /// `through`: a batch recompute of the windows a stream emitted between two watermarks.
+    pub fn only_ending_in(&mut self, after: Option<i64>, through: i64) {
+        self.only = Some((after, through));
     }
 
     /// The window ending at `end`, opened empty when it is not open yet.
@@ -223,6 +233,11 @@ impl WindowAggregate {
         }
         let whole = by_end.len() == 1;
         for (end, rows) in by_end {
+            if let Some((after, through)) = self.only
+                && (after.is_some_and(|a| end <= a) || end > through)
+            {
+                continue;
+            }
             // A window already emitted is never opened again (only possible when the window
             // column is not exactly the event time; such rows are late).
             if self.closed_through.is_some_and(|c| end <= c) {

@@ -20,7 +20,8 @@ use crate::log::commit::{ArchiveFile, CommitEntry, CommitLog, FileAction, Origin
 
 /// Format version of checkpoint files. A checkpoint of another version is skipped and the log
 /// folded from its entries, which are never deleted (version 2: the index holds each entry's
-/// watermark, newest event time and instance, which reconcile of windowed pipelines reads).
+/// watermark, newest event time, instance and archive flag, which reconcile of windowed
+/// pipelines reads).
 pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// What a reader needs of one entry once it is folded into a checkpoint.
@@ -50,6 +51,9 @@ pub struct EntrySummary {
     /// The server instance that wrote it (several with a Kafka consumer group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// It ran with the archive off (its `state.unarchived`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unarchived: bool,
 }
 
 impl From<&CommitEntry> for EntrySummary {
@@ -64,6 +68,7 @@ impl From<&CommitEntry> for EntrySummary {
             watermark_ns: e.state.as_ref().and_then(|s| s.watermark_ns),
             max_event_time_ns: e.state.as_ref().and_then(|s| s.max_event_time_ns),
             instance: e.instance.clone(),
+            unarchived: e.state.as_ref().is_some_and(|s| s.unarchived),
         }
     }
 }

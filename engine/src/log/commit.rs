@@ -234,6 +234,10 @@ pub struct StateEntry {
     /// Bytes of state held in memory after this epoch.
     #[serde(default)]
     pub state_bytes: u64,
+    /// The sink did not archive this epoch's rows (`archive` = `off`): windows its rows
+    /// went into cannot be recomputed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unarchived: bool,
 }
 
 /// One checkpointed state file.

@@ -459,6 +459,7 @@ impl PipelineTask {
                 s.duplicates = duplicates;
                 s.dirty = dirty;
                 s.windows_emitted = windows_emitted;
+                s.unarchived = !self.archive;
                 if crate::crash::fails_alternately("after_state") {
                     return Err(EngineError::Io {
                         context: "staging an epoch (injected after its state changed: SLUICE_FAIL_AT=after_state)".into(),
