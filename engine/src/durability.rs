@@ -15,7 +15,7 @@
 //!
 //! With the `fault-injection` feature and `SLUICE_SYNC_JOURNAL=<dir>` set, every sync is also
 //! recorded (a copy of the file's bytes, or the directory's entries) in that journal after it
-//! returns. [`power_cut`] then rewrites a tree to what a power cut would have left: only what
+//! returns. `power_cut` then rewrites a tree to what a power cut would have left: only what
 //! was synced, every other write and directory entry discarded. Tests use it after killing the
 //! process at any step.
 

@@ -1,6 +1,6 @@
 //! The fast NDJSON path: a decoder specialised to one declared schema, filling Arrow builders
 //! directly (no tape, no per-batch field-name maps). A line goes first through the flat-object
-//! scanner ([`crate::decode::flat_scan`]: one pass, no escapes, scalars only — what producers write);
+//! scanner (`flat_scan`: one pass, no escapes, scalars only — what producers write);
 //! a line it gives up on goes through the SIMD parser sonic-rs (escapes, nested values under
 //! unknown keys, odd spacing).
 //!
@@ -15,7 +15,7 @@
 //!   anything but a plain literal of the column's type (a string in a numeric column, `1.0` in
 //!   an integer column) is deferred;
 //! - a number or boolean in a text column is kept as its text (arrow-json's `coerce_primitive`);
-//! - timestamps go through [`parse_timestamp_nanos`] like the text path;
+//! - timestamps go through [`super::timestamp::parse_timestamp_nanos`] like the text path;
 //! - the last of duplicate keys wins, unknown keys are skipped, a missing key is null;
 //! - a missing or null value in a NOT NULL column, any nested value, anything after the
 //!   object, invalid UTF-8, and every syntax error are deferred.
