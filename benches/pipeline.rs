@@ -849,46 +849,37 @@ fn run_floor(work: &Path, events: u64, bytes: u64) -> (Row, Row, Row, Row) {
         rss: 0,
         rows_out: Some(batches.iter().map(|b| b.num_rows() as u64).sum()),
     };
+    // Each encoder alone over the same batches, one file per batch: the sink's, then the raw
+    // archive's (what `archive` on adds to a run).
+    let timed = |name: &str, encode: &dyn Fn(&RecordBatch) -> usize| {
+        let cpu0 = self_cpu();
+        let t0 = Instant::now();
+        let total: usize = batches.iter().map(encode).sum();
+        eprintln!("{name}: {total} bytes");
+        Row {
+            name: name.into(),
+            events,
+            bytes,
+            wall: t0.elapsed().as_secs_f64(),
+            cpu: self_cpu() - cpu0,
+            rss: 0,
+            rows_out: None,
+        }
+    };
     let props = ParquetSinkConfig::default().writer_properties();
-    let cpu0 = self_cpu();
-    let t0 = Instant::now();
-    let mut total = 0;
-    for b in &batches {
+    let encode = timed("floor: encode only (1 thread)", &|b| {
         let mut buf = Vec::new();
         let mut w = ArrowWriter::try_new(&mut buf, b.schema(), Some(props.clone())).expect("writer");
         w.write(b).expect("encode");
         w.close().expect("close");
-        total += buf.len();
-    }
-    std::hint::black_box(total);
-    let encode = Row {
-        name: "floor: encode only (1 thread)".into(),
-        events,
-        bytes,
-        wall: t0.elapsed().as_secs_f64(),
-        cpu: self_cpu() - cpu0,
-        rss: 0,
-        rows_out: None,
-    };
-    // The raw archive's encode of the same batches (what `archive` on adds to a run).
+        buf.len()
+    });
     let schema = schema();
-    let cpu0 = self_cpu();
-    let t0 = Instant::now();
-    let mut total = 0;
-    for b in &batches {
-        let file = archive::encode(std::slice::from_ref(b), &schema, 1, Some("{\"files\":{}}"), 0, 1).expect("archive");
-        total += file.len();
-    }
-    eprintln!("raw archive: {total} bytes");
-    let archive = Row {
-        name: "floor: raw archive encode only (1 thread)".into(),
-        events,
-        bytes,
-        wall: t0.elapsed().as_secs_f64(),
-        cpu: self_cpu() - cpu0,
-        rss: 0,
-        rows_out: None,
-    };
+    let archive = timed("floor: raw archive encode only (1 thread)", &|b| {
+        archive::encode(std::slice::from_ref(b), &schema, 1, Some("{\"files\":{}}"), 0, 1)
+            .expect("archive")
+            .len()
+    });
     (decode, arrow, encode, archive)
 }
 
