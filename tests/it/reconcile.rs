@@ -470,20 +470,13 @@ impl Drop for Child {
     }
 }
 
-/// `--cluster`: the same reconciliation through an Apache Ballista scheduler and executor,
-/// each a separate `sluice` process on loopback ports, reports exactly what the in-process run
-/// reports, and its repair makes the table equal.
-#[cfg(feature = "cluster")]
-#[test]
-fn ballista_gives_the_same_report_as_in_process() {
+/// A Ballista scheduler and executor, each its own `sluice` process on loopback ports, logging
+/// under `dir`; the guards stop them. Returns the cluster's `df://` URL.
+fn start_cluster(dir: &Path) -> (Child, Child, String) {
     use crate::harness::{bin, free_port};
-    let l = lake("'key' 'id'");
-    let n = 1200;
-    stream(&l, n, 3);
-    write_fx(&l.fx, 1.2);
     let (sched, flight, grpc) = (free_port(), free_port(), free_port());
-    let log = |name: &str| std::fs::File::create(l.dir.path().join(name)).unwrap();
-    let _scheduler = Child(
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let scheduler = Child(
         Command::new(bin())
             .args(["scheduler", "--bind", &format!("127.0.0.1:{sched}")])
             .stdout(log("scheduler.log"))
@@ -494,7 +487,7 @@ fn ballista_gives_the_same_report_as_in_process() {
     wait_until(Duration::from_secs(60), "the scheduler listens", || {
         std::net::TcpStream::connect(("127.0.0.1", sched)).ok()
     });
-    let _executor = Child(
+    let executor = Child(
         Command::new(bin())
             .args([
                 "executor",
@@ -505,7 +498,7 @@ fn ballista_gives_the_same_report_as_in_process() {
                 "--grpc-port",
                 &grpc.to_string(),
                 "--work-dir",
-                l.dir.path().join("executor").to_str().unwrap(),
+                dir.join("executor").to_str().unwrap(),
             ])
             .stdout(log("executor.log"))
             .stderr(log("executor.err"))
@@ -515,8 +508,20 @@ fn ballista_gives_the_same_report_as_in_process() {
     wait_until(Duration::from_secs(60), "the executor listens", || {
         std::net::TcpStream::connect(("127.0.0.1", flight)).ok()
     });
+    (scheduler, executor, format!("df://127.0.0.1:{sched}"))
+}
 
-    let url = format!("df://127.0.0.1:{sched}");
+/// `--cluster`: the same reconciliation through an Apache Ballista scheduler and executor,
+/// each a separate `sluice` process on loopback ports, reports exactly what the in-process run
+/// reports, and its repair makes the table equal.
+#[cfg(feature = "cluster")]
+#[test]
+fn ballista_gives_the_same_report_as_in_process() {
+    let l = lake("'key' 'id'");
+    let n = 1200;
+    stream(&l, n, 3);
+    write_fx(&l.fx, 1.2);
+    let (_scheduler, _executor, url) = start_cluster(l.dir.path());
     let (local_code, local_out, local) = reconcile(&l, &[]);
     let (code, out, remote) = reconcile(&l, &["--cluster", &url]);
     let logs = || std::fs::read_to_string(l.dir.path().join("executor.err")).unwrap_or_default();
@@ -675,10 +680,15 @@ fn reconcile_recomputes_windows_with_their_late_rows() {
     assert_eq!(code, 0, "{out}");
     assert!(report["partitions"].as_array().unwrap().is_empty(), "{out}");
     assert_eq!(strings(&report["late_partitions"]), vec!["day=2026-01-03/".to_string()], "{out}");
-    // The whole range: the late rows' window differs.
+    // The whole range: the late rows' window differs; the same through a Ballista cluster
+    // (the part below the aggregate runs there, the windows in process).
     let (code, out, report) = reconcile(&l, &[]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(differing(&report).keys().cloned().collect::<Vec<_>>(), vec!["day=2026-01-03/".to_string()], "{out}");
+    let (_scheduler, _executor, url) = start_cluster(l.dir.path());
+    let (code, remote_out, remote) = reconcile(&l, &["--cluster", &url]);
+    assert_eq!(code, 1, "{remote_out}");
+    assert_eq!(remote["partitions"], report["partitions"], "{remote_out}\n{out}");
     let (code, out, _) = reconcile(&l, &["--repair"]);
     assert!(code == 1 && out.contains("repaired 1 partition(s)"), "{out}");
     let rt = crate::harness::runtime();
