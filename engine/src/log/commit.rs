@@ -730,13 +730,23 @@ impl CommitLog {
             let body = serde_json::to_vec_pretty(&*entry)
                 .map_err(|e| EngineError::Internal(format!("encoding commit entry: {e}")))?;
             let payload = PutPayload::from(body);
+            // Every attempt checks the fence and is abandoned when it expires: a holder that
+            // took the lease over waits one TTL after that before its recovery (lease.rs).
             let put = self
                 .retry
                 .run("writing a commit entry", || async {
-                    self.table
-                        .create(&path, payload.clone())
-                        .await
-                        .map_err(EngineError::store(format!("writing {path}")))
+                    let mut write = std::pin::pin!(self.table.create(&path, payload.clone()));
+                    let written = loop {
+                        let Some(fence) = &self.fence else { break write.await };
+                        fence.check(&self.writer)?;
+                        let Some(left) = fence.remaining() else { break write.await };
+                        // Past the deadline the fence is checked again: extended by a renewal
+                        // meanwhile, the write goes on; expired, it is abandoned.
+                        if let Ok(r) = tokio::time::timeout(left, &mut write).await {
+                            break r;
+                        }
+                    };
+                    written.map_err(EngineError::store(format!("writing {path}")))
                 })
                 .await;
             match put {

@@ -22,9 +22,12 @@
 //! else's) and are free to take at once. Single-writer mode has no lease (it has no atomic
 //! create to build one on): there, maintenance never treats another writer as stopped.
 //!
-//! Residual risk: a commit-entry PUT sent before the fence expired but delayed in the network
-//! for longer than the rest of the TTL can land after a takeover; the new holder's recovery has
-//! then removed its staged files, and the entry names files that `sluice check` reports missing.
+//! A commit-entry write is abandoned (no further attempt, no client retry) when its writer's
+//! fence expires, and a holder that took over a lease its previous holder stopped renewing waits
+//! one more TTL, renewing, before it returns (and so before recovery removes staged files no
+//! entry names): an entry the previous holder sent in time has landed by then, and recovery
+//! sees it and moves its files into place. Residual risk: a request the store received before
+//! the fence expired but applies more than a TTL later (`lease.ttl`, default 30 s).
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +77,18 @@ impl Fence {
                 .valid_until
                 .lock()
                 .map_or(true, |v| v.is_some_and(|t| Instant::now() >= t))
+    }
+
+    /// How long the fence stays valid without another renewal (`None`: no deadline; zero once
+    /// lost or expired).
+    pub fn remaining(&self) -> Option<Duration> {
+        if self.0.lost.load(Ordering::SeqCst) {
+            return Some(Duration::ZERO);
+        }
+        match self.0.valid_until.lock() {
+            Ok(v) => v.map(|t| t.saturating_duration_since(Instant::now())),
+            Err(_) => Some(Duration::ZERO),
+        }
     }
 
     /// Fails when the lease this fence belongs to was lost or could not be renewed in time.
@@ -178,10 +193,10 @@ impl WriterLease {
         table.check_atomic_create().await?;
         let holder = holder_id();
         let ttl = table.settings.lease_ttl;
-        let (path, etag, sent) = take_remote(table, writer, &holder, wait).await?;
+        let (path, etag, sent, took_over) = take_remote(table, writer, &holder, wait).await?;
         let fence = Fence::until(valid_until(sent, ttl));
         let renewer = tokio::spawn(renew(table.clone(), path.clone(), holder.clone(), etag, fence.clone()));
-        Ok(WriterLease {
+        let lease = WriterLease {
             _file: None,
             remote: Some(RemoteLease {
                 renewer,
@@ -190,7 +205,16 @@ impl WriterLease {
                 path,
             }),
             fence,
-        })
+        };
+        if took_over {
+            // The previous holder's last commit-entry write may still be in flight: it was
+            // sent before its fence expired and is abandoned when the fence does (see
+            // `CommitLog::commit`), so after one more TTL it has landed or never will.
+            // Recovery (which removes staged files no entry names) waits for that, renewing.
+            tokio::time::sleep(ttl).await;
+            lease.fence.check(writer)?;
+        }
+        Ok(lease)
     }
 
     fn take_local(table: &TableStore, dir: &std::path::Path, writer: &str) -> Result<Self> {
@@ -293,15 +317,16 @@ async fn read_lease(table: &TableStore, path: &Path) -> object_store::Result<Opt
     }
 }
 
-/// Creates or takes over the lease object; returns its path, our ETag and when the winning
-/// write was sent. A lost answer (the write happened, its reply did not arrive) is recognised
-/// by the holder id in the body.
+/// Creates or takes over the lease object; returns its path, our ETag, when the winning
+/// write was sent, and whether it took over a lease another holder stopped renewing. A lost
+/// answer (the write happened, its reply did not arrive) is recognised by the holder id in the
+/// body.
 async fn take_remote(
     table: &TableStore,
     writer: &str,
     holder: &str,
     wait: Wait,
-) -> Result<(Path, Option<String>, Instant)> {
+) -> Result<(Path, Option<String>, Instant, bool)> {
     let path = table.path(&format!("_sluice/lock/{writer}.json"));
     let ttl = table.settings.lease_ttl;
     let pause = (ttl / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -320,6 +345,8 @@ async fn take_remote(
     // When our earliest write that may have landed was sent (reset on seeing another holder's
     // body: then none of them did). A lost answer's lease dates from then, conservatively.
     let mut first_write: Option<Instant> = None;
+    // Whether we tried to take over a lease another holder stopped renewing.
+    let mut took_over = false;
     loop {
         let create = PutOptions {
             mode: PutMode::Create,
@@ -328,7 +355,7 @@ async fn take_remote(
         let sent = Instant::now();
         first_write.get_or_insert(sent);
         match table.store.put_opts(&path, body(holder, 0, ttl, false), create).await {
-            Ok(r) => return Ok((path, r.e_tag, sent)),
+            Ok(r) => return Ok((path, r.e_tag, sent, false)),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
             Err(e) => {
                 fail(e, "creating the writer lease")?;
@@ -347,8 +374,9 @@ async fn take_remote(
             }
         };
         if current.holder == holder {
-            // Our own write got through; its answer was lost.
-            return Ok((path, meta.e_tag, first_write.unwrap_or_else(Instant::now)));
+            // Our own write got through; its answer was lost (a takeover's, when it replaced
+            // another holder's body: waiting out the grace then is the safe side).
+            return Ok((path, meta.e_tag, first_write.unwrap_or_else(Instant::now), took_over));
         }
         first_write = None;
         let ttl_eff = ttl.max(Duration::from_millis(current.ttl_ms));
@@ -375,6 +403,7 @@ async fn take_remote(
         if current.released || since.elapsed() > ttl_eff {
             let sent = Instant::now();
             first_write.get_or_insert(sent);
+            took_over |= !current.released;
             match table
                 .store
                 .put_opts(&path, body(holder, 0, ttl, false), update(meta.e_tag.clone()))
@@ -384,7 +413,7 @@ async fn take_remote(
                     if !current.released {
                         tracing::warn!(lease = %path, "took over a writer lease its holder stopped renewing");
                     }
-                    return Ok((path, r.e_tag, sent));
+                    return Ok((path, r.e_tag, sent, !current.released));
                 }
                 // Lost the race, or our own takeover's answer was lost: the next read tells.
                 Err(
@@ -544,7 +573,7 @@ mod tests {
         let table = object_table(400);
         let ttl = table.settings.lease_ttl;
         // A holder that froze right after taking the lease: nothing renews it.
-        let (path, etag, sent) = take_remote(&table, "p", "frozen", Wait::Yes).await.unwrap();
+        let (path, etag, sent, _) = take_remote(&table, "p", "frozen", Wait::Yes).await.unwrap();
         let frozen = Fence::until(valid_until(sent, ttl));
         frozen.check("p").unwrap();
         let second = WriterLease::acquire(&table, "p").await.unwrap();
@@ -572,5 +601,64 @@ mod tests {
         let table = object_table(400).with_settings(s);
         WriterLease::acquire(&table, "p").await.unwrap();
         assert!(WriterLease::acquire_if_stopped(&table, "p").await.is_err());
+    }
+
+    /// A holder frozen after staging an epoch: its commit entry, sent before its fence
+    /// expired, lands after another process took the lease over. The new holder returns from
+    /// the takeover only a TTL later, so the recovery that follows sees the entry and moves its
+    /// file into place instead of removing it as an orphan.
+    #[tokio::test]
+    async fn a_late_entry_of_the_previous_holder_is_recovered_not_orphaned() {
+        use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, TableSchema};
+        let table = object_table(400);
+        let (path, _, sent, _) = take_remote(&table, "p", "frozen", Wait::Yes).await.unwrap();
+        let frozen = Fence::until(valid_until(sent, table.settings.lease_ttl));
+        let old = CommitLog::new(table.clone(), "p").with_fence(frozen);
+        old.stage("d/f-1.parquet", b"x".to_vec()).await.unwrap();
+        // It freezes: nothing renews its lease. Another process takes the lease over and
+        // recovers, as a server start does.
+        let next = tokio::spawn({
+            let table = table.clone();
+            async move {
+                let lease = WriterLease::acquire(&table, "p").await?;
+                CommitLog::new(table.clone(), "p").with_fence(lease.fence()).recover().await?;
+                Ok::<_, EngineError>(lease)
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read_lease(&table, &path).await.unwrap().is_some_and(|(b, _)| b.holder == "frozen") {
+            assert!(Instant::now() < deadline, "no takeover");
+            tokio::task::yield_now().await;
+        }
+        // The frozen holder's entry arrives now.
+        let entry = CommitEntry {
+            version: LOG_VERSION,
+            epoch: 1,
+            pipeline: "p".into(),
+            instance: None,
+            committed_at: String::new(),
+            add: vec![FileAction {
+                path: "d/f-1.parquet".into(),
+                rows: 1,
+                bytes: 1,
+                partition: vec![],
+                covers: None,
+            }],
+            remove: vec![],
+            dead_letters: vec![],
+            quality: None,
+            archive: None,
+            state: None,
+            sources: Default::default(),
+            counts: Counts::default(),
+            schema: TableSchema::default(),
+        };
+        let at = table.log_dir().join(format!("{:020}.json", 1));
+        table.store.put(&at, serde_json::to_vec(&entry).unwrap().into()).await.unwrap();
+        let _lease = next.await.unwrap().unwrap();
+        assert!(
+            table.store.head(&table.path("d/f-1.parquet")).await.is_ok(),
+            "the committed file is in place, not removed as an orphan"
+        );
     }
 }
