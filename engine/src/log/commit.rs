@@ -636,34 +636,56 @@ impl CommitLog {
         Ok(rec)
     }
 
-    /// Writes `bytes` to the staging path of `target` (table-relative).
+    /// Writes `bytes` to the staging path of `target` (table-relative), within the fence (a
+    /// staged name depends only on the writer and the epoch: a write landing after a takeover
+    /// would overwrite the new holder's file of the same epoch).
     pub async fn stage(&self, target: &str, bytes: Vec<u8>) -> Result<()> {
         let path = self.staged(target);
         if let Some(multipart) = &self.table.multipart
             && bytes.len() > self.table.settings.part_size
         {
-            return crate::store::upload::put_recorded(
-                &self.table,
-                multipart,
-                &self.writer,
-                target,
-                &path,
-                bytes,
-                &self.retry,
-            )
-            .await;
+            return self
+                .fenced(crate::store::upload::put_recorded(
+                    &self.table,
+                    multipart,
+                    &self.writer,
+                    target,
+                    &path,
+                    bytes,
+                    &self.retry,
+                ))
+                .await;
         }
         let payload = PutPayload::from(bytes);
         self.retry
             .run("staging a file", || async {
-                self.table
-                    .store
-                    .put(&path, payload.clone())
-                    .await
-                    .map_err(EngineError::store(format!("staging {path}")))
+                self.fenced(async {
+                    self.table
+                        .store
+                        .put(&path, payload.clone())
+                        .await
+                        .map_err(EngineError::store(format!("staging {path}")))
+                })
+                .await
             })
             .await?;
         Ok(())
+    }
+
+    /// Runs `write` while this writer's fence holds: checked first, and the write abandoned
+    /// (dropped: no further attempt) once the fence expires; a renewal meanwhile lets it go on.
+    /// A process that takes the lease over waits one more TTL before its recovery, so a write
+    /// sent in time has landed or been abandoned by then (`store::lease`).
+    async fn fenced<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
+        let mut write = std::pin::pin!(write);
+        loop {
+            let Some(fence) = &self.fence else { return write.await };
+            fence.check(&self.writer)?;
+            let Some(left) = fence.remaining() else { return write.await };
+            if let Ok(r) = tokio::time::timeout(left, &mut write).await {
+                return r;
+            }
+        }
     }
 
     /// Moves the staged files of `entry` into place (but those in `skip`: removed by a later
@@ -730,23 +752,16 @@ impl CommitLog {
             let body = serde_json::to_vec_pretty(&*entry)
                 .map_err(|e| EngineError::Internal(format!("encoding commit entry: {e}")))?;
             let payload = PutPayload::from(body);
-            // Every attempt checks the fence and is abandoned when it expires: a holder that
-            // took the lease over waits one TTL after that before its recovery (lease.rs).
             let put = self
                 .retry
                 .run("writing a commit entry", || async {
-                    let mut write = std::pin::pin!(self.table.create(&path, payload.clone()));
-                    let written = loop {
-                        let Some(fence) = &self.fence else { break write.await };
-                        fence.check(&self.writer)?;
-                        let Some(left) = fence.remaining() else { break write.await };
-                        // Past the deadline the fence is checked again: extended by a renewal
-                        // meanwhile, the write goes on; expired, it is abandoned.
-                        if let Ok(r) = tokio::time::timeout(left, &mut write).await {
-                            break r;
-                        }
-                    };
-                    written.map_err(EngineError::store(format!("writing {path}")))
+                    self.fenced(async {
+                        self.table
+                            .create(&path, payload.clone())
+                            .await
+                            .map_err(EngineError::store(format!("writing {path}")))
+                    })
+                    .await
                 })
                 .await;
             match put {

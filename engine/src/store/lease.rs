@@ -22,12 +22,14 @@
 //! else's) and are free to take at once. Single-writer mode has no lease (it has no atomic
 //! create to build one on): there, maintenance never treats another writer as stopped.
 //!
-//! A commit-entry write is abandoned (no further attempt, no client retry) when its writer's
-//! fence expires, and a holder that took over a lease its previous holder stopped renewing waits
-//! one more TTL, renewing, before it returns (and so before recovery removes staged files no
-//! entry names): an entry the previous holder sent in time has landed by then, and recovery
-//! sees it and moves its files into place. Residual risk: a request the store received before
-//! the fence expired but applies more than a TTL later (`lease.ttl`, default 30 s).
+//! A commit-entry or staging write is abandoned (no further attempt, no client retry) when its
+//! writer's fence expires, and a holder that took over a lease its previous holder stopped
+//! renewing waits one more TTL, renewing, before it returns (and so before recovery removes
+//! staged files no entry names, and before it stages anything): an entry the previous holder
+//! sent in time has landed by then, and recovery sees it and moves its files into place.
+//! Maintenance jobs that take a dead writer's lease wait the same. Residual risk: a request
+//! sent before the fence expired that the store applies more than about a TTL later; keep
+//! `lease.ttl` well above the store's request timeouts.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -628,7 +630,8 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         while read_lease(&table, &path).await.unwrap().is_some_and(|(b, _)| b.holder == "frozen") {
             assert!(Instant::now() < deadline, "no takeover");
-            tokio::task::yield_now().await;
+            // Polling a condition, with the deadline above.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // The frozen holder's entry arrives now.
         let entry = CommitEntry {
