@@ -39,7 +39,7 @@ use crate::expect::{ExpectationDef, Written, is_expectation};
 use crate::text::{PipelineText, StatementTokens, strip_position};
 
 /// An unbounded source table.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SourceDef {
     /// Table name (normalized: lower case unless quoted).
     pub name: String,
@@ -58,7 +58,7 @@ pub struct SourceDef {
 }
 
 /// A sink table: where a pipeline's output is committed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SinkDef {
     /// Table name.
     pub name: String,
@@ -74,6 +74,44 @@ pub struct SinkDef {
     pub options: Options,
     /// Where the table is defined.
     pub defined_at: Option<SourceLocation>,
+}
+
+/// OPTIONS for Debug output: their keys only (values may be credentials, e.g.
+/// `s3.secret_access_key`).
+struct OptionKeys<'a>(&'a Options);
+
+impl std::fmt::Debug for OptionKeys<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl std::fmt::Debug for SourceDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceDef")
+            .field("name", &self.name)
+            .field("connector", &self.connector)
+            .field("location", &self.location)
+            .field("schema", &self.schema)
+            .field("options", &OptionKeys(&self.options))
+            .field("event_time", &self.event_time)
+            .field("defined_at", &self.defined_at)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SinkDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkDef")
+            .field("name", &self.name)
+            .field("connector", &self.connector)
+            .field("location", &self.location)
+            .field("partition_by", &self.partition_by)
+            .field("schema", &self.schema)
+            .field("options", &OptionKeys(&self.options))
+            .field("defined_at", &self.defined_at)
+            .finish()
+    }
 }
 
 /// One pipeline: `INSERT INTO sink SELECT ... FROM source ...`, named after its sink.
@@ -1042,6 +1080,33 @@ pub fn substitute_env(value: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_names_options_but_never_shows_their_values() {
+        let options: Options = [("s3.secret_access_key".to_string(), "hunter2-secret".to_string())].into();
+        let sink = SinkDef {
+            name: "out".into(),
+            connector: "PARQUET".into(),
+            location: "s3://bucket/out/".into(),
+            partition_by: vec![],
+            schema: Arc::new(Schema::empty()),
+            options: options.clone(),
+            defined_at: None,
+        };
+        let source = SourceDef {
+            name: "ev".into(),
+            connector: "KAFKA".into(),
+            location: "127.0.0.1:9092".into(),
+            schema: Arc::new(Schema::empty()),
+            options,
+            event_time: None,
+            defined_at: None,
+        };
+        for text in [format!("{sink:?}"), format!("{source:?}")] {
+            assert!(text.contains("s3.secret_access_key"), "{text}");
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+    }
 
     #[test]
     fn env_substitution() {
