@@ -412,26 +412,24 @@ pub async fn reconcile(
             def,
             &table,
             &archive_paths,
-            windows.as_ref(),
         )
         .await?;
         let frame = match (&def.window, &windows) {
             (Some(w), Some(bounds)) => {
                 let rows = recompute_windows(ctx, frame, w, bounds).await?;
-                if rows.is_empty() {
-                    None
-                } else {
-                    let mut out = ctx.read_batches(rows)?;
-                    for e in removing_checks(program, &def.name) {
-                        out = out.filter(e.is_not_false())?;
-                    }
-                    Some(out)
-                }
+                (!rows.is_empty()).then(|| ctx.read_batches(rows)).transpose()?
             }
             _ => Some(frame),
         };
         match frame {
-            Some(frame) => digest_batch_side(frame, sink.clone(), key.clone(), seed.clone(), opts.repair).await?,
+            Some(frame) => {
+                // Through the sink's row-level expectations, as the stream's output goes.
+                let mut out = frame;
+                for e in removing_checks(program, &def.name) {
+                    out = out.filter(e.is_not_false())?;
+                }
+                digest_batch_side(out, sink.clone(), key.clone(), seed.clone(), opts.repair).await?
+            }
             None => Computed::default(),
         }
     };
@@ -688,13 +686,9 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
 
 /// The digest of a Parquet file's rows, batch by batch as they are decoded.
 fn digest_file(bytes: bytes::Bytes, path: &str, key: &[String], seed: &Seed) -> Result<Digest> {
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .and_then(|b| b.build())
-        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
     let mut d = Digest::default();
-    for batch in reader {
-        let batch = batch.map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
-        d.add(&batch, key, seed)?;
+    for batch in batches(bytes, path)? {
+        d.add(&batch?, key, seed)?;
     }
     Ok(d)
 }
@@ -782,8 +776,8 @@ fn verdict(side: Side, a: Accumulated, keyed: bool) -> (PartitionReport, Option<
     (report, remove)
 }
 
-/// The pipeline's SELECT over the archive files, through its row-level expectations, planned
-/// on `ctx`. `remote`: static tables are read through their own format's provider (a listing
+/// The pipeline's SELECT (a windowed one's part below its aggregate) over the archive files,
+/// through the source's row-level expectations, planned on `ctx`. `remote`: static tables are read through their own format's provider (a listing
 /// table a cluster can serialise) rather than Sluice's read-whole wrapper.
 async fn recompute(
     ctx: &SessionContext,
@@ -792,7 +786,6 @@ async fn recompute(
     def: &PipelineDef,
     table: &TableStore,
     archive: &[String],
-    windows: Option<&Windows>,
 ) -> Result<DataFrame> {
     let source = program
         .sources
@@ -811,7 +804,7 @@ async fn recompute(
         input = input.filter(e.is_not_false())?;
     }
     // A windowed pipeline's windows take the rows with an event time, as the stream's do.
-    if let (Some(_), Some(et)) = (windows, &source.event_time) {
+    if let (Some(_), Some(et)) = (&def.window, &source.event_time) {
         let column = col(datafusion::common::Column::new_unqualified(et.column.as_str()));
         input = input.filter(column.is_not_null())?;
     }
@@ -850,13 +843,7 @@ async fn recompute(
             other => Ok(Transformed::no(other)),
         })?
         .data;
-    let mut out = DataFrame::new(ctx.state(), plan);
-    if def.window.is_none() {
-        for e in removing_checks(program, &def.name) {
-            out = out.filter(e.is_not_false())?;
-        }
-    }
-    Ok(out)
+    Ok(DataFrame::new(ctx.state(), plan))
 }
 
 /// Which windows a range of a windowed pipeline covers, and where their rows are.
@@ -873,8 +860,7 @@ struct Windows {
 /// The windows a windowed pipeline emitted between two watermarks (`after`, exclusive;
 /// `through`, inclusive), recomputed from the rows of `input` (the part below the aggregate,
 /// over the archive) with the stream's own window state (only those windows open), then
-/// through the part above it.
-/// Rows whose GROUP BY or aggregate arguments fail to evaluate, windows that fail to evaluate
+/// through the part above it. Rows whose GROUP BY or aggregate arguments fail to evaluate, windows that fail to evaluate
 /// and window rows that fail in the part above are left out, as the stream dead-letters them.
 async fn recompute_windows(
     ctx: &SessionContext,
@@ -990,12 +976,15 @@ pub(crate) async fn read_parquet(
 
 /// The rows of a Parquet file's bytes.
 fn decode(bytes: bytes::Bytes, path: &str) -> Result<Vec<RecordBatch>> {
+    batches(bytes, path)?.collect()
+}
+
+/// A Parquet file's batches, decoded as they are taken.
+fn batches(bytes: bytes::Bytes, path: &str) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<'_>> {
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())
         .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))?;
-    reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))
+    Ok(reader.map(move |b| b.map_err(|e| EngineError::Internal(format!("reading {path}: {e}")))))
 }
 
 /// A repair's commit: where the batch files are and what the entry records.

@@ -252,7 +252,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::log::commit::{Counts, LOG_VERSION, live_files};
+    use crate::log::commit::live_files;
     use crate::store::TableStore;
 
     /// An in-memory store that counts reads of commit entries.
@@ -315,30 +315,11 @@ mod tests {
     }
 
     fn entry(epoch: u64, writer: &str, add: &[String], remove: &[String]) -> CommitEntry {
+        let add: Vec<&str> = add.iter().map(String::as_str).collect();
         CommitEntry {
-            version: LOG_VERSION,
-            epoch,
-            pipeline: writer.into(),
-            instance: None,
-            committed_at: String::new(),
-            add: add
-                .iter()
-                .map(|p| FileAction {
-                    path: p.clone(),
-                    rows: 1,
-                    bytes: 1,
-                    partition: vec![],
-                    covers: None,
-                })
-                .collect(),
             remove: remove.to_vec(),
-            dead_letters: vec![],
             sources: BTreeMap::from([("src".to_string(), serde_json::json!({ "seq": epoch }))]),
-            counts: Counts::default(),
-            schema: TableSchema::default(),
-            quality: None,
-            archive: None,
-            state: None,
+            ..CommitEntry::adding(epoch, writer, &add)
         }
     }
 

@@ -73,12 +73,7 @@ impl Fence {
     }
 
     fn expired(&self) -> bool {
-        self.0.lost.load(Ordering::SeqCst)
-            || self
-                .0
-                .valid_until
-                .lock()
-                .map_or(true, |v| v.is_some_and(|t| Instant::now() >= t))
+        self.remaining().is_some_and(|left| left.is_zero())
     }
 
     /// How long the fence stays valid without another renewal (`None`: no deadline; zero once
@@ -209,9 +204,9 @@ impl WriterLease {
             fence,
         };
         if took_over {
-            // The previous holder's last commit-entry write may still be in flight: it was
-            // sent before its fence expired and is abandoned when the fence does (see
-            // `CommitLog::commit`), so after one more TTL it has landed or never will.
+            // The previous holder's last commit-entry or staging write may still be in flight:
+            // it was sent before its fence expired and is abandoned when the fence does (see
+            // `CommitLog::fenced`), so after one more TTL it has landed or never will.
             // Recovery (which removes staged files no entry names) waits for that, renewing.
             tokio::time::sleep(ttl).await;
             lease.fence.check(writer)?;
@@ -415,7 +410,7 @@ async fn take_remote(
                     if !current.released {
                         tracing::warn!(lease = %path, "took over a writer lease its holder stopped renewing");
                     }
-                    return Ok((path, r.e_tag, sent, !current.released));
+                    return Ok((path, r.e_tag, sent, took_over));
                 }
                 // Lost the race, or our own takeover's answer was lost: the next read tells.
                 Err(
@@ -611,7 +606,7 @@ mod tests {
     /// file into place instead of removing it as an orphan.
     #[tokio::test]
     async fn a_late_entry_of_the_previous_holder_is_recovered_not_orphaned() {
-        use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, TableSchema};
+        use crate::log::commit::{CommitEntry, CommitLog};
         let table = object_table(400);
         let (path, _, sent, _) = take_remote(&table, "p", "frozen", Wait::Yes).await.unwrap();
         let frozen = Fence::until(valid_until(sent, table.settings.lease_ttl));
@@ -634,28 +629,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // The frozen holder's entry arrives now.
-        let entry = CommitEntry {
-            version: LOG_VERSION,
-            epoch: 1,
-            pipeline: "p".into(),
-            instance: None,
-            committed_at: String::new(),
-            add: vec![FileAction {
-                path: "d/f-1.parquet".into(),
-                rows: 1,
-                bytes: 1,
-                partition: vec![],
-                covers: None,
-            }],
-            remove: vec![],
-            dead_letters: vec![],
-            quality: None,
-            archive: None,
-            state: None,
-            sources: Default::default(),
-            counts: Counts::default(),
-            schema: TableSchema::default(),
-        };
+        let entry = CommitEntry::adding(1, "p", &["d/f-1.parquet"]);
         let at = table.log_dir().join(format!("{:020}.json", 1));
         table.store.put(&at, serde_json::to_vec(&entry).unwrap().into()).await.unwrap();
         let _lease = next.await.unwrap().unwrap();
