@@ -56,6 +56,17 @@ if [[ "${1:-}" == "--test" ]]; then
     rm -rf "$TOOLS/tansu-build"
     echo "$TANSU_VERSION" > "$TOOLS/tansu/.version"
   fi
+  # cargo-deny checks licenses, bans and sources in the test command (scripts/test.sh): from
+  # crates.io, built once and cached as $TOOLS/cargo-deny/bin/cargo-deny (its own build
+  # directory, like tansu's).
+  DENY_VERSION="0.20.2"
+  if [[ ! -x "$TOOLS/cargo-deny/bin/cargo-deny" ]] || [[ "$(cat "$TOOLS/cargo-deny/.version" 2>/dev/null)" != "$DENY_VERSION" ]]; then
+    echo "setup: building cargo-deny $DENY_VERSION into $TOOLS/cargo-deny (takes minutes)"
+    CARGO_TARGET_DIR="$TOOLS/cargo-deny-build" cargo install cargo-deny --version "$DENY_VERSION" \
+      --locked --root "$TOOLS/cargo-deny" --quiet
+    rm -rf "$TOOLS/cargo-deny-build"
+    echo "$DENY_VERSION" > "$TOOLS/cargo-deny/.version"
+  fi
   # Headless Chromium opens the HTML quality report (tests/it/quality.rs): Debian's package.
   if ! command -v "${SLUICE_CHROMIUM:-chromium}" >/dev/null 2>&1; then
     echo "setup: installing Debian's chromium"

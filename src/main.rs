@@ -54,6 +54,13 @@ enum Command {
         /// writes to its sink as `<pipeline>.<instance>`.
         #[arg(long, env = "SLUICE_INSTANCE", value_parser = parse_instance)]
         instance: Option<String>,
+        #[command(flatten)]
+        security: SecurityArgs,
+    },
+    /// Bearer tokens for `--auth-tokens` files.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Parse, resolve and plan every statement without touching data; print each pipeline's plan.
     Validate {
@@ -103,13 +110,16 @@ enum Command {
         archive_retention: Option<std::time::Duration>,
     },
     /// Run an Apache Ballista scheduler (built with Sluice's DataFusion) for `reconcile --cluster`.
+    /// Ballista has no authentication: keep the scheduler and executors on loopback (the
+    /// default) or on a private network only they and the reconcile job reach.
     #[cfg(feature = "cluster")]
     Scheduler {
         /// Address of its gRPC service.
         #[arg(long, default_value = "127.0.0.1:50050")]
         bind: SocketAddr,
     },
-    /// Run an Apache Ballista executor that registers with a scheduler.
+    /// Run an Apache Ballista executor that registers with a scheduler (no authentication:
+    /// loopback by default; bind it only on a private network).
     #[cfg(feature = "cluster")]
     Executor {
         /// The scheduler's address.
@@ -141,6 +151,56 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Read a token from standard input and print its `sha256:<hex>` for a token file line
+    /// (`NAME sha256:<hex> sources=a,b [admin]`); the token itself is never stored.
+    Hash,
+}
+
+/// `sluice run`'s network-security flags: tokens, TLS and the limits hostile clients meet.
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// Token file: one `NAME sha256:<hex> sources=a,b|* [admin]` per line. With it, ingest needs
+    /// a token allowed on the source, and /metrics and /v1/pipelines an admin token. Re-read on
+    /// SIGHUP.
+    #[arg(long)]
+    auth_tokens: Option<PathBuf>,
+    /// Listen on a non-loopback address without a token file (anyone who reaches the port may
+    /// send and read the management endpoints).
+    #[arg(long)]
+    allow_unauthenticated: bool,
+    /// Serve HTTPS with this certificate chain (PEM); reloaded on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM); a client's subject is its
+    /// principal when it sends no token.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = sluice_engine::server::edge::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Time a client has to send a request's headers (and to finish a TLS handshake, and to
+    /// start its next request on a kept-alive connection), e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_retention)]
+    header_read_timeout: std::time::Duration,
+    /// Longest wait for the next piece of a request body, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_retention)]
+    body_read_timeout: std::time::Duration,
+    /// Bytes per second a body must average once the read timeout has passed.
+    #[arg(long, default_value_t = sluice_connectors::http::intake::DEFAULT_MIN_BODY_RATE)]
+    min_body_rate: u64,
+    /// Most bad records (dead letters) one request may hold before it is refused whole.
+    #[arg(long, default_value_t = sluice_connectors::http::body::DEFAULT_MAX_BAD_RECORDS)]
+    max_bad_records: usize,
+    /// Most bytes of bad records one request may hold before it is refused whole.
+    #[arg(long, default_value = "4MB", value_parser = parse_size)]
+    max_bad_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -373,7 +433,9 @@ struct ReconcileArgs {
     /// Also write the whole report (every differing key) as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Run on an Apache Ballista cluster (df://HOST:PORT) instead of in process.
+    /// Run on an Apache Ballista cluster (df://HOST:PORT) instead of in process. Ballista has no
+    /// authentication: the scheduler and executors must sit on loopback or a private network
+    /// (README, "Security").
     #[arg(long)]
     cluster: Option<String>,
 }
@@ -636,15 +698,74 @@ async fn quality_profile(sink: &str, partition: &[(String, String)], json: bool)
     print_table(&mut out, &header, &rows)
 }
 
-async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_ingest_log: bool) -> Result<()> {
+/// The server configuration from `sluice run`'s flags: refuses a non-loopback listener without
+/// tokens (unless allowed), loads the token file and TLS files.
+fn server_config(
+    listen: SocketAddr,
+    max_buffer_bytes: u64,
+    instance: Option<String>,
+    sec: &SecurityArgs,
+) -> Result<ServerConfig> {
+    use sluice_engine::server::{auth::Auth, edge};
+    if !listen.ip().is_loopback() && sec.auth_tokens.is_none() && !sec.allow_unauthenticated {
+        bail!(
+            "--listen {listen} is not a loopback address and no --auth-tokens file is given: anyone who reaches the port could send events and read /metrics\nhelp: give --auth-tokens FILE (see `sluice token hash`), or --allow-unauthenticated on a trusted network"
+        );
+    }
+    let auth = match &sec.auth_tokens {
+        Some(path) => Auth::from_file(path)?,
+        None => Auth::none(),
+    };
+    let tls = match (&sec.tls_cert, &sec.tls_key) {
+        (Some(cert), Some(key)) => Some(edge::Tls::load(edge::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: sec.tls_client_ca.clone(),
+        })?),
+        _ => None,
+    };
+    Ok(ServerConfig {
+        listen,
+        max_buffer_bytes,
+        instance,
+        limits: edge::EdgeLimits {
+            max_connections: sec.max_connections.max(1),
+            header_read_timeout: sec.header_read_timeout,
+            ..Default::default()
+        },
+        tls,
+        auth,
+    })
+}
+
+async fn run(
+    files: &[PathBuf],
+    config: ServerConfig,
+    state_dir: &Path,
+    adopt_ingest_log: bool,
+    sec: &SecurityArgs,
+) -> Result<()> {
     let texts = read_files(files)?;
     // Handlers go in before the server can report ready: a SIGTERM right after start (a
     // supervisor, a test) must be a graceful stop, not the default kill.
     let signal = shutdown_signal();
-    let registry = sluice_connectors::registry_for_run(state_dir, adopt_ingest_log, config.max_buffer_bytes);
+    reload_on_hangup(config.auth.clone(), config.tls.clone());
+    let http = sluice_connectors::http::HttpSourceFactory::new(state_dir)
+        .with_adopt_logs(adopt_ingest_log)
+        .with_body_budget(config.max_buffer_bytes)
+        .with_body_limits(sluice_connectors::http::intake::BodyLimits {
+            read_timeout: sec.body_read_timeout,
+            min_rate: sec.min_body_rate.max(1),
+        })
+        .with_bad_records(sluice_connectors::http::body::BadRecords {
+            records: sec.max_bad_records,
+            bytes: usize::try_from(sec.max_bad_bytes).unwrap_or(usize::MAX),
+        });
+    let registry = sluice_connectors::registry_for_run(http);
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     let server = runtime::start(&texts, &registry, config).await?;
     // Whoever reads stdout may be gone; never fail (or panic) for that.
-    let _ = writeln!(std::io::stdout(), "sluice listening on http://{}", server.addr());
+    let _ = writeln!(std::io::stdout(), "sluice listening on {scheme}://{}", server.addr());
     let _ = std::io::stdout().flush();
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {
@@ -655,6 +776,40 @@ async fn run(files: &[PathBuf], config: ServerConfig, state_dir: &Path, adopt_in
     server.wait().await?;
     let _ = writeln!(std::io::stdout(), "sluice stopped");
     Ok(())
+}
+
+/// On SIGHUP, reads the token file and the TLS files again; a bad file keeps what was loaded
+/// and says why in the log.
+fn reload_on_hangup(
+    auth: Arc<sluice_engine::server::auth::Auth>,
+    tls: Option<Arc<sluice_engine::server::edge::Tls>>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: tokens and certificates reload only on restart");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if auth.has_file() {
+                    match auth.reload() {
+                        Ok(n) => tracing::info!(tokens = n, "token file reloaded"),
+                        Err(e) => tracing::error!(error = %e, "token file not reloaded; the previous tokens stay"),
+                    }
+                }
+                if let Some(tls) = &tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("TLS certificate reloaded"),
+                        Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays"),
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (auth, tls);
 }
 
 /// SIGTERM or SIGINT (Ctrl-C elsewhere); the handlers are installed when this is called, not
@@ -698,7 +853,24 @@ fn parse_instance(s: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// Allocations of this size and more are mapped and unmapped on their own (glibc malloc).
+const MMAP_THRESHOLD: i32 = 1 << 20;
+
+/// Fixes glibc's mmap threshold. By default it rises to the largest block freed (up to 32 MiB),
+/// after which every request body and batch buffer of that size comes from the heap arenas and
+/// stays resident once freed: a burst of large bodies (a flood of garbage, measured by
+/// `security::hostile_load_keeps_every_acknowledged_event_exactly_once`) then leaves the
+/// process hundreds of MiB above its budgets.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a malloc parameter; called once, before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -706,6 +878,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: a log file or collector gets plain `key=value`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -723,14 +897,23 @@ fn main() -> ExitCode {
                 adopt_ingest_log,
                 max_buffer_bytes,
                 instance,
+                security,
             } => {
-                let config = ServerConfig {
-                    listen,
-                    max_buffer_bytes,
-                    instance,
-                };
+                let config = server_config(listen, max_buffer_bytes, instance, &security)?;
                 let state_dir = state_dir_for(&files, state_dir);
-                run(&files, config, &state_dir, adopt_ingest_log).await
+                run(&files, config, &state_dir, adopt_ingest_log, &security).await
+            }
+            Command::Token {
+                command: TokenCommand::Hash,
+            } => {
+                let mut token = String::new();
+                std::io::stdin().read_line(&mut token).context("reading the token from standard input")?;
+                let token = token.trim_end_matches(['\r', '\n']);
+                if token.is_empty() {
+                    bail!("no token on standard input");
+                }
+                println!("{}", sluice_engine::server::auth::token_file_hash(token));
+                Ok(())
             }
             Command::Validate { files } => validate(&files).await,
             Command::Compact {

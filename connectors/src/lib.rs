@@ -38,20 +38,14 @@ pub fn registry() -> Registry {
 
 /// A registry with every connector of this build, keeping local state under `state_dir`.
 pub fn registry_with_state(state_dir: &Path) -> Registry {
-    registry_for_run(state_dir, false, sluice_engine::budget::DEFAULT_SERVER_BUDGET)
+    registry_for_run(http::HttpSourceFactory::new(state_dir))
 }
 
-/// A registry for `sluice run`: local state under `state_dir`; with `adopt_ingest_logs`, an
-/// HTTP source whose ingest log is not the one its sink's commits came from starts anyway and
-/// reads its log from the beginning (`--adopt-ingest-log`); request bodies arriving at once
-/// are bounded by `body_budget` bytes (the server budget).
-pub fn registry_for_run(state_dir: &Path, adopt_ingest_logs: bool, body_budget: u64) -> Registry {
+/// A registry for `sluice run`, with the HTTP source factory as the server's flags set it up
+/// (state directory, ingest-log adoption, body budget and limits).
+pub fn registry_for_run(http: http::HttpSourceFactory) -> Registry {
     let mut r = Registry::new();
-    r.add_source(Arc::new(
-        http::HttpSourceFactory::new(state_dir)
-            .with_adopt_logs(adopt_ingest_logs)
-            .with_body_budget(body_budget),
-    ));
+    r.add_source(Arc::new(http));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Ndjson)));
     r.add_source(Arc::new(files::DirSourceFactory::new(files::config::DirFormat::Csv)));
     #[cfg(feature = "kafka")]

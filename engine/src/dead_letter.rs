@@ -47,6 +47,9 @@ pub struct DeadLetter {
     /// The record's exact bytes, base64 (standard alphabet), when they are not valid UTF-8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_base64: Option<String>,
+    /// Who sent it, when the source knows (an HTTP request's token name or certificate subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
 }
 
 impl DeadLetter {

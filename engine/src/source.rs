@@ -39,6 +39,9 @@ pub struct Chunk {
     pub position: Option<serde_json::Value>,
     /// Raw bytes received, for batching by size.
     pub bytes: usize,
+    /// Who sent these records, when the source knows (an HTTP request's token name or client
+    /// certificate subject); counted per principal in the commit entry.
+    pub principal: Option<String>,
 }
 
 impl Chunk {

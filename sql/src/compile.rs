@@ -407,7 +407,16 @@ impl<'a> Compiler<'a> {
                 Some(format!("write just \"{}\"", r.table())),
             ));
         }
-        Ok(r.table().to_string())
+        let table = r.table();
+        if let Some(why) = unsafe_name(table) {
+            return Err(err_at(
+                p,
+                None,
+                format!("table name \"{}\" {why}", table.escape_debug()),
+                Some("a table's name becomes a file and URL path segment (state directories, leases, pipeline names): use letters, digits, '_', '-' and '.'".to_string()),
+            ));
+        }
+        Ok(table.to_string())
     }
 
     /// Converts OPTIONS to strings, substituting `${NAME}`, and checks keys against the connector.
@@ -444,8 +453,18 @@ impl<'a> Compiler<'a> {
         if c.locations.len() != 1 {
             return Err(err_at(p, span, "a source or sink takes exactly one LOCATION", None));
         }
-        substitute_env(&c.locations[0])
-            .map_err(|m| err_at(p, span, m, Some("export the variable before starting sluice".into())))
+        let location = substitute_env(&c.locations[0])
+            .map_err(|m| err_at(p, span, m, Some("export the variable before starting sluice".into())))?;
+        if has_credentials(&location) {
+            // The value is not quoted: it holds a credential.
+            return Err(err_at(
+                p,
+                span,
+                "a LOCATION must not hold credentials (user:password@): locations are printed in logs, status and paths",
+                Some("put credentials in OPTIONS ('s3.access_key_id', 's3.secret_access_key', 'kafka.sasl.password', ...), whose values are never printed".into()),
+            ));
+        }
+        Ok(location)
     }
 
     /// Validates the connector name, option keys and option values for a source or sink.
@@ -1077,9 +1096,61 @@ pub fn substitute_env(value: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// True when a URL-shaped LOCATION carries user information (`scheme://user[:password]@host`).
+fn has_credentials(location: &str) -> bool {
+    let Some((_, rest)) = location.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority.contains('@')
+}
+
+/// Longest table name accepted (it becomes a file name).
+pub const MAX_NAME_BYTES: usize = 128;
+
+/// Why `name` is not a safe path segment (`None` when it is): empty or too long, a path
+/// separator, `..`, a leading `.`, a control character.
+pub fn unsafe_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > MAX_NAME_BYTES {
+        Some("is longer than 128 bytes")
+    } else if name.contains(['/', '\\']) {
+        Some("holds a path separator ('/' or '\\')")
+    } else if name.contains("..") {
+        Some("holds '..'")
+    } else if name.starts_with('.') {
+        Some("starts with '.'")
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("holds a control character")
+    } else if name.contains(':') {
+        Some("holds ':'")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_with_credentials_are_recognised() {
+        assert!(has_credentials("kafka://user:pw@127.0.0.1:9092/t"));
+        assert!(has_credentials("s3://AKIA:secret@bucket/x/"));
+        assert!(!has_credentials("s3://bucket/a@b/"));
+        assert!(!has_credentials("/var/lib/sluice/in/"));
+    }
+
+    #[test]
+    fn names_that_are_not_path_segments_are_refused() {
+        for bad in ["../../escape", "a/b", "a\\b", "..", ".hidden", "tab\there", "", "c:x"] {
+            assert!(unsafe_name(bad).is_some(), "{bad:?}");
+        }
+        for good in ["orders", "orders_usd", "clicks-2", "v1.events", "Orders"] {
+            assert_eq!(unsafe_name(good), None, "{good}");
+        }
+    }
 
     #[test]
     fn debug_output_names_options_but_never_shows_their_values() {

@@ -69,6 +69,7 @@ impl Server {
     /// Starts `sluice run FILES --listen 127.0.0.1:PORT ARGS...` in `cwd` with extra
     /// environment variables, and waits for it to listen.
     pub fn start_full(files: &[&Path], cwd: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Server {
+        install_crypto();
         let stderr = cwd.join(format!(
             "sluice-stderr-{}.log",
             std::process::id() as u64 * 1000 + next_id()
@@ -114,6 +115,11 @@ impl Server {
             base,
             stderr,
         }
+    }
+
+    /// The file the server's stderr (its log) goes to.
+    pub fn stderr_path(&self) -> PathBuf {
+        self.stderr.clone()
     }
 
     /// A URL on the server.
@@ -336,8 +342,15 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Installs rustls's ring provider for the process (reqwest's clients need one; the project
+/// builds rustls with ring only).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A two-worker tokio runtime for a test's clients (the server under test is another process).
 pub fn runtime() -> tokio::runtime::Runtime {
+    install_crypto();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

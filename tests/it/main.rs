@@ -21,6 +21,7 @@ mod readers;
 mod reconcile;
 #[cfg(feature = "s3")]
 mod s3;
+mod security;
 #[cfg(feature = "kafka")]
 mod services;
 mod slt;

@@ -7,8 +7,11 @@ use sluice_sql::{OptionError, OptionSpec, Options, option_choice, option_duratio
 
 /// Default `poll_interval`: how often the directory is listed when idle.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// Bytes of an NDJSON file read (and decoded) at a time.
+/// Bytes of a file read (and decoded) at a time.
 pub const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Default `max_line_bytes`: the longest line (CSV: record) read; a longer one is dead-lettered
+/// by its position, and its bytes are skipped without being held.
+pub const DEFAULT_MAX_LINE_BYTES: u64 = 16 << 20;
 
 /// Which text format the files hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,10 +24,16 @@ pub enum DirFormat {
 
 /// The accepted OPTIONS keys for a format.
 pub fn option_specs(format: DirFormat) -> Vec<OptionSpec> {
-    let mut v = vec![OptionSpec {
-        key: "poll_interval",
-        doc: "how often to look for new files when idle, e.g. '500ms' (default 500ms)",
-    }];
+    let mut v = vec![
+        OptionSpec {
+            key: "poll_interval",
+            doc: "how often to look for new files when idle, e.g. '500ms' (default 500ms)",
+        },
+        OptionSpec {
+            key: "max_line_bytes",
+            doc: "the longest line (CSV: record) read, e.g. '16MB' (default 16MB); a longer one is a dead letter naming its file and offset, and is skipped without being held",
+        },
+    ];
     if format == DirFormat::Csv {
         v.push(OptionSpec {
             key: "format.has_header",
@@ -49,6 +58,8 @@ pub struct DirSourceConfig {
     pub has_header: bool,
     /// CSV: field delimiter.
     pub delimiter: u8,
+    /// The longest line (CSV: record) read.
+    pub max_line_bytes: u64,
 }
 
 impl DirSourceConfig {
@@ -67,6 +78,7 @@ impl DirSourceConfig {
             poll_interval: option_duration(options, "poll_interval", DEFAULT_POLL_INTERVAL)?,
             has_header: option_choice(options, "format.has_header", true, &[("true", true), ("false", false)])?,
             delimiter,
+            max_line_bytes: sluice_sql::option_bytes(options, "max_line_bytes", DEFAULT_MAX_LINE_BYTES)?.max(1),
         })
     }
 }

@@ -48,8 +48,9 @@ impl SourceFactory for DirSourceFactory {
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let unit = sluice_engine::decode::timestamp::epoch_unit_from_options(&def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        let decoder =
-            RecordDecoder::new(decoder_format(self.format, &config), def.schema.clone()).with_epoch_unit(unit);
+        let decoder = RecordDecoder::new(decoder_format(self.format, &config), def.schema.clone())
+            .with_epoch_unit(unit)
+            .with_max_record_bytes(usize::try_from(config.max_line_bytes).unwrap_or(usize::MAX));
         Ok(Box::new(DirSource {
             source: def.name.clone(),
             config,

@@ -129,17 +129,70 @@ fn pending(dir: &Path, pos: Option<&FilePosition>, seen: &mut Seen, source: &str
     Ok(names)
 }
 
-/// Reads from `offset` up to about `max` bytes ending at a line end (or the end of the file).
-/// Returns the bytes and whether the end of the file was reached.
-fn read_lines_from(path: &Path, offset: u64, max: usize) -> Result<(Vec<u8>, bool)> {
+/// Bytes of a too-long line kept in its dead letter (the rest is skipped unread into memory).
+const LONG_LINE_HEAD: usize = 4096;
+
+/// What one read of a file gave.
+#[derive(Debug, PartialEq, Eq)]
+enum Piece {
+    /// Whole records (lines; CSV records, quoted newlines included).
+    Records(Vec<u8>),
+    /// One line longer than `max_line_bytes`, skipped: its first bytes and its length.
+    TooLong {
+        /// The line's first [`LONG_LINE_HEAD`] bytes.
+        head: Vec<u8>,
+        /// Its length, newline included.
+        len: u64,
+    },
+}
+
+impl Piece {
+    fn consumed(&self) -> u64 {
+        match self {
+            Piece::Records(b) => b.len() as u64,
+            Piece::TooLong { len, .. } => *len,
+        }
+    }
+}
+
+/// Where the records of `buf` end, when it does not run to the end of the file: after the last
+/// newline (NDJSON), or where the last CSV record (which may be cut) starts. `None` when no
+/// whole record is in `buf`.
+fn records_end(buf: &[u8], format: DirFormat, delimiter: u8) -> Option<usize> {
+    match format {
+        DirFormat::Ndjson => buf.iter().rposition(|b| *b == b'\n').map(|nl| nl + 1),
+        DirFormat::Csv => {
+            let records = csv_records(buf, delimiter);
+            // The last record may be cut by the chunk's end: it starts the next read. A record
+            // ends at a newline outside quotes, so one ending exactly at the buffer's end is
+            // whole only if the buffer ends with a newline.
+            match records.last() {
+                Some(last) if buf.last() == Some(&b'\n') && last.end < buf.len() => Some(buf.len()),
+                Some(last) if last.start > 0 => Some(last.start),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Reads from `offset` up to about `max` bytes ending at a record end (or the end of the file).
+/// A record longer than `max_line` is skipped to its next newline, holding only its head.
+/// Returns the piece and whether the end of the file was reached.
+fn read_records_from(
+    path: &Path,
+    offset: u64,
+    max: usize,
+    config: &DirSourceConfig,
+    format: DirFormat,
+) -> Result<(Piece, bool)> {
     let ctx = || format!("reading {}", path.display());
     let mut f = std::fs::File::open(path).map_err(EngineError::io(ctx()))?;
     let len = f.metadata().map_err(EngineError::io(ctx()))?.len();
     f.seek(SeekFrom::Start(offset)).map_err(EngineError::io(ctx()))?;
+    let max_line = usize::try_from(config.max_line_bytes).unwrap_or(usize::MAX);
     // Sized for the whole chunk up front: read_to_end through `take` has no size hint and would
     // grow the buffer by doubling, copying it each time.
     let mut buf = Vec::with_capacity(len.saturating_sub(offset).min(max as u64) as usize);
-    let mut eof = false;
     loop {
         let want = max.max(1);
         let before = buf.len();
@@ -148,16 +201,48 @@ fn read_lines_from(path: &Path, offset: u64, max: usize) -> Result<(Vec<u8>, boo
             .read_to_end(&mut buf)
             .map_err(EngineError::io(ctx()))?;
         if buf.len() - before < want || offset + buf.len() as u64 >= len {
-            eof = true;
-            break;
+            if buf.len() > max_line && records_end(&buf, format, config.delimiter).is_none() {
+                return skip_long_line(&mut f, buf, path);
+            }
+            return Ok((Piece::Records(buf), true));
         }
-        if let Some(nl) = buf.iter().rposition(|b| *b == b'\n') {
-            buf.truncate(nl + 1);
-            break;
+        if let Some(end) = records_end(&buf, format, config.delimiter) {
+            buf.truncate(end);
+            return Ok((Piece::Records(buf), false));
         }
-        // A line longer than `max`: keep reading until it ends.
+        if buf.len() > max_line {
+            return skip_long_line(&mut f, buf, path);
+        }
+        // A record longer than `max` (but within `max_line`): keep reading until it ends.
     }
-    Ok((buf, eof))
+}
+
+/// Skips the rest of a too-long line (to its newline or the end of the file) in small reads.
+fn skip_long_line(f: &mut std::fs::File, mut buf: Vec<u8>, path: &Path) -> Result<(Piece, bool)> {
+    let head_end = buf.iter().position(|b| *b == b'\n');
+    if let Some(nl) = head_end {
+        // The newline is already in the buffer.
+        buf.truncate(nl + 1);
+        let len = buf.len() as u64;
+        buf.truncate(LONG_LINE_HEAD.min(buf.len()));
+        return Ok((Piece::TooLong { head: buf, len }, false));
+    }
+    let mut len = buf.len() as u64;
+    buf.truncate(LONG_LINE_HEAD);
+    let mut block = vec![0u8; 64 << 10];
+    loop {
+        let n = f
+            .read(&mut block)
+            .map_err(EngineError::io(format!("reading {}", path.display())))?;
+        if n == 0 {
+            return Ok((Piece::TooLong { head: buf, len }, true));
+        }
+        if let Some(nl) = block[..n].iter().position(|b| *b == b'\n') {
+            len += nl as u64 + 1;
+            return Ok((Piece::TooLong { head: buf, len }, false));
+        }
+        len += n as u64;
+    }
 }
 
 impl DirSource {
@@ -170,16 +255,12 @@ impl DirSource {
         let (mut next, mut eof) = (offset, false);
         loop {
             while !eof && pending.len() < DECODE_PARALLELISM {
-                let (p, format, start) = (path.clone(), self.format, next);
-                let (buf, at_end) = tokio::task::spawn_blocking(move || match format {
-                    DirFormat::Ndjson => read_lines_from(&p, start, READ_CHUNK_BYTES),
-                    DirFormat::Csv => std::fs::read(&p)
-                        .map(|b| (b, true))
-                        .map_err(EngineError::io(format!("reading {}", p.display()))),
-                })
-                .await
-                .map_err(|e| EngineError::Internal(format!("file reader task failed: {e}")))??;
-                next = start + buf.len() as u64;
+                let (p, format, start, config) = (path.clone(), self.format, next, self.config.clone());
+                let (piece, at_end) =
+                    tokio::task::spawn_blocking(move || read_records_from(&p, start, READ_CHUNK_BYTES, &config, format))
+                        .await
+                        .map_err(|e| EngineError::Internal(format!("file reader task failed: {e}")))??;
+                next = start + piece.consumed();
                 eof = at_end;
                 let job = DecodeJob {
                     decoder: self.decoder.clone(),
@@ -191,7 +272,7 @@ impl DirSource {
                     start,
                     eof,
                 };
-                pending.push_back(tokio::task::spawn_blocking(move || job.run(buf)));
+                pending.push_back(tokio::task::spawn_blocking(move || job.run(piece)));
             }
             let Some(handle) = pending.pop_front() else {
                 return Ok(Some(next));
@@ -226,12 +307,17 @@ struct DecodeJob {
 }
 
 impl DecodeJob {
-    fn run(self, buf: Vec<u8>) -> Result<Chunk> {
+    fn run(self, piece: Piece) -> Result<Chunk> {
+        let buf = match piece {
+            Piece::Records(buf) => buf,
+            Piece::TooLong { head, len } => return self.too_long(head, len),
+        };
         let ranges = match self.format {
             DirFormat::Ndjson => lines(&buf),
             DirFormat::Csv => {
                 let mut r = csv_records(&buf, self.config.delimiter);
-                if self.config.has_header && !r.is_empty() {
+                // The header is the file's first record only.
+                if self.config.has_header && self.start == 0 && !r.is_empty() {
                     r.remove(0);
                 }
                 r
@@ -249,19 +335,52 @@ impl DecodeJob {
                 error: r.error.clone(),
                 raw: raw.0,
                 raw_base64: raw.1,
+                principal: None,
             })
             .collect();
-        let position = FilePosition {
-            file: self.file.clone(),
-            offset: self.start + buf.len() as u64,
-            complete: self.eof,
-            identity: Some(self.identity.clone()),
-        };
+        let position = self.position(self.start + buf.len() as u64)?;
         Ok(Chunk {
             batch: decoded.batch,
             dead_letters,
-            position: Some(serde_json::to_value(&position).map_err(|e| EngineError::Internal(e.to_string()))?),
+            position: Some(position),
             bytes: buf.len(),
+            principal: None,
+        })
+    }
+
+    /// The source position after this chunk, as recorded in the commit.
+    fn position(&self, offset: u64) -> Result<serde_json::Value> {
+        let position = FilePosition {
+            file: self.file.clone(),
+            offset,
+            complete: self.eof,
+            identity: Some(self.identity.clone()),
+        };
+        serde_json::to_value(&position).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    /// A line longer than `max_line_bytes`: one dead letter by position, holding its head only.
+    fn too_long(self, head: Vec<u8>, len: u64) -> Result<Chunk> {
+        let raw = DeadLetter::raw_fields(&head);
+        let letter = DeadLetter {
+            source: self.source.clone(),
+            position: json!({ "file": self.file, "offset": self.start, "length": len }),
+            stage: Stage::Decode,
+            error: format!(
+                "line of {len} bytes is longer than max_line_bytes = {}; it was skipped (the dead letter holds its first {} bytes)",
+                self.config.max_line_bytes,
+                head.len()
+            ),
+            raw: raw.0,
+            raw_base64: raw.1,
+            principal: None,
+        };
+        Ok(Chunk {
+            batch: arrow::record_batch::RecordBatch::new_empty(self.decoder.schema().clone()),
+            dead_letters: vec![letter],
+            position: Some(self.position(self.start + len)?),
+            bytes: head.len(),
+            principal: None,
         })
     }
 }
@@ -376,5 +495,86 @@ pub fn decoder_format(format: DirFormat, config: &DirSourceConfig) -> Format {
         DirFormat::Csv => Format::Csv {
             delimiter: config.delimiter,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, max_line: u64) -> DirSourceConfig {
+        DirSourceConfig {
+            dir: dir.to_path_buf(),
+            poll_interval: std::time::Duration::from_millis(10),
+            has_header: true,
+            delimiter: b',',
+            max_line_bytes: max_line,
+        }
+    }
+
+    /// Reads a whole file the way the source does, `max` bytes at a time.
+    fn read_all(path: &Path, cfg: &DirSourceConfig, format: DirFormat, max: usize) -> Vec<Piece> {
+        let (mut offset, mut out) = (0u64, Vec::new());
+        loop {
+            let (piece, eof) = read_records_from(path, offset, max, cfg, format).unwrap();
+            offset += piece.consumed();
+            out.push(piece);
+            if eof {
+                return out;
+            }
+        }
+    }
+
+    // Reproducer for #25: the directory source had no line-length bound.
+    #[test]
+    fn a_line_past_max_line_bytes_is_skipped_by_position_without_being_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ndjson");
+        let long = "x".repeat(100_000);
+        std::fs::write(&path, format!("{{\"a\":1}}\n{long}\n{{\"a\":2}}\n{long}")).unwrap();
+        let pieces = read_all(&path, &config(dir.path(), 1000), DirFormat::Ndjson, 64);
+        let mut records = Vec::new();
+        let mut long_lines = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Records(b) => records.extend(String::from_utf8(b).unwrap().lines().map(str::to_string)),
+                Piece::TooLong { head, len } => {
+                    assert!(head.len() <= LONG_LINE_HEAD);
+                    long_lines.push(len);
+                }
+            }
+        }
+        assert_eq!(records, vec!["{\"a\":1}", "{\"a\":2}"]);
+        assert_eq!(long_lines, vec![100_001, 100_000]);
+    }
+
+    // Reproducer for #25: CSV files were read whole.
+    #[test]
+    fn csv_is_read_in_pieces_that_end_on_record_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.csv");
+        let mut text = String::from("id,note\n");
+        for i in 0..200 {
+            text.push_str(&format!("{i},\"line one\nline, two {i}\"\n"));
+        }
+        std::fs::write(&path, &text).unwrap();
+        let cfg = config(dir.path(), 1 << 20);
+        let pieces = read_all(&path, &cfg, DirFormat::Csv, 50);
+        assert!(pieces.len() > 10, "read in pieces");
+        let mut joined = Vec::new();
+        for p in &pieces {
+            let Piece::Records(b) = p else { panic!("no record is too long") };
+            assert!(csv_records(b, b',').iter().all(|r| !b[r.clone()].is_empty()));
+            joined.extend_from_slice(b);
+        }
+        assert_eq!(String::from_utf8(joined).unwrap(), text, "every byte once, in order");
+        let records: usize = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Records(b) => csv_records(b, b',').len(),
+                Piece::TooLong { .. } => 0,
+            })
+            .sum();
+        assert_eq!(records, 201, "the header and 200 records, none split");
     }
 }

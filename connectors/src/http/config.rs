@@ -1,5 +1,6 @@
 //! Options of the HTTP source.
 
+use sluice_engine::server::auth::{TokenHash, hash_token};
 use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice};
 
 /// Default `log.segment_bytes`: ingest log segment size.
@@ -28,6 +29,10 @@ pub fn option_specs() -> Vec<OptionSpec> {
             doc: "ingest log segment size, e.g. '64MB' (default 64MB)",
         },
         OptionSpec {
+            key: "auth.token",
+            doc: "a bearer token producers must send to this source (at least 16 characters; use '${ENV_VAR}' so it is not in the file); its requests are recorded as 'auth.token@<source>'",
+        },
+        OptionSpec {
             key: "ack",
             doc: "'durable' (default): answer 200 once the ingest log is fsynced; 'written': once written, before fsync (faster; a power loss can lose acknowledged events)",
         },
@@ -45,7 +50,12 @@ pub struct HttpSourceConfig {
     pub durable_ack: bool,
     /// Ingest log segment size.
     pub segment_bytes: u64,
+    /// The source's own bearer token, hashed (the token itself is not kept).
+    pub token: Option<TokenHash>,
 }
+
+/// Shortest `auth.token` accepted.
+pub const MIN_TOKEN_CHARS: usize = 16;
 
 impl HttpSourceConfig {
     /// Reads LOCATION and OPTIONS.
@@ -74,6 +84,18 @@ impl HttpSourceConfig {
             max_body_bytes,
             durable_ack: option_choice(options, "ack", true, &[("durable", true), ("written", false)])?,
             segment_bytes: option_bytes(options, "log.segment_bytes", DEFAULT_SEGMENT_BYTES)?,
+            token: match options.get("auth.token") {
+                None => None,
+                Some(t) if t.chars().count() >= MIN_TOKEN_CHARS && !t.chars().any(char::is_whitespace) => Some(hash_token(t)),
+                Some(_) => {
+                    return Err(OptionError {
+                        key: "auth.token".into(),
+                        message: format!(
+                            "a token must be at least {MIN_TOKEN_CHARS} characters without spaces (the value is not shown)"
+                        ),
+                    });
+                }
+            },
         })
     }
 }

@@ -12,7 +12,7 @@ use sluice_engine::source::{Chunk, Message};
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 
-use super::body::decode_body;
+use super::body::{decode_body, parse_log_record};
 
 /// An HTTP source's position, as recorded in commit entries: the last ingest-log record a
 /// commit covers, and which log it is in (entries written before logs had identities carry
@@ -70,20 +70,20 @@ impl LogReader {
         tokio::task::spawn_blocking(move || {
             let mut next = from;
             wal.read_from(from, |seq, payload| {
-                let split = payload.iter().position(|b| *b == b'\n').unwrap_or(payload.len());
-                let request_id = String::from_utf8_lossy(&payload[..split]).into_owned();
-                let body = payload.get(split + 1..).unwrap_or_default();
-                let (batch, dead_letters) = match decode_body(&decoder, &source, &request_id, body) {
-                    Ok((d, dead)) => (d.batch, dead),
-                    Err((_, e)) => (
+                let record = parse_log_record(payload);
+                let (request_id, principal, body) = (record.request_id, record.principal, record.body);
+                let (batch, dead_letters) = match decode_body(&decoder, &source, &request_id, principal.as_deref(), body, None, None) {
+                    Ok(b) => (b.decoded.batch, b.dead_letters),
+                    Err(refusal) => (
                         arrow::record_batch::RecordBatch::new_empty(decoder.schema().clone()),
                         vec![DeadLetter {
                             source: source.clone(),
                             position: json!({ "request_id": request_id, "seq": seq }),
                             stage: Stage::Decode,
-                            error: e,
+                            error: refusal.message,
                             raw: DeadLetter::raw_fields(body).0,
                             raw_base64: DeadLetter::raw_fields(body).1,
+                            principal: principal.clone(),
                         }],
                     ),
                 };
@@ -96,6 +96,7 @@ impl LogReader {
                     dead_letters,
                     position: Some(LogPosition::new(seq, wal.id()).to_value()),
                     bytes,
+                    principal,
                 };
                 tx.blocking_send(chunk.into())
                     .map_err(|_| EngineError::Stopped(source.clone()))?;

@@ -10,6 +10,7 @@ use sluice_engine::Result;
 use sluice_engine::budget::{Budget, ServerBudget};
 use sluice_engine::decode::RecordDecoder;
 use sluice_engine::ingest::wal::IngestLog;
+use sluice_engine::server::auth::{TokenHash, token_matches};
 use sluice_engine::source::{Health, Message};
 use tokio::sync::{mpsc, watch};
 
@@ -43,6 +44,8 @@ pub struct Endpoint {
     pub decoder: RecordDecoder,
     /// Largest body accepted.
     pub max_body_bytes: u64,
+    /// The source's own token (`auth.token`), hashed.
+    pub token: Option<TokenHash>,
     /// The source's ingest log.
     pub wal: Arc<IngestLog>,
     /// How many pipelines read this source; intake opens when all have subscribed.
@@ -64,6 +67,7 @@ impl Endpoint {
             source,
             decoder,
             max_body_bytes,
+            token: None,
             wal,
             expected: 0,
             subscribers: BTreeMap::new(),
@@ -76,8 +80,7 @@ impl Endpoint {
         // Ids of requests whose segments were deleted, then those still in the log.
         e.seen.load(wal.dir())?;
         wal.read_from(0, |seq, payload| {
-            let split = payload.iter().position(|b| *b == b'\n').unwrap_or(payload.len());
-            e.remember(&String::from_utf8_lossy(&payload[..split]), Some(seq));
+            e.remember(&super::body::parse_log_record(payload).request_id, Some(seq));
             Ok(())
         })?;
         Ok(e)
@@ -151,6 +154,30 @@ impl Endpoints {
     pub fn max_body_bytes(&self) -> u64 {
         let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
         map.values().map(|e| e.max_body_bytes).max().unwrap_or(0)
+    }
+
+    /// Whether any source has its own token.
+    pub fn any_token(&self) -> bool {
+        let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+        map.values().any(|e| e.token.is_some())
+    }
+
+    /// The source whose own token hashes to `presented` (every one compared, in constant time).
+    pub fn token_owner(&self, presented: &TokenHash) -> Option<String> {
+        let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+        let mut found = None;
+        for (name, e) in map.iter() {
+            if e.token.is_some_and(|t| token_matches(presented, &t)) {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+
+    /// Every endpoint's name.
+    pub fn names(&self) -> Vec<String> {
+        let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
     }
 
     pub(super) fn with<T>(&self, name: &str, f: impl FnOnce(&mut Endpoint) -> T) -> Option<T> {

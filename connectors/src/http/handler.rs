@@ -1,4 +1,5 @@
-//! The request handler of `POST /v1/sources/{name}`: idempotency by `X-Request-Id`,
+//! The request handler of `POST /v1/sources/{name}`: who sends (tokens, client certificates),
+//! reading the body within limits, idempotency by `X-Request-Id`,
 //! admission against every reading pipeline's budget, the durable append, the hand-off to the
 //! pipelines in log order, and the answer (see the table in [`super::source`]).
 
@@ -6,16 +7,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
+use std::net::SocketAddr;
+
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use sluice_engine::budget::WhenFull;
 use sluice_engine::source::Chunk;
 
-use super::body::{decode_body, log_record};
+use sluice_engine::server::auth::{self, Auth, Verdict, bearer};
+use sluice_engine::server::edge::{PeerCertificate, refused};
+
+use super::body::{BadRecords, Refusal, decode_body, log_record};
+use super::intake::{BodyBudget, BodyCharge, BodyLimits, read_body};
 use super::delivery::LogPosition;
 use super::endpoint::{Endpoints, Subscriber};
 
@@ -40,31 +46,155 @@ pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     r
 }
 
+/// What the ingest route reads: the endpoints, and the limits every body is read within.
+#[derive(Clone)]
+pub struct Ingest {
+    /// Every HTTP source's endpoint.
+    pub endpoints: Arc<Endpoints>,
+    /// Bytes of bodies held at once, across sources.
+    pub bodies: Arc<BodyBudget>,
+    /// How bodies must arrive.
+    pub limits: BodyLimits,
+    /// The most dead letters one request may make.
+    pub bad_records: BadRecords,
+    /// Bodies decoded at once (one per core): decoding is CPU work, more at once only adds
+    /// their working memory, so a flood of bodies waits here holding just its bytes.
+    pub decoders: Arc<tokio::sync::Semaphore>,
+}
+
+/// Bodies decoded at once by default: the machine's parallelism.
+pub fn default_decoders() -> Arc<tokio::sync::Semaphore> {
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Arc::new(tokio::sync::Semaphore::new(n))
+}
+
+/// A refusal as a JSON answer, counted in `sluice_http_refused_total{reason}`.
+fn refuse(r: Refusal) -> Response {
+    refused(r.reason);
+    error(r.status, r.message)
+}
+
 /// `POST /v1/sources/{name}`.
 ///
-/// The request is handled in a task of its own: a client that disconnects drops this future,
-/// never the handling, so a claimed request id is always settled and budget taken for some
-/// pipelines is always handed on or given back (the request completes as if the client had
-/// waited; a retry then finds it).
-pub async fn ingest(
-    State(endpoints): State<Arc<Endpoints>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    // A body over the listener's limit (or one that could not be read) is answered here, as
-    // JSON like every other error.
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+/// The sender is checked first (before a byte of the body is read), then the body is read
+/// within the limits ([`super::intake`]), then the request is handled in a task of its own: a
+/// client that disconnects drops this future, never the handling, so a claimed request id is
+/// always settled and budget taken for some pipelines is always handed on or given back (the
+/// request completes as if the client had waited; a retry then finds it).
+pub async fn ingest(State(ingest): State<Ingest>, Path(name): Path<String>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let auth = parts.extensions.get::<Arc<Auth>>().cloned().unwrap_or_default();
+    let peer = parts.extensions.get::<PeerCertificate>();
+    let started = std::time::Instant::now();
+    let (response, principal, bytes) = match admit(&ingest.endpoints, &auth, &name, &parts.headers, peer) {
+        Err(r) => (r, None, 0),
+        Ok(principal) => {
+            let max = ingest.endpoints.with(&name, |e| e.max_body_bytes).unwrap_or(0);
+            let mut charge = ingest.bodies.charge();
+            match read_body(&parts.headers, body, max, ingest.limits, &mut charge).await {
+                Err(r) => (refuse(r), principal, 0),
+                Ok(body) => {
+                    let bytes = body.len();
+                    let task = handle(
+                        ingest.endpoints.clone(),
+                        name.clone(),
+                        parts.headers.clone(),
+                        body,
+                        principal.clone(),
+                        ingest.bad_records,
+                        charge,
+                        ingest.decoders.clone(),
+                    );
+                    let response = match tokio::spawn(task).await {
+                        Ok(response) => response,
+                        Err(e) => error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("request handler failed: {e}"),
+                        ),
+                    };
+                    (response, principal, bytes)
+                }
+            }
+        }
     };
-    match tokio::spawn(handle(endpoints, name, headers, body)).await {
-        Ok(response) => response,
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("request handler failed: {e}"),
-        ),
+    tracing::info!(
+        target: "sluice::access",
+        source = %name,
+        principal = %principal.as_deref().unwrap_or("-"),
+        remote = %remote.map_or("-".to_string(), |a| a.to_string()),
+        request_id = %parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        status = response.status().as_u16(),
+        bytes,
+        ms = started.elapsed().as_millis() as u64,
+        "ingest"
+    );
+    response
+}
+
+/// Who sends (the principal, `None` when anonymous), or the refusal: 401/403 by token, 404
+/// for an unknown source (naming the known ones only when no token is configured).
+fn admit(
+    endpoints: &Endpoints,
+    auth: &Auth,
+    name: &str,
+    headers: &HeaderMap,
+    peer: Option<&PeerCertificate>,
+) -> Result<Option<String>, Response> {
+    let own_token = endpoints.with(name, |e| e.token);
+    let unknown = || {
+        refused("unknown_source");
+        error(StatusCode::NOT_FOUND, format!("unknown source '{name}'"))
+    };
+    if !auth.has_file() && !endpoints.any_token() {
+        return match own_token {
+            Some(_) => Ok(peer.map(|p| p.subject.clone())),
+            None => {
+                refused("unknown_source");
+                Err(error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown source '{name}'; this server has: {:?}", endpoints.names()),
+                ))
+            }
+        };
     }
+    let presented = bearer(headers);
+    let entry = presented.as_ref().and_then(|h| auth.lookup(h));
+    let Some(own) = own_token else {
+        // Only a known sender learns that the source does not exist.
+        let known = entry.is_some() || peer.is_some() || presented.is_some_and(|h| endpoints.token_owner(&h).is_some());
+        return Err(if known {
+            unknown()
+        } else {
+            auth::refusal(&Verdict::Unauthorized, "posting")
+        });
+    };
+    if let Some(h) = presented {
+        if own.is_some_and(|o| auth::token_matches(&h, &o)) {
+            return Ok(Some(format!("auth.token@{name}")));
+        }
+        if let Some(e) = entry {
+            return if e.allows(name) {
+                Ok(Some(e.name))
+            } else {
+                Err(auth::refusal(&Verdict::Forbidden(e.name), &format!("post to source '{name}'")))
+            };
+        }
+        if let Some(other) = endpoints.token_owner(&h) {
+            return Err(auth::refusal(
+                &Verdict::Forbidden(format!("auth.token@{other}")),
+                &format!("post to source '{name}'"),
+            ));
+        }
+        return Err(auth::refusal(&Verdict::Unauthorized, &format!("posting to source '{name}'")));
+    }
+    if let Some(p) = peer {
+        return Ok(Some(p.subject.clone()));
+    }
+    if own.is_none() && !auth.has_file() {
+        return Ok(None);
+    }
+    Err(auth::refusal(&Verdict::Unauthorized, &format!("posting to source '{name}'")))
 }
 
 /// Counts a request in `sluice_http_requests_in_flight` while it is handled.
@@ -83,7 +213,16 @@ impl Drop for InFlight {
     }
 }
 
-async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    endpoints: Arc<Endpoints>,
+    name: String,
+    headers: HeaderMap,
+    body: Bytes,
+    principal: Option<String>,
+    bad_records: BadRecords,
+    body_charge: BodyCharge,
+    decoders: Arc<tokio::sync::Semaphore>,
+) -> Response {
     let _in_flight = InFlight::new(&name);
     // Only a producer's own X-Request-Id is an idempotency key. Without one, the id is minted
     // unique to this process start (it names the request in dead letters) and never deduplicated.
@@ -107,31 +246,14 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
         (
             e.decoder.clone(),
             e.source.clone(),
-            e.max_body_bytes,
             e.wal.clone(),
             open.then(|| e.subscribers.clone()),
             seen,
         )
     });
-    let Some((decoder, source, max_body, wal, subscribers, seen)) = found else {
-        let known: Vec<String> = endpoints
-            .by_name
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("unknown source '{name}'; this server has: {known:?}"),
-        );
+    let Some((decoder, source, wal, subscribers, seen)) = found else {
+        return error(StatusCode::NOT_FOUND, format!("unknown source '{name}'"));
     };
-    if body.len() as u64 > max_body {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body of {} bytes exceeds max_body_bytes = {max_body}", body.len()),
-        );
-    }
     let Some(subscribers) = subscribers.filter(|s| !s.is_empty()) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -170,10 +292,38 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
         }
         None => {}
     }
-    let (decoded, dead_letters) = match decode_body(&decoder, &source, &request_id, &body) {
-        Ok(d) => d,
-        Err((status, msg)) => return error(status, msg),
+    // Decoding is CPU work: on a blocking thread, so a large or hostile body never holds an
+    // async worker (and with it every other client's requests). Its dead letters are charged
+    // to the body budget as they are made.
+    let Ok(slot) = decoders.acquire_owned().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
     };
+    let decoding = {
+        let (decoder, source, request_id, principal, body) =
+            (decoder.clone(), source.clone(), request_id.clone(), principal.clone(), body.clone());
+        let mut charge = body_charge;
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let mut grow = |n: u64| charge.grow(n);
+            let result = decode_body(
+                &decoder,
+                &source,
+                &request_id,
+                principal.as_deref(),
+                &body,
+                Some(bad_records),
+                Some(&mut grow),
+            );
+            (result, charge)
+        })
+    };
+    // The body's bytes and its dead letters stay charged until it is handed on or refused.
+    let (decoded_body, _body_charge) = match decoding.await {
+        Ok((Ok(d), charge)) => (d, charge),
+        Ok((Err(r), _)) => return refuse(r),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("decoding failed: {e}")),
+    };
+    let (decoded, dead_letters) = (decoded_body.decoded, decoded_body.dead_letters);
     // Claim the id (a concurrent duplicate now gets 409 until this one is settled).
     let claimed = endpoints.with(&name, |e| match e.seen.get(&request_id).filter(|_| idempotent) {
         Some(_) => false,
@@ -200,8 +350,8 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
         });
     };
 
-    // Admission: every reading pipeline's budget, or none.
-    let bytes = body.len() as u64;
+    // Admission: every reading pipeline's budget, or none; dead letters count with the body.
+    let bytes = (body.len() + decoded_body.dead_bytes) as u64;
     let mut taken: Vec<&Subscriber> = Vec::new();
     let release = |taken: &[&Subscriber]| taken.iter().for_each(|s| s.budget.release(bytes));
     for (pipeline, sub) in &subscribers {
@@ -271,10 +421,11 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let batch = decoded.batch;
     let subs: Vec<Subscriber> = subscribers.into_values().collect();
-    let size = body.len();
+    let size = bytes as usize;
     let log_id = wal.id().to_string();
+    let chunk_principal = principal.clone();
     wal.append(
-        log_record(&request_id, &body),
+        log_record(&request_id, principal.as_deref(), &body),
         Box::new(move |res| {
             if let Ok(seq) = res {
                 for s in &subs {
@@ -301,6 +452,7 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
                         dead_letters: dead_letters.clone(),
                         position: Some(LogPosition::new(seq, &log_id).to_value()),
                         bytes: size,
+                        principal: chunk_principal.clone(),
                     };
                     if s.tx.blocking_send(chunk.into()).is_err() {
                         s.budget.release(bytes);
@@ -328,76 +480,4 @@ async fn handle(endpoints: Arc<Endpoints>, name: String, headers: HeaderMap, bod
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not make the events durable: {e}")),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the ingest log stopped"),
     }
-}
-
-/// The bytes of request bodies being received at once, across every HTTP source: a request is
-/// admitted (before its body is read) only if its declared length fits, so slow or many
-/// clients cannot pin unbounded memory in bodies that are still arriving.
-#[derive(Debug)]
-pub struct BodyBudget {
-    max: u64,
-    per_body: u64,
-    used: std::sync::atomic::AtomicU64,
-}
-
-impl BodyBudget {
-    /// At most `max` bytes of bodies at once; a body without a declared length counts as
-    /// `per_body` (the largest accepted).
-    pub fn new(max: u64, per_body: u64) -> Arc<Self> {
-        Arc::new(BodyBudget {
-            max,
-            per_body,
-            used: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    fn try_take(self: &Arc<Self>, bytes: u64) -> Option<BodyCharge> {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u == 0 || u + bytes <= self.max).then_some(u + bytes)
-            })
-            .ok()
-            .map(|u| {
-                metrics::gauge!("sluice_http_body_bytes_in_flight").set((u + bytes) as f64);
-                BodyCharge(self.clone(), bytes)
-            })
-    }
-}
-
-/// Bytes of a body in flight, given back when the request is done (or its client gone).
-struct BodyCharge(Arc<BodyBudget>, u64);
-
-impl Drop for BodyCharge {
-    fn drop(&mut self) {
-        let before = self.0.used.fetch_sub(self.1, Ordering::AcqRel);
-        metrics::gauge!("sluice_http_body_bytes_in_flight").set(before.saturating_sub(self.1) as f64);
-    }
-}
-
-/// Middleware of the ingest routes: admits a request against the [`BodyBudget`] by its
-/// declared length before the body is read; 429 (JSON, `Retry-After`) when it does not fit.
-pub async fn limit_bodies(
-    State(budget): State<Arc<BodyBudget>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    // Over the per-body limit: refused with 413 before it is read, so nothing to hold.
-    let bytes = declared
-        .unwrap_or(budget.per_body)
-        .min(budget.per_body.saturating_add(1));
-    let Some(_charge) = budget.try_take(bytes) else {
-        metrics::counter!("sluice_http_rejected_total", "source" => "*", "reason" => "bodies_in_flight").increment(1);
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many request bodies in flight (over {} bytes); retry later",
-                budget.max
-            ),
-        );
-    };
-    next.run(request).await
 }

@@ -1,11 +1,12 @@
 //! `STORED AS HTTP` sources: producers `POST /v1/sources/{name}` with NDJSON or a JSON array.
 
-mod body;
+pub mod body;
 pub mod config;
 pub mod dedup;
 pub mod delivery;
 pub mod endpoint;
 pub mod handler;
+pub mod intake;
 pub mod source;
 
 use std::path::PathBuf;
@@ -21,7 +22,9 @@ use sluice_engine::source::Source;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 
+use body::BadRecords;
 use config::HttpSourceConfig;
+use intake::{BodyBudget, BodyLimits};
 use endpoint::{Endpoint, Endpoints};
 use source::HttpSource;
 
@@ -32,6 +35,8 @@ pub struct HttpSourceFactory {
     state_dir: PathBuf,
     adopt_logs: bool,
     body_budget: u64,
+    limits: BodyLimits,
+    bad_records: BadRecords,
 }
 
 impl HttpSourceFactory {
@@ -42,13 +47,27 @@ impl HttpSourceFactory {
             state_dir: state_dir.into(),
             adopt_logs: false,
             body_budget: sluice_engine::budget::DEFAULT_SERVER_BUDGET,
+            limits: BodyLimits::default(),
+            bad_records: BadRecords::default(),
         }
     }
 
-    /// Bytes of request bodies that may be arriving at once, across every HTTP source
-    /// (default: the default server budget); see [`handler::BodyBudget`].
+    /// Bytes of request bodies that may be held at once, across every HTTP source (default:
+    /// the default server budget); see [`intake::BodyBudget`].
     pub fn with_body_budget(mut self, bytes: u64) -> Self {
         self.body_budget = bytes;
+        self
+    }
+
+    /// How request bodies must arrive (read timeout, minimum rate).
+    pub fn with_body_limits(mut self, limits: BodyLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The most dead letters one request may make before it is refused whole.
+    pub fn with_bad_records(mut self, limit: BadRecords) -> Self {
+        self.bad_records = limit;
         self
     }
 
@@ -84,7 +103,9 @@ impl SourceFactory for HttpSourceFactory {
             let unit = sluice_engine::decode::timestamp::epoch_unit_from_options(&def.options)
                 .map_err(|e| EngineError::config(e.message, None::<String>))?;
             let decoder = RecordDecoder::new(Format::Json, def.schema.clone()).with_epoch_unit(unit);
-            Endpoint::new(def.name.clone(), decoder, config.max_body_bytes, Arc::new(wal))
+            let mut endpoint = Endpoint::new(def.name.clone(), decoder, config.max_body_bytes, Arc::new(wal))?;
+            endpoint.token = config.token;
+            Ok(endpoint)
         })?;
         Ok(Box::new(HttpSource {
             endpoints: self.endpoints.clone(),
@@ -94,17 +115,19 @@ impl SourceFactory for HttpSourceFactory {
     }
 
     fn routes(&self) -> Option<Router> {
-        // Bodies over every endpoint's limit are refused by axum before reading; the handler
-        // applies each endpoint's own limit.
-        let limit =
-            usize::try_from(self.endpoints.max_body_bytes().max(config::DEFAULT_MAX_BODY_BYTES)).unwrap_or(usize::MAX);
-        let bodies = handler::BodyBudget::new(self.body_budget, limit as u64);
+        // The handler reads bodies itself, within each endpoint's limit.
+        let state = handler::Ingest {
+            endpoints: self.endpoints.clone(),
+            bodies: BodyBudget::new(self.body_budget),
+            limits: self.limits,
+            bad_records: self.bad_records,
+            decoders: handler::default_decoders(),
+        };
         Some(
             Router::new()
                 .route("/v1/sources/{name}", post(handler::ingest))
-                .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
-                .layer(axum::middleware::from_fn_with_state(bodies, handler::limit_bodies))
-                .with_state(self.endpoints.clone()),
+                .layer(DefaultBodyLimit::disable())
+                .with_state(state),
         )
     }
 }

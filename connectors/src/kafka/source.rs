@@ -267,6 +267,7 @@ impl Ctx {
                     error: r.error.clone(),
                     raw,
                     raw_base64,
+                    principal: None,
                 }
             })
             .collect();
@@ -287,6 +288,7 @@ impl Ctx {
             dead_letters,
             position: Some(position.to_value()),
             bytes: pending.buf.len() + pending.meta.len() * 64,
+            principal: None,
         })
     }
 

@@ -81,7 +81,12 @@ pub struct RecordDecoder {
     fast: Option<FastJson>,
     /// Nanoseconds per unit of a numeric timestamp (`timestamp.unit`; milliseconds by default).
     epoch_nanos: i64,
+    /// Longest record accepted (longer ones are rejected before any parser sees them).
+    max_record_bytes: usize,
 }
+
+/// Default longest record a decoder accepts: 16 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 16 << 20;
 
 impl RecordDecoder {
     /// A decoder producing `schema`.
@@ -106,7 +111,35 @@ impl RecordDecoder {
             raw_schema,
             fast,
             epoch_nanos,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
         }
+    }
+
+    /// Rejects records longer than `bytes` before decoding them.
+    pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
+        self.max_record_bytes = bytes;
+        self
+    }
+
+    /// Why a record is refused before any parser sees it: too long, nested too deep, too many
+    /// fields (bounds that keep a hostile record from costing more than its length).
+    fn refuse(&self, text: &[u8]) -> Option<String> {
+        if text.len() > self.max_record_bytes {
+            return Some(format!(
+                "record of {} bytes is longer than the limit of {} bytes",
+                text.len(),
+                self.max_record_bytes
+            ));
+        }
+        if !matches!(self.format, Format::Json) {
+            return None;
+        }
+        if nested_too_deep(text) {
+            return Some(format!(
+                "record is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+            ));
+        }
+        too_many_fields(text).then(|| format!("record has more than {MAX_JSON_FIELDS} fields"))
     }
 
     /// Reads numeric timestamps (integers since the epoch) in `unit` instead of milliseconds.
@@ -141,30 +174,31 @@ impl RecordDecoder {
     /// Records are decoded in blocks of [`DECODE_BLOCK`]; a block that fails is bisected until
     /// each bad record stands alone, so good records are decoded about once whatever the mix.
     ///
-    /// A JSON record nested deeper than [`MAX_JSON_DEPTH`] is rejected before any parser sees
-    /// it (some recurse, and a line of brackets must not overflow the stack).
+    /// A record longer than the decoder's limit, or a JSON record nested deeper than
+    /// [`MAX_JSON_DEPTH`] or with more than [`MAX_JSON_FIELDS`] fields, is rejected before any
+    /// parser sees it (some recurse, and a line of brackets must not overflow the stack).
     pub fn decode(&self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
-        if matches!(self.format, Format::Json) {
-            let deep: Vec<usize> = (0..records.len())
-                .filter(|&i| nested_too_deep(&buf[records[i].clone()]))
-                .collect();
-            if !deep.is_empty() {
-                let keep: Vec<usize> = (0..records.len()).filter(|i| deep.binary_search(i).is_err()).collect();
-                let kept: Vec<Range<usize>> = keep.iter().map(|&i| records[i].clone()).collect();
-                let mut out = self.decode_records(buf, &kept)?;
-                for r in &mut out.rejected {
-                    r.index = keep[r.index];
-                }
-                out.rejected.extend(deep.into_iter().map(|index| Rejected {
-                    index,
-                    error: format!("record is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"),
-                    syntax: false,
-                }));
-                out.rejected.sort_by_key(|r| r.index);
-                return Ok(out);
-            }
+        let refused: Vec<(usize, String)> = (0..records.len())
+            .filter_map(|i| self.refuse(&buf[records[i].clone()]).map(|why| (i, why)))
+            .collect();
+        if refused.is_empty() {
+            return self.decode_records(buf, records);
         }
-        self.decode_records(buf, records)
+        let keep: Vec<usize> = (0..records.len())
+            .filter(|i| refused.binary_search_by_key(i, |(j, _)| *j).is_err())
+            .collect();
+        let kept: Vec<Range<usize>> = keep.iter().map(|&i| records[i].clone()).collect();
+        let mut out = self.decode_records(buf, &kept)?;
+        for r in &mut out.rejected {
+            r.index = keep[r.index];
+        }
+        out.rejected.extend(refused.into_iter().map(|(index, error)| Rejected {
+            index,
+            error,
+            syntax: false,
+        }));
+        out.rejected.sort_by_key(|r| r.index);
+        Ok(out)
     }
 
     fn decode_records(&self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
@@ -359,7 +393,24 @@ pub fn nested_too_deep(text: &[u8]) -> bool {
     if memchr::memchr2_iter(b'[', b'{', text).take(MAX_JSON_DEPTH + 1).count() <= MAX_JSON_DEPTH {
         return false;
     }
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut depth = 0usize;
+    any_outside_strings(text, |b| match b {
+        b'[' | b'{' => {
+            depth += 1;
+            depth > MAX_JSON_DEPTH
+        }
+        b']' | b'}' => {
+            depth = depth.saturating_sub(1);
+            false
+        }
+        _ => false,
+    })
+}
+
+/// True when `f` returns true for a byte of the JSON text outside its string literals (it is
+/// called on each such byte, in order, until then).
+fn any_outside_strings(text: &[u8], mut f: impl FnMut(u8) -> bool) -> bool {
+    let (mut in_string, mut escaped) = (false, false);
     for &b in text {
         if in_string {
             match (escaped, b) {
@@ -368,21 +419,29 @@ pub fn nested_too_deep(text: &[u8]) -> bool {
                 (false, b'"') => in_string = false,
                 _ => {}
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_JSON_DEPTH {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+        } else if b == b'"' {
+            in_string = true;
+        } else if f(b) {
+            return true;
         }
     }
     false
+}
+
+/// Most fields (object members, at any depth) a JSON record may have.
+pub const MAX_JSON_FIELDS: usize = 10_000;
+
+/// True when the JSON text has more than [`MAX_JSON_FIELDS`] members (colons outside strings).
+/// A record with no more colons than that cannot, so most records cost one vectorised count.
+pub fn too_many_fields(text: &[u8]) -> bool {
+    if memchr::memchr_iter(b':', text).take(MAX_JSON_FIELDS + 1).count() <= MAX_JSON_FIELDS {
+        return false;
+    }
+    let mut fields = 0usize;
+    any_outside_strings(text, |b| {
+        fields += usize::from(b == b':');
+        fields > MAX_JSON_FIELDS
+    })
 }
 
 /// Hands `record` and then a newline to an arrow decoder that takes what it can per call.
@@ -585,6 +644,31 @@ mod tests {
             })
             .unwrap();
         handle.join().expect("no stack overflow");
+    }
+
+    // Reproducer for #25: fields per object and record length were unbounded.
+    #[test]
+    fn too_many_fields_and_too_long_records_are_rejected_before_parsing() {
+        let wide: String = (0..MAX_JSON_FIELDS + 1).map(|i| format!("\"f{i}\":1,")).collect();
+        let colons_in_strings = format!("{{\"id\": 3, \"s\": \"{}\"}}", ":".repeat(MAX_JSON_FIELDS * 2));
+        let lines = [
+            format!("{{{wide}\"id\": 1}}"),
+            format!("{{\"id\": 2, \"name\": \"{}\"}}", "y".repeat(300)),
+            colons_in_strings,
+        ];
+        let text = lines.join("\n");
+        let buf = text.as_bytes();
+        let recs = super::lines(buf);
+        let decoder = RecordDecoder::new(Format::Json, schema()).with_max_record_bytes(200_000);
+        let out = decoder.decode(buf, &recs).unwrap();
+        let errs: Vec<(usize, &str)> = out.rejected.iter().map(|r| (r.index, r.error.as_str())).collect();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].1.contains("more than 10000 fields"), "{errs:?}");
+        assert_eq!(out.batch.num_rows(), 2, "colons inside strings are not fields");
+        let short = RecordDecoder::new(Format::Json, schema()).with_max_record_bytes(100);
+        let out = short.decode(buf, &recs).unwrap();
+        assert_eq!(out.rejected.len(), 3);
+        assert!(out.rejected[1].error.contains("longer than the limit of 100 bytes"), "{:?}", out.rejected);
     }
 
     // Reproducer for #12 (item 12): a numeric timestamp was always read as epoch milliseconds.

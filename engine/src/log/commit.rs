@@ -110,6 +110,10 @@ pub struct Counts {
     pub dropped: u64,
     /// Rows written.
     pub output: u64,
+    /// Records received per sender, when the source knows who sent them (HTTP: the token's
+    /// name or the client certificate's subject; anonymous requests are not listed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub principals: BTreeMap<String, u64>,
 }
 
 /// One column of the committed table.

@@ -190,6 +190,7 @@ mod tests {
             dead_letters: vec![],
             position: None,
             bytes,
+            principal: None,
         }
     }
 
@@ -206,6 +207,7 @@ mod tests {
             dead_letters: vec![],
             position: None,
             bytes: 1,
+            principal: None,
         }
     }
 

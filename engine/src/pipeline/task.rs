@@ -307,6 +307,12 @@ impl PipelineTask {
         let now = chrono::Utc::now();
         let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
         let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
+        let mut principals = BTreeMap::<String, u64>::new();
+        for c in chunks {
+            if let Some(p) = &c.principal {
+                *principals.entry(p.clone()).or_default() += c.received() as u64;
+            }
+        }
         // The chunks as they are (no concatenated copy of the epoch).
         let input: Vec<RecordBatch> = chunks
             .iter()
@@ -490,6 +496,7 @@ impl PipelineTask {
                 dead_lettered: dead.len() as u64,
                 dropped,
                 output: written,
+                principals,
             },
             schema: self.schema.clone(),
             quality,
@@ -583,6 +590,7 @@ impl PipelineTask {
             error: f.reason,
             raw: row_json(std::slice::from_ref(&f.row)),
             raw_base64: None,
+            principal: None,
         }
     }
 
@@ -769,6 +777,7 @@ impl PipelineTask {
             error,
             raw,
             raw_base64: None,
+            principal: None,
         }
     }
 

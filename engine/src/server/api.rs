@@ -13,6 +13,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::pipeline::{PipelineState, PipelineStatus, StatusHandle};
+use crate::server::auth::{self, Auth};
 use crate::source::Health;
 
 /// What the management endpoints read.
@@ -28,15 +29,21 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     /// Renders metrics.
     pub metrics: PrometheusHandle,
+    /// Tokens: `/metrics` and `/v1/pipelines` need an `admin` one when a token file is set.
+    pub auth: Arc<Auth>,
 }
 
-/// The management router.
+/// The management router: `/healthz` and `/readyz` open to all (probes), the rest behind
+/// [`auth::require_admin`].
 pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/pipelines", get(pipelines))
+        .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/pipelines", get(pipelines))
+        .merge(protected)
         .with_state(state)
 }
 

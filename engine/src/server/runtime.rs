@@ -22,6 +22,8 @@ use crate::plan::BatchPlan;
 use crate::pipeline::task::Windowed;
 use crate::pipeline::{PipelineState, PipelineStatus, PipelineTask, StatusHandle, update};
 use crate::server::api::{self, ApiState};
+use crate::server::auth::Auth;
+use crate::server::edge::{self, EdgeLimits, Tls};
 use crate::server::registry::Registry;
 use crate::server::telemetry;
 use crate::source::{Health, SourceContext};
@@ -41,6 +43,12 @@ pub struct ServerConfig {
     /// each pipeline then writes as `<pipeline>.<instance>` ([`writer_name`]). Stable across
     /// restarts of the same server; `None` for a single server.
     pub instance: Option<String>,
+    /// Connection and header limits of the listener.
+    pub limits: EdgeLimits,
+    /// Serve HTTPS with this configuration (plain HTTP when `None`).
+    pub tls: Option<Arc<Tls>>,
+    /// The token file's tokens (management endpoints need `admin` when it is configured).
+    pub auth: Arc<Auth>,
 }
 
 impl ServerConfig {
@@ -50,6 +58,9 @@ impl ServerConfig {
             listen,
             max_buffer_bytes: DEFAULT_SERVER_BUDGET,
             instance: None,
+            limits: EdgeLimits::default(),
+            tls: None,
+            auth: Auth::none(),
         }
     }
 }
@@ -330,26 +341,27 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         stopping: shutdown_rx.clone(),
         ready: ready.clone(),
         metrics,
+        auth: config.auth.clone(),
     });
     for f in registry.sources() {
         if let Some(r) = f.routes() {
             app = app.merge(r);
         }
     }
+    let app = app.layer(axum::Extension(config.auth.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(EngineError::io(format!("binding {listen}")))?;
     let addr = listener
         .local_addr()
         .map_err(EngineError::io("reading the bound address"))?;
-    let mut stop = shutdown_rx.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|v| *v).await;
-            })
-            .await
-    });
+    let http = tokio::spawn(edge::serve(
+        listener,
+        app,
+        config.limits.clone(),
+        config.tls.clone(),
+        shutdown_rx.clone(),
+    ));
     for s in started {
         // A source that failed to start drops its sender; its error is in the pipeline status.
         let _ = s.await;

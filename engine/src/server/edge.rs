@@ -1,0 +1,280 @@
+//! The network edge: every HTTP connection comes in through [`serve`]. It owns what a hostile
+//! or broken client could otherwise use to stall or exhaust the server before a handler runs:
+//!
+//! 1. **Connections**: at most [`EdgeLimits::max_connections`] at once; past it, new ones wait in
+//!    the kernel's accept queue (never refused by a crash, never served at the others' expense).
+//! 2. **Headers**: read within [`EdgeLimits::header_read_timeout`] (also the idle time a
+//!    keep-alive connection may sit between requests, and the TLS handshake's time), at most
+//!    [`EdgeLimits::max_headers`] of them and [`EdgeLimits::max_header_bytes`] in all (hyper
+//!    answers 431 past either; a timeout closes the connection).
+//! 3. **TLS** ([`Tls`]): rustls with the ring provider, TLS 1.2 and 1.3 only, optionally requiring
+//!    client certificates (mTLS; the verified subject goes into the request as a
+//!    [`PeerCertificate`]). The certificate is reloaded by [`Tls::reload`] (SIGHUP): new
+//!    connections get the new one, open ones keep theirs, a bad new one keeps the old.
+//!
+//! Bodies are the handlers' business (they read them as they arrive, see the HTTP source), as
+//! are tokens ([`super::auth`]). Every refusal counts in `sluice_http_refused_total{reason}`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::error::{EngineError, Result};
+
+/// Default [`EdgeLimits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default [`EdgeLimits::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`EdgeLimits::max_headers`].
+pub const DEFAULT_MAX_HEADERS: usize = 64;
+/// Default [`EdgeLimits::max_header_bytes`].
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 << 10;
+/// Pause after a failed `accept` (out of file descriptors): lets connections close meanwhile.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Counts a refused request or connection in `sluice_http_refused_total{reason}`.
+pub fn refused(reason: &'static str) {
+    metrics::counter!("sluice_http_refused_total", "reason" => reason).increment(1);
+}
+
+/// Limits applied to every connection before any handler runs.
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Time to read a request's headers (and a TLS handshake, and a keep-alive pause).
+    pub header_read_timeout: Duration,
+    /// Headers per request.
+    pub max_headers: usize,
+    /// Bytes of the request line and headers together.
+    pub max_header_bytes: usize,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+        }
+    }
+}
+
+/// The subject of a verified client certificate (mTLS), as a request extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// The certificate's subject, e.g. `CN=producer-1, O=Acme`.
+    pub subject: String,
+}
+
+/// The files TLS is configured from.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates client certificates must chain to (PEM); when set, every client must
+    /// present one.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The listener's TLS configuration, swapped whole on [`Tls::reload`].
+pub struct Tls {
+    files: TlsFiles,
+    config: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Reads and checks the files; any problem is a configuration error naming the file.
+    pub fn load(files: TlsFiles) -> Result<Arc<Tls>> {
+        let config = server_config(&files)?;
+        Ok(Arc::new(Tls {
+            files,
+            config: RwLock::new(Arc::new(config)),
+        }))
+    }
+
+    /// Reads the files again: new connections use the new certificate, open ones keep theirs.
+    /// On error the old configuration stays and the error says why.
+    pub fn reload(&self) -> Result<()> {
+        let config = server_config(&self.files)?;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn tls_error(path: &Path, what: impl std::fmt::Display) -> EngineError {
+    EngineError::config(
+        format!("TLS: {}: {what}", path.display()),
+        Some("give PEM files: --tls-cert a certificate chain, --tls-key its private key, --tls-client-ca CA certificates".to_string()),
+    )
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error(path, e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(path, e))?;
+    if certs.is_empty() {
+        return Err(tls_error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// A rustls server configuration from the files: TLS 1.2+, ring, HTTP/1.1.
+fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = read_certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| tls_error(&files.key, e))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| tls_error(&files.cert, e))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots.add(c).map_err(|e| tls_error(ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| tls_error(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error(&files.key, format!("the key does not fit the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The subject of the first certificate a client presented (already verified by rustls).
+fn peer_subject(conn: &rustls::ServerConnection) -> Option<PeerCertificate> {
+    let der = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(PeerCertificate {
+        subject: cert.subject().to_string(),
+    })
+}
+
+/// Serves `app` on `listener` within `limits` (over TLS when `tls` is given) until `stop`
+/// turns true; then stops accepting and waits for open connections to finish their requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: EdgeLimits,
+    tls: Option<Arc<Tls>>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p,
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let Ok(permit) = permit else { break };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let watcher = graceful.watcher();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
+        let (app, limits) = (app.clone(), limits.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            match acceptor {
+                None => connection(TokioIo::new(stream), app, remote, None, &limits, watcher).await,
+                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let peer = peer_subject(s.get_ref().1);
+                        connection(TokioIo::new(s), app, remote, peer, &limits, watcher).await;
+                    }
+                    Ok(Err(e)) => {
+                        refused("tls_handshake");
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => refused("tls_handshake_timeout"),
+                },
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Serves one connection's requests.
+async fn connection<I>(
+    io: TokioIo<I>,
+    app: Router,
+    remote: SocketAddr,
+    peer: Option<PeerCertificate>,
+    limits: &EdgeLimits,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(remote));
+        if let Some(p) = &peer {
+            request.extensions_mut().insert(p.clone());
+        }
+        let mut app = app.clone();
+        async move { tower_service::Service::call(&mut app, request).await }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes);
+    if let Err(e) = watcher.watch(builder.serve_connection(io, service)).await {
+        if e.is_timeout() {
+            refused("header_timeout");
+        } else if e.is_parse_too_large() {
+            refused("header_too_large");
+        } else if e.is_parse() {
+            refused("bad_request");
+        }
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
