@@ -8,8 +8,8 @@
 #
 # What the tests need beyond the toolchain is installed here: the Parquet readers of
 # tests/it/readers.rs (a Python virtualenv cached under ~/.cache/sluice-tools) and Debian's
-# chromium for the HTML quality report, a Kafka-protocol broker (tansu) for the Kafka source, and
-# an S3-compatible server (moto) for S3 tables.
+# chromium for the HTML quality report, a Kafka-protocol broker (tansu) for the Kafka source, an
+# S3-compatible server (moto) for S3 tables, and cargo-deny for the supply-chain check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

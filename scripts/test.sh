@@ -19,4 +19,8 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$PWD" ]]; then
   find src engine connectors sql tests benches -name '*.rs' -exec touch {} +
   echo "$PWD" > "$STAMP"
 fi
+# Supply chain: licenses, banned crates and sources of every dependency (deny.toml). The
+# advisory database cannot be fetched here: `cargo deny check advisories` is a manual step
+# (README, "Security").
+"${SLUICE_TOOLS:-$HOME/.cache/sluice-tools}/cargo-deny/bin/cargo-deny" check licenses bans sources
 cargo test --workspace --locked --features sluice/fault-injection,sluice/cluster
