@@ -834,3 +834,44 @@ fn hostile_load_keeps_every_acknowledged_event_exactly_once() {
         BUDGET >> 20
     );
 }
+
+/// Past `--max-connections`, a new connection waits to be accepted (it is not refused, and the
+/// server does not fail); it is served once a stalled one is closed at the header timeout.
+#[test]
+fn connections_past_the_limit_wait_and_are_then_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '100ms'");
+    let server = Server::start_full(
+        &[&sql],
+        dir.path(),
+        0,
+        &[],
+        &["--max-connections", "3", "--header-read-timeout", "1s"],
+    );
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut stalled: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(b"POST /v1/sources/ev HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    let rt = crate::harness::runtime();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let (status, text) = rt.block_on(post(&http, &server.url("/v1/sources/ev"), None, "after", line(1)));
+    assert_eq!(status, 200, "{text}");
+    // It was served only because the stalled ones were closed.
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    let (_, metrics, _) = rt.block_on(get(&http, &server.url("/metrics"), None));
+    let timeouts = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_http_refused_total{reason=\"header_timeout\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(timeouts >= 3.0, "{metrics}");
+    server.stop();
+}
