@@ -162,15 +162,11 @@ fn records_end(buf: &[u8], format: DirFormat, delimiter: u8) -> Option<usize> {
     match format {
         DirFormat::Ndjson => buf.iter().rposition(|b| *b == b'\n').map(|nl| nl + 1),
         DirFormat::Csv => {
+            // The last record may be cut by the chunk's end (even right after a newline inside
+            // quotes, which the CSV reader takes for a record's end): short of the end of the
+            // file it always starts the next read.
             let records = csv_records(buf, delimiter);
-            // The last record may be cut by the chunk's end: it starts the next read. A record
-            // ends at a newline outside quotes, so one ending exactly at the buffer's end is
-            // whole only if the buffer ends with a newline.
-            match records.last() {
-                Some(last) if buf.last() == Some(&b'\n') && last.end < buf.len() => Some(buf.len()),
-                Some(last) if last.start > 0 => Some(last.start),
-                _ => None,
-            }
+            records.last().map(|last| last.start).filter(|start| *start > 0)
         }
     }
 }
@@ -546,6 +542,29 @@ mod tests {
         }
         assert_eq!(records, vec!["{\"a\":1}", "{\"a\":2}"]);
         assert_eq!(long_lines, vec![100_001, 100_000]);
+    }
+
+    // Reproducer for #25 (review): a piece ending right after a newline inside quotes was taken
+    // for a whole record.
+    #[test]
+    fn csv_pieces_never_end_inside_a_quoted_field_whatever_the_chunk_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.csv");
+        let text = "a,b\r\n1,\"x\ny\"\r\n2,\"p\n\nq, r\"\n3,z\n";
+        std::fs::write(&path, text).unwrap();
+        let cfg = config(dir.path(), 1 << 20);
+        let whole: Vec<Vec<u8>> = csv_records(text.as_bytes(), b',')
+            .into_iter()
+            .map(|r| text.as_bytes()[r].to_vec())
+            .collect();
+        for max in 1..=text.len() {
+            let mut records = Vec::new();
+            for p in read_all(&path, &cfg, DirFormat::Csv, max) {
+                let Piece::Records(b) = p else { panic!("no record is too long") };
+                records.extend(csv_records(&b, b',').into_iter().map(|r| b[r].to_vec()));
+            }
+            assert_eq!(records, whole, "chunk size {max}");
+        }
     }
 
     // Reproducer for #25: CSV files were read whole.

@@ -138,7 +138,9 @@ impl Steps<'_, '_> {
                 self.rejected.push(Rejected { index, ..r });
             }
         }
-        self.take(uncharged)?;
+        // The decoded rows' memory is held too (a body of empty objects decodes to far more
+        // than its own size).
+        self.take(uncharged + part.batch.get_array_memory_size() as u64)?;
         self.seen += ranges.len();
         if part.batch.num_rows() > 0 {
             self.parts.push(part.batch);

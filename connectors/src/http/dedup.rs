@@ -28,6 +28,17 @@ const PER_ID_OVERHEAD: usize = 96;
 /// The snapshot's file name in the ingest log's directory.
 pub const SNAPSHOT_FILE: &str = "dedup.snapshot";
 
+/// The window's key of a request: its `X-Request-Id`, scoped by its sender when there is one
+/// (a unit separator, which no header value holds, between them), so that one producer cannot
+/// make another's request look like a duplicate. Anonymous requests keep the bare id (the keys
+/// windows held before senders were recorded).
+pub fn dedup_key(principal: Option<&str>, request_id: &str) -> String {
+    match principal {
+        None => request_id.to_string(),
+        Some(p) => format!("{p}\u{1f}{request_id}"),
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     /// `Some(seq)` once logged, `None` while being written.

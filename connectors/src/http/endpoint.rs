@@ -80,7 +80,11 @@ impl Endpoint {
         // Ids of requests whose segments were deleted, then those still in the log.
         e.seen.load(wal.dir())?;
         wal.read_from(0, |seq, payload| {
-            e.remember(&super::body::parse_log_record(payload).request_id, Some(seq));
+            let record = super::body::parse_log_record(payload);
+            e.remember(
+                &super::dedup::dedup_key(record.principal.as_deref(), &record.request_id),
+                Some(seq),
+            );
             Ok(())
         })?;
         Ok(e)

@@ -21,6 +21,7 @@ use sluice_engine::server::auth::{self, Auth, Verdict, bearer};
 use sluice_engine::server::edge::{PeerCertificate, refused};
 
 use super::body::{BadRecords, Refusal, decode_body, log_record};
+use super::dedup::dedup_key;
 use super::intake::{BodyBudget, BodyCharge, BodyLimits, read_body};
 use super::delivery::LogPosition;
 use super::endpoint::{Endpoints, Subscriber};
@@ -83,53 +84,94 @@ fn refuse(r: Refusal) -> Response {
 /// request completes as if the client had waited; a retry then finds it).
 pub async fn ingest(State(ingest): State<Ingest>, Path(name): Path<String>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let auth = parts.extensions.get::<Arc<Auth>>().cloned().unwrap_or_default();
-    let peer = parts.extensions.get::<PeerCertificate>();
-    let started = std::time::Instant::now();
-    let (response, principal, bytes) = match admit(&ingest.endpoints, &auth, &name, &parts.headers, peer) {
-        Err(r) => (r, None, 0),
-        Ok(principal) => {
-            let max = ingest.endpoints.with(&name, |e| e.max_body_bytes).unwrap_or(0);
-            let mut charge = ingest.bodies.charge();
-            match read_body(&parts.headers, body, max, ingest.limits, &mut charge).await {
-                Err(r) => (refuse(r), principal, 0),
-                Ok(body) => {
-                    let bytes = body.len();
-                    let task = handle(
-                        ingest.endpoints.clone(),
-                        name.clone(),
-                        parts.headers.clone(),
-                        body,
-                        principal.clone(),
-                        ingest.bad_records,
-                        charge,
-                        ingest.decoders.clone(),
-                    );
-                    let response = match tokio::spawn(task).await {
-                        Ok(response) => response,
-                        Err(e) => error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("request handler failed: {e}"),
-                        ),
-                    };
-                    (response, principal, bytes)
-                }
-            }
-        }
+    let mut access = AccessLine {
+        source: name.clone(),
+        principal: None,
+        remote: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
+        request_id: parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        status: None,
+        bytes: 0,
+        started: std::time::Instant::now(),
     };
-    tracing::info!(
-        target: "sluice::access",
-        source = %name,
-        principal = %principal.as_deref().unwrap_or("-"),
-        remote = %remote.map_or("-".to_string(), |a| a.to_string()),
-        request_id = %parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        status = response.status().as_u16(),
-        bytes,
-        ms = started.elapsed().as_millis() as u64,
-        "ingest"
+    // The server always installs its tokens; without them nothing is admitted (fail closed).
+    let Some(auth) = parts.extensions.get::<Arc<Auth>>().cloned() else {
+        return access.done(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server's token configuration is missing",
+        ));
+    };
+    let peer = parts.extensions.get::<PeerCertificate>();
+    let principal = match admit(&ingest.endpoints, &auth, &name, &parts.headers, peer) {
+        Err(r) => return access.done(r),
+        Ok(p) => p,
+    };
+    access.principal = principal.clone();
+    let max = ingest.endpoints.with(&name, |e| e.max_body_bytes).unwrap_or(0);
+    let mut charge = ingest.bodies.charge();
+    let body = match read_body(&parts.headers, body, max, ingest.limits, &mut charge, &ingest.decoders).await {
+        Err(r) => return access.done(refuse(r)),
+        Ok(body) => body,
+    };
+    access.bytes = body.len();
+    let task = handle(
+        ingest.endpoints.clone(),
+        name,
+        parts.headers.clone(),
+        body,
+        principal,
+        ingest.bad_records,
+        charge,
+        ingest.decoders.clone(),
     );
-    response
+    let response = match tokio::spawn(task).await {
+        Ok(response) => response,
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request handler failed: {e}"),
+        ),
+    };
+    access.done(response)
+}
+
+/// One line of the access log (tracing target `sluice::access`), written when the request is
+/// answered, or when its client goes away first (then without a status: the request itself is
+/// still handled to its end).
+struct AccessLine {
+    source: String,
+    principal: Option<String>,
+    remote: Option<SocketAddr>,
+    request_id: Option<String>,
+    status: Option<u16>,
+    bytes: usize,
+    started: std::time::Instant,
+}
+
+impl AccessLine {
+    fn done(mut self, response: Response) -> Response {
+        self.status = Some(response.status().as_u16());
+        response
+    }
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        // Client-given text is logged escaped (`?`): a name or id cannot forge log lines.
+        tracing::info!(
+            target: "sluice::access",
+            source = ?self.source,
+            principal = %self.principal.as_deref().unwrap_or("-"),
+            remote = %self.remote.map_or("-".to_string(), |a| a.to_string()),
+            request_id = ?self.request_id.as_deref().unwrap_or("-"),
+            status = %self.status.map_or("client-gone".to_string(), |s| s.to_string()),
+            bytes = self.bytes,
+            ms = self.started.elapsed().as_millis() as u64,
+            "ingest"
+        );
+    }
 }
 
 /// Who sends (the principal, `None` when anonymous), or the refusal: 401/403 by token, 404
@@ -142,11 +184,8 @@ fn admit(
     peer: Option<&PeerCertificate>,
 ) -> Result<Option<String>, Response> {
     let own_token = endpoints.with(name, |e| e.token);
-    let unknown = || {
-        refused("unknown_source");
-        error(StatusCode::NOT_FOUND, format!("unknown source '{name}'"))
-    };
     if !auth.has_file() && !endpoints.any_token() {
+        // No token anywhere: open, the certificate's subject (mTLS) is the sender when given.
         return match own_token {
             Some(_) => Ok(peer.map(|p| p.subject.clone())),
             None => {
@@ -158,43 +197,44 @@ fn admit(
             }
         };
     }
+    // One answer for every stranger, whether the source exists or not.
+    let stranger = || auth::refusal(&Verdict::Unauthorized, "posting");
     let presented = bearer(headers);
     let entry = presented.as_ref().and_then(|h| auth.lookup(h));
     let Some(own) = own_token else {
         // Only a known sender learns that the source does not exist.
-        let known = entry.is_some() || peer.is_some() || presented.is_some_and(|h| endpoints.token_owner(&h).is_some());
-        return Err(if known {
-            unknown()
-        } else {
-            auth::refusal(&Verdict::Unauthorized, "posting")
-        });
+        let known = entry.is_some() || presented.is_some_and(|h| endpoints.token_owner(&h).is_some());
+        if !known {
+            return Err(stranger());
+        }
+        refused("unknown_source");
+        return Err(error(StatusCode::NOT_FOUND, format!("unknown source '{name}'")));
     };
-    if let Some(h) = presented {
-        if own.is_some_and(|o| auth::token_matches(&h, &o)) {
-            return Ok(Some(format!("auth.token@{name}")));
+    let Some(h) = presented else {
+        // A source no token guards (only others have their own, and there is no token file)
+        // stays open; a client certificate alone never passes a token rule.
+        if own.is_none() && !auth.has_file() {
+            return Ok(peer.map(|p| p.subject.clone()));
         }
-        if let Some(e) = entry {
-            return if e.allows(name) {
-                Ok(Some(e.name))
-            } else {
-                Err(auth::refusal(&Verdict::Forbidden(e.name), &format!("post to source '{name}'")))
-            };
-        }
-        if let Some(other) = endpoints.token_owner(&h) {
-            return Err(auth::refusal(
-                &Verdict::Forbidden(format!("auth.token@{other}")),
-                &format!("post to source '{name}'"),
-            ));
-        }
-        return Err(auth::refusal(&Verdict::Unauthorized, &format!("posting to source '{name}'")));
+        return Err(stranger());
+    };
+    if own.is_some_and(|o| auth::token_matches(&h, &o)) {
+        return Ok(Some(format!("auth.token@{name}")));
     }
-    if let Some(p) = peer {
-        return Ok(Some(p.subject.clone()));
+    if let Some(e) = entry {
+        return if e.allows(name) {
+            Ok(Some(e.name))
+        } else {
+            Err(auth::refusal(&Verdict::Forbidden(e.name), &format!("post to source '{name}'")))
+        };
     }
-    if own.is_none() && !auth.has_file() {
-        return Ok(None);
+    if let Some(other) = endpoints.token_owner(&h) {
+        return Err(auth::refusal(
+            &Verdict::Forbidden(format!("auth.token@{other}")),
+            &format!("post to source '{name}'"),
+        ));
     }
-    Err(auth::refusal(&Verdict::Unauthorized, &format!("posting to source '{name}'")))
+    Err(stranger())
 }
 
 /// Counts a request in `sluice_http_requests_in_flight` while it is handled.
@@ -240,9 +280,12 @@ async fn handle(
             endpoints.next_request.fetch_add(1, Ordering::Relaxed)
         )
     });
+    // Ids are scoped by sender: another sender's request with the same id is not a duplicate
+    // (and learns nothing of it).
+    let key = dedup_key(principal.as_deref(), &request_id);
     let found = endpoints.with(&name, |e| {
         let open = e.subscribers.len() == e.expected;
-        let seen = if idempotent { e.seen.get(&request_id) } else { None };
+        let seen = if idempotent { e.seen.get(&key) } else { None };
         (
             e.decoder.clone(),
             e.source.clone(),
@@ -325,11 +368,11 @@ async fn handle(
     };
     let (decoded, dead_letters) = (decoded_body.decoded, decoded_body.dead_letters);
     // Claim the id (a concurrent duplicate now gets 409 until this one is settled).
-    let claimed = endpoints.with(&name, |e| match e.seen.get(&request_id).filter(|_| idempotent) {
+    let claimed = endpoints.with(&name, |e| match e.seen.get(&key).filter(|_| idempotent) {
         Some(_) => false,
         None => {
             if idempotent {
-                e.remember(&request_id, None);
+                e.remember(&key, None);
             }
             true
         }
@@ -345,8 +388,8 @@ async fn handle(
             return;
         }
         endpoints.with(&name, |e| match seq {
-            Some(s) => e.remember(&request_id, Some(s)),
-            None => e.forget(&request_id),
+            Some(s) => e.remember(&key, Some(s)),
+            None => e.forget(&key),
         });
     };
 

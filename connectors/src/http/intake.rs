@@ -146,6 +146,7 @@ pub(super) async fn read_body(
     max: u64,
     limits: BodyLimits,
     charge: &mut BodyCharge,
+    decoders: &Arc<tokio::sync::Semaphore>,
 ) -> Result<Bytes, Refusal> {
     let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
         None => false,
@@ -165,11 +166,20 @@ pub(super) async fn read_body(
     if declared.is_some_and(|n| n > max) {
         return Err(too_large(max, &format!("body of {} bytes", declared.unwrap_or(0))));
     }
-    // The declared length only sizes the buffer (pages never written are never resident); the
-    // budget is charged as bytes arrive.
-    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max) as usize);
+    // The declared length sizes the buffer (pages never written are never resident; a failed
+    // reservation is an answer, not an abort); the budget is charged as bytes arrive.
+    let mut out: Vec<u8> = Vec::new();
+    out.try_reserve_exact(declared.unwrap_or(0).min(max) as usize).map_err(|_| {
+        refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "out_of_memory",
+            "cannot reserve memory for the body; retry later".to_string(),
+        )
+    })?;
     let mut stream = body.into_data_stream();
-    let start = Instant::now();
+    // The rate is checked over windows of `read_timeout`: a body that came fast and then
+    // trickles is cut as soon as one window is too slow, not after its average decays.
+    let (mut window_start, mut window_bytes) = (Instant::now(), 0u64);
     loop {
         let piece = match tokio::time::timeout(limits.read_timeout, stream.next()).await {
             Err(_) => {
@@ -199,10 +209,10 @@ pub(super) async fn read_body(
             return Err(over_budget(&charge.0));
         }
         out.extend_from_slice(&piece);
-        let elapsed = start.elapsed();
-        if let Some(over) = elapsed.checked_sub(limits.read_timeout) {
-            let due = over.as_secs_f64() * limits.min_rate as f64;
-            if (out.len() as f64) < due {
+        window_bytes += piece.len() as u64;
+        let elapsed = window_start.elapsed();
+        if elapsed >= limits.read_timeout {
+            if (window_bytes as f64) < elapsed.as_secs_f64() * limits.min_rate as f64 {
                 return Err(refusal(
                     StatusCode::REQUEST_TIMEOUT,
                     "body_too_slow",
@@ -212,14 +222,24 @@ pub(super) async fn read_body(
                     ),
                 ));
             }
+            (window_start, window_bytes) = (Instant::now(), 0);
         }
     }
     if !gzip {
         return Ok(Bytes::from(out));
     }
-    // Inflating is CPU work: on a blocking thread, with the charge lent to it.
+    // Inflating is CPU work: on a blocking thread, in one of the decoding slots (so a flood of
+    // small bombs cannot take more cores than decoding may), with the charge lent to it.
+    let Ok(slot) = decoders.clone().acquire_owned().await else {
+        return Err(refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down".to_string(),
+        ));
+    };
     let mut lent = charge.take();
     let (result, lent) = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let r = inflate(&out, max, &mut lent);
         (r, lent)
     })

@@ -138,14 +138,14 @@ pub fn parse_tokens(text: &str, file: &str) -> Result<Vec<TokenEntry>> {
         let name = words.next().unwrap_or_default();
         if !name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             || name.len() > 128
         {
             // Words of a bad line are not echoed: a misplaced token must not reach a log.
             return Err(file_error(
                 file,
                 n,
-                "the first word is not a token name: use up to 128 letters, digits, '-', '_', '.', '@'",
+                "the first word is not a token name: use up to 128 letters, digits, '-', '_', '.' ('@' is kept for sources' own tokens)",
             ));
         }
         let Some(hex) = words.next().and_then(|h| h.strip_prefix("sha256:")) else {
@@ -328,6 +328,7 @@ mod tests {
             ("x plain-token", "second word"),
             (&format!("x {} sources=a owner", token_file_hash("a")), "word 4 is neither"),
             (&format!("a/b {}", token_file_hash("a")), "not a token name"),
+            (&format!("auth.token@orders {}", token_file_hash("a")), "not a token name"),
             (
                 &format!("a {}\nb {}", token_file_hash("same"), token_file_hash("same")),
                 "tokens.txt:2: the same token",

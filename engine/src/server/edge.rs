@@ -45,6 +45,9 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 /// Default [`EdgeLimits::max_header_bytes`].
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 << 10;
+/// Longest wait at shutdown for open connections to finish their requests (a client trickling
+/// a body must not hold the drain up); the rest are dropped.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 /// Pause after a failed `accept` (out of file descriptors): lets connections close meanwhile.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -181,9 +184,14 @@ fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig> {
 fn peer_subject(conn: &rustls::ServerConnection) -> Option<PeerCertificate> {
     let der = conn.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    Some(PeerCertificate {
-        subject: cert.subject().to_string(),
-    })
+    // Control characters would break the lines it is recorded on (ingest log, dedup window).
+    let subject: String = cert
+        .subject()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    Some(PeerCertificate { subject })
 }
 
 /// Serves `app` on `listener` within `limits` (over TLS when `tls` is given) until `stop`
@@ -195,7 +203,7 @@ pub async fn serve(
     tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
     let graceful = GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
@@ -238,7 +246,12 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            seconds = SHUTDOWN_DRAIN.as_secs(),
+            "connections still open after the drain period were dropped"
+        );
+    }
     Ok(())
 }
 
