@@ -931,3 +931,39 @@ fn connections_past_the_limit_wait_and_are_then_served() {
     assert!(timeouts >= 3.0, "{metrics}");
     server.stop();
 }
+
+/// A client that sends requests and never reads the answers cannot keep its connection: once a
+/// write to it has stalled for the header timeout, the connection is closed and its slot freed.
+#[test]
+fn a_client_that_never_reads_loses_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '100ms'");
+    let server = Server::start_full(
+        &[&sql],
+        dir.path(),
+        0,
+        &[],
+        &["--max-connections", "1", "--header-read-timeout", "1s"],
+    );
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let greedy = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            // Pipelined requests whose answers fill both socket buffers, never read.
+            let one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+            for _ in 0..2000 {
+                if s.write_all(&one).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let rt = crate::harness::runtime();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let (status, text) = rt.block_on(post(&http, &server.url("/v1/sources/ev"), None, "after", line(1)));
+    assert_eq!(status, 200, "{text}");
+    greedy.join().unwrap();
+    assert!(metric(&rt, &server, "write_stalled") >= 1);
+    server.stop();
+}
