@@ -185,6 +185,10 @@ struct SecurityArgs {
     /// Connections served at once; more wait to be accepted.
     #[arg(long, default_value_t = sluice_engine::server::edge::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Connections one client address may hold at once (0: no cap; behind a proxy every
+    /// connection comes from its address); more are closed at once.
+    #[arg(long, default_value_t = sluice_engine::server::edge::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
     /// Time a client has to send a request's headers (and to finish a TLS handshake, and to
     /// start its next request on a kept-alive connection), e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = parse_retention)]
@@ -730,6 +734,7 @@ fn server_config(
         instance,
         limits: edge::EdgeLimits {
             max_connections: sec.max_connections.max(1),
+            max_connections_per_address: sec.max_connections_per_address,
             header_read_timeout: sec.header_read_timeout,
             ..Default::default()
         },

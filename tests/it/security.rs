@@ -761,7 +761,15 @@ fn hostile_load_keeps_every_acknowledged_event_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let sql = http_pipeline(dir.path(), "'batch.interval' '200ms'");
     let sink = dir.path().join("lake/out");
-    let server = Server::start_full(&[&sql], dir.path(), 0, &[], &["--max-buffer-bytes", &BUDGET.to_string()]);
+    // The scenario: 1,000 stalled connections against the global limit, so the cap per
+    // address (which would close most of them at once) is off here.
+    let server = Server::start_full(
+        &[&sql],
+        dir.path(),
+        0,
+        &[],
+        &["--max-buffer-bytes", &BUDGET.to_string(), "--max-connections-per-address", "0"],
+    );
     let rt = crate::harness::runtime();
     let url = server.url("/v1/sources/ev");
     let addr = server.base.trim_start_matches("http://").to_string();
@@ -929,6 +937,41 @@ fn connections_past_the_limit_wait_and_are_then_served() {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(timeouts >= 3.0, "{metrics}");
+    server.stop();
+}
+
+/// One address holds at most `--max-connections-per-address` connections: the next one is
+/// closed at once (not left waiting), and counted.
+#[test]
+fn one_address_cannot_hold_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '100ms'");
+    let server = Server::start_full(&[&sql], dir.path(), 0, &[], &["--max-connections-per-address", "2"]);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(b"POST /v1/sources/ev HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    // The third connection from 127.0.0.1 is closed long before the 10 s header timeout.
+    wait_until(Duration::from_secs(5), "a third connection closed at once", || {
+        let mut s = TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 64];
+        let closed = match s.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        closed.then_some(())
+    });
+    drop(held);
+    let rt = crate::harness::runtime();
+    wait_until(Duration::from_secs(10), "a connection accepted again", || {
+        (metric(&rt, &server, "per_address") >= 1).then_some(())
+    });
     server.stop();
 }
 

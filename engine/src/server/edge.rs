@@ -2,7 +2,9 @@
 //! or broken client could otherwise use to stall or exhaust the server before a handler runs:
 //!
 //! 1. **Connections**: at most [`EdgeLimits::max_connections`] at once; past it, new ones wait in
-//!    the kernel's accept queue (never refused by a crash, never served at the others' expense).
+//!    the kernel's accept queue (never refused by a crash, never served at the others' expense);
+//!    at most [`EdgeLimits::max_connections_per_address`] from one client address (more are
+//!    closed at once), so one host cannot hold every slot.
 //! 2. **Headers**: read within [`EdgeLimits::header_read_timeout`] (also the idle time a
 //!    keep-alive connection may sit between requests, the TLS handshake's time, and the longest
 //!    a write to a client that stopped reading may stall), at most
@@ -17,10 +19,11 @@
 //! are tokens ([`super::auth`]). Every refusal counts in `sluice_http_refused_total{reason}`.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,6 +46,8 @@ use crate::error::{EngineError, Result};
 
 /// Default [`EdgeLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default [`EdgeLimits::max_connections_per_address`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
 /// Default [`EdgeLimits::header_read_timeout`].
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`EdgeLimits::max_headers`].
@@ -65,6 +70,9 @@ pub fn refused(reason: &'static str) {
 pub struct EdgeLimits {
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Connections one client address may hold at once (0: no cap); more are closed at once,
+    /// so one host cannot take every slot.
+    pub max_connections_per_address: usize,
     /// Time to read a request's headers (and a TLS handshake, and a keep-alive pause).
     pub header_read_timeout: Duration,
     /// Headers per request.
@@ -77,6 +85,7 @@ impl Default for EdgeLimits {
     fn default() -> Self {
         EdgeLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_headers: DEFAULT_MAX_HEADERS,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
@@ -209,6 +218,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
     let graceful = GracefulShutdown::new();
+    let addresses: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p,
@@ -227,11 +237,16 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(per_address) = PerAddress::take(&addresses, remote.ip(), limits.max_connections_per_address) else {
+            refused("per_address");
+            drop(stream);
+            continue;
+        };
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let (app, limits) = (app.clone(), limits.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, _per_address) = (permit, per_address);
             let _ = stream.set_nodelay(true);
             let stream = WriteDeadline::new(stream, limits.header_read_timeout);
             match acceptor {
@@ -258,6 +273,34 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// One connection counted against its client address, until dropped.
+struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr);
+
+impl PerAddress {
+    /// Counts a connection from `ip`, or `None` when it already holds `cap` (0: no cap).
+    fn take(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, cap: usize) -> Option<PerAddress> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if cap > 0 && *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddress(map.clone(), ip))
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// A connection whose writes may not stall longer than a limit: a client that sends requests
