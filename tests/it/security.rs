@@ -1010,3 +1010,79 @@ fn a_client_that_never_reads_loses_its_connection() {
     assert!(metric(&rt, &server, "write_stalled") >= 1);
     server.stop();
 }
+
+/// Seeded fuzz of the request head against a server with tokens: random methods, paths,
+/// `Authorization`, `Content-Encoding`, `Content-Length`, `X-Request-Id` and header bytes. Every
+/// request is answered with a known status or a closed connection, and the server keeps serving.
+#[test]
+fn fuzzed_request_heads_are_answered_and_never_break_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '100ms'");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, token_line("fz", "tok-fuzz-0123456789", "sources=ev admin")).unwrap();
+    let server = Server::start_full(
+        &[&sql],
+        dir.path(),
+        0,
+        &[],
+        &["--auth-tokens", tokens.to_str().unwrap(), "--header-read-timeout", "1s", "--body-read-timeout", "1s"],
+    );
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let rounds: u64 = std::env::var("SLUICE_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(1000, |n: u64| n / 5);
+    let mut rng = crate::harness::Rng(0x5ec0_1d);
+    let pick = |rng: &mut crate::harness::Rng, v: &[&str]| v[rng.range(0, v.len() as u64) as usize].to_string();
+    let known = [200, 400, 401, 403, 404, 405, 408, 409, 411, 413, 415, 429, 431, 501, 503, 505];
+    for i in 0..rounds {
+        let method = pick(&mut rng, &["POST", "GET", "PUT", "POST", "OPTIONS", "P\u{7f}ST", ""]);
+        let path = pick(
+            &mut rng,
+            &["/v1/sources/ev", "/v1/sources/", "/v1/sources/%2e%2e%2fev", "/v1/sources/ev/../ev", "/metrics", "/v1/sources/e\u{0}v", "*"],
+        );
+        let auth = pick(
+            &mut rng,
+            &["", "Bearer tok-fuzz-0123456789", "Bearer", "bearer  tok-fuzz-0123456789 ", "Basic eDp5", "Bearer \u{ff}\u{fe}", "Bearer tok-fuzz-012345678"],
+        );
+        let encoding = pick(&mut rng, &["", "gzip", "x-gzip", "br", "gzip, gzip", "identity"]);
+        let body: Vec<u8> = match rng.range(0, 4) {
+            0 => line(i as i64).into_bytes(),
+            1 => (0..rng.range(0, 200)).map(|_| rng.range(0, 256) as u8).collect(),
+            2 => vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3],
+            _ => Vec::new(),
+        };
+        let length = match rng.range(0, 5) {
+            0 => "18446744073709551616".to_string(),
+            1 => "-1".to_string(),
+            2 => format!("{}", body.len() + 5),
+            _ => body.len().to_string(),
+        };
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n").into_bytes();
+        for (name, value) in [("Authorization", &auth), ("Content-Encoding", &encoding)] {
+            if !value.is_empty() {
+                head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+        }
+        if rng.range(0, 3) == 0 {
+            head.extend_from_slice(b"X-Request-Id: ");
+            head.extend((0..rng.range(0, 40)).map(|_| rng.range(1, 256) as u8).filter(|b| *b != b'\n'));
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(&body);
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&head);
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n > 0 {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let code: u16 = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            assert!(known.contains(&code), "request {i}: {text}");
+        }
+    }
+    let rt = crate::harness::runtime();
+    assert_eq!(rt.block_on(get(&reqwest::Client::new(), &server.url("/readyz"), None)).0, 200);
+    server.stop();
+}
