@@ -72,8 +72,9 @@ impl LogReader {
             wal.read_from(from, |seq, payload| {
                 let record = parse_log_record(payload);
                 let (request_id, principal, body) = (record.request_id, record.principal, record.body);
-                let (batch, dead_letters) = match decode_body(&decoder, &source, &request_id, principal.as_deref(), body, None, None) {
-                    Ok(b) => (b.decoded.batch, b.dead_letters),
+                // Charged like a live request: the body and its dead letters.
+                let (batch, dead_letters, dead_bytes) = match decode_body(&decoder, &source, &request_id, principal.as_deref(), body, None, None) {
+                    Ok(b) => (b.decoded.batch, b.dead_letters, b.dead_bytes),
                     Err(refusal) => (
                         arrow::record_batch::RecordBatch::new_empty(decoder.schema().clone()),
                         vec![DeadLetter {
@@ -85,9 +86,10 @@ impl LogReader {
                             raw_base64: DeadLetter::raw_fields(body).1,
                             principal: principal.clone(),
                         }],
+                        body.len(),
                     ),
                 };
-                let bytes = body.len();
+                let bytes = body.len() + dead_bytes;
                 if !handle.block_on(budget.acquire(bytes as u64, &mut stop)) {
                     return Err(EngineError::Stopped(source.clone()));
                 }
