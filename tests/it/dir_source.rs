@@ -194,6 +194,54 @@ async fn csv_directory_source_with_header() {
     assert!(letters[0]["raw"].as_str().unwrap().starts_with("bad,z"));
 }
 
+// Reproducer for #26 (item 2): a CSV file that grew after it was read was read again from its
+// start, so its first rows were written twice (10 rows, 5 appended: 25 in the sink). The CSV
+// reader now starts at the recorded offset, like NDJSON (#25 reads CSV in pieces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_file_that_grows_is_read_on_from_its_offset() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("in");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE rows (id BIGINT NOT NULL, name VARCHAR)
+             STORED AS CSV LOCATION '{}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
+             CREATE EXTERNAL TABLE rows_out STORED AS PARQUET LOCATION '{}';
+             INSERT INTO rows_out SELECT id, name FROM rows;",
+            incoming.display(),
+            dir.path().join("lake/rows_out").display()
+        ),
+    )
+    .unwrap();
+    let rows = |ids: std::ops::Range<i64>| ids.map(|i| format!("{i},\"n{i}\"\n")).collect::<String>();
+    drop_file(&incoming, "a.csv", &format!("id,name\n{}", rows(0..10)));
+    let sink = dir.path().join("lake/rows_out");
+    let server = Server::start(&[&sql], dir.path());
+    wait_until(Duration::from_secs(60), "the first 10 rows committed", || {
+        (committed_output(&sink) >= 10).then_some(())
+    });
+    // A producer breaking the contract: 5 rows appended in place.
+    let mut f = std::fs::OpenOptions::new().append(true).open(incoming.join("a.csv")).unwrap();
+    f.write_all(rows(10..15).as_bytes()).unwrap();
+    drop(f);
+    wait_until(Duration::from_secs(60), "the appended rows committed", || {
+        (committed_output(&sink) >= 15).then_some(())
+    });
+    server.stop();
+    let batches = read_hive(&sink, &[], "SELECT id FROM t ORDER BY id").await;
+    let ids: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| {
+            let a = b.column(0).as_primitive::<Int64Type>();
+            (0..b.num_rows()).map(|i| a.value(i)).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(ids, (0..15).collect::<Vec<_>>(), "every row once");
+}
+
 /// Rows the plan fails on (integer division by zero) are isolated across the several chunks of
 /// an epoch: each becomes a `transform` dead letter with its row, every other row is written
 /// once, in one epoch.
