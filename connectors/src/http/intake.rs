@@ -18,6 +18,8 @@ use super::body::Refusal;
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`BodyLimits::min_rate`]: 1 KiB/s.
 pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
+/// Most bytes of a refused over-long body read and dropped before the connection is closed.
+const DRAIN_BYTES: u64 = 64 << 20;
 /// Inflated bytes produced per step (and charged to the budget before the next).
 const INFLATE_STEP: usize = 64 << 10;
 
@@ -164,6 +166,10 @@ pub(super) async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
+        // Read and drop what the client is still sending (up to a bound, within the read
+        // timeout), holding none of it: a client that sent the whole body then reads the 413
+        // instead of a reset connection.
+        drain(body, limits, DRAIN_BYTES).await;
         return Err(too_large(max, &format!("body of {} bytes", declared.unwrap_or(0))));
     }
     // The declared length sizes the buffer (pages never written are never resident; a failed
@@ -253,6 +259,18 @@ pub(super) async fn read_body(
     })?;
     charge.absorb(lent);
     result
+}
+
+/// Reads and drops up to `bound` bytes of a body, stopping at the first read timeout.
+async fn drain(body: Body, limits: BodyLimits, bound: u64) {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    while seen < bound {
+        match tokio::time::timeout(limits.read_timeout, stream.next()).await {
+            Ok(Some(Ok(piece))) => seen += piece.len() as u64,
+            _ => return,
+        }
+    }
 }
 
 /// Inflates a gzip body, charging the budget per step and stopping as soon as it passes `max`
