@@ -151,24 +151,31 @@ async fn files_are_read_once_across_restarts_and_kills() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn csv_directory_source_with_header() {
-    let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("in");
+/// A CSV directory source `rows` (with `columns`) under `dir/in`, written as `dir/lake/rows_out`
+/// with `select`; returns the pipeline file and the directory to drop files in.
+fn csv_pipeline(dir: &Path, columns: &str, select: &str) -> (PathBuf, PathBuf) {
+    let incoming = dir.join("in");
     std::fs::create_dir_all(&incoming).unwrap();
-    let sql = dir.path().join("p.sql");
+    let sql = dir.join("p.sql");
     std::fs::write(
         &sql,
         format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE rows (id BIGINT NOT NULL, name VARCHAR, ts TIMESTAMP)
+            "CREATE UNBOUNDED EXTERNAL TABLE rows ({columns})
              STORED AS CSV LOCATION '{}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
              CREATE EXTERNAL TABLE rows_out STORED AS PARQUET LOCATION '{}';
-             INSERT INTO rows_out SELECT id, name, ts FROM rows;",
+             INSERT INTO rows_out SELECT {select} FROM rows;",
             incoming.display(),
-            dir.path().join("lake/rows_out").display()
+            dir.join("lake/rows_out").display()
         ),
     )
     .unwrap();
+    (sql, incoming)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_directory_source_with_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sql, incoming) = csv_pipeline(dir.path(), "id BIGINT NOT NULL, name VARCHAR, ts TIMESTAMP", "id, name, ts");
     drop_file(
         &incoming,
         "a.csv",
@@ -201,21 +208,7 @@ async fn csv_directory_source_with_header() {
 async fn a_csv_file_that_grows_is_read_on_from_its_offset() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let incoming = dir.path().join("in");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE rows (id BIGINT NOT NULL, name VARCHAR)
-             STORED AS CSV LOCATION '{}' OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
-             CREATE EXTERNAL TABLE rows_out STORED AS PARQUET LOCATION '{}';
-             INSERT INTO rows_out SELECT id, name FROM rows;",
-            incoming.display(),
-            dir.path().join("lake/rows_out").display()
-        ),
-    )
-    .unwrap();
+    let (sql, incoming) = csv_pipeline(dir.path(), "id BIGINT NOT NULL, name VARCHAR", "id, name");
     let rows = |ids: std::ops::Range<i64>| ids.map(|i| format!("{i},\"n{i}\"\n")).collect::<String>();
     drop_file(&incoming, "a.csv", &format!("id,name\n{}", rows(0..10)));
     let sink = dir.path().join("lake/rows_out");

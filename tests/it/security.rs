@@ -21,6 +21,14 @@ fn token_line(name: &str, token: &str, rest: &str) -> String {
     format!("{name} {} {rest}\n", sluice_engine::server::auth::token_file_hash(token))
 }
 
+/// Records committed in `sink` from the sender `principal` (the entries' `counts.principals`).
+fn committed_from(sink: &Path, principal: &str) -> u64 {
+    log_entries(sink)
+        .iter()
+        .map(|e| e["counts"]["principals"][principal].as_u64().unwrap_or(0))
+        .sum()
+}
+
 async fn post(http: &reqwest::Client, url: &str, token: Option<&str>, id: &str, body: String) -> (u16, String) {
     let mut r = http.post(url).header("x-request-id", id).body(body);
     if let Some(t) = token {
@@ -101,11 +109,7 @@ fn tokens_decide_who_may_send_and_the_sender_is_recorded() {
 
     // Who sent it: the commit entries and the dead letter name the token, never the token.
     wait_until(Duration::from_secs(30), "the request committed", || {
-        let n: u64 = log_entries(&sink)
-            .iter()
-            .map(|e| e["counts"]["principals"]["orders-team"].as_u64().unwrap_or(0))
-            .sum();
-        (n == 100).then_some(())
+        (committed_from(&sink, "orders-team") == 100).then_some(())
     });
 
     // Revoke and add without a restart (SIGHUP); a bad file keeps the tokens loaded.
@@ -160,10 +164,7 @@ fn a_source_token_from_the_environment_guards_that_source() {
     assert_eq!(rt.block_on(post(&http, &url, Some("env-token-wrong"), "a", body.clone())).0, 401);
     assert_eq!(rt.block_on(post(&http, &url, Some("env-token-abcdef0123"), "a", body)).0, 200);
     wait_until(Duration::from_secs(30), "the request committed", || {
-        log_entries(&sink)
-            .iter()
-            .any(|e| e["counts"]["principals"]["auth.token@ev"].as_u64() == Some(10))
-            .then_some(())
+        (committed_from(&sink, "auth.token@ev") == 10).then_some(())
     });
     // No token file: the management endpoints stay open.
     assert_eq!(rt.block_on(get(&http, &server.url("/v1/pipelines"), None)).0, 200);
@@ -187,6 +188,23 @@ struct Pki {
     client: PathBuf,
     ca_pem: String,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    /// `sluice run`'s flags serving this server certificate (requiring client certificates
+    /// from the CA with `mtls`).
+    fn args(&self, mtls: bool) -> Vec<String> {
+        let mut a = vec![
+            "--tls-cert".to_string(),
+            self.cert.display().to_string(),
+            "--tls-key".to_string(),
+            self.key.display().to_string(),
+        ];
+        if mtls {
+            a.extend(["--tls-client-ca".to_string(), self.ca.display().to_string()]);
+        }
+        a
+    }
 }
 
 fn pki(dir: &Path, tag: &str) -> Pki {
@@ -333,20 +351,8 @@ fn client_certificates_are_required_and_name_the_sender() {
     let sql = http_pipeline(dir.path(), "'batch.interval' '100ms'");
     let sink = dir.path().join("lake/out");
     let p = pki(dir.path(), "m");
-    let server = Server::start_full(
-        &[&sql],
-        dir.path(),
-        0,
-        &[],
-        &[
-            "--tls-cert",
-            p.cert.to_str().unwrap(),
-            "--tls-key",
-            p.key.to_str().unwrap(),
-            "--tls-client-ca",
-            p.ca.to_str().unwrap(),
-        ],
-    );
+    let args = p.args(true);
+    let server = Server::start_full(&[&sql], dir.path(), 0, &[], &args.iter().map(String::as_str).collect::<Vec<_>>());
     let rt = crate::harness::runtime();
     let url = server.url("/v1/sources/ev");
     let body = (0..20).map(line).collect::<Vec<_>>().join("\n");
@@ -355,32 +361,16 @@ fn client_certificates_are_required_and_name_the_sender() {
     let (status, text) = rt.block_on(post(&tls_client(&p.ca_pem, Some(&p.client)), &url, None, "b", body));
     assert_eq!(status, 200, "{text}");
     wait_until(Duration::from_secs(30), "the request committed", || {
-        log_entries(&sink)
-            .iter()
-            .any(|e| e["counts"]["principals"]["CN=producer-1"].as_u64() == Some(20))
-            .then_some(())
+        (committed_from(&sink, "CN=producer-1") == 20).then_some(())
     });
     server.stop();
 
     // With tokens configured, a certificate alone passes no token rule (review of #25).
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, token_line("producers", "tok-mtls-0123456789", "sources=ev")).unwrap();
-    let server = Server::start_full(
-        &[&sql],
-        dir.path(),
-        0,
-        &[],
-        &[
-            "--tls-cert",
-            p.cert.to_str().unwrap(),
-            "--tls-key",
-            p.key.to_str().unwrap(),
-            "--tls-client-ca",
-            p.ca.to_str().unwrap(),
-            "--auth-tokens",
-            tokens.to_str().unwrap(),
-        ],
-    );
+    let mut args = p.args(true);
+    args.extend(["--auth-tokens".to_string(), tokens.display().to_string()]);
+    let server = Server::start_full(&[&sql], dir.path(), 0, &[], &args.iter().map(String::as_str).collect::<Vec<_>>());
     let url = server.url("/v1/sources/ev");
     let client = tls_client(&p.ca_pem, Some(&p.client));
     let body = (100..110).map(line).collect::<Vec<_>>().join("\n");

@@ -154,12 +154,6 @@ impl Endpoints {
         Ok(())
     }
 
-    /// The largest body any endpoint accepts.
-    pub fn max_body_bytes(&self) -> u64 {
-        let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
-        map.values().map(|e| e.max_body_bytes).max().unwrap_or(0)
-    }
-
     /// Whether any source has its own token.
     pub fn any_token(&self) -> bool {
         let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
