@@ -108,6 +108,10 @@ enum Command {
         /// archive.retention); reconcile cannot recompute those commits afterwards.
         #[arg(long, value_parser = parse_retention)]
         archive_retention: Option<std::time::Duration>,
+        /// Delete commit-log entries and checkpoints older than this and older than the newest
+        /// checkpoint (which keeps what readers, recovery and reconcile need of them).
+        #[arg(long, default_value = "30d", value_parser = parse_retention)]
+        log_retention: std::time::Duration,
     },
     /// Run an Apache Ballista scheduler (built with Sluice's DataFusion) for `reconcile --cluster`.
     /// Ballista has no authentication: keep the scheduler and executors on loopback (the
@@ -768,16 +772,24 @@ async fn run(
         });
     let registry = sluice_connectors::registry_for_run(http);
     let scheme = if config.tls.is_some() { "https" } else { "http" };
-    let server = runtime::start(&texts, &registry, config).await?;
-    // Whoever reads stdout may be gone; never fail (or panic) for that.
-    let _ = writeln!(std::io::stdout(), "sluice listening on {scheme}://{}", server.addr());
-    let _ = std::io::stdout().flush();
+    // The listener binds at once (`/healthz` answers while pipelines wait for their leases);
+    // the line below is printed once every pipeline takes input.
+    let mut server = runtime::start(&texts, &registry, config).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {
         signal.await;
         tracing::info!("shutting down: draining pipelines");
         trigger.trigger();
     });
+    if let Err(e) = server.ready().await {
+        // A pipeline could not come up: the others drain and stop, and the run fails.
+        server.shutdown_trigger().trigger();
+        let _ = server.wait().await;
+        return Err(e.into());
+    }
+    // Whoever reads stdout may be gone; never fail (or panic) for that.
+    let _ = writeln!(std::io::stdout(), "sluice listening on {scheme}://{}", server.addr());
+    let _ = std::io::stdout().flush();
     server.wait().await?;
     let _ = writeln!(std::io::stdout(), "sluice stopped");
     Ok(())
@@ -950,13 +962,21 @@ fn main() -> ExitCode {
                 sink,
                 retention,
                 archive_retention,
+                log_retention,
             } => {
-                let report = maintain::vacuum(&open_table(&sink)?, retention, archive_retention).await?;
+                let keep = maintain::Retention {
+                    removed: retention,
+                    archive: archive_retention,
+                    log: log_retention,
+                };
+                let report = maintain::vacuum(&open_table(&sink)?, keep).await?;
                 println!(
-                    "deleted {} removed file(s), {} staging orphan(s), {} archive file(s)",
+                    "deleted {} removed file(s), {} staging orphan(s), {} archive file(s), {} expired log entries, {} expired checkpoints",
                     report.removed_files.len(),
                     report.staging_orphans,
-                    report.archive_files.len()
+                    report.archive_files.len(),
+                    report.log_entries,
+                    report.checkpoints
                 );
                 Ok(())
             }

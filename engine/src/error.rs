@@ -70,6 +70,24 @@ pub enum EngineError {
     /// The runtime is shutting down or a channel closed.
     #[error("pipeline {0} stopped")]
     Stopped(String),
+    /// The writer lost its lease (another process took it over, or it could not be renewed
+    /// in time): it changes nothing more on the table.
+    #[error(
+        "writer {writer} no longer holds its lease on the table (another process took it over, or it could not be renewed within lease.ttl); it stops before changing the table\nhelp: restart it once the other writer is gone; check the store's availability"
+    )]
+    Fenced {
+        /// The writer's name.
+        writer: String,
+    },
+    /// A pipeline that could not come up (its lease, its recovery); the cause itself is what
+    /// `Server::ready` returns.
+    #[error("pipeline {pipeline} did not come up: {message}")]
+    NotUp {
+        /// The pipeline (its writer name).
+        pipeline: String,
+        /// The cause, as text.
+        message: String,
+    },
     /// A bug in Sluice.
     #[error("internal error (a bug in sluice, please report it): {0}")]
     Internal(String),

@@ -69,6 +69,50 @@ impl Server {
     /// Starts `sluice run FILES --listen 127.0.0.1:PORT ARGS...` in `cwd` with extra
     /// environment variables, and waits for it to listen.
     pub fn start_full(files: &[&Path], cwd: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Server {
+        let (mut child, rx, stderr) = Server::spawn(files, cwd, port, env, args);
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "sluice did not start: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        };
+        let base = line
+            .strip_prefix("sluice listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .to_string();
+        Server {
+            child: Some(child),
+            base,
+            stderr,
+        }
+    }
+
+    /// Starts `sluice run FILES --listen 127.0.0.1:PORT` (a port chosen by the caller) and
+    /// returns at once, before it says it listens (a server whose pipelines wait for leases
+    /// answers `/healthz` before that).
+    pub fn spawn_on(files: &[&Path], cwd: &Path, port: u16, env: &[(&str, &str)]) -> Server {
+        assert_ne!(port, 0, "spawn_on needs a known port");
+        let (child, _rx, stderr) = Server::spawn(files, cwd, port, env, &[]);
+        Server {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            stderr,
+        }
+    }
+
+    /// Spawns `sluice run`; its stdout lines arrive on the receiver (read until the pipe
+    /// closes, so the server never blocks on a full pipe).
+    fn spawn(
+        files: &[&Path],
+        cwd: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> (Child, mpsc::Receiver<String>, PathBuf) {
         install_crypto();
         let stderr = cwd.join(format!(
             "sluice-stderr-{}.log",
@@ -91,30 +135,10 @@ impl Server {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "sluice did not start: {}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
-        };
-        let base = line
-            .strip_prefix("sluice listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .to_string();
-        Server {
-            child: Some(child),
-            base,
-            stderr,
-        }
+        (child, rx, stderr)
     }
 
     /// The file the server's stderr (its log) goes to.

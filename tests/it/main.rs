@@ -28,3 +28,4 @@ mod slt;
 mod stalls;
 mod state_dir;
 mod writers;
+mod year_log;

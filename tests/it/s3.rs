@@ -499,3 +499,227 @@ fn a_second_server_on_the_same_s3_sink_is_refused() {
     assert_eq!(rt.block_on(t.logged_ids()), all);
     assert_eq!(rt.block_on(t.hive_ids()), all);
 }
+
+// A server with five pipelines on S3, killed with -9 and restarted at once: its listener
+// answers `/healthz` within 2 s while every pipeline waits for the dead holder's lease
+// (`/readyz` 503 naming each, `/v1/pipelines` showing `waiting_for_lease`); the five leases are
+// taken together, so it is ready within 3 × lease.ttl (one after another it took up to
+// 5 × 2.5 × lease.ttl, with no listener meanwhile: a supervisor's liveness probe killed it
+// again); nothing is lost or doubled.
+#[test]
+fn a_restarted_server_answers_at_once_and_takes_its_leases_together() {
+    const PIPELINES: usize = 5;
+    const TTL_SECS: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let mut text = String::new();
+    for p in 0..PIPELINES {
+        let incoming = dir.path().join(format!("in{p}"));
+        std::fs::create_dir_all(&incoming).unwrap();
+        text += &format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev{p} (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '50ms');
+             CREATE EXTERNAL TABLE out{p} STORED AS PARQUET LOCATION 's3://{BUCKET}/t{p}/'
+             OPTIONS ({}, 'lease.ttl' '{TTL_SECS}s');
+             INSERT INTO out{p} SELECT id FROM ev{p};\n",
+            incoming.display(),
+            moto.options()
+        );
+    }
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, text).unwrap();
+    let lines = |r: std::ops::Range<i64>| r.map(|i| format!("{{\"id\": {i}}}")).collect::<Vec<_>>().join("\n");
+    let drop_all = |name: &str, ids: std::ops::Range<i64>| {
+        for p in 0..PIPELINES {
+            drop_file(&dir.path().join(format!("in{p}")), name, &lines(ids.clone()));
+        }
+    };
+    let tables: Vec<S3Table> = (0..PIPELINES).map(|p| table(&moto, &format!("t{p}"))).collect();
+    let rt = crate::harness::runtime();
+    let committed = |n: u64| {
+        tables
+            .iter()
+            .all(|t| rt.block_on(t.committed_output()) >= n)
+            .then_some(())
+    };
+    drop_all("000.ndjson", 0..500);
+    let port = free_port();
+    let server = Server::start_with(&[&sql], dir.path(), port, &[]);
+    wait_until(Duration::from_secs(60), "every pipeline's first commits", || committed(500));
+    server.kill9();
+
+    let restarted = std::time::Instant::now();
+    let server = Server::spawn_on(&[&sql], dir.path(), port, &[]);
+    drop_all("001.ndjson", 500..1000);
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        rt.block_on(async {
+            let r = http.get(server.url(path)).send().await.ok()?;
+            let status = r.status().as_u16();
+            Some((r.text().await.ok()?, status))
+        })
+    };
+    let healthy = wait_until(Duration::from_secs(30), "/healthz", || {
+        get("/healthz").filter(|(_, s)| *s == 200).map(|_| restarted.elapsed())
+    });
+    assert!(healthy < Duration::from_secs(2), "/healthz answered after {healthy:?}");
+    let (why, status) = get("/readyz").expect("/readyz answers");
+    assert_eq!(status, 503, "not ready while the leases are held: {why}");
+    for p in 0..PIPELINES {
+        assert!(why.contains(&format!("out{p} (waiting for its lease")), "{why}");
+    }
+    let (listing, _) = get("/v1/pipelines").expect("/v1/pipelines answers");
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let states: Vec<&str> = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(states, vec!["waiting_for_lease"; PIPELINES], "{listing}");
+    let ready = wait_until(Duration::from_secs(120), "/readyz 200", || {
+        get("/readyz").filter(|(_, s)| *s == 200).map(|_| restarted.elapsed())
+    });
+    assert!(
+        ready < Duration::from_secs(3 * TTL_SECS),
+        "ready after {ready:?}: the leases were not taken together (lease.ttl {TTL_SECS}s)"
+    );
+    wait_until(Duration::from_secs(60), "every pipeline's later commits", || committed(1000));
+    server.stop();
+    let all: Vec<i64> = (0..1000).collect();
+    for t in &tables {
+        assert_eq!(rt.block_on(t.logged_ids()), all, "{}: each id once", t.root);
+        assert_eq!(rt.block_on(t.hive_ids()), all, "{}: the hive view", t.root);
+    }
+    eprintln!("restart with {PIPELINES} pipelines on S3: /healthz after {healthy:?}, ready after {ready:?} (lease.ttl {TTL_SECS}s)");
+}
+
+
+// Maintenance on S3 while the server writes the same table: report-only reconciles run
+// again and again while a compaction commits (each exits 0: a file the compaction moved to
+// `_sluice/removed/` after a report's snapshot is read from there, never a false "missing"),
+// then vacuum with no retention, then a repair of a lost file, all while new files stream in;
+// every id is committed once, the hive view equals the log, and `sluice check` is clean.
+#[test]
+fn compaction_vacuum_and_a_repair_on_s3_while_the_server_writes_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), BUCKET);
+    let incoming = dir.path().join("in");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, day BIGINT) STORED AS NDJSON LOCATION '{}'
+             OPTIONS ('poll_interval' '20ms', 'batch.interval' '50ms');
+             CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (day) LOCATION 's3://{BUCKET}/m/'
+             OPTIONS ({}, 'lease.ttl' '2s', 'key' 'id');
+             INSERT INTO out SELECT id, day FROM ev;",
+            incoming.display(),
+            moto.options()
+        ),
+    )
+    .unwrap();
+    let env = moto.env();
+    let sluice = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let lines = |r: std::ops::Range<i64>| {
+        r.map(|i| format!("{{\"id\": {i}, \"day\": {}}}", i % 4))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let t = table(&moto, "m");
+    let rt = crate::harness::runtime();
+    let per = 50i64;
+    let server = Server::start(&[&sql], dir.path());
+    // A dozen commits first: small files in every partition.
+    for f in 0..12 {
+        drop_file(&incoming, &format!("{f:04}.ndjson"), &lines(f * per..(f + 1) * per));
+        wait_until(Duration::from_secs(60), "the file committed", || {
+            (rt.block_on(t.committed_output()) >= ((f + 1) * per) as u64).then_some(())
+        });
+    }
+    let rest = std::thread::spawn({
+        let incoming = incoming.clone();
+        move || {
+            for f in 12..24 {
+                drop_file(&incoming, &format!("{f:04}.ndjson"), &lines(f * per..(f + 1) * per));
+            }
+        }
+    });
+    let location = format!("s3://{BUCKET}/m/");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let reports = std::thread::scope(|s| {
+        let reports = s.spawn(|| {
+            let mut runs = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Acquire) || runs.is_empty() {
+                runs.push(sluice(&["reconcile", sql.to_str().unwrap(), "--pipeline", "out"]));
+            }
+            runs
+        });
+        let (code, out) = sluice(&["compact", &location, "--target-file-size", "1MB"]);
+        done.store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(code, 0, "compact: {out}");
+        assert!(out.contains("compacted 4 partition(s)"), "{out}");
+        reports.join().unwrap()
+    });
+    for (code, out) in &reports {
+        assert_eq!(*code, 0, "a report-only reconcile during the compaction: {out}");
+    }
+    let (code, out) = sluice(&["vacuum", &location, "--retention", "0"]);
+    assert_eq!(code, 0, "vacuum: {out}");
+    // A lost file (deleted behind Sluice's back) is found and restored by a repair, while the
+    // stream goes on.
+    let lost = rt.block_on(async {
+        // The newest live file (the stream's or the compaction's) of an entry that is not its
+        // writer's newest (recovery of a writer checks that its newest entry's files exist).
+        let entries = t.entries().await;
+        let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &entries {
+            newest.insert(e["pipeline"].as_str().unwrap().to_string(), e["epoch"].as_u64().unwrap());
+        }
+        let removed: BTreeSet<String> = entries
+            .iter()
+            .flat_map(|e| e["remove"].as_array().cloned().unwrap_or_default())
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect();
+        let path = entries
+            .iter()
+            .filter(|e| newest[e["pipeline"].as_str().unwrap()] != e["epoch"].as_u64().unwrap())
+            .flat_map(|e| e["add"].as_array().cloned().unwrap_or_default())
+            .map(|a| a["path"].as_str().unwrap().to_string())
+            .filter(|p| !removed.contains(p))
+            .last()
+            .expect("a live file");
+        t.store
+            .delete(&object_store::path::Path::from(format!("m/{path}")))
+            .await
+            .unwrap();
+        path
+    });
+    let (code, out) = sluice(&["reconcile", sql.to_str().unwrap(), "--pipeline", "out", "--repair"]);
+    assert_eq!(code, 1, "the repair reports the difference it fixed: {out}");
+    assert!(out.contains(&lost) || out.contains("missing"), "{out}");
+    rest.join().unwrap();
+    let n = 24 * per;
+    wait_until(Duration::from_secs(60), "every file committed", || {
+        (rt.block_on(t.committed_output()) >= n as u64).then_some(())
+    });
+    server.stop();
+    let all: Vec<i64> = (0..n).collect();
+    assert_eq!(rt.block_on(t.logged_ids()), all, "each id once in the files the log names");
+    assert_eq!(rt.block_on(t.hive_ids()), all, "the hive view equals the log");
+    let (code, out) = sluice(&["check", &location]);
+    assert_eq!(code, 0, "check: {out}");
+    let (code, out) = sluice(&["reconcile", sql.to_str().unwrap(), "--pipeline", "out"]);
+    assert_eq!(code, 0, "equal after the repair: {out}");
+    eprintln!("maintenance on S3 while writing: {} report-only reconciles during the compaction", reports.len());
+}

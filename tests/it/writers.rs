@@ -74,3 +74,33 @@ fn a_second_instance_is_refused_and_check_reports_damage() {
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(report["problems"].as_array().unwrap().len(), 3, "{report}");
 }
+
+// `--instance` names one of several servers sharing a source (Kafka consumer groups). Under a
+// new instance name an HTTP or directory pipeline would be a new writer with no position and
+// read its input again, so `run` refuses it, says why, and writes nothing.
+#[test]
+fn instance_is_refused_for_a_source_one_server_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = http_pipeline(dir.path(), "'batch.interval' '50ms'");
+    let sink = dir.path().join("lake/out");
+    let (code, text) = run_to_exit(
+        &["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0", "--instance", "b"],
+        dir.path(),
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("--instance b: pipeline out reads HTTP source ev, which one server owns"),
+        "{text}"
+    );
+    assert!(text.contains("Kafka consumer groups"), "{text}");
+    assert!(!sink.join("_sluice").exists(), "nothing written to the sink");
+    // The same through the environment.
+    let out = std::process::Command::new(crate::harness::bin())
+        .args(["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env("SLUICE_INSTANCE", "c")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--instance c:"));
+}

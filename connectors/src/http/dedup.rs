@@ -2,9 +2,13 @@
 //! their ingest-log sequence) and of requests being written, so a retried request is never
 //! appended twice.
 //!
-//! Bounded by count ([`DEDUP_WINDOW`]) and by bytes ([`DEDUP_WINDOW_BYTES`]); the oldest ids
-//! go first, in O(1) (a forgotten id leaves a stale queue slot that is skipped when it reaches
-//! the front). One allocation per id, shared by the map and the queue.
+//! Bounded by count ([`DEDUP_WINDOW`]) and by bytes ([`DEDUP_WINDOW_BYTES`]) of the ids it
+//! remembers; the oldest ids go first, in O(1). A forgotten id (a request refused with 429/503
+//! and never logged) gives its count and bytes back at once: it no longer pushes a logged id
+//! out. Its queue slot is dropped at once when it is the newest (a claim then a refusal, the
+//! usual case), else it is left stale and skipped when it reaches the front; stale slots are
+//! swept in one pass when they hold more than half of the remembered bytes (plus 1 MiB), so
+//! they never hold more than that. One allocation per id, shared by the map and the queue.
 //!
 //! What it holds across restarts: the ids of every request still in the ingest log, and the ids
 //! of deleted segments as of their deletion — before segments are deleted, the window is
@@ -53,7 +57,15 @@ pub struct DedupWindow {
     map: HashMap<Arc<str>, Seen>,
     queue: VecDeque<(Arc<str>, u64)>,
     next_slot: u64,
+    /// Bytes of the remembered ids.
     bytes: usize,
+    /// Bytes of stale queue slots (ids forgotten since they were queued).
+    stale_bytes: usize,
+}
+
+/// Bytes one remembered id is charged.
+fn cost(id: &str) -> usize {
+    id.len() + PER_ID_OVERHEAD
 }
 
 impl DedupWindow {
@@ -71,23 +83,39 @@ impl DedupWindow {
         let id: Arc<str> = Arc::from(id);
         let slot = self.next_slot;
         self.next_slot += 1;
-        self.bytes += id.len() + PER_ID_OVERHEAD;
+        self.bytes += cost(&id);
         self.map.insert(id.clone(), Seen { seq, slot });
         self.queue.push_back((id, slot));
-        while self.queue.len() > DEDUP_WINDOW || self.bytes > DEDUP_WINDOW_BYTES {
+        while self.map.len() > DEDUP_WINDOW || self.bytes > DEDUP_WINDOW_BYTES {
             let Some((old, slot)) = self.queue.pop_front() else {
                 break;
             };
-            self.bytes -= old.len() + PER_ID_OVERHEAD;
             if self.map.get(&old).is_some_and(|s| s.slot == slot) {
                 self.map.remove(&old);
+                self.bytes -= cost(&old);
+            } else {
+                self.stale_bytes -= cost(&old);
             }
         }
     }
 
-    /// Forgets `id` (a request that was not logged).
+    /// Forgets `id` (a request that was not logged): its count and bytes are free at once.
     pub fn forget(&mut self, id: &str) {
-        self.map.remove(id);
+        let Some(seen) = self.map.remove(id) else {
+            return;
+        };
+        self.bytes -= cost(id);
+        if self.queue.back().is_some_and(|(_, slot)| *slot == seen.slot) {
+            self.queue.pop_back();
+            return;
+        }
+        self.stale_bytes += cost(id);
+        if self.stale_bytes > self.bytes / 2 + (1 << 20) {
+            let map = &self.map;
+            self.queue
+                .retain(|(id, slot)| map.get(id).is_some_and(|s| s.slot == *slot));
+            self.stale_bytes = 0;
+        }
     }
 
     /// Ids remembered.
@@ -100,9 +128,15 @@ impl DedupWindow {
         self.map.is_empty()
     }
 
-    /// Bytes the window takes (estimated).
+    /// Bytes the window takes (estimated): remembered ids and stale queue slots.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.stale_bytes
+    }
+
+    /// Queue slots held (remembered ids and stale slots).
+    #[cfg(test)]
+    fn slots(&self) -> usize {
+        self.queue.len()
     }
 
     /// The logged ids, oldest first, as snapshot text (`seq<TAB>id` lines).
@@ -177,6 +211,42 @@ mod tests {
             Some(None),
             "the new r20 stays while the stale slot is evicted"
         );
+    }
+
+    /// A million requests refused after their claim (429/503 through an overload), interleaved
+    /// with logged ones, push no logged id out: every logged id is kept, and the stale slots
+    /// the refusals leave stay bounded.
+    #[test]
+    fn forgotten_ids_give_back_their_slot_and_bytes() {
+        let mut w = DedupWindow::default();
+        let logged = 1000u64;
+        for i in 0..logged {
+            w.remember(&format!("logged-{i}"), Some(i));
+        }
+        for i in 0..1_000_000u64 {
+            // Two requests in flight at once: the older one is refused while the newer one is
+            // still being written, so its slot is not the newest (a stale slot).
+            let (a, b) = (format!("retry-{i}-a"), format!("retry-{i}-b"));
+            w.remember(&a, None);
+            w.remember(&b, None);
+            w.forget(&a);
+            w.forget(&b);
+        }
+        assert_eq!(w.len(), logged as usize, "only the logged ids are remembered");
+        for i in 0..logged {
+            assert_eq!(w.get(&format!("logged-{i}")), Some(Some(i)), "logged-{i} was pushed out");
+        }
+        assert!(
+            w.bytes() < 2 * (1 << 20) + 2 * logged as usize * 128,
+            "stale slots are swept: {} bytes",
+            w.bytes()
+        );
+        assert!(w.slots() < 30_000, "stale slots are swept: {} slots", w.slots());
+        // Forgetting the newest slot drops it at once.
+        let before = w.slots();
+        w.remember("x", None);
+        w.forget("x");
+        assert_eq!(w.slots(), before);
     }
 
     #[test]

@@ -97,6 +97,7 @@ impl Endpoint {
 
     pub(super) fn forget(&mut self, id: &str) {
         self.seen.forget(id);
+        self.charge();
     }
 
     /// Adds a reading pipeline; the window's bytes are counted against the server budget from

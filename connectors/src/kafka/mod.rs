@@ -21,6 +21,10 @@ use source::{Columns, KafkaSource, decoder_format};
 pub struct KafkaSourceFactory;
 
 impl SourceFactory for KafkaSourceFactory {
+    fn shared_by_instances(&self) -> bool {
+        true
+    }
+
     fn spec(&self) -> ConnectorSpec {
         ConnectorSpec {
             name: "KAFKA".into(),

@@ -3,7 +3,19 @@
 //! commit per partition, the row multiset unchanged; `sluice vacuum` deletes what no live
 //! commit needs: files commits removed (under `_sluice/removed/`) once their commit is older
 //! than the retention, staged files of writers that are not running and whose newest commit
-//! does not name them, and raw-archive files older than the archive retention.
+//! does not name them, raw-archive files older than the archive retention, and commit-log
+//! entries and checkpoints older than the log retention that the newest checkpoint folds.
+//!
+//! Every delete is made under the maintenance lease's fence ([`crate::store::lease::Fence::guard`]):
+//! a vacuum stalled past its lease (SIGSTOP, a long GC pause of its host) deletes nothing after
+//! another process took the lease over, and recovering another writer's staging is done under
+//! that writer's lease and fence.
+//!
+//! Log retention (as Delta's `logRetentionDuration`): an entry goes when it is older than the
+//! retention **and** older than the newest checkpoint, which holds every writer's newest entry,
+//! the live files and a summary of every entry (reconcile's ranges and archive files), so
+//! recovery, readers and reconcile never need it again. Checkpoints older than the newest go on
+//! the same terms. What reads every entry (`sluice check`, the quality report) reads those left.
 //!
 //! Both are safe while `sluice run` writes the same table: the stream only adds files, and a
 //! compaction commits only if every file it merged is still live when it commits.
@@ -217,29 +229,39 @@ pub struct VacuumReport {
     pub staging_orphans: usize,
     /// Raw-archive files older than the archive retention.
     pub archive_files: Vec<String>,
+    /// Commit-log entries deleted by the log retention.
+    pub log_entries: usize,
+    /// Checkpoints deleted by the log retention.
+    pub checkpoints: usize,
 }
+
+/// What `sluice vacuum` keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Files removed by commits younger than this stay (time-travel and slow readers).
+    pub removed: Duration,
+    /// Raw-archive files of commits older than this go (`None`: kept).
+    pub archive: Option<Duration>,
+    /// Commit-log entries and checkpoints older than this (and than the newest checkpoint) go.
+    pub log: Duration,
+}
+
+/// Default `--log-retention`: 30 days.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Deletes the files no live commit needs: files removed by commits older than `retention`,
 /// staging orphans of writers not running (their recovery runs), and, with
 /// `archive_retention`, archive files of commits older than it. Never a file a live commit
 /// names as data.
-pub async fn vacuum(
-    table: &TableStore,
-    retention: Duration,
-    archive_retention: Option<Duration>,
-) -> Result<VacuumReport> {
+pub async fn vacuum(table: &TableStore, keep: Retention) -> Result<VacuumReport> {
     let lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
-    let result = vacuum_holding(table, &lease, retention, archive_retention).await;
+    let result = vacuum_holding(table, &lease, keep).await;
     lease.release().await;
     result
 }
 
-async fn vacuum_holding(
-    table: &TableStore,
-    lease: &WriterLease,
-    retention: Duration,
-    archive_retention: Option<Duration>,
-) -> Result<VacuumReport> {
+async fn vacuum_holding(table: &TableStore, lease: &WriterLease, keep: Retention) -> Result<VacuumReport> {
+    let (retention, archive_retention) = (keep.removed, keep.archive);
     let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER).with_fence(lease.fence());
     log.recover().await?;
     let mut report = VacuumReport::default();
@@ -248,7 +270,9 @@ async fn vacuum_holding(
         chrono::DateTime::parse_from_rfc3339(&e.committed_at)
             .is_ok_and(|t| now.signed_duration_since(t).to_std().is_ok_and(|age| age >= keep))
     };
-    let folded = log.snapshot().await?.folded();
+    let snap = log.snapshot().await?;
+    let newest_checkpoint = snap.checkpoint.epoch;
+    let folded = snap.folded();
     let by_epoch: BTreeMap<u64, &EntrySummary> = folded.index.iter().map(|e| (e.epoch, e)).collect();
     // `_sluice/removed/<epoch>/`: one directory per removing commit.
     let removed = table
@@ -263,7 +287,7 @@ async fn vacuum_holding(
             .is_some_and(|e| older(e, retention))
         {
             for path in list(table, &dir).await? {
-                delete(table, &path).await?;
+                delete(table, lease, &path).await?;
                 report.removed_files.push(table.relative(&path));
             }
         }
@@ -281,7 +305,12 @@ async fn vacuum_holding(
             continue;
         }
         if let Ok(held) = WriterLease::acquire_if_stopped(table, &writer).await {
-            let recovered = CommitLog::new(table.clone(), &writer).recover().await;
+            // Under the writer's lease: a writer that comes back meanwhile takes it over only
+            // after this one's fence expired, and no delete is sent after that.
+            let recovered = CommitLog::new(table.clone(), &writer)
+                .with_fence(held.fence())
+                .recover()
+                .await;
             held.release().await;
             report.staging_orphans += recovered?.orphans_removed;
         }
@@ -295,22 +324,47 @@ async fn vacuum_holding(
         .map_err(EngineError::store("listing _sluice/probe"))?;
     for p in probes {
         if now.signed_duration_since(p.last_modified) > chrono::Duration::hours(1) {
-            delete(table, &p.location).await?;
+            delete(table, lease, &p.location).await?;
         }
     }
     if let Some(keep) = archive_retention {
         for e in folded.index.iter().filter(|e| older(e, keep)) {
             // Archive files live under `_sluice/raw/`: never a data file a commit names.
             if let Some(a) = &e.archive {
-                match table.store.delete(&table.path(&a.path)).await {
-                    Ok(()) => report.archive_files.push(a.path.clone()),
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(err) => return Err(EngineError::store(format!("deleting {}", a.path))(err)),
-                }
+                delete(table, lease, &table.path(&a.path)).await?;
+                report.archive_files.push(a.path.clone());
             }
         }
     }
+    if newest_checkpoint > 0 {
+        let expired = |epoch: u64| epoch < newest_checkpoint && by_epoch.get(&epoch).is_some_and(|e| older(e, keep.log));
+        (report.log_entries, report.checkpoints) = expire_log(table, lease, &log, expired).await?;
+    }
     Ok(report)
+}
+
+/// Deletes the entries (oldest first) and checkpoints for which `expired` holds; returns how
+/// many of each.
+async fn expire_log(
+    table: &TableStore,
+    lease: &WriterLease,
+    log: &CommitLog,
+    expired: impl Fn(u64) -> bool,
+) -> Result<(usize, usize)> {
+    let mut entries = 0;
+    for epoch in log.epochs().await?.into_iter().filter(|e| expired(*e)) {
+        delete(table, lease, &table.log_dir().join(format!("{epoch:020}.json"))).await?;
+        entries += 1;
+    }
+    let mut checkpoints = 0;
+    for path in list(table, &table.path("_sluice/checkpoints")).await? {
+        let epoch = path.filename().and_then(|n| n.strip_suffix(".json")?.parse::<u64>().ok());
+        if epoch.is_some_and(&expired) {
+            delete(table, lease, &path).await?;
+            checkpoints += 1;
+        }
+    }
+    Ok((entries, checkpoints))
 }
 
 async fn list(table: &TableStore, prefix: &object_store::path::Path) -> Result<Vec<object_store::path::Path>> {
@@ -323,9 +377,70 @@ async fn list(table: &TableStore, prefix: &object_store::path::Path) -> Result<V
     Ok(metas.into_iter().map(|m| m.location).collect())
 }
 
-async fn delete(table: &TableStore, path: &object_store::path::Path) -> Result<()> {
-    match table.store.delete(path).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(EngineError::store(format!("deleting {path}"))(e)),
+async fn delete(table: &TableStore, lease: &WriterLease, path: &object_store::path::Path) -> Result<()> {
+    lease
+        .fence()
+        .guard(MAINTENANCE_WRITER, async {
+            match table.store.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(EngineError::store(format!("deleting {path}"))(e)),
+            }
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Log retention: with 250 commits, checkpoints at 100 and 200 and a retention of zero,
+    /// vacuum deletes entries 1–199 and the checkpoint at 100 (everything older than the
+    /// newest checkpoint), and nothing a reader needs: the snapshot, recovery, the live files
+    /// and `sluice check` say the same as before; the entries after the checkpoint stay.
+    #[tokio::test]
+    async fn log_retention_deletes_only_what_the_newest_checkpoint_folds() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = TableStore::open(dir.path().to_str().unwrap()).unwrap();
+        let log = CommitLog::new(table.clone(), "p");
+        for epoch in 1..=250u64 {
+            let file = format!("d/f-{epoch}.parquet");
+            log.stage(&file, b"x".to_vec()).await.unwrap();
+            let mut e = CommitEntry::adding(epoch, "p", &[file.as_str()]);
+            e.committed_at = chrono::Utc::now().to_rfc3339();
+            e.sources.insert("src".into(), serde_json::json!({ "seq": epoch }));
+            log.commit(&mut e).await.unwrap();
+            if epoch % 100 == 0 {
+                log.write_checkpoint(epoch).await.unwrap();
+            }
+        }
+        let before = log.snapshot().await.unwrap().folded();
+        // A retention of a day keeps everything.
+        let day = Retention {
+            removed: Duration::from_secs(86_400),
+            archive: None,
+            log: Duration::from_secs(86_400),
+        };
+        let kept = vacuum(&table, day).await.unwrap();
+        assert_eq!((kept.log_entries, kept.checkpoints), (0, 0));
+
+        let report = vacuum(&table, Retention { log: Duration::ZERO, ..day }).await.unwrap();
+        assert_eq!(report.log_entries, 199, "entries 1..=199");
+        assert_eq!(report.checkpoints, 1, "the checkpoint at 100");
+        assert_eq!(log.epochs().await.unwrap(), (200..=250).collect::<Vec<_>>());
+        let after = log.snapshot().await.unwrap().folded();
+        assert_eq!(after.files, before.files, "the same live files");
+        assert_eq!(after.index, before.index, "every entry's summary is kept");
+        let rec = log.recover().await.unwrap();
+        assert_eq!(rec.next_epoch(), 251);
+        assert_eq!(rec.last.map(|e| e.sources["src"]["seq"].as_u64()), Some(Some(250)));
+        let check = crate::log::check::check_table(&table).await.unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        assert_eq!(check.files, 250, "files of deleted entries are still live");
+        // The table goes on: a new commit, and a second vacuum finds nothing more to expire.
+        let mut e = CommitEntry::adding(251, "p", &["d/f-251.parquet"]);
+        log.stage("d/f-251.parquet", b"x".to_vec()).await.unwrap();
+        log.commit(&mut e).await.unwrap();
+        let again = vacuum(&table, Retention { log: Duration::ZERO, ..day }).await.unwrap();
+        assert_eq!((again.log_entries, again.checkpoints), (0, 0));
     }
 }

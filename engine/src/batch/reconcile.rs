@@ -63,6 +63,9 @@ use crate::sink::Sink;
 /// their staging directory and the `pipeline` of their commit entries.
 pub const MAINTENANCE_WRITER: &str = "maintenance";
 
+/// The writer name reconcile reads the log as (it never commits under it).
+const READER: &str = "sluice-reconcile-reader";
+
 /// A time range `[from, to)` in microseconds since the Unix epoch; `None` is open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct TimeRange {
@@ -389,7 +392,7 @@ pub async fn reconcile(
     let stream_units: Vec<Unit> = live
         .iter()
         .filter(|(_, o)| covered(o.epochs))
-        .map(|(f, _)| Unit::Stream(partition_dir(f), f.path.clone()))
+        .map(|(f, _)| Unit::Stream(partition_dir(f), f.path.clone(), snap.newest_epoch()))
         .collect();
     let stream_side = tokio::spawn(run_units(
         table.clone(),
@@ -564,7 +567,12 @@ pub async fn reconcile(
 /// repair killed after its commit entry was written).
 pub async fn finish_interrupted_maintenance(table: &TableStore) -> Result<()> {
     if let Ok(lease) = WriterLease::acquire_if_stopped(table, MAINTENANCE_WRITER).await {
-        let recovered = CommitLog::new(table.clone(), MAINTENANCE_WRITER).recover().await;
+        // Its moves and deletes are made under the maintenance lease's fence: a maintenance
+        // job that starts meanwhile waits until it expires.
+        let recovered = CommitLog::new(table.clone(), MAINTENANCE_WRITER)
+            .with_fence(lease.fence())
+            .recover()
+            .await;
         lease.release().await;
         recovered?;
     }
@@ -614,8 +622,8 @@ struct Side {
 
 /// One unit of comparison work, for the partition directory it names first.
 enum Unit {
-    /// A file the stream committed.
-    Stream(String, String),
+    /// A file the stream committed, named by the snapshot of this epoch.
+    Stream(String, String, u64),
     /// A file in the partition directory that no commit names.
     Stray(String, String),
 }
@@ -660,7 +668,9 @@ async fn digest_unit(table: &TableStore, unit: Unit, key: &[String], seed: &Seed
             .map_err(|e| EngineError::Internal(format!("comparing failed: {e}")))?
     };
     match unit {
-        Unit::Stream(i, path) => match table.get_if_exists(&table.path(&path)).await? {
+        // A compaction or repair that committed after the snapshot may have moved it to
+        // `_sluice/removed/`: it is read from there.
+        Unit::Stream(i, path, as_of) => match CommitLog::new(table.clone(), READER).read_as_of(&path, as_of).await? {
             None => Ok((i, Outcome::Missing(path))),
             Some(bytes) => Ok((
                 i,

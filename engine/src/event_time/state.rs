@@ -143,7 +143,10 @@ impl StreamState {
         for f in self.last.windows.iter().chain(&self.last.dedup) {
             if !keep.contains(f.path.as_str()) {
                 let path = log.table().path(&f.path);
-                if let Err(e) = log.table().store.delete(&path).await {
+                let deleted = log
+                    .fenced(async { log.table().store.delete(&path).await.map_err(EngineError::store("deleting a state file")) })
+                    .await;
+                if let Err(e) = deleted {
                     tracing::debug!(path = %path, error = %e, "state file not deleted; the next start sweeps it");
                 }
             }
@@ -215,10 +218,14 @@ impl StreamState {
         let mut n = 0;
         for meta in listed {
             if !keep.contains(&meta.location) {
-                match log.table().store.delete(&meta.location).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
-                    Err(e) => return Err(EngineError::store(format!("deleting {}", meta.location))(e)),
-                }
+                log.fenced(async {
+                    match log.table().store.delete(&meta.location).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(EngineError::store(format!("deleting {}", meta.location))(e)),
+                    }
+                })
+                .await?;
+                n += 1;
             }
         }
         Ok(n)

@@ -7,7 +7,16 @@
 //!
 //! A checkpoint is an optimisation: it is written after its epoch's commit, whole (create, then
 //! an atomic rename by the store), and a missing or unreadable one only means reading more
-//! entries. Entries are never deleted because of it.
+//! entries. Entries are never deleted because of it (only `vacuum`'s log retention deletes
+//! entries, and only ones a newer checkpoint folds).
+//!
+//! Finding the newest checkpoint costs O(1) reads, not a LIST of every checkpoint: the writer of
+//! a checkpoint then writes the hint `_sluice/_last_checkpoint` (`{"epoch": N}`, as Delta's
+//! `_last_checkpoint`). The hint is only a place to start: a reader lists the checkpoints after
+//! it (a stale hint, from a slower writer, costs the few listed after it) and the entries after
+//! the newest valid checkpoint (`list_with_offset`, S3's `start-after`), so a snapshot reads
+//! O(entries since the newest checkpoint) objects whatever the table's age. A missing, damaged
+//! or dangling hint falls back to listing every checkpoint.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -161,17 +170,77 @@ fn checkpoint_dir(log: &CommitLog) -> object_store::path::Path {
     log.table().path("_sluice/checkpoints")
 }
 
+/// The table-relative path of the newest-checkpoint hint.
+pub const LAST_CHECKPOINT: &str = "_sluice/_last_checkpoint";
+
+/// The hint's content.
+#[derive(Debug, Serialize, Deserialize)]
+struct LastCheckpoint {
+    epoch: u64,
+}
+
 impl CommitLog {
     /// The newest checkpoint and the entries after it.
     pub async fn snapshot(&self) -> Result<Snapshot> {
+        // An entry that vanishes between the listing and its read was deleted by log retention
+        // after a newer checkpoint folded it (this reader listed before that checkpoint was
+        // written): a second look starts from that checkpoint.
+        let mut attempts = 0;
+        loop {
+            match self.snapshot_once().await {
+                Err(EngineError::Store {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) if attempts < 2 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn snapshot_once(&self) -> Result<Snapshot> {
+        let hint = self.last_checkpoint_hint().await?;
+        let mut checkpoint = None;
+        if let Some(hint) = hint {
+            checkpoint = self.newest_checkpoint(Some(hint)).await?;
+        }
+        if checkpoint.is_none() {
+            checkpoint = self.newest_checkpoint(None).await?;
+        }
+        let checkpoint = checkpoint.unwrap_or_default();
+        let mut after = Vec::new();
+        for epoch in self.epochs_after(checkpoint.epoch).await? {
+            after.push(self.read(epoch).await?);
+        }
+        Ok(Snapshot { checkpoint, after })
+    }
+
+    /// The hint's epoch; `None` when there is none or it is not a valid hint.
+    async fn last_checkpoint_hint(&self) -> Result<Option<u64>> {
+        let path = self.table().path(LAST_CHECKPOINT);
+        let bytes = self
+            .retry()
+            .run("reading the checkpoint hint", || self.table().get_if_exists(&path))
+            .await?;
+        Ok(bytes
+            .and_then(|b| serde_json::from_slice::<LastCheckpoint>(&b).ok())
+            .map(|h| h.epoch)
+            .filter(|e| *e > 0))
+    }
+
+    /// The newest valid checkpoint among those from `hint` on (every one when `None`).
+    async fn newest_checkpoint(&self, hint: Option<u64>) -> Result<Option<Checkpoint>> {
         let table = self.table();
         let dir = checkpoint_dir(self);
         let metas: Vec<_> = self
             .retry()
             .run("listing checkpoints", || async {
-                table
-                    .store
-                    .list(Some(&dir))
+                let listed = match hint {
+                    Some(h) => table
+                        .store
+                        .list_with_offset(Some(&dir), &dir.clone().join(format!("{h:020}.json"))),
+                    None => table.store.list(Some(&dir)),
+                };
+                listed
                     .try_collect::<Vec<_>>()
                     .await
                     .map_err(EngineError::store("listing checkpoints"))
@@ -180,21 +249,17 @@ impl CommitLog {
         let mut points: Vec<u64> = metas
             .iter()
             .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .chain(hint)
             .collect();
         points.sort_unstable();
-        let mut checkpoint = Checkpoint::default();
+        points.dedup();
         for epoch in points.iter().rev() {
             // A checkpoint that is not valid is skipped: the entries are the truth.
             if let Some(cp) = self.read_checkpoint(*epoch).await? {
-                checkpoint = cp;
-                break;
+                return Ok(Some(cp));
             }
         }
-        let mut after = Vec::new();
-        for epoch in self.epochs().await?.into_iter().filter(|e| *e > checkpoint.epoch) {
-            after.push(self.read(epoch).await?);
-        }
-        Ok(Snapshot { checkpoint, after })
+        Ok(None)
     }
 
     /// The checkpoint of `epoch`; `None` when it is gone or not a valid checkpoint.
@@ -222,17 +287,27 @@ impl CommitLog {
         cp.epoch = epoch;
         let body = serde_json::to_vec(&cp).map_err(|e| EngineError::Internal(format!("encoding a checkpoint: {e}")))?;
         let path = checkpoint_dir(self).join(format!("{epoch:020}.json"));
+        self.put("writing a checkpoint", &path, body).await?;
+        // The hint goes after the checkpoint it names exists.
+        let hint = serde_json::to_vec(&LastCheckpoint { epoch })
+            .map_err(|e| EngineError::Internal(format!("encoding the checkpoint hint: {e}")))?;
+        self.put("writing the checkpoint hint", &self.table().path(LAST_CHECKPOINT), hint)
+            .await
+    }
+
+    /// Writes `body` to `path` whole (the store's put is atomic), retrying.
+    async fn put(&self, what: &str, path: &object_store::path::Path, body: Vec<u8>) -> Result<()> {
         let payload = PutPayload::from(body);
         self.retry()
-            .run("writing a checkpoint", || async {
+            .run(what, || async {
                 self.table()
                     .store
-                    .put(&path, payload.clone())
+                    .put(path, payload.clone())
                     .await
+                    .map(|_| ())
                     .map_err(EngineError::store(format!("writing {path}")))
             })
-            .await?;
-        Ok(())
+            .await
     }
 }
 
@@ -255,11 +330,24 @@ mod tests {
     use crate::log::commit::live_files;
     use crate::store::TableStore;
 
-    /// An in-memory store that counts reads of commit entries.
+    /// An in-memory store that counts reads of commit entries, every read, and every object
+    /// a LIST returns.
     #[derive(Debug, Default)]
     struct Counting {
         inner: InMemory,
         entry_reads: AtomicU64,
+        gets: AtomicU64,
+        listed: Arc<AtomicU64>,
+    }
+
+    impl Counting {
+        /// Reads and listed objects since the last call, and resets both.
+        fn take(&self) -> (u64, u64) {
+            (
+                self.gets.swap(0, Ordering::Relaxed),
+                self.listed.swap(0, Ordering::Relaxed),
+            )
+        }
     }
 
     impl std::fmt::Display for Counting {
@@ -289,6 +377,7 @@ mod tests {
             if location.as_ref().starts_with("_sluice/log/") {
                 self.entry_reads.fetch_add(1, Ordering::Relaxed);
             }
+            self.gets.fetch_add(1, Ordering::Relaxed);
             self.inner.get_opts(location, options).await
         }
         async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
@@ -301,7 +390,21 @@ mod tests {
             self.inner.delete_stream(locations)
         }
         fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-            self.inner.list(prefix)
+            let listed = self.listed.clone();
+            Box::pin(self.inner.list(prefix).inspect_ok(move |_| {
+                listed.fetch_add(1, Ordering::Relaxed);
+            }))
+        }
+        fn list_with_offset(
+            &self,
+            prefix: Option<&Path>,
+            offset: &Path,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            // What S3's start-after returns: only the keys after the offset are counted.
+            let listed = self.listed.clone();
+            Box::pin(self.inner.list_with_offset(prefix, offset).inspect_ok(move |_| {
+                listed.fetch_add(1, Ordering::Relaxed);
+            }))
         }
         async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
             self.inner.list_with_delimiter(prefix).await
@@ -394,5 +497,102 @@ mod tests {
         assert!(again.checkpoint.epoch < newest, "the old-format checkpoint was read");
         assert_eq!(store.entry_reads.load(Ordering::Relaxed), 1050 - again.checkpoint.epoch);
         assert_eq!(again.folded().index, snap.folded().index);
+    }
+
+    /// A year's log: 100,000 commits (one a few minutes, a compaction every 1,000) and 1,000
+    /// checkpoints, written by a generator that puts real entries and a real folded checkpoint.
+    /// A snapshot, a recovery and the committed file list each read about 100 objects (the
+    /// hint, the newest checkpoint, the entries after it) and list only those entries — not
+    /// 100,000 entries and 1,000 checkpoints; a stale, dangling or missing hint costs more
+    /// reads but never a wrong answer.
+    #[tokio::test]
+    async fn a_year_of_commits_is_read_in_about_a_hundred_objects() {
+        const COMMITS: u64 = 100_000;
+        const NEWEST_CHECKPOINT: u64 = 99_900;
+        let store = Arc::new(Counting::default());
+        let table = TableStore::from_store(store.clone(), Path::default(), "memory://t");
+        let log = CommitLog::new(table.clone(), "p");
+        let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let mut entries = Vec::new();
+        for epoch in 1..=COMMITS {
+            let mut e = if epoch % 1000 == 0 {
+                let gone: Vec<String> = (epoch - 999..epoch).map(|x| format!("d/f-{x}.parquet")).collect();
+                entry(epoch, "maintenance", &[format!("d/m-{epoch}.parquet")], &gone)
+            } else {
+                entry(epoch, "p", &[format!("d/f-{epoch}.parquet")], &[])
+            };
+            e.committed_at = (start + chrono::Duration::seconds(315 * epoch as i64)).to_rfc3339();
+            let path = log.table().log_dir().join(format!("{epoch:020}.json"));
+            store.put(&path, serde_json::to_vec(&e).unwrap().into()).await.unwrap();
+            entries.push(e);
+        }
+        // Older checkpoints as objects a full listing would return (their content is never
+        // read when the hint is good), then the newest, folded from the entries.
+        for epoch in (100..NEWEST_CHECKPOINT).step_by(100) {
+            let path = checkpoint_dir(&log).join(format!("{epoch:020}.json"));
+            store.put(&path, b"{}".to_vec().into()).await.unwrap();
+        }
+        let mut cp = Checkpoint::default();
+        cp.fold(&entries[..NEWEST_CHECKPOINT as usize]);
+        cp.version = CHECKPOINT_VERSION;
+        let path = checkpoint_dir(&log).join(format!("{NEWEST_CHECKPOINT:020}.json"));
+        store.put(&path, serde_json::to_vec(&cp).unwrap().into()).await.unwrap();
+        let hint = table.path(LAST_CHECKPOINT);
+        store
+            .put(&hint, serde_json::to_vec(&LastCheckpoint { epoch: NEWEST_CHECKPOINT }).unwrap().into())
+            .await
+            .unwrap();
+        let expected = live_files(&entries);
+        let tail = COMMITS - NEWEST_CHECKPOINT;
+        // Recovery checks that the writer's newest commit's files are in place.
+        store
+            .put(&Path::from(format!("d/f-{}.parquet", COMMITS - 1)), b"x".to_vec().into())
+            .await
+            .unwrap();
+
+        store.take();
+        let snap = log.snapshot().await.unwrap();
+        let (gets, listed) = store.take();
+        assert_eq!(snap.checkpoint.epoch, NEWEST_CHECKPOINT);
+        assert_eq!(snap.newest_epoch(), COMMITS);
+        assert_eq!(gets, 2 + tail, "the hint, the checkpoint and the entries after it");
+        assert_eq!(listed, tail, "only the entries after the checkpoint are listed");
+        assert!(gets + listed < 210, "{gets} reads and {listed} listed");
+
+        let rec = CommitLog::new(table.clone(), "p").recover().await.unwrap();
+        let (gets, listed) = store.take();
+        assert_eq!(rec.next_epoch(), COMMITS + 1);
+        assert_eq!(rec.last.map(|e| e.epoch), Some(COMMITS - 1), "p's newest (the last is a compaction)");
+        assert!(gets < 2 * tail + 10 && listed < tail + 10, "recovery: {gets} reads, {listed} listed");
+
+        let (files, _) = log.committed_files().await.unwrap();
+        let (gets, listed) = store.take();
+        assert_eq!(files, expected, "the checkpoint and the tail fold what every entry says");
+        assert!(gets + listed < 210, "committed files: {gets} reads, {listed} listed");
+        let recent = log.recent_entries(10).await.unwrap();
+        assert_eq!(recent.iter().map(|e| e.epoch).collect::<Vec<_>>(), (COMMITS - 9..=COMMITS).collect::<Vec<_>>());
+
+        // A stale hint (a slower writer's): the checkpoints after it are listed, the newest wins.
+        store
+            .put(&hint, serde_json::to_vec(&LastCheckpoint { epoch: 99_000 }).unwrap().into())
+            .await
+            .unwrap();
+        store.take();
+        let stale = log.snapshot().await.unwrap();
+        let (_, listed) = store.take();
+        assert_eq!(stale.checkpoint.epoch, NEWEST_CHECKPOINT);
+        assert!(listed < tail + 20, "a stale hint lists the few checkpoints after it: {listed}");
+
+        // A dangling hint (its checkpoint is not valid) and a damaged one: every checkpoint is
+        // listed, the answer is the same.
+        for bad in [serde_json::to_vec(&LastCheckpoint { epoch: 500 }).unwrap(), b"not json".to_vec()] {
+            store.put(&hint, bad.into()).await.unwrap();
+            store.take();
+            let again = log.snapshot().await.unwrap();
+            let (_, listed) = store.take();
+            assert_eq!(again.checkpoint.epoch, NEWEST_CHECKPOINT);
+            assert_eq!(again.folded().files, snap.folded().files);
+            assert!(listed >= NEWEST_CHECKPOINT / 100, "fell back to listing every checkpoint");
+        }
     }
 }

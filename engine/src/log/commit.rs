@@ -503,29 +503,67 @@ impl CommitLog {
         self.table.path(&format!("_sluice/staging/{}/{target}", self.writer))
     }
 
-    /// The epochs present in the log, ascending.
+    /// Every epoch in the log, in order (a LIST of the whole log: readers of the table's
+    /// state use [`CommitLog::snapshot`], which lists only the entries after the newest
+    /// checkpoint).
     pub async fn epochs(&self) -> Result<Vec<u64>> {
+        self.epochs_after(0).await
+    }
+
+    /// The epochs after `after`, in order: the store lists from `after`'s entry on (S3's
+    /// `start-after`), so the cost is the count of newer entries, not the log's length.
+    pub async fn epochs_after(&self, after: u64) -> Result<Vec<u64>> {
         let log_dir = self.table.log_dir();
+        let offset = self.entry_path(after);
         let metas: Vec<_> = self
             .retry
             .run("listing the commit log", || async {
-                self.table
-                    .store
-                    .list(Some(&log_dir))
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(EngineError::store(format!(
-                        "listing the commit log of {}",
-                        self.table.location
-                    )))
+                let listed = if after == 0 {
+                    self.table.store.list(Some(&log_dir))
+                } else {
+                    self.table.store.list_with_offset(Some(&log_dir), &offset)
+                };
+                listed.try_collect::<Vec<_>>().await.map_err(EngineError::store(format!(
+                    "listing the commit log of {}",
+                    self.table.location
+                )))
             })
             .await?;
         let mut epochs: Vec<u64> = metas
             .iter()
             .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .filter(|e| *e > after)
             .collect();
         epochs.sort_unstable();
         Ok(epochs)
+    }
+
+    /// The bytes of `path`, a file live in the snapshot of epoch `as_of`, even when a commit
+    /// after it (a compaction, a repair) has moved it to `_sluice/removed/<epoch>/` meanwhile:
+    /// the entries after `as_of` say which commit removed it. `None` when the file is gone for
+    /// good (vacuum deleted it past its retention, or it was lost).
+    pub async fn read_as_of(&self, path: &str, as_of: u64) -> Result<Option<bytes::Bytes>> {
+        if let Some(bytes) = self.table.get_if_exists(&self.table.path(path)).await? {
+            return Ok(Some(bytes));
+        }
+        for epoch in self.epochs_after(as_of).await? {
+            if self.read(epoch).await?.remove.iter().any(|r| r == path) {
+                let moved = self.table.path(&removed_path(epoch, path));
+                return self.table.get_if_exists(&moved).await;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The newest `n` entries (fewer when the log is shorter), oldest first: a snapshot and
+    /// a LIST from `n` before its newest epoch.
+    pub async fn recent_entries(&self, n: usize) -> Result<Vec<CommitEntry>> {
+        let newest = self.snapshot().await?.newest_epoch();
+        let mut out = Vec::new();
+        for epoch in self.epochs_after(newest.saturating_sub(n as u64)).await? {
+            out.push(self.read(epoch).await?);
+        }
+        Ok(out)
     }
 
     /// Reads the entry of `epoch`.
@@ -569,17 +607,17 @@ impl CommitLog {
     pub async fn entries(&self) -> Result<Vec<CommitEntry>> {
         let mut out = Vec::new();
         for e in self.epochs().await? {
-            out.push(self.read(e).await?);
+            match self.read(e).await {
+                Ok(entry) => out.push(entry),
+                // Deleted by vacuum's log retention since the listing.
+                Err(EngineError::Store {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
-    }
-
-    /// The newest entry of any writer, if any.
-    pub async fn latest(&self) -> Result<Option<CommitEntry>> {
-        match self.epochs().await?.last() {
-            Some(e) => Ok(Some(self.read(*e).await?)),
-            None => Ok(None),
-        }
     }
 
     /// The files of the committed table: added and not removed, in commit order (read from
@@ -628,11 +666,13 @@ impl CommitLog {
             .await?;
         for meta in staged {
             self.retry
-                .run("removing an orphan", || async {
-                    match self.table.store.delete(&meta.location).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                        Err(e) => Err(EngineError::store(format!("removing orphan {}", meta.location))(e)),
-                    }
+                .run("removing an orphan", || {
+                    self.fenced(async {
+                        match self.table.store.delete(&meta.location).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                            Err(e) => Err(EngineError::store(format!("removing orphan {}", meta.location))(e)),
+                        }
+                    })
                 })
                 .await?;
             rec.orphans_removed += 1;
@@ -680,15 +720,10 @@ impl CommitLog {
     /// (dropped: no further attempt) once the fence expires; a renewal meanwhile lets it go on.
     /// A process that takes the lease over waits one more TTL before its recovery, so a write
     /// sent in time has landed or been abandoned by then (`store::lease`).
-    async fn fenced<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
-        let mut write = std::pin::pin!(write);
-        loop {
-            let Some(fence) = &self.fence else { return write.await };
-            fence.check(&self.writer)?;
-            let Some(left) = fence.remaining() else { return write.await };
-            if let Ok(r) = tokio::time::timeout(left, &mut write).await {
-                return r;
-            }
+    pub(crate) async fn fenced<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
+        match &self.fence {
+            Some(fence) => fence.guard(&self.writer, write).await,
+            None => write.await,
         }
     }
 
@@ -701,22 +736,8 @@ impl CommitLog {
             let to = self.table.path(target);
             let did = self
                 .retry
-                .run("moving a committed file into place", || async {
-                    match self.table.store.rename(&from, &to).await {
-                        Ok(()) => Ok(true),
-                        Err(object_store::Error::NotFound { .. }) => match self.table.store.head(&to).await {
-                            // Moved by an earlier attempt of this same commit.
-                            Ok(_) => Ok(false),
-                            Err(object_store::Error::NotFound { .. }) => Err(EngineError::CommitLog {
-                                path: self.entry_path(entry.epoch).to_string(),
-                                message: format!(
-                                    "file {target} is committed but neither it nor its staged copy exists"
-                                ),
-                            }),
-                            Err(e) => Err(EngineError::store(format!("checking {to}"))(e)),
-                        },
-                        Err(e) => Err(EngineError::store(format!("moving {from} to {to}"))(e)),
-                    }
+                .run("moving a committed file into place", || {
+                    self.fenced(self.move_one(entry, target, &from, &to))
                 })
                 .await?;
             if did {
@@ -728,16 +749,35 @@ impl CommitLog {
             let from = self.table.path(path);
             let to = self.table.path(&removed_path(entry.epoch, path));
             self.retry
-                .run("moving a removed file out", || async {
-                    match self.table.store.rename(&from, &to).await {
-                        // Gone already: moved by an earlier attempt, or lost (a repair's reason).
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                        Err(e) => Err(EngineError::store(format!("moving {from} to {to}"))(e)),
-                    }
+                .run("moving a removed file out", || {
+                    self.fenced(async {
+                        match self.table.store.rename(&from, &to).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                            Err(e) => Err(EngineError::store(format!("moving {from} to {to}"))(e)),
+                        }
+                    })
                 })
                 .await?;
         }
         Ok(moved)
+    }
+
+    /// Moves one committed file from staging into place: `true` when moved, `false` when it
+    /// already was.
+    async fn move_one(&self, entry: &CommitEntry, target: &str, from: &Path, to: &Path) -> Result<bool> {
+        match self.table.store.rename(from, to).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => match self.table.store.head(to).await {
+                // Moved by an earlier attempt of this same commit.
+                Ok(_) => Ok(false),
+                Err(object_store::Error::NotFound { .. }) => Err(EngineError::CommitLog {
+                    path: self.entry_path(entry.epoch).to_string(),
+                    message: format!("file {target} is committed but neither it nor its staged copy exists"),
+                }),
+                Err(e) => Err(EngineError::store(format!("checking {to}"))(e)),
+            },
+            Err(e) => Err(EngineError::store(format!("moving {from} to {to}"))(e)),
+        }
     }
 
     /// Commits `entry`: creates its log file with create-if-absent, then moves its staged files
@@ -933,6 +973,14 @@ mod tests {
                 .join("_sluice/removed/00000000000000000002/a/f.parquet")
                 .exists()
         );
+        // A reader whose snapshot (epoch 1) still names the file reads it from where the
+        // compaction moved it; a file no commit removed and that is gone is `None`.
+        assert_eq!(
+            log.read_as_of("a/f.parquet", 1).await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(log.read_as_of("a/g.parquet", 1).await.unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(log.read_as_of("a/lost.parquet", 1).await.unwrap(), None);
         let rec = log.recover().await.unwrap();
         assert_eq!(rec.moves_completed, 0);
         assert!(!dir.path().join("a/f.parquet").exists());

@@ -42,6 +42,9 @@ pub enum PipelineState {
     /// Recovering its table and starting its source.
     #[default]
     Starting,
+    /// Waiting for its writer lease on the sink (after a kill -9 on an object store, until the
+    /// dead holder's lease expires).
+    WaitingForLease,
     /// Taking input and committing.
     Running,
     /// A commit failed; retrying with back-off.
@@ -98,6 +101,12 @@ pub struct PipelineStatus {
     pub late_rows: u64,
     /// Repeats dropped by dedup since start.
     pub duplicates_dropped: u64,
+    /// Seconds it has waited for its writer lease, while `state` is `waiting_for_lease`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for_lease_secs: Option<u64>,
+    /// Since when it waits for its lease.
+    #[serde(skip)]
+    pub waiting_since: Option<Instant>,
 }
 
 /// Shared, updatable status of one pipeline.

@@ -49,7 +49,33 @@ pub fn router(state: ApiState) -> Router {
 
 async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     if !s.ready.load(Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_string());
+        // Which pipelines are not up yet, and why (a lease held by a process that died waits
+        // until it expires).
+        let waiting: Vec<String> = s
+            .statuses
+            .iter()
+            .filter_map(|h| {
+                let st = h.lock().unwrap_or_else(|p| p.into_inner());
+                match st.state {
+                    PipelineState::WaitingForLease => Some(format!(
+                        "{} (waiting for its lease for {} s)",
+                        st.name,
+                        st.waiting_since.map_or(0, |t| t.elapsed().as_secs())
+                    )),
+                    PipelineState::Running => None,
+                    PipelineState::Failed => Some(format!(
+                        "{} (failed: {})",
+                        st.name,
+                        st.last_error.as_deref().unwrap_or("unknown error")
+                    )),
+                    _ => Some(format!("{} (starting)", st.name)),
+                }
+            })
+            .collect();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("starting: {}", waiting.join(", ")),
+        );
     }
     // Not ready while any pipeline is failed or does not take input (its source stopped, its
     // catch-up failed, it stopped outside a shutdown).
@@ -90,6 +116,7 @@ async fn pipelines(State(s): State<ApiState>) -> Json<Vec<PipelineStatus>> {
             .map(|(h, health)| {
                 let mut st = h.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 st.intake_error = health.failed();
+                st.waiting_for_lease_secs = st.waiting_since.map(|t| t.elapsed().as_secs());
                 st
             })
             .collect(),

@@ -28,6 +28,13 @@ pub trait SourceFactory: Send + Sync {
     fn routes(&self) -> Option<axum::Router> {
         None
     }
+
+    /// True when several servers may read the source together, each a writer of its own
+    /// (`sluice run --instance`: Kafka consumer groups split the partitions). A source one
+    /// server owns (HTTP, a directory) keeps its position under the pipeline's own name.
+    fn shared_by_instances(&self) -> bool {
+        false
+    }
 }
 
 /// Makes sinks of one connector.

@@ -1,6 +1,9 @@
-//! The micro-batch server: compiles pipeline files, recovers each pipeline's sink, starts its
-//! source and batch loop, and serves the HTTP listener (management endpoints plus connector
-//! routes). Shutdown stops intake, lets every pipeline flush and commit, then returns.
+//! The micro-batch server: compiles pipeline files, binds the HTTP listener (management
+//! endpoints plus connector routes) at once, then brings every pipeline up concurrently — take
+//! its writer lease, recover its sink, start its source and batch loop. `/healthz` answers from
+//! the bind; `/readyz` answers 503 naming each pipeline not up yet (waiting for its lease, and
+//! for how long) until [`Server::ready`]. Shutdown stops intake, lets every pipeline flush and
+//! commit, then returns.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use datafusion::prelude::SessionContext;
 use sluice_sql::{PipelineText, Program};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::budget::{Budget, BufferPolicy, DEFAULT_SERVER_BUDGET, ServerBudget};
@@ -78,6 +81,9 @@ pub struct Server {
     shutdown: Arc<watch::Sender<bool>>,
     tasks: JoinSet<(String, Result<()>)>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// One per pipeline: resolved once it is up (or failed to come up).
+    up: Vec<oneshot::Receiver<Result<()>>>,
+    ready: Arc<AtomicBool>,
 }
 
 /// Asks a running server to stop (cloneable, for signal handlers).
@@ -100,6 +106,24 @@ impl Server {
     /// A handle that stops the server.
     pub fn shutdown_trigger(&self) -> ShutdownTrigger {
         ShutdownTrigger(self.shutdown.clone())
+    }
+
+    /// Waits until every pipeline is up (its lease taken, its sink recovered, its source
+    /// taking input); `/readyz` then answers 200. The first pipeline that failed to come up
+    /// is the error (the server should then be stopped). Returns early, `Ok`, when the server
+    /// is stopping.
+    pub async fn ready(&mut self) -> Result<()> {
+        for up in std::mem::take(&mut self.up) {
+            match up.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                // The pipeline stopped before it was up: the server is stopping.
+                Err(_) => return Ok(()),
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(addr = %self.addr, pipelines = self.tasks.len(), "sluice is running");
+        Ok(())
     }
 
     /// Waits until every pipeline has drained and the listener has closed. Returns the first
@@ -133,9 +157,9 @@ impl Server {
     }
 }
 
-/// Compiles `files`, recovers and starts every pipeline, and serves HTTP.
+/// Compiles `files`, binds the listener and serves HTTP, and brings every pipeline up in the
+/// background (await [`Server::ready`]).
 pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerConfig) -> Result<Server> {
-    let listen = config.listen;
     let server_budget = ServerBudget::new(config.max_buffer_bytes);
     let metrics = telemetry::prometheus();
     let (ctx, program) = compile(files, registry).await?;
@@ -145,210 +169,68 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
             Some("add an INSERT INTO <sink> SELECT ... FROM <source> statement".to_string()),
         ));
     }
+    let program = Arc::new(program);
+    let prepared = program
+        .pipelines
+        .iter()
+        .map(|def| prepare(&program, def, registry, &config, &server_budget))
+        .collect::<Result<Vec<_>>>()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown = Arc::new(shutdown_tx);
     let ready = Arc::new(AtomicBool::new(false));
-    let mut statuses: Vec<StatusHandle> = Vec::new();
-    let mut healths: Vec<Health> = Vec::new();
+    let (addr, http) = serve(
+        registry,
+        &config,
+        ApiState {
+            statuses: Arc::new(prepared.iter().map(|p| p.status.clone()).collect()),
+            healths: Arc::new(prepared.iter().map(|p| p.health.clone()).collect()),
+            stopping: shutdown_rx.clone(),
+            ready: ready.clone(),
+            metrics,
+            auth: config.auth.clone(),
+        },
+        shutdown_rx.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, pipelines = prepared.len(), "listening; bringing pipelines up");
     let mut tasks = JoinSet::new();
-    let mut started = Vec::new();
-
-    for def in &program.pipelines {
-        let (source_def, sink_def) = match (program.sources.get(&def.source), program.sinks.get(&def.name)) {
-            (Some(a), Some(b)) => (a, b),
-            _ => {
-                return Err(EngineError::Internal(format!(
-                    "pipeline {} lost its source or sink",
-                    def.name
-                )));
-            }
-        };
-        let status: StatusHandle = Arc::new(std::sync::Mutex::new(PipelineStatus {
-            name: def.name.clone(),
-            source: def.source.clone(),
-            sink_location: sink_def.location.clone(),
-            ..Default::default()
-        }));
-        statuses.push(status.clone());
-
-        let sink_factory = registry
-            .sink(&sink_def.connector)
-            .ok_or_else(|| EngineError::Internal(format!("no sink factory for {}", sink_def.connector)))?;
-        let source_factory = registry
-            .source(&source_def.connector)
-            .ok_or_else(|| EngineError::Internal(format!("no source factory for {}", source_def.connector)))?;
-        let sink = sink_factory.create(sink_def)?;
-        // One writer per pipeline instance and sink, checked before recovery touches anything.
-        let writer = writer_name(&def.name, config.instance.as_deref());
-        let lease = WriterLease::acquire(sink.table(), &writer).await?;
-        let log = CommitLog::new(sink.table().clone(), &writer).with_fence(lease.fence());
-        let recovered = log.recover().await?;
-        // A repair killed after its entry was written: its files move into place before the
-        // stream goes on (plain readers would see both versions of a partition meanwhile).
-        crate::batch::reconcile::finish_interrupted_maintenance(sink.table()).await?;
-        if recovered.orphans_removed + recovered.moves_completed > 0 {
-            tracing::info!(pipeline = %def.name, orphans = recovered.orphans_removed, finished = recovered.moves_completed, "recovered sink table");
-        }
-        let positions = recovered.last.as_ref().map(|e| e.sources.clone()).unwrap_or_default();
-        if let Some(last) = &recovered.last {
-            update(&status, |s| {
-                s.last_epoch = Some(last.epoch);
-                s.last_commit_at = Some(last.committed_at.clone());
-            });
-        }
-        // A windowed pipeline runs its part below the aggregate per micro-batch.
-        let plan = match &def.window {
-            Some(w) => BatchPlan::bind(&ctx, &w.input, &def.source, source_def.schema.clone())?,
-            None => BatchPlan::new(&ctx, def, source_def.schema.clone())?,
-        };
-        let windowed = match &def.window {
-            Some(w) => Some(Windowed {
-                def: w.clone(),
-                output: BatchPlan::bind(&ctx, &w.output, sluice_sql::WINDOW_TABLE, w.emitted.clone())?,
-            }),
-            None => None,
-        };
-        let state = match &source_def.event_time {
-            Some(et) => {
-                let event_time = EventTime::new(et.clone(), &source_def.schema)?;
-                let mut st = StreamState::new(event_time, None);
-                let last = recovered.last.as_ref().and_then(|e| e.state.as_ref());
-                st.restore(&log, last, || windowed.as_ref().map(|w| w.state()).transpose())
-                    .await?;
-                // Best effort: what a crash left is only garbage, swept again at the next start.
-                let swept = st.sweep(&log).await.unwrap_or_else(|e| {
-                    tracing::warn!(pipeline = %def.name, error = %e, "state files not swept");
-                    0
-                });
-                if let Some(s) = last {
-                    update(&status, |status| {
-                        status.watermark = s.watermark.clone();
-                        status.state_bytes = s.state_bytes;
-                        status.open_windows = s.windows.len() as u64;
-                    });
-                }
-                tracing::info!(pipeline = %def.name, watermark = ?last.and_then(|s| s.watermark.clone()), swept, "event-time state restored");
-                Some(st)
-            }
-            None => None,
-        };
-        let policy = BatchPolicy::from_options(&source_def.options)
-            .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        let schema = TableSchema::of(&sink.stored_schema(), &sink_def.partition_by);
-        let buffer = BufferPolicy::from_options(&source_def.options)
-            .map_err(|e| EngineError::config(e.message, None::<String>))?;
-        let budget = Budget::new(&def.name, buffer, server_budget.clone());
-        let (committed_tx, committed_rx) = watch::channel(positions.get(&def.source).cloned());
-        let (tx, rx) = mpsc::channel(CHUNK_CHANNEL_CAPACITY);
-        let health = Health::default();
-        healths.push(health.clone());
-        let source = source_factory.create(source_def, &def.name)?;
-        source.check_start(&def.name, positions.get(&def.source))?;
-        let lag = status.lock().map(|s| s.source_lag.clone()).unwrap_or_default();
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        started.push(started_rx);
-        let sctx = SourceContext {
-            pipeline: def.name.clone(),
-            source: def.source.clone(),
-            start: positions.get(&def.source).cloned(),
-            tx,
-            shutdown: shutdown_rx.clone(),
-            started: Some(started_tx),
-            budget: budget.clone(),
-            committed: committed_rx,
-            health: health.clone(),
-            log_positions: crate::source::LogPositions::new(log.clone(), &def.source),
-            lag,
-        };
-        let source_status = status.clone();
-        let source_name = def.name.clone();
-        let source_health = health.clone();
-        let source_task = tokio::spawn(async move {
-            let result = source.run(sctx).await;
-            if let Err(e) = &result {
-                tracing::error!(pipeline = %source_name, error = %e, "source stopped with an error");
-                source_health.fail(format!("the source stopped: {e}"));
-                update(&source_status, |s| {
-                    s.state = PipelineState::Failed;
-                    s.last_error = Some(e.to_string());
-                });
-            }
-            result
-        });
-        let mut quality =
-            crate::quality::Quality::new(&ctx, &program.expectations, &def.source, &def.name, &sink_def.options)
-                .await?;
-        if quality.profile {
-            // The drift baselines and open anomaly episodes, from the newest commits.
-            let epochs = log.epochs().await?;
-            let mut recent = Vec::new();
-            for &epoch in epochs
-                .iter()
-                .rev()
-                .take(crate::quality::drift::MAX_BASELINE_BATCHES)
-                .rev()
-            {
-                let entry = log.read(epoch).await?;
-                if entry.pipeline == def.name {
-                    recent.push(entry);
-                }
-            }
-            quality.drift.restore(&recent);
-        }
-        let task = PipelineTask {
-            name: def.name.clone(),
-            source: def.source.clone(),
-            plan,
-            sink,
-            log,
+    let mut up = Vec::new();
+    for p in prepared {
+        let (up_tx, up_rx) = oneshot::channel();
+        up.push(up_rx);
+        let shared = Shared {
+            ctx: ctx.clone(),
+            program: program.clone(),
             instance: config.instance.clone(),
-            policy,
-            next_epoch: recovered.next_epoch(),
-            positions,
-            schema,
-            status,
-            budget,
-            committed: committed_tx,
             shutdown: shutdown_rx.clone(),
-            retry: crate::retry::RetryPolicy::default(),
-            health,
-            quality,
-            archive: crate::batch::archive::enabled(&sink_def.options)?,
-            state,
-            windowed,
         };
-        let name = def.name.clone();
-        // A pipeline whose source failed ends with the source's error (the pipeline itself
-        // commits what it had first), so the server never exits 0 after a source error.
-        tasks.spawn(async move {
-            let result = match task.run(rx).await {
-                Ok(()) => match source_task.await {
-                    Ok(r) => r,
-                    Err(e) => Err(EngineError::Internal(format!("source task panicked: {e}"))),
-                },
-                Err(e) => Err(e),
-            };
-            // The pipeline writes no more: its lease goes now (on an object store, before
-            // the process exits, so a restart need not wait it out).
-            lease.release().await;
-            (name, result)
-        });
+        tasks.spawn(launch(p, shared, up_tx));
     }
+    Ok(Server {
+        addr,
+        shutdown,
+        tasks,
+        http,
+        up,
+        ready,
+    })
+}
 
-    let mut app = api::router(ApiState {
-        statuses: Arc::new(statuses),
-        healths: Arc::new(healths),
-        stopping: shutdown_rx.clone(),
-        ready: ready.clone(),
-        metrics,
-        auth: config.auth.clone(),
-    });
+/// Binds the listener and serves the management endpoints and the connectors' routes.
+async fn serve(
+    registry: &Registry,
+    config: &ServerConfig,
+    api: ApiState,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let mut app = api::router(api);
     for f in registry.sources() {
         if let Some(r) = f.routes() {
             app = app.merge(r);
         }
     }
     let app = app.layer(axum::Extension(config.auth.clone()));
+    let listen = config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(EngineError::io(format!("binding {listen}")))?;
@@ -360,18 +242,341 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
         app,
         config.limits.clone(),
         config.tls.clone(),
-        shutdown_rx.clone(),
-    ));
-    for s in started {
-        // A source that failed to start drops its sender; its error is in the pipeline status.
-        let _ = s.await;
-    }
-    ready.store(true, Ordering::Release);
-    tracing::info!(%addr, pipelines = program.pipelines.len(), "sluice is running");
-    Ok(Server {
-        addr,
         shutdown,
-        tasks,
-        http,
+    ));
+    Ok((addr, http))
+}
+
+/// What every pipeline's bring-up shares.
+#[derive(Clone)]
+struct Shared {
+    ctx: SessionContext,
+    program: Arc<Program>,
+    instance: Option<String>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A pipeline checked and built before the listener binds (no I/O on its sink): a bad
+/// definition, a source that cannot be shared under `--instance`, or an ingest log another
+/// process holds stops the server before it serves anything.
+struct Prepared {
+    def: sluice_sql::PipelineDef,
+    source_def: sluice_sql::SourceDef,
+    sink_def: sluice_sql::SinkDef,
+    status: StatusHandle,
+    health: Health,
+    sink: Arc<dyn crate::sink::Sink>,
+    source: Box<dyn crate::source::Source>,
+    policy: BatchPolicy,
+    budget: Arc<Budget>,
+}
+
+fn prepare(
+    program: &Program,
+    def: &sluice_sql::PipelineDef,
+    registry: &Registry,
+    config: &ServerConfig,
+    server_budget: &Arc<ServerBudget>,
+) -> Result<Prepared> {
+    let (source_def, sink_def) = match (program.sources.get(&def.source), program.sinks.get(&def.name)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            return Err(EngineError::Internal(format!(
+                "pipeline {} lost its source or sink",
+                def.name
+            )));
+        }
+    };
+    let sink_factory = registry
+        .sink(&sink_def.connector)
+        .ok_or_else(|| EngineError::Internal(format!("no sink factory for {}", sink_def.connector)))?;
+    let source_factory = registry
+        .source(&source_def.connector)
+        .ok_or_else(|| EngineError::Internal(format!("no source factory for {}", source_def.connector)))?;
+    if let Some(instance) = &config.instance
+        && !source_factory.shared_by_instances()
+    {
+        return Err(EngineError::config(
+            format!(
+                "--instance {instance}: pipeline {} reads {} source {}, which one server owns; under an instance name it would be a new writer with no position and read its input again",
+                def.name, source_def.connector, def.source
+            ),
+            Some(
+                "--instance (SLUICE_INSTANCE) is for sources several servers share (Kafka consumer groups): run this pipeline without it"
+                    .to_string(),
+            ),
+        ));
+    }
+    let status: StatusHandle = Arc::new(std::sync::Mutex::new(PipelineStatus {
+        name: def.name.clone(),
+        source: def.source.clone(),
+        sink_location: sink_def.location.clone(),
+        ..Default::default()
+    }));
+    let policy =
+        BatchPolicy::from_options(&source_def.options).map_err(|e| EngineError::config(e.message, None::<String>))?;
+    let buffer =
+        BufferPolicy::from_options(&source_def.options).map_err(|e| EngineError::config(e.message, None::<String>))?;
+    Ok(Prepared {
+        def: def.clone(),
+        source_def: source_def.clone(),
+        sink_def: sink_def.clone(),
+        status,
+        health: Health::default(),
+        sink: sink_factory.create(sink_def)?,
+        source: source_factory.create(source_def, &def.name)?,
+        policy,
+        budget: Budget::new(&def.name, buffer, server_budget.clone()),
+    })
+}
+
+/// Brings one pipeline up — takes its lease, recovers its sink, starts its source — then runs
+/// it until shutdown. `up` is resolved once it takes input (or with the error that stopped it
+/// first); a shutdown while it waits for its lease ends it at once.
+async fn launch(p: Prepared, shared: Shared, up: oneshot::Sender<Result<()>>) -> (String, Result<()>) {
+    let name = p.def.name.clone();
+    let status = p.status.clone();
+    let writer = writer_name(&name, shared.instance.as_deref());
+    update(&status, |s| {
+        s.state = PipelineState::WaitingForLease;
+        s.waiting_since = Some(std::time::Instant::now());
+    });
+    let mut stop = shared.shutdown.clone();
+    // One writer per pipeline instance and sink, checked before recovery touches anything.
+    let lease = tokio::select! {
+        lease = WriterLease::acquire(p.sink.table(), &writer) => lease,
+        _ = stop.wait_for(|s| *s) => {
+            update(&status, |s| s.state = PipelineState::Stopped);
+            return (name, Ok(()));
+        }
+    };
+    update(&status, |s| {
+        s.state = PipelineState::Starting;
+        s.waiting_since = None;
+    });
+    let result = match lease {
+        Ok(lease) => {
+            let fence = lease.fence();
+            let result = bring_up(p, &shared, &writer, fence, up).await;
+            // The pipeline writes no more: its lease goes now (on an object store, before
+            // the process exits, so a restart need not wait it out).
+            lease.release().await;
+            result
+        }
+        Err(e) => Err(came_down(&name, e, up)),
+    };
+    if let Err(e) = &result {
+        update(&status, |s| {
+            if !matches!(s.state, PipelineState::Failed) {
+                s.state = PipelineState::Failed;
+                s.last_error = Some(e.to_string());
+            }
+        });
+    }
+    (name, result)
+}
+
+/// Recovers the sink, starts the source and runs the batch loop (the part of [`launch`] under
+/// the lease). A failure before the source takes input resolves `up` with it.
+async fn bring_up(
+    p: Prepared,
+    shared: &Shared,
+    writer: &str,
+    fence: crate::store::lease::Fence,
+    up: oneshot::Sender<Result<()>>,
+) -> Result<()> {
+    let (task, rx, source_task, started) = match build(p, shared, writer, fence).await {
+        Ok(built) => built,
+        Err(e) => return Err(came_down(writer, e, up)),
+    };
+    let run = tokio::spawn(task.run(rx));
+    // A source that failed to start drops its sender; its error is in the pipeline status.
+    let _ = started.await;
+    let _ = up.send(Ok(()));
+    // A pipeline whose source failed ends with the source's error (the pipeline itself
+    // commits what it had first), so the server never exits 0 after a source error.
+    match run.await {
+        Ok(Ok(())) => match source_task.await {
+            Ok(r) => r,
+            Err(e) => Err(EngineError::Internal(format!("source task panicked: {e}"))),
+        },
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(EngineError::Internal(format!("pipeline task panicked: {e}"))),
+    }
+}
+
+/// Hands `e` (the error that kept a pipeline from coming up) to [`Server::ready`], and returns
+/// its text as the pipeline's own result.
+fn came_down(name: &str, e: EngineError, up: oneshot::Sender<Result<()>>) -> EngineError {
+    let message = e.to_string();
+    let _ = up.send(Err(e));
+    EngineError::NotUp {
+        pipeline: name.to_string(),
+        message,
+    }
+}
+
+/// What [`build`] starts: the batch loop (not yet running), its input, the source's task and
+/// the signal that the source takes input.
+type Built = (
+    PipelineTask,
+    mpsc::Receiver<crate::source::Message>,
+    tokio::task::JoinHandle<Result<()>>,
+    oneshot::Receiver<()>,
+);
+
+/// Recovers the sink table, restores event-time state and quality baselines, and spawns the
+/// source from the recovered positions.
+async fn build(p: Prepared, shared: &Shared, writer: &str, fence: crate::store::lease::Fence) -> Result<Built> {
+    let Prepared {
+        def,
+        source_def,
+        sink_def,
+        status,
+        health,
+        sink,
+        source,
+        policy,
+        budget,
+    } = p;
+    let log = CommitLog::new(sink.table().clone(), writer).with_fence(fence);
+    let recovered = log.recover().await?;
+    // A repair killed after its entry was written: its files move into place before the
+    // stream goes on (plain readers would see both versions of a partition meanwhile).
+    crate::batch::reconcile::finish_interrupted_maintenance(sink.table()).await?;
+    if recovered.orphans_removed + recovered.moves_completed > 0 {
+        tracing::info!(pipeline = %def.name, orphans = recovered.orphans_removed, finished = recovered.moves_completed, "recovered sink table");
+    }
+    let positions = recovered.last.as_ref().map(|e| e.sources.clone()).unwrap_or_default();
+    if let Some(last) = &recovered.last {
+        update(&status, |s| {
+            s.last_epoch = Some(last.epoch);
+            s.last_commit_at = Some(last.committed_at.clone());
+        });
+    }
+    let ctx = &shared.ctx;
+    // A windowed pipeline runs its part below the aggregate per micro-batch.
+    let plan = match &def.window {
+        Some(w) => BatchPlan::bind(ctx, &w.input, &def.source, source_def.schema.clone())?,
+        None => BatchPlan::new(ctx, &def, source_def.schema.clone())?,
+    };
+    let windowed = match &def.window {
+        Some(w) => Some(Windowed {
+            def: w.clone(),
+            output: BatchPlan::bind(ctx, &w.output, sluice_sql::WINDOW_TABLE, w.emitted.clone())?,
+        }),
+        None => None,
+    };
+    let state = restore_state(&def.name, &source_def, &log, &recovered, windowed.as_ref(), &status).await?;
+    let schema = TableSchema::of(&sink.stored_schema(), &sink_def.partition_by);
+    let (committed_tx, committed_rx) = watch::channel(positions.get(&def.source).cloned());
+    let (tx, rx) = mpsc::channel(CHUNK_CHANNEL_CAPACITY);
+    source.check_start(&def.name, positions.get(&def.source))?;
+    let lag = status.lock().map(|s| s.source_lag.clone()).unwrap_or_default();
+    let (started_tx, started_rx) = oneshot::channel();
+    let sctx = SourceContext {
+        pipeline: def.name.clone(),
+        source: def.source.clone(),
+        start: positions.get(&def.source).cloned(),
+        tx,
+        shutdown: shared.shutdown.clone(),
+        started: Some(started_tx),
+        budget: budget.clone(),
+        committed: committed_rx,
+        health: health.clone(),
+        log_positions: crate::source::LogPositions::new(log.clone(), &def.source),
+        lag,
+    };
+    let mut quality =
+        crate::quality::Quality::new(ctx, &shared.program.expectations, &def.source, &def.name, &sink_def.options)
+            .await?;
+    if quality.profile {
+        // The drift baselines and open anomaly episodes, from the newest commits.
+        let recent = log
+            .recent_entries(crate::quality::drift::MAX_BASELINE_BATCHES)
+            .await?
+            .into_iter()
+            .filter(|e| e.pipeline == def.name)
+            .collect::<Vec<_>>();
+        quality.drift.restore(&recent);
+    }
+    let source_task = spawn_source(source, sctx, status.clone(), health.clone(), def.name.clone());
+    let task = PipelineTask {
+        name: def.name.clone(),
+        source: def.source.clone(),
+        plan,
+        sink: sink.clone(),
+        log,
+        instance: shared.instance.clone(),
+        policy,
+        next_epoch: recovered.next_epoch(),
+        positions,
+        schema,
+        status,
+        budget,
+        committed: committed_tx,
+        shutdown: shared.shutdown.clone(),
+        retry: crate::retry::RetryPolicy::default(),
+        health,
+        quality,
+        archive: crate::batch::archive::enabled(&sink_def.options)?,
+        state,
+        windowed,
+    };
+    Ok((task, rx, source_task, started_rx))
+}
+
+/// Restores a pipeline's event-time state (watermark, open windows, dedup keys) from its newest
+/// commit, when its source has event time.
+async fn restore_state(
+    name: &str,
+    source_def: &sluice_sql::SourceDef,
+    log: &CommitLog,
+    recovered: &crate::log::commit::Recovered,
+    windowed: Option<&Windowed>,
+    status: &StatusHandle,
+) -> Result<Option<StreamState>> {
+    let Some(et) = &source_def.event_time else {
+        return Ok(None);
+    };
+    let event_time = EventTime::new(et.clone(), &source_def.schema)?;
+    let mut st = StreamState::new(event_time, None);
+    let last = recovered.last.as_ref().and_then(|e| e.state.as_ref());
+    st.restore(log, last, || windowed.map(|w| w.state()).transpose()).await?;
+    // Best effort: what a crash left is only garbage, swept again at the next start.
+    let swept = st.sweep(log).await.unwrap_or_else(|e| {
+        tracing::warn!(pipeline = %name, error = %e, "state files not swept");
+        0
+    });
+    if let Some(s) = last {
+        update(status, |status| {
+            status.watermark = s.watermark.clone();
+            status.state_bytes = s.state_bytes;
+            status.open_windows = s.windows.len() as u64;
+        });
+    }
+    tracing::info!(pipeline = %name, watermark = ?last.and_then(|s| s.watermark.clone()), swept, "event-time state restored");
+    Ok(Some(st))
+}
+
+/// Runs a source; its error fails the pipeline's health and status (intake answers 503).
+fn spawn_source(
+    source: Box<dyn crate::source::Source>,
+    sctx: SourceContext,
+    status: StatusHandle,
+    health: Health,
+    name: String,
+) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::spawn(async move {
+        let result = source.run(sctx).await;
+        if let Err(e) = &result {
+            tracing::error!(pipeline = %name, error = %e, "source stopped with an error");
+            health.fail(format!("the source stopped: {e}"));
+            update(&status, |s| {
+                s.state = PipelineState::Failed;
+                s.last_error = Some(e.to_string());
+            });
+        }
+        result
     })
 }

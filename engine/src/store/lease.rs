@@ -91,14 +91,25 @@ impl Fence {
     /// Fails when the lease this fence belongs to was lost or could not be renewed in time.
     pub fn check(&self, writer: &str) -> Result<()> {
         if self.expired() {
-            return Err(EngineError::config(
-                format!(
-                    "writer {writer} no longer holds its lease on the table (another process took it over, or it could not be renewed within lease.ttl); it stops before committing"
-                ),
-                Some("restart it once the other writer is gone; check the store's availability".to_string()),
-            ));
+            return Err(EngineError::Fenced {
+                writer: writer.to_string(),
+            });
         }
         Ok(())
+    }
+
+    /// Runs `write` (a put, a move, a delete) only while the fence holds: it is checked first,
+    /// and the write is abandoned (not retried) if the fence expires before it answers, so a
+    /// stalled process never changes the table after another took its lease over.
+    pub async fn guard<T>(&self, writer: &str, write: impl Future<Output = Result<T>>) -> Result<T> {
+        let mut write = std::pin::pin!(write);
+        loop {
+            self.check(writer)?;
+            let Some(left) = self.remaining() else { return write.await };
+            if let Ok(r) = tokio::time::timeout(left, &mut write).await {
+                return r;
+            }
+        }
     }
 }
 

@@ -190,6 +190,10 @@ impl ObjectStore for DurableLocalStore {
         self.inner.list(prefix)
     }
 
+    fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         self.inner.list_with_delimiter(prefix).await
     }
@@ -226,7 +230,11 @@ impl ObjectStore for DurableLocalStore {
                 // whatever is there durable before the caller takes "moved" for done.
                 if to.exists() {
                     durability::sync_dir(parent(&to)).map_err(generic)?;
-                    durability::sync_dir(parent(&from)).map_err(generic)?;
+                    // The source's directory may be gone too (nothing left staged).
+                    match durability::sync_dir(parent(&from)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(generic(e)),
+                        _ => {}
+                    }
                 }
                 return Err(object_store::Error::NotFound {
                     path: from.display().to_string(),

@@ -226,6 +226,16 @@ impl ObjectStore for Redacting {
         self.inner.list(prefix).map(move |r| r.map_err(|e| me.scrub(e))).boxed()
     }
 
+    /// S3's `start-after`: only the keys after `offset` are listed (the commit log's entries
+    /// after a checkpoint).
+    fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, StoreResult<ObjectMeta>> {
+        let me = Redacting::new(self.inner.clone(), self.multipart.clone(), self.secrets.clone());
+        self.inner
+            .list_with_offset(prefix, offset)
+            .map(move |r| r.map_err(|e| me.scrub(e)))
+            .boxed()
+    }
+
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> StoreResult<ListResult> {
         self.inner.list_with_delimiter(prefix).await.map_err(|e| self.scrub(e))
     }
