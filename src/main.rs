@@ -409,7 +409,15 @@ fn open_table(sink: &str) -> Result<sluice_engine::store::TableStore> {
     if !local.contains("://") && !Path::new(local).is_dir() {
         bail!("no table at {sink}: the directory does not exist");
     }
-    Ok(sluice_engine::store::TableStore::open(sink)?)
+    // The maintenance lease's TTL (the sink's `lease.ttl` is in its pipeline file, which these
+    // commands do not read): `SLUICE_LEASE_TTL`, else 30s.
+    let mut settings = sluice_engine::store::StoreSettings::default();
+    if let Ok(ttl) = std::env::var("SLUICE_LEASE_TTL") {
+        settings.lease_ttl = sluice_sql::parse_duration(&ttl)
+            .filter(|t| *t >= std::time::Duration::from_secs(1))
+            .ok_or_else(|| anyhow::anyhow!("SLUICE_LEASE_TTL={ttl}: expected a duration of at least 1s, such as 30s"))?;
+    }
+    Ok(sluice_engine::store::TableStore::open_with(sink, &settings)?)
 }
 
 /// An instant given as RFC 3339 or as a date (midnight UTC), in ms since the Unix epoch.

@@ -12,9 +12,14 @@
 //! exists: a fault a test switches off by removing the file (`commit`: every commit fails with
 //! a transient error, as against a store that is down, so the sink falls behind).
 //!
+//! `SLUICE_STOP_AT=<point>` stops the process with SIGSTOP the first time it reaches `<point>`
+//! (a process frozen mid-commit — a GC pause, a suspended VM — that a test resumes with
+//! SIGCONT after another took its lease over).
+//!
 //! Points: `after_wal_append` (durable, not yet acknowledged), `after_stage` (files staged, no
 //! log entry), `after_log_put` (entry written, files not moved), `after_move` (some files moved),
-//! `after_commit` (commit done, not yet reported to the source), `before_segment_delete`.
+//! `after_commit` (commit done, not yet reported to the source), `before_segment_delete`,
+//! `before_orphan_delete` (recovery listed the staged files no entry names, about to delete one).
 
 #[cfg(feature = "fault-injection")]
 use std::sync::OnceLock;
@@ -48,6 +53,14 @@ pub fn point(name: &str) {
     {
         eprintln!("SLUICE_CRASH_AT={name}: aborting");
         std::process::abort();
+    }
+    static STOPPED: AtomicU64 = AtomicU64::new(0);
+    if std::env::var("SLUICE_STOP_AT").is_ok_and(|v| v == name) && STOPPED.fetch_add(1, Ordering::Relaxed) == 0 {
+        eprintln!("SLUICE_STOP_AT={name}: stopping (SIGSTOP)");
+        // SAFETY: raise() only sends a signal to this process.
+        unsafe {
+            libc::raise(libc::SIGSTOP);
+        }
     }
 }
 

@@ -665,6 +665,7 @@ impl CommitLog {
             })
             .await?;
         for meta in staged {
+            crate::crash::point("before_orphan_delete");
             self.retry
                 .run("removing an orphan", || {
                     self.fenced(async {
