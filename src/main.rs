@@ -722,7 +722,7 @@ fn server_config(
     instance: Option<String>,
     sec: &SecurityArgs,
 ) -> Result<ServerConfig> {
-    use sluice_engine::server::{auth::Auth, edge};
+    use sluice_engine::{connector::auth::Auth, server::edge};
     if !listen.ip().is_loopback() && sec.auth_tokens.is_none() && !sec.allow_unauthenticated {
         bail!(
             "--listen {listen} is not a loopback address and no --auth-tokens file is given: anyone who reaches the port could send events and read /metrics\nhelp: give --auth-tokens FILE (see `sluice token hash`), or --allow-unauthenticated on a trusted network"
@@ -806,7 +806,7 @@ async fn run(
 /// On SIGHUP, reads the token file and the TLS files again; a bad file keeps what was loaded
 /// and says why in the log.
 fn reload_on_hangup(
-    auth: Arc<sluice_engine::server::auth::Auth>,
+    auth: Arc<sluice_engine::connector::auth::Auth>,
     tls: Option<Arc<sluice_engine::server::edge::Tls>>,
 ) {
     #[cfg(unix)]
@@ -941,7 +941,7 @@ fn main() -> ExitCode {
                 if token.is_empty() {
                     bail!("no token on standard input");
                 }
-                println!("{}", sluice_engine::server::auth::token_file_hash(token));
+                println!("{}", sluice_engine::connector::auth::token_file_hash(token));
                 Ok(())
             }
             Command::Validate { files } => validate(&files).await,

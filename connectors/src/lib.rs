@@ -1,5 +1,5 @@
 //! `sluice-connectors` holds Sluice's concrete sources and sinks, each behind the engine's
-//! [`Source`](sluice_engine::source::Source) / [`Sink`](sluice_engine::sink::Sink) traits and
+//! [`Source`](sluice_engine::connector::source::Source) / [`Sink`](sluice_engine::connector::sink::Sink) traits and
 //! registered by its `STORED AS` name:
 //!
 //! | STORED AS | role | module |
@@ -24,7 +24,7 @@ pub mod parquet;
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice_engine::server::registry::Registry;
+use sluice_engine::connector::registry::Registry;
 
 /// Where `sluice run` keeps local state (ingest logs) unless told otherwise: this directory
 /// beside the first pipeline file (not the working directory, so the state cannot drift with

@@ -70,15 +70,9 @@ pub enum EngineError {
     /// The runtime is shutting down or a channel closed.
     #[error("pipeline {0} stopped")]
     Stopped(String),
-    /// The writer lost its lease (another process took it over, or it could not be renewed
-    /// in time): it changes nothing more on the table.
-    #[error(
-        "writer {writer} no longer holds its lease on the table (another process took it over, or it could not be renewed within lease.ttl); it stops before changing the table\nhelp: restart it once the other writer is gone; check the store's availability"
-    )]
-    Fenced {
-        /// The writer's name.
-        writer: String,
-    },
+    /// A commit that could not be made (see [`CommitError`]).
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     /// A pipeline that could not come up (its lease, its recovery); the cause itself is what
     /// `Server::ready` returns.
     #[error("pipeline {pipeline} did not come up: {message}")]
@@ -117,3 +111,43 @@ impl EngineError {
 
 /// The engine's result type.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Why a commit was not made. A damaged entry is [`EngineError::CommitLog`].
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The writer lost its lease (another process took it over, or it could not be renewed in
+    /// time): it changes nothing more on the table.
+    #[error(
+        "writer {writer} no longer holds its lease on the table (another process took it over, or it could not be renewed within lease.ttl); it stops before changing the table\nhelp: restart it once the other writer is gone; check the store's availability"
+    )]
+    Fenced {
+        /// The writer's name.
+        writer: String,
+    },
+    /// Another process of the same writer committed the epoch: two servers run one pipeline.
+    #[error(
+        "epoch {epoch} was committed by another instance of pipeline {pipeline}; two servers are running the same pipeline on this table"
+    )]
+    Conflict {
+        /// The epoch.
+        epoch: u64,
+        /// The pipeline.
+        pipeline: String,
+    },
+    /// A file the transaction removes was removed by a commit made since it read the log.
+    #[error("{path} was removed by another commit while {job}; nothing was changed\nhelp: run it again")]
+    RemovedConcurrently {
+        /// The table-relative path.
+        path: String,
+        /// What was being done (`compacting`, `reconciling`).
+        job: String,
+    },
+    /// A committed file is neither in place nor staged.
+    #[error("commit log at {entry}: file {file} is committed but neither it nor its staged copy exists")]
+    MissingFile {
+        /// The entry naming it.
+        entry: String,
+        /// The table-relative path.
+        file: String,
+    },
+}

@@ -1,6 +1,6 @@
 //! `sluice-engine` is the Sluice runtime: it turns a compiled pipeline program into running
 //! micro-batch loops. It defines the [`Source`](source::Source) and [`Sink`](sink::Sink) traits and
-//! knows no concrete connector; connectors register factories in a [`Registry`](server::registry::Registry).
+//! knows no concrete connector; connectors register factories in a [`Registry`](connector::registry::Registry).
 //!
 //! Data flow per pipeline: source → [`Chunk`](source::Chunk)s (decoded with
 //! [`decode::RecordDecoder`], bad records as dead letters) → [`pipeline::batcher::Batcher`] →
@@ -36,6 +36,7 @@
 
 pub mod batch;
 pub mod budget;
+pub mod connector;
 pub mod crash;
 pub mod dead_letter;
 pub mod decode;
@@ -50,8 +51,6 @@ pub mod plan;
 pub mod quality;
 pub mod retry;
 pub mod server;
-pub mod sink;
-pub mod source;
 pub mod store;
 
 pub use error::{EngineError, Result};

@@ -20,9 +20,9 @@ use object_store::{
 };
 use sluice_connectors::parquet::ParquetSinkFactory;
 use sluice_engine::store::TableStore;
-use sluice_engine::server::registry::SinkFactory;
+use sluice_engine::connector::registry::SinkFactory;
 use sluice_engine::server::runtime::{ServerConfig, start};
-use sluice_engine::sink::Sink;
+use sluice_engine::connector::sink::Sink;
 use sluice_sql::{ConnectorSpec, PipelineText, SinkDef};
 
 use crate::harness::{committed_output, drop_file, read_hive};

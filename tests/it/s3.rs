@@ -335,7 +335,7 @@ async fn run_dir_pipeline(
     moto: &Moto,
     name: &str,
     sink_options: &str,
-    registry: &sluice_engine::server::registry::Registry,
+    registry: &sluice_engine::connector::registry::Registry,
     rows: i64,
 ) {
     let incoming = dir.join(format!("in-{name}"));

@@ -18,7 +18,7 @@ use crate::harness::{Server, dead_letters, log_entries, peak_rss, run_to_exit, w
 
 /// A token line for the token file.
 fn token_line(name: &str, token: &str, rest: &str) -> String {
-    format!("{name} {} {rest}\n", sluice_engine::server::auth::token_file_hash(token))
+    format!("{name} {} {rest}\n", sluice_engine::connector::auth::token_file_hash(token))
 }
 
 /// Records committed in `sink` from the sender `principal` (the entries' `counts.principals`).

@@ -179,6 +179,10 @@ fn a_year_of_commits_runs_queries_compacts_vacuums_and_checks() {
             });
         }
     }
+    // The quality report over everything says where the log now starts.
+    let (code, out) = run_to_exit(&["quality", "report", sink_arg], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("past the log retention"), "{out}");
     let left = std::fs::read_dir(sink.join("_sluice/log")).unwrap().count();
     assert!(left < 10_000, "{left} entries left after the expiry");
     eprintln!("a year's log: {} commits generated in {generated:.1?}; {left} entries left after vacuum", DAYS * PER_DAY);

@@ -7,8 +7,8 @@ pub mod source;
 use std::sync::Arc;
 
 use sluice_engine::decode::RecordDecoder;
-use sluice_engine::server::registry::SourceFactory;
-use sluice_engine::source::Source;
+use sluice_engine::connector::registry::SourceFactory;
+use sluice_engine::connector::source::Source;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::{Format, RecordDecoder, csv_records, lines};
-use sluice_engine::source::{Chunk, Message, Source, SourceContext};
+use sluice_engine::connector::source::{Chunk, Message, Source, SourceContext};
 use sluice_engine::{EngineError, Result};
 
 use super::config::{DirFormat, DirSourceConfig, READ_CHUNK_BYTES};

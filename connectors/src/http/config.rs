@@ -1,6 +1,6 @@
 //! Options of the HTTP source.
 
-use sluice_engine::server::auth::{TokenHash, hash_token};
+use sluice_engine::connector::auth::{TokenHash, hash_token};
 use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_choice};
 
 /// Default `log.segment_bytes`: ingest log segment size.

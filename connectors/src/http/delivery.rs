@@ -8,7 +8,7 @@ use sluice_engine::budget::Budget;
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::RecordDecoder;
 use sluice_engine::ingest::wal::IngestLog;
-use sluice_engine::source::{Chunk, Message};
+use sluice_engine::connector::source::{Chunk, Message};
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 

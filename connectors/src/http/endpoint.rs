@@ -10,8 +10,8 @@ use sluice_engine::Result;
 use sluice_engine::budget::{Budget, ServerBudget};
 use sluice_engine::decode::RecordDecoder;
 use sluice_engine::ingest::wal::IngestLog;
-use sluice_engine::server::auth::{TokenHash, token_matches};
-use sluice_engine::source::{Health, Message};
+use sluice_engine::connector::auth::{TokenHash, token_matches};
+use sluice_engine::connector::source::{Health, Message};
 use tokio::sync::{mpsc, watch};
 
 use super::dedup::DedupWindow;
@@ -193,7 +193,7 @@ mod tests {
     use sluice_engine::budget::{Budget, BufferPolicy, ServerBudget};
     use sluice_engine::decode::{Format, RecordDecoder};
     use sluice_engine::ingest::wal::IngestLog;
-    use sluice_engine::source::Health;
+    use sluice_engine::connector::source::Health;
 
     use super::*;
 

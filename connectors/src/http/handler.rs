@@ -15,10 +15,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use sluice_engine::budget::WhenFull;
-use sluice_engine::source::Chunk;
+use sluice_engine::connector::source::Chunk;
 
-use sluice_engine::server::auth::{self, Auth, Verdict, bearer};
-use sluice_engine::server::edge::{PeerCertificate, refused};
+use sluice_engine::connector::auth::{self, Auth, Verdict, bearer};
+use sluice_engine::connector::auth::{PeerCertificate, refused};
 
 use super::body::{BadRecords, Refusal, decode_body, log_record};
 use super::dedup::dedup_key;

@@ -17,8 +17,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
 use sluice_engine::decode::{Format, RecordDecoder};
 use sluice_engine::ingest::wal::IngestLog;
-use sluice_engine::server::registry::SourceFactory;
-use sluice_engine::source::Source;
+use sluice_engine::connector::registry::SourceFactory;
+use sluice_engine::connector::source::Source;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 

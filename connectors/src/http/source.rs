@@ -26,7 +26,7 @@
 use std::sync::Arc;
 
 use serde_json::Value;
-use sluice_engine::source::{Source, SourceContext};
+use sluice_engine::connector::source::{Source, SourceContext};
 use sluice_engine::{EngineError, Result};
 
 use super::delivery::{LogPosition, LogReader, seq_of};

@@ -8,8 +8,8 @@ pub mod source;
 use std::sync::Arc;
 
 use sluice_engine::decode::RecordDecoder;
-use sluice_engine::server::registry::SourceFactory;
-use sluice_engine::source::Source;
+use sluice_engine::connector::registry::SourceFactory;
+use sluice_engine::connector::source::Source;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SourceDef};
 
@@ -42,7 +42,7 @@ impl SourceFactory for KafkaSourceFactory {
         let unit = sluice_engine::decode::timestamp::epoch_unit_from_options(&def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let columns = Columns::new(def.schema.clone())?;
-        let batch = sluice_engine::pipeline::batcher::BatchPolicy::from_options(&def.options)
+        let batch = sluice_engine::connector::options::BatchPolicy::from_options(&def.options)
             .map_err(|e| EngineError::config(e.message, None::<String>))?;
         let decoder = RecordDecoder::new(decoder_format(config.format), columns.value.clone()).with_epoch_unit(unit);
         Ok(Box::new(KafkaSource {

@@ -43,7 +43,7 @@ use serde_json::json;
 use sluice_engine::budget::Budget;
 use sluice_engine::dead_letter::{DeadLetter, Stage};
 use sluice_engine::decode::{Format, RecordDecoder};
-use sluice_engine::source::{Chunk, Lag, LogPositions, Message, Source, SourceContext};
+use sluice_engine::connector::source::{Chunk, Lag, LogPositions, Message, Source, SourceContext};
 use sluice_engine::{EngineError, Result};
 use tokio::sync::{mpsc, watch};
 

@@ -23,7 +23,7 @@ pub const DEFAULT_DICTIONARY_PAGE_LIMIT: usize = 16 * 1024;
 
 /// The accepted OPTIONS keys.
 pub fn option_specs() -> Vec<OptionSpec> {
-    let mut specs = sluice_engine::batch::archive::option_specs();
+    let mut specs = sluice_engine::connector::options::archive_option_specs();
     specs.extend(sluice_engine::store::option_specs());
     specs.extend([
         OptionSpec {

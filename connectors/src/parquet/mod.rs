@@ -7,8 +7,8 @@ pub mod sink;
 use std::sync::Arc;
 
 use sluice_engine::store::TableStore;
-use sluice_engine::server::registry::SinkFactory;
-use sluice_engine::sink::Sink;
+use sluice_engine::connector::registry::SinkFactory;
+use sluice_engine::connector::sink::Sink;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::{ConnectorSpec, Role, SinkDef};
 

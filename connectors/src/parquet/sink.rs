@@ -14,7 +14,7 @@ use futures::StreamExt;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::log::commit::{CommitLog, FileAction};
 use sluice_engine::store::TableStore;
-use sluice_engine::sink::Sink;
+use sluice_engine::connector::sink::Sink;
 use sluice_engine::{EngineError, Result};
 
 use super::config::ParquetSinkConfig;

@@ -33,16 +33,7 @@ pub const INGEST_TIME_COLUMN: &str = "_sluice_ingest_time";
 
 /// The sink options of the archive.
 pub fn option_specs() -> Vec<OptionSpec> {
-    vec![
-        OptionSpec {
-            key: "archive",
-            doc: "'on' (default): every accepted event is archived as Parquet under _sluice/raw/ by the commit that covers it, for `sluice reconcile`; 'off'",
-        },
-        OptionSpec {
-            key: "archive.retention",
-            doc: "how long `sluice vacuum` keeps archive files, e.g. '30d' (default: kept)",
-        },
-    ]
+    crate::connector::options::archive_option_specs()
 }
 
 /// Whether the sink with `options` archives (`archive`, on by default).

@@ -32,7 +32,8 @@ use serde::Serialize;
 use super::reconcile::{MAINTENANCE_WRITER, read_parquet};
 use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
-use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin};
+use crate::log::commit::{CommitLog, FileAction, Origin};
+use crate::log::transaction::Transaction;
 use crate::store::lease::WriterLease;
 use crate::store::TableStore;
 
@@ -148,34 +149,15 @@ async fn compact_holding(
         if add.is_empty() {
             continue;
         }
-        let now = log.snapshot().await?;
-        let live = now.live_paths();
-        if let Some(p) = remove.iter().find(|p| !live.contains(*p)) {
-            return Err(EngineError::config(
-                format!("{p} was removed by another commit while compacting; nothing more was changed"),
-                Some("run the compaction again".to_string()),
-            ));
-        }
         let files_before = remove.len();
         let rows = add.iter().map(|f| f.rows).sum();
         let files_after = add.len();
-        let mut entry = CommitEntry {
-            version: LOG_VERSION,
-            epoch: (now.newest_epoch() + 1).max(next_epoch),
-            pipeline: MAINTENANCE_WRITER.to_string(),
-            instance: None,
-            committed_at: chrono::Utc::now().to_rfc3339(),
-            add,
-            remove,
-            dead_letters: vec![],
-            sources: BTreeMap::new(),
-            counts: Counts::default(),
-            schema: schema.clone(),
-            quality: None,
-            archive: None,
-            state: None,
-        };
-        log.commit(&mut entry).await?;
+        let entry = Transaction::new(MAINTENANCE_WRITER, None, next_epoch, schema.clone())
+            .doing("compacting")
+            .add(add)
+            .remove(remove)
+            .commit(&log)
+            .await?;
         next_epoch = entry.epoch + 1;
         report.partitions.push(CompactedPartition {
             partition: dir,
@@ -246,14 +228,28 @@ pub struct Retention {
     pub log: Duration,
 }
 
-/// Default `--log-retention`: 30 days.
-pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The shortest log retention: entries a slow reader or a lagging writer may still need live
+/// at least this long.
+pub const MIN_LOG_RETENTION: Duration = Duration::from_secs(3600);
 
-/// Deletes the files no live commit needs: files removed by commits older than `retention`,
-/// staging orphans of writers not running (their recovery runs), and, with
-/// `archive_retention`, archive files of commits older than it. Never a file a live commit
-/// names as data.
+/// Deletes the files no live commit needs: files removed by commits older than
+/// `keep.removed`, staging orphans of writers not running (their recovery runs), with
+/// `keep.archive` archive files of commits older than it, and log entries and checkpoints
+/// older than `keep.log` and than the newest checkpoint. Never a file a live commit names as
+/// data.
 pub async fn vacuum(table: &TableStore, keep: Retention) -> Result<VacuumReport> {
+    // A reader that found a file moved to `_sluice/removed/` finds where through the entries
+    // after its snapshot: they outlive the removed files.
+    if keep.log < keep.removed.max(MIN_LOG_RETENTION) {
+        return Err(EngineError::config(
+            format!(
+                "a log retention of {:?} is shorter than {:?} (the removed files' retention, and at least an hour)",
+                keep.log,
+                keep.removed.max(MIN_LOG_RETENTION)
+            ),
+            Some("give --log-retention at least --retention and 1h (default 30d)".to_string()),
+        ));
+    }
     let lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
     let result = vacuum_holding(table, &lease, keep).await;
     lease.release().await;
@@ -351,11 +347,8 @@ async fn expire_log(
     log: &CommitLog,
     expired: impl Fn(u64) -> bool,
 ) -> Result<(usize, usize)> {
-    let mut entries = 0;
-    for epoch in log.epochs().await?.into_iter().filter(|e| expired(*e)) {
-        delete(table, lease, &table.log_dir().join(format!("{epoch:020}.json"))).await?;
-        entries += 1;
-    }
+    // Old checkpoints first: a reader never finds a checkpoint whose following entries are
+    // gone (it would see a gap, and look again).
     let mut checkpoints = 0;
     for path in list(table, &table.path("_sluice/checkpoints")).await? {
         let epoch = path.filename().and_then(|n| n.strip_suffix(".json")?.parse::<u64>().ok());
@@ -363,6 +356,11 @@ async fn expire_log(
             delete(table, lease, &path).await?;
             checkpoints += 1;
         }
+    }
+    let mut entries = 0;
+    for epoch in log.epochs().await?.into_iter().filter(|e| expired(*e)) {
+        delete(table, lease, &table.log_dir().join(format!("{epoch:020}.json"))).await?;
+        entries += 1;
     }
     Ok((entries, checkpoints))
 }
@@ -392,6 +390,7 @@ async fn delete(table: &TableStore, lease: &WriterLease, path: &object_store::pa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::commit::CommitEntry;
 
     /// Log retention: with 250 commits, checkpoints at 100 and 200 and a retention of zero,
     /// vacuum deletes entries 1–199 and the checkpoint at 100 (everything older than the
@@ -406,7 +405,7 @@ mod tests {
             let file = format!("d/f-{epoch}.parquet");
             log.stage(&file, b"x".to_vec()).await.unwrap();
             let mut e = CommitEntry::adding(epoch, "p", &[file.as_str()]);
-            e.committed_at = chrono::Utc::now().to_rfc3339();
+            e.committed_at = (chrono::Utc::now() - chrono::Duration::days(3)).to_rfc3339();
             e.sources.insert("src".into(), serde_json::json!({ "seq": epoch }));
             log.commit(&mut e).await.unwrap();
             if epoch % 100 == 0 {
@@ -414,16 +413,21 @@ mod tests {
             }
         }
         let before = log.snapshot().await.unwrap().folded();
-        // A retention of a day keeps everything.
-        let day = Retention {
-            removed: Duration::from_secs(86_400),
+        // A retention of a week keeps everything (the commits are three days old); one below
+        // an hour, or below the removed files', is refused.
+        let day = Duration::from_secs(86_400);
+        let week = Retention {
+            removed: day,
             archive: None,
-            log: Duration::from_secs(86_400),
+            log: 7 * day,
         };
-        let kept = vacuum(&table, day).await.unwrap();
+        let kept = vacuum(&table, week).await.unwrap();
         assert_eq!((kept.log_entries, kept.checkpoints), (0, 0));
+        for log in [Duration::ZERO, Duration::from_secs(600), day / 2] {
+            assert!(vacuum(&table, Retention { log, ..week }).await.is_err(), "{log:?}");
+        }
 
-        let report = vacuum(&table, Retention { log: Duration::ZERO, ..day }).await.unwrap();
+        let report = vacuum(&table, Retention { log: day, ..week }).await.unwrap();
         assert_eq!(report.log_entries, 199, "entries 1..=199");
         assert_eq!(report.checkpoints, 1, "the checkpoint at 100");
         assert_eq!(log.epochs().await.unwrap(), (200..=250).collect::<Vec<_>>());
@@ -440,7 +444,18 @@ mod tests {
         let mut e = CommitEntry::adding(251, "p", &["d/f-251.parquet"]);
         log.stage("d/f-251.parquet", b"x".to_vec()).await.unwrap();
         log.commit(&mut e).await.unwrap();
-        let again = vacuum(&table, Retention { log: Duration::ZERO, ..day }).await.unwrap();
+        let again = vacuum(&table, Retention { log: day, ..week }).await.unwrap();
         assert_eq!((again.log_entries, again.checkpoints), (0, 0));
+        // A writer whose next epoch is in the expired part (idle for longer than the
+        // retention): its entry would be created there and never read; it moves past the
+        // newest checkpoint instead, and readers see it.
+        let idle = CommitLog::new(table.clone(), "q");
+        idle.stage("d/q.parquet", b"q".to_vec()).await.unwrap();
+        let mut late = CommitEntry::adding(5, "q", &["d/q.parquet"]);
+        idle.commit(&mut late).await.unwrap();
+        assert_eq!(late.epoch, 252, "committed after the log's newest entry");
+        assert!(!log.epochs().await.unwrap().contains(&5), "nothing left in the expired part");
+        let (files, _) = log.committed_files().await.unwrap();
+        assert!(files.iter().any(|f| f.path == "d/q.parquet"), "readers see the idle writer's file");
     }
 }

@@ -52,12 +52,13 @@ use sluice_sql::{Action, Level, PipelineDef, Program, StaticTable};
 use super::digest::{Digest, Seed, key_differences};
 use crate::error::{EngineError, Result};
 use crate::log::checkpoint::EntrySummary;
-use crate::log::commit::{CommitEntry, CommitLog, Counts, FileAction, LOG_VERSION, Origin, TableSchema};
+use crate::log::commit::{CommitLog, Counts, FileAction, Origin, TableSchema};
+use crate::log::transaction::Transaction;
 use crate::event_time::window::{WindowAggregate, add_isolating};
 use crate::plan::BatchPlan;
 use crate::store::lease::WriterLease;
 use crate::store::TableStore;
-use crate::sink::Sink;
+use crate::connector::sink::Sink;
 
 /// The writer name of maintenance jobs (reconcile's repair; later compaction): their lease,
 /// their staging directory and the `pipeline` of their commit entries.
@@ -1036,34 +1037,19 @@ impl Repair<'_> {
         }
         // What the comparison saw must still hold: every file to remove that a commit named is
         // still live (strays were named by no commit, and new commits name new files).
-        let snap = self.log.snapshot().await?;
-        let live = snap.live_paths();
-        if let Some(p) = remove.iter().find(|p| !self.strays.contains(*p) && !live.contains(*p)) {
-            return Err(EngineError::config(
-                format!("{p} was removed by another commit while reconciling; nothing was changed"),
-                Some("run the reconcile again".to_string()),
-            ));
-        }
-        let mut entry = CommitEntry {
-            version: LOG_VERSION,
-            epoch: (snap.newest_epoch() + 1).max(self.epoch),
-            pipeline: MAINTENANCE_WRITER.to_string(),
-            instance: None,
-            committed_at: chrono::Utc::now().to_rfc3339(),
-            counts: Counts {
-                output: add.iter().map(|f: &FileAction| f.rows).sum(),
+        let (strays, named): (Vec<String>, Vec<String>) = remove.into_iter().partition(|p| self.strays.contains(p));
+        let output = add.iter().map(|f: &FileAction| f.rows).sum();
+        let entry = Transaction::new(MAINTENANCE_WRITER, None, self.epoch, self.schema)
+            .doing("reconciling")
+            .counts(Counts {
+                output,
                 ..Default::default()
-            },
-            add,
-            remove,
-            dead_letters: vec![],
-            sources: BTreeMap::new(),
-            schema: self.schema,
-            quality: None,
-            archive: None,
-            state: None,
-        };
-        self.log.commit(&mut entry).await?;
+            })
+            .add(add)
+            .remove(named)
+            .remove_unnamed(strays)
+            .commit(&self.log)
+            .await?;
         Ok(RepairReport {
             epoch: entry.epoch,
             removed: entry.remove.clone(),

@@ -207,8 +207,29 @@ impl CommitLog {
             checkpoint = self.newest_checkpoint(None).await?;
         }
         let checkpoint = checkpoint.unwrap_or_default();
+        let epochs = self.epochs_after(checkpoint.epoch).await?;
+        // The entries go on from the checkpoint without a gap (invariant 2). A gap means log
+        // retention expired them after this reader chose an older checkpoint (a second look
+        // finds the newer one), or, with no checkpoint this build reads, that the log's start
+        // is gone for this build.
+        if let Some(missing) = (checkpoint.epoch + 1..).zip(&epochs).find_map(|(want, got)| (want != *got).then_some(want)) {
+            let context = if checkpoint.epoch == 0 && missing == 1 {
+                format!(
+                    "reading the commit log: its first entries are gone (expired by log retention) and no checkpoint this build reads (version {CHECKPOINT_VERSION}) folds them; read the table with the Sluice version that wrote its checkpoints"
+                )
+            } else {
+                format!("reading commit entry {missing} (gone: expired by log retention meanwhile, or damaged)")
+            };
+            return Err(EngineError::Store {
+                context,
+                source: object_store::Error::NotFound {
+                    path: format!("{missing:020}.json"),
+                    source: "a gap in the listed entries".into(),
+                },
+            });
+        }
         let mut after = Vec::new();
-        for epoch in self.epochs_after(checkpoint.epoch).await? {
+        for epoch in epochs {
             after.push(self.read(epoch).await?);
         }
         Ok(Snapshot { checkpoint, after })

@@ -10,71 +10,14 @@
 //! configured ones. Small configured batches thus cost little per event on a backlog, and
 //! freshness at low rates is what the interval says.
 
-use std::time::Duration;
-
-use sluice_sql::{OptionError, OptionSpec, Options, option_bytes, option_count, option_duration};
 use tokio::time::Instant;
 
-use crate::source::Chunk;
+use crate::connector::source::Chunk;
 
-/// Default `batch.max_rows`.
-pub const DEFAULT_BATCH_MAX_ROWS: usize = 100_000;
-/// Default `batch.max_bytes` (raw input bytes).
-pub const DEFAULT_BATCH_MAX_BYTES: u64 = 32 << 20;
-/// Default `batch.interval`.
-pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(1);
-/// Most a batch may grow over the configured sizes while the pipeline is behind.
-pub const MAX_GROWTH: u64 = 64;
+pub use crate::connector::options::{
+    BatchPolicy, DEFAULT_BATCH_INTERVAL, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MAX_ROWS, MAX_GROWTH,
+};
 
-/// When a micro-batch closes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchPolicy {
-    /// Close once this many records are buffered.
-    pub max_rows: usize,
-    /// Close once this many raw bytes are buffered.
-    pub max_bytes: u64,
-    /// Close this long after the batch's first chunk arrived.
-    pub interval: Duration,
-}
-
-impl Default for BatchPolicy {
-    fn default() -> Self {
-        BatchPolicy {
-            max_rows: DEFAULT_BATCH_MAX_ROWS,
-            max_bytes: DEFAULT_BATCH_MAX_BYTES,
-            interval: DEFAULT_BATCH_INTERVAL,
-        }
-    }
-}
-
-impl BatchPolicy {
-    /// The OPTIONS keys every source accepts for batching.
-    pub fn option_specs() -> Vec<OptionSpec> {
-        vec![
-            OptionSpec {
-                key: "batch.max_rows",
-                doc: "close a micro-batch at this many records (default 100000)",
-            },
-            OptionSpec {
-                key: "batch.max_bytes",
-                doc: "close a micro-batch at this many raw bytes, e.g. '32MB' (default 32MB)",
-            },
-            OptionSpec {
-                key: "batch.interval",
-                doc: "close a micro-batch this long after its first record, e.g. '500ms' (default 1s)",
-            },
-        ]
-    }
-
-    /// Reads the batching options of a source.
-    pub fn from_options(options: &Options) -> Result<Self, OptionError> {
-        Ok(BatchPolicy {
-            max_rows: option_count(options, "batch.max_rows", DEFAULT_BATCH_MAX_ROWS)?,
-            max_bytes: option_bytes(options, "batch.max_bytes", DEFAULT_BATCH_MAX_BYTES)?,
-            interval: option_duration(options, "batch.interval", DEFAULT_BATCH_INTERVAL)?,
-        })
-    }
-}
 
 /// The open micro-batch.
 #[derive(Debug)]
@@ -179,7 +122,10 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use arrow::datatypes::Schema;
+    use sluice_sql::Options;
     use arrow::record_batch::RecordBatch;
     use std::sync::Arc;
 

@@ -21,9 +21,9 @@ use crate::error::{EngineError, Result};
 use crate::event_time::state::StreamState;
 use crate::event_time::window::{WindowAggregate, add_isolating};
 use crate::log::commit::{
-    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, LOG_VERSION, QualityEntry, TableSchema,
-    TableSummary,
+    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, QualityEntry, TableSchema, TableSummary,
 };
+use crate::log::transaction::Transaction;
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
 use crate::plan::{BatchPlan, slice_rows};
 use crate::quality::Quality;
@@ -32,8 +32,8 @@ use crate::quality::expect::FailedRow;
 use crate::quality::profile::{self, ColumnProfile, Side, profile_batches};
 use crate::quality::store::{self, ProfileRow, profile_path};
 use crate::retry::{RetryPolicy, is_transient};
-use crate::sink::Sink;
-use crate::source::{Chunk, Health, Message};
+use crate::connector::sink::Sink;
+use crate::connector::source::{Chunk, Health, Message};
 
 /// The life-cycle state of a pipeline, as shown by `GET /v1/pipelines`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -90,7 +90,7 @@ pub struct PipelineStatus {
     pub last_profile_bytes: u64,
     /// How far behind its input the pipeline is, per part of the input (Kafka: messages per
     /// partition between the log end and the committed offset); empty for other sources.
-    pub source_lag: crate::source::Lag,
+    pub source_lag: crate::connector::source::Lag,
     /// The committed watermark (RFC 3339), when the source has event time.
     pub watermark: Option<String>,
     /// Bytes of state (open windows, dedup keys) as of the newest commit.
@@ -489,29 +489,23 @@ impl PipelineTask {
         // Rows an event-time policy dropped (late with `drop`, repeats): in `dropped`, but not
         // the expectations'.
         let policy_dropped = (late_rows - late_dead) + duplicates;
-        let entry = CommitEntry {
-            version: LOG_VERSION,
-            epoch,
-            pipeline: self.name.clone(),
-            instance: self.instance.clone(),
-            committed_at: now.to_rfc3339(),
-            add: files,
-            remove: vec![],
-            dead_letters,
-            sources: positions,
-            counts: Counts {
+        let entry = Transaction::new(&self.name, self.instance.clone(), epoch, self.schema.clone())
+            .at(now)
+            .add(files)
+            .dead_letters(dead_letters)
+            .sources(positions)
+            .counts(Counts {
                 received,
                 decoded,
                 dead_lettered: dead.len() as u64,
                 dropped,
                 output: written,
                 principals,
-            },
-            schema: self.schema.clone(),
-            quality,
-            archive,
-            state,
-        };
+            })
+            .quality(quality)
+            .archive(archive)
+            .state(state)
+            .into_entry();
         Ok(Staged {
             entry,
             decode_dead,

@@ -98,6 +98,10 @@ pub struct Report {
     pub anomalies: Vec<Episode>,
     /// The newest profile in the range, per column (both sides).
     pub latest: Vec<ColumnSummary>,
+    /// When the range starts before the oldest commit the log still holds (older entries were
+    /// expired by `vacuum --log-retention`): that commit's time (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub past_retention_before: Option<String>,
 }
 
 /// Builds the report of `table` for commits in `[since_ms, until_ms)` (either open).
@@ -107,7 +111,18 @@ pub async fn build(table: &TableStore, since_ms: Option<i64>, until_ms: Option<i
     let mut expectations: BTreeMap<String, ExpectationTotal> = BTreeMap::new();
     let mut episodes: Vec<Episode> = Vec::new();
     let mut latest_profile = None;
-    for e in log.entries().await? {
+    let entries = log.entries().await?;
+    // Entries before the oldest left were expired by the log retention: a range reaching
+    // before it is reported as such.
+    let past_retention_before = entries
+        .first()
+        .filter(|e| e.epoch > 1)
+        .filter(|e| {
+            let at_ms = chrono::DateTime::parse_from_rfc3339(&e.committed_at).map_or(0, |t| t.timestamp_millis());
+            since_ms.is_none_or(|since| since < at_ms)
+        })
+        .map(|e| e.committed_at.clone());
+    for e in entries {
         let at_ms = chrono::DateTime::parse_from_rfc3339(&e.committed_at).map_or(0, |t| t.timestamp_millis());
         let q = e.quality.clone().unwrap_or_default();
         // Episodes are followed from their start, even one that started before the range.
@@ -189,6 +204,7 @@ pub async fn build(table: &TableStore, since_ms: Option<i64>, until_ms: Option<i
         expectations,
         anomalies: episodes,
         latest,
+        past_retention_before,
     })
 }
 
@@ -209,6 +225,12 @@ pub fn to_text(r: &Report) -> String {
             _ => String::new(),
         }
     );
+    if let Some(t) = &r.past_retention_before {
+        let _ = writeln!(
+            out,
+            "note: commits before {t} are past the log retention (expired by `sluice vacuum --log-retention`): the range starts there"
+        );
+    }
     let _ = writeln!(out, "\nmetric (sink)                    current        baseline (median ± MAD)");
     for m in &r.metrics {
         let ty = metric_type(r, &m.column, &m.metric);

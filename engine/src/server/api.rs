@@ -13,8 +13,8 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::pipeline::{PipelineState, PipelineStatus, StatusHandle};
-use crate::server::auth::{self, Auth};
-use crate::source::Health;
+use crate::connector::auth::{self, Auth};
+use crate::connector::source::Health;
 
 /// What the management endpoints read.
 #[derive(Clone)]
@@ -63,11 +63,8 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
                         st.waiting_since.map_or(0, |t| t.elapsed().as_secs())
                     )),
                     PipelineState::Running => None,
-                    PipelineState::Failed => Some(format!(
-                        "{} (failed: {})",
-                        st.name,
-                        st.last_error.as_deref().unwrap_or("unknown error")
-                    )),
+                    // The error itself is in `/v1/pipelines` (behind the admin token).
+                    PipelineState::Failed => Some(format!("{} (failed)", st.name)),
                     _ => Some(format!("{} (starting)", st.name)),
                 }
             })

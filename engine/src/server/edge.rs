@@ -16,7 +16,7 @@
 //!    connections get the new one, open ones keep theirs, a bad new one keeps the old.
 //!
 //! Bodies are the handlers' business (they read them as they arrive, see the HTTP source), as
-//! are tokens ([`super::auth`]). Every refusal counts in `sluice_http_refused_total{reason}`.
+//! are tokens ([`crate::connector::auth`]). Every refusal counts in `sluice_http_refused_total{reason}`.
 
 use std::future::Future;
 use std::collections::HashMap;
@@ -42,6 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+pub use crate::connector::auth::{PeerCertificate, refused};
 use crate::error::{EngineError, Result};
 
 /// Default [`EdgeLimits::max_connections`].
@@ -60,10 +61,6 @@ pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 /// Pause after a failed `accept` (out of file descriptors): lets connections close meanwhile.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Counts a refused request or connection in `sluice_http_refused_total{reason}`.
-pub fn refused(reason: &'static str) {
-    metrics::counter!("sluice_http_refused_total", "reason" => reason).increment(1);
-}
 
 /// Limits applied to every connection before any handler runs.
 #[derive(Debug, Clone)]
@@ -93,12 +90,6 @@ impl Default for EdgeLimits {
     }
 }
 
-/// The subject of a verified client certificate (mTLS), as a request extension.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerCertificate {
-    /// The certificate's subject, e.g. `CN=producer-1, O=Acme`.
-    pub subject: String,
-}
 
 /// The files TLS is configured from.
 #[derive(Debug, Clone)]

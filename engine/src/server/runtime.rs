@@ -25,11 +25,11 @@ use crate::plan::BatchPlan;
 use crate::pipeline::task::Windowed;
 use crate::pipeline::{PipelineState, PipelineStatus, PipelineTask, StatusHandle, update};
 use crate::server::api::{self, ApiState};
-use crate::server::auth::Auth;
+use crate::connector::auth::Auth;
 use crate::server::edge::{self, EdgeLimits, Tls};
-use crate::server::registry::Registry;
+use crate::connector::registry::Registry;
 use crate::server::telemetry;
-use crate::source::{Health, SourceContext};
+use crate::connector::source::{Health, SourceContext};
 
 /// Chunks a pipeline's channel holds; memory is bounded by the byte budget, this only bounds
 /// the count of tiny chunks.
@@ -113,14 +113,20 @@ impl Server {
     /// is the error (the server should then be stopped). Returns early, `Ok`, when the server
     /// is stopping.
     pub async fn ready(&mut self) -> Result<()> {
-        for up in std::mem::take(&mut self.up) {
-            match up.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                // The pipeline stopped before it was up: the server is stopping.
-                Err(_) => return Ok(()),
+        let stopping = self.shutdown.subscribe();
+        // All at once: the first pipeline that fails to come up is the answer.
+        let ups = std::mem::take(&mut self.up).into_iter().map(|up| {
+            let stopping = stopping.clone();
+            async move {
+                match up.await {
+                    Ok(r) => r,
+                    // It ended before it was up without saying why: a shutdown, or a panic.
+                    Err(_) if *stopping.borrow() => Ok(()),
+                    Err(_) => Err(EngineError::Internal("a pipeline's task ended before it was up".into())),
+                }
             }
-        }
+        });
+        futures::future::try_join_all(ups).await?;
         self.ready.store(true, Ordering::Release);
         tracing::info!(addr = %self.addr, pipelines = self.tasks.len(), "sluice is running");
         Ok(())
@@ -195,16 +201,17 @@ pub async fn start(files: &[PipelineText], registry: &Registry, config: ServerCo
     tracing::info!(%addr, pipelines = prepared.len(), "listening; bringing pipelines up");
     let mut tasks = JoinSet::new();
     let mut up = Vec::new();
+    let shared = Shared {
+        ctx: ctx.clone(),
+        program: program.clone(),
+        instance: config.instance.clone(),
+        shutdown: shutdown_rx.clone(),
+        gates: Arc::default(),
+    };
     for p in prepared {
         let (up_tx, up_rx) = oneshot::channel();
         up.push(up_rx);
-        let shared = Shared {
-            ctx: ctx.clone(),
-            program: program.clone(),
-            instance: config.instance.clone(),
-            shutdown: shutdown_rx.clone(),
-        };
-        tasks.spawn(launch(p, shared, up_tx));
+        tasks.spawn(launch(p, shared.clone(), up_tx));
     }
     Ok(Server {
         addr,
@@ -254,6 +261,16 @@ struct Shared {
     program: Arc<Program>,
     instance: Option<String>,
     shutdown: watch::Receiver<bool>,
+    /// One lock per sink location, for the steps of bring-up one table takes one at a time.
+    gates: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Shared {
+    /// The lock of the table at `location`.
+    fn table_gate(&self, location: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.entry(location.to_string()).or_default().clone()
+    }
 }
 
 /// A pipeline checked and built before the listener binds (no I/O on its sink): a bad
@@ -265,8 +282,8 @@ struct Prepared {
     sink_def: sluice_sql::SinkDef,
     status: StatusHandle,
     health: Health,
-    sink: Arc<dyn crate::sink::Sink>,
-    source: Box<dyn crate::source::Source>,
+    sink: Arc<dyn crate::connector::sink::Sink>,
+    source: Box<dyn crate::connector::source::Source>,
     policy: BatchPolicy,
     budget: Arc<Budget>,
 }
@@ -389,19 +406,28 @@ async fn bring_up(
         Ok(built) => built,
         Err(e) => return Err(came_down(writer, e, up)),
     };
-    let run = tokio::spawn(task.run(rx));
-    // A source that failed to start drops its sender; its error is in the pipeline status.
-    let _ = started.await;
+    // The batch loop runs in this future (so it ends, and stops writing, with the lease's
+    // owner); it is up once its source takes input. A source that failed to start drops its
+    // sender: its error is in the pipeline's status and health (`/readyz`), and the server
+    // goes on with its other pipelines.
+    let mut run = std::pin::pin!(task.run(rx));
+    let ran = tokio::select! {
+        r = &mut run => Some(r),
+        _ = started => None,
+    };
     let _ = up.send(Ok(()));
+    let ran = match ran {
+        Some(r) => r,
+        None => run.await,
+    };
     // A pipeline whose source failed ends with the source's error (the pipeline itself
     // commits what it had first), so the server never exits 0 after a source error.
-    match run.await {
-        Ok(Ok(())) => match source_task.await {
+    match ran {
+        Ok(()) => match source_task.await {
             Ok(r) => r,
             Err(e) => Err(EngineError::Internal(format!("source task panicked: {e}"))),
         },
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(EngineError::Internal(format!("pipeline task panicked: {e}"))),
+        Err(e) => Err(e),
     }
 }
 
@@ -420,7 +446,7 @@ fn came_down(name: &str, e: EngineError, up: oneshot::Sender<Result<()>>) -> Eng
 /// the signal that the source takes input.
 type Built = (
     PipelineTask,
-    mpsc::Receiver<crate::source::Message>,
+    mpsc::Receiver<crate::connector::source::Message>,
     tokio::task::JoinHandle<Result<()>>,
     oneshot::Receiver<()>,
 );
@@ -443,7 +469,13 @@ async fn build(p: Prepared, shared: &Shared, writer: &str, fence: crate::store::
     let recovered = log.recover().await?;
     // A repair killed after its entry was written: its files move into place before the
     // stream goes on (plain readers would see both versions of a partition meanwhile).
-    crate::batch::reconcile::finish_interrupted_maintenance(sink.table()).await?;
+    // Pipelines writing one table finish it one at a time (only one can hold the maintenance
+    // lease; the others would go on before the moves are done).
+    {
+        let gate = shared.table_gate(&sink.table().location);
+        let _one_at_a_time = gate.lock().await;
+        crate::batch::reconcile::finish_interrupted_maintenance(sink.table()).await?;
+    }
     if recovered.orphans_removed + recovered.moves_completed > 0 {
         tracing::info!(pipeline = %def.name, orphans = recovered.orphans_removed, finished = recovered.moves_completed, "recovered sink table");
     }
@@ -484,7 +516,7 @@ async fn build(p: Prepared, shared: &Shared, writer: &str, fence: crate::store::
         budget: budget.clone(),
         committed: committed_rx,
         health: health.clone(),
-        log_positions: crate::source::LogPositions::new(log.clone(), &def.source),
+        log_positions: crate::connector::source::LogPositions::new(log.clone(), &def.source),
         lag,
     };
     let mut quality =
@@ -561,7 +593,7 @@ async fn restore_state(
 
 /// Runs a source; its error fails the pipeline's health and status (intake answers 503).
 fn spawn_source(
-    source: Box<dyn crate::source::Source>,
+    source: Box<dyn crate::connector::source::Source>,
     sctx: SourceContext,
     status: StatusHandle,
     health: Health,

@@ -91,9 +91,10 @@ impl Fence {
     /// Fails when the lease this fence belongs to was lost or could not be renewed in time.
     pub fn check(&self, writer: &str) -> Result<()> {
         if self.expired() {
-            return Err(EngineError::Fenced {
+            return Err(crate::error::CommitError::Fenced {
                 writer: writer.to_string(),
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -241,6 +242,8 @@ impl WriterLease {
 
     /// Releases the lease now (an object-store lease is marked released when still ours).
     pub async fn release(mut self) {
+        // Whatever still holds the fence (a task that outlived its owner) writes no more.
+        self.fence.lose();
         if let Some(r) = self.remote.take() {
             r.renewer.abort();
             release_if_ours(&r.table, &r.path, &r.holder).await;
@@ -250,6 +253,7 @@ impl WriterLease {
 
 impl Drop for WriterLease {
     fn drop(&mut self) {
+        self.fence.lose();
         if let Some(r) = self.remote.take() {
             r.renewer.abort();
             if let Ok(handle) = tokio::runtime::Handle::try_current() {

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use sluice_sql::{ConnectorCatalog, ConnectorSpec, Role, SinkDef, SourceDef};
 
 use crate::budget::BufferPolicy;
+use crate::connector::options::BatchPolicy;
+use crate::connector::sink::Sink;
+use crate::connector::source::Source;
 use crate::error::Result;
-use crate::pipeline::batcher::BatchPolicy;
-use crate::sink::Sink;
-use crate::source::Source;
 
 /// Makes sources of one connector.
 ///

@@ -35,7 +35,18 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{EngineError, Result};
-use crate::server::edge::refused;
+
+/// Counts a refused request or connection in `sluice_http_refused_total{reason}`.
+pub fn refused(reason: &'static str) {
+    metrics::counter!("sluice_http_refused_total", "reason" => reason).increment(1);
+}
+
+/// The subject of a verified client certificate (mTLS), as a request extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// The certificate's subject, e.g. `CN=producer-1, O=Acme`.
+    pub subject: String,
+}
 
 /// Longest token file line accepted.
 const MAX_LINE: usize = 4096;
