@@ -21,7 +21,7 @@ use crate::error::{EngineError, Result};
 use crate::event_time::state::StreamState;
 use crate::event_time::window::{WindowAggregate, add_isolating};
 use crate::log::commit::{
-    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, QualityEntry, TableSchema, TableSummary,
+    ArchiveFile, CommitEntry, CommitLog, Counts, DeadLetterFile, QualityEntry, StateEntry, TableSchema, TableSummary,
 };
 use crate::log::transaction::Transaction;
 use crate::pipeline::batcher::{BatchPolicy, Batcher};
@@ -314,35 +314,15 @@ impl PipelineTask {
         let started = Instant::now();
         let epoch = self.next_epoch;
         let now = chrono::Utc::now();
-        let mut dead: Vec<DeadLetter> = chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect();
-        let received: u64 = chunks.iter().map(|c| c.received() as u64).sum();
-        let mut principals = BTreeMap::<String, u64>::new();
-        for c in chunks {
-            if let Some(p) = &c.principal {
-                *principals.entry(p.clone()).or_default() += c.received() as u64;
-            }
-        }
-        // The chunks as they are (no concatenated copy of the epoch).
-        let input: Vec<RecordBatch> = chunks
-            .iter()
-            .filter(|c| c.batch.num_rows() > 0)
-            .map(|c| c.batch.clone())
-            .collect();
+        let Intake {
+            mut dead,
+            received,
+            principals,
+            input,
+        } = Intake::of(chunks);
         let decoded: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         let decode_dead = dead.len() as u64;
-        let mut profiles = Vec::new();
-        if self.quality.profile {
-            // Profiling informs; it never blocks a commit.
-            let profiled = if self.quality.full_source {
-                profile_batches(&input, self.plan.input_schema())
-            } else {
-                profile::exact_figures(&input, self.plan.input_schema())
-            };
-            match profiled {
-                Ok(p) => profiles.push((Side::Source, self.source.clone(), p)),
-                Err(e) => tracing::warn!(pipeline = %self.name, epoch, error = %e, "source profile skipped"),
-            }
-        }
+        let mut profiles: Vec<(Side, String, Vec<ColumnProfile>)> = self.profile_source(&input, epoch).into_iter().collect();
         let checked = self.quality.source.check(&self.name, input).await?;
         let mut violations = checked.violations;
         let mut dropped =
@@ -359,20 +339,7 @@ impl PipelineTask {
         }
         // Event time: late rows and repeats leave before the plan; late rows are still
         // archived (reconciliation brings them into the batch view), repeats are not.
-        let split = match &mut self.state {
-            Some(st) => {
-                if st.stale {
-                    let windowed = &self.windowed;
-                    st.reload(&self.log, || windowed.as_ref().map(|w| w.state()).transpose())
-                        .await?;
-                }
-                st.event_time.split(&checked.kept)?
-            }
-            None => crate::event_time::Split {
-                kept: checked.kept,
-                ..Default::default()
-            },
-        };
+        let split = self.split_event_time(checked.kept).await?;
         let (kept, late, duplicates) = (split.kept, split.late, split.duplicates);
         let late_rows: u64 = late.iter().map(|b| b.num_rows() as u64).sum();
         let dead_letter_late = self
@@ -423,68 +390,32 @@ impl PipelineTask {
                 .map(|f| self.expectation_letter(Side::Sink, epoch, f)),
         );
         let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
-        let mut drift = (BTreeMap::new(), Vec::new());
-        let sink_profile = if self.quality.profile {
-            profile_batches(&output, self.output_schema())
-                .map_err(|e| tracing::warn!(pipeline = %self.name, epoch, error = %e, "sink profile skipped"))
-                .ok()
-        } else {
-            None
+        let drift = match self.profile_sink(&output, epoch, now, written) {
+            Some((p, drift)) => {
+                profiles.push((Side::Sink, self.name.clone(), p));
+                drift
+            }
+            None => (BTreeMap::new(), Vec::new()),
         };
-        if let Some(mut p) = sink_profile {
-            profile::set_freshness(&mut p, self.output_schema(), now);
-            let values = crate::quality::drift::metrics(written, &p);
-            let events = self.quality.drift.evaluate(epoch, now.timestamp_millis(), &values);
-            drift = (values, events);
-            profiles.push((Side::Sink, self.name.clone(), p));
-        }
 
         let files = self.sink.stage(&self.log, epoch, output).await?;
-        let mut dead_letters = Vec::new();
-        if !dead.is_empty() {
-            // Named by pipeline and epoch only (never the clock), like every staged file.
-            let path = dead_letter_path(self.log.writer(), epoch);
-            self.log.stage(&path, to_ndjson(&dead)).await?;
-            dead_letters.push(DeadLetterFile {
-                path,
-                records: dead.len() as u64,
-            });
-        }
+        let dead_letters = self.stage_dead_letters(epoch, &dead).await?;
         let (quality, profile_bytes) = self.stage_quality(epoch, now, profiles, violations, drift).await?;
-        let mut archive = None;
-        if let Some(task) = archiving {
-            let (rows, bytes) = task
-                .await
-                .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
-            if rows > 0 {
-                let path = crate::batch::archive::archive_path(self.log.writer(), epoch, now);
-                let size = bytes.len() as u64;
-                self.log.stage(&path, bytes).await?;
-                archive = Some(ArchiveFile {
-                    path,
-                    rows,
-                    bytes: size,
-                });
-            }
-        }
-        let state = match &mut self.state {
-            Some(st) => {
-                let mut s = st.checkpoint(&self.log, epoch).await?;
-                s.late = late_rows;
-                s.duplicates = duplicates;
-                s.dirty = dirty;
-                s.windows_emitted = windows_emitted;
-                s.unarchived = !self.archive;
-                if crate::crash::fails_alternately("after_state") {
-                    return Err(EngineError::Io {
-                        context: "staging an epoch (injected after its state changed: SLUICE_FAIL_AT=after_state)".into(),
-                        source: std::io::Error::other("injected"),
-                    });
-                }
-                Some(s)
-            }
+        let archive = match archiving {
+            Some(task) => self.stage_archive(task, epoch, now).await?,
             None => None,
         };
+        let state = self
+            .checkpoint_state(
+                epoch,
+                EpochState {
+                    late: late_rows,
+                    duplicates,
+                    dirty,
+                    windows_emitted,
+                },
+            )
+            .await?;
         let late_dead = dead.iter().filter(|d| d.stage == Stage::Late).count() as u64;
         // Rows an event-time policy dropped (late with `drop`, repeats): in `dropped`, but not
         // the expectations'.
@@ -515,6 +446,125 @@ impl PipelineTask {
             started,
             profile_bytes,
         })
+    }
+
+    /// The source-side profile of the epoch's input, when profiling (it informs; it never
+    /// blocks a commit).
+    fn profile_source(&self, input: &[RecordBatch], epoch: u64) -> Option<(Side, String, Vec<ColumnProfile>)> {
+        if !self.quality.profile {
+            return None;
+        }
+        let profiled = if self.quality.full_source {
+            profile_batches(input, self.plan.input_schema())
+        } else {
+            profile::exact_figures(input, self.plan.input_schema())
+        };
+        match profiled {
+            Ok(p) => Some((Side::Source, self.source.clone(), p)),
+            Err(e) => {
+                tracing::warn!(pipeline = %self.name, epoch, error = %e, "source profile skipped");
+                None
+            }
+        }
+    }
+
+    /// The sink-side profile of the epoch's output and its drift figures and anomaly events,
+    /// when profiling.
+    fn profile_sink(
+        &mut self,
+        output: &[RecordBatch],
+        epoch: u64,
+        now: chrono::DateTime<chrono::Utc>,
+        written: u64,
+    ) -> Option<(Vec<ColumnProfile>, (BTreeMap<String, f64>, Vec<AnomalyEvent>))> {
+        if !self.quality.profile {
+            return None;
+        }
+        let mut p = profile_batches(output, self.output_schema())
+            .map_err(|e| tracing::warn!(pipeline = %self.name, epoch, error = %e, "sink profile skipped"))
+            .ok()?;
+        profile::set_freshness(&mut p, self.output_schema(), now);
+        let values = crate::quality::drift::metrics(written, &p);
+        let events = self.quality.drift.evaluate(epoch, now.timestamp_millis(), &values);
+        Some((p, (values, events)))
+    }
+
+    /// Event time: late rows and repeats leave `kept` (the state reloaded first when a failed
+    /// epoch left it stale); without event time every row is kept.
+    async fn split_event_time(&mut self, kept: Vec<RecordBatch>) -> Result<crate::event_time::Split> {
+        match &mut self.state {
+            Some(st) => {
+                if st.stale {
+                    let windowed = &self.windowed;
+                    st.reload(&self.log, || windowed.as_ref().map(|w| w.state()).transpose())
+                        .await?;
+                }
+                st.event_time.split(&kept)
+            }
+            None => Ok(crate::event_time::Split {
+                kept,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Stages the epoch's dead letters as one NDJSON file, named by pipeline and epoch only
+    /// (never the clock), like every staged file.
+    async fn stage_dead_letters(&self, epoch: u64, dead: &[DeadLetter]) -> Result<Vec<DeadLetterFile>> {
+        if dead.is_empty() {
+            return Ok(Vec::new());
+        }
+        let path = dead_letter_path(self.log.writer(), epoch);
+        self.log.stage(&path, to_ndjson(dead)).await?;
+        Ok(vec![DeadLetterFile {
+            path,
+            records: dead.len() as u64,
+        }])
+    }
+
+    /// Stages the epoch's raw-archive file once its encoding finished (none when no row was
+    /// archived).
+    async fn stage_archive(
+        &self,
+        task: tokio::task::JoinHandle<Result<(u64, Vec<u8>)>>,
+        epoch: u64,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<ArchiveFile>> {
+        let (rows, bytes) = task
+            .await
+            .map_err(|e| EngineError::Internal(format!("archive encode task failed: {e}")))??;
+        if rows == 0 {
+            return Ok(None);
+        }
+        let path = crate::batch::archive::archive_path(self.log.writer(), epoch, now);
+        let size = bytes.len() as u64;
+        self.log.stage(&path, bytes).await?;
+        Ok(Some(ArchiveFile {
+            path,
+            rows,
+            bytes: size,
+        }))
+    }
+
+    /// Stages the event-time state after the epoch (windows, dedup keys), when the source has
+    /// event time, with the epoch's late rows, repeats and dirty partitions.
+    async fn checkpoint_state(&mut self, epoch: u64, e: EpochState) -> Result<Option<StateEntry>> {
+        let Some(st) = &mut self.state else {
+            return Ok(None);
+        };
+        let mut s = st.checkpoint(&self.log, epoch).await?;
+        s.late = e.late;
+        s.duplicates = e.duplicates;
+        s.dirty = e.dirty;
+        s.windows_emitted = e.windows_emitted;
+        s.unarchived = !self.archive;
+        if crate::crash::fails_alternately("after_state") {
+            return Err(EngineError::Io {
+                context: "staging an epoch (injected after its state changed: SLUICE_FAIL_AT=after_state)".into(),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        Ok(Some(s))
     }
 
     /// Stages the epoch's profile file (when profiling) and returns the entry's quality part
@@ -923,6 +973,44 @@ struct Staged {
     started: Instant,
     /// Bytes of its profile file (0 without one).
     profile_bytes: u64,
+}
+
+/// What a micro-batch's chunks hold together: their dead letters (from decoding), records
+/// received (in all and per sender) and the decoded rows, as they are (no concatenated copy).
+struct Intake {
+    dead: Vec<DeadLetter>,
+    received: u64,
+    principals: BTreeMap<String, u64>,
+    input: Vec<RecordBatch>,
+}
+
+impl Intake {
+    fn of(chunks: &[Chunk]) -> Intake {
+        let mut principals = BTreeMap::<String, u64>::new();
+        for c in chunks {
+            if let Some(p) = &c.principal {
+                *principals.entry(p.clone()).or_default() += c.received() as u64;
+            }
+        }
+        Intake {
+            dead: chunks.iter().flat_map(|c| c.dead_letters.iter().cloned()).collect(),
+            received: chunks.iter().map(|c| c.received() as u64).sum(),
+            principals,
+            input: chunks
+                .iter()
+                .filter(|c| c.batch.num_rows() > 0)
+                .map(|c| c.batch.clone())
+                .collect(),
+        }
+    }
+}
+
+/// What an epoch did to the event-time state, recorded with it.
+struct EpochState {
+    late: u64,
+    duplicates: u64,
+    dirty: Vec<String>,
+    windows_emitted: u64,
 }
 
 /// Where the dead letters of `pipeline`'s `epoch` go: `_sluice/dead_letter/<pipeline>/<epoch>.ndjson`.
