@@ -333,25 +333,13 @@ impl PipelineTask {
                 .into_iter()
                 .map(|f| self.expectation_letter(Side::Source, epoch, f)),
         );
-        let mut positions = self.positions.clone();
-        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
-            positions.insert(self.source.clone(), p);
-        }
+        let positions = self.positions_after(chunks);
         // Event time: late rows and repeats leave before the plan; late rows are still
         // archived (reconciliation brings them into the batch view), repeats are not.
         let split = self.split_event_time(checked.kept).await?;
         let (kept, late, duplicates) = (split.kept, split.late, split.duplicates);
         let late_rows: u64 = late.iter().map(|b| b.num_rows() as u64).sum();
-        let dead_letter_late = self
-            .state
-            .as_ref()
-            .is_some_and(|st| st.event_time.def.late == sluice_sql::LatePolicy::DeadLetter);
-        if dead_letter_late {
-            dead.extend(self.late_letters(&late, &split.reasons));
-        } else {
-            dropped += late_rows;
-        }
-        dropped += duplicates;
+        dropped += self.apply_late_policy(&late, &split.reasons, &mut dead) + duplicates;
         // The raw archive of what the SQL reads is encoded on a blocking thread while the plan
         // runs (on one thread: the plan and the sink's encoder have the other cores). Rows the
         // plan fails on are rare: the archive is then encoded again without them.
@@ -375,20 +363,12 @@ impl PipelineTask {
         let late_rows = late_rows + closed_rows;
         let dirty = if late.is_empty() { Vec::new() } else { self.dirty_partitions(&late).await };
 
-        let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-        let checked = self.quality.sink.check(&self.name, output).await?;
+        let sink = self.check_sink(output, epoch, &mut dead).await?;
         // Quarantined whole: every event is a dead letter, none is archived.
-        let archiving = archiving.filter(|_| !checked.dead.iter().any(|f| f.quarantined));
-        violations.extend(checked.violations);
-        let output = checked.kept;
-        let written: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-        dropped += produced - written - checked.dead.len() as u64;
-        dead.extend(
-            checked
-                .dead
-                .into_iter()
-                .map(|f| self.expectation_letter(Side::Sink, epoch, f)),
-        );
+        let archiving = archiving.filter(|_| !sink.quarantined);
+        violations.extend(sink.violations);
+        let (output, written) = (sink.kept, sink.written);
+        dropped += sink.dropped;
         let expectation_dead = dead.iter().filter(|d| d.stage == Stage::Expectation).count() as u64;
         let drift = match self.profile_sink(&output, epoch, now, written) {
             Some((p, drift)) => {
@@ -445,6 +425,52 @@ impl PipelineTask {
             policy_dropped,
             started,
             profile_bytes,
+        })
+    }
+
+    /// Late rows go to dead letters (`'late' 'dead_letter'`) or are dropped; returns how
+    /// many were dropped.
+    fn apply_late_policy(&self, late: &[RecordBatch], reasons: &[String], dead: &mut Vec<DeadLetter>) -> u64 {
+        let to_dead_letters = self
+            .state
+            .as_ref()
+            .is_some_and(|st| st.event_time.def.late == sluice_sql::LatePolicy::DeadLetter);
+        if to_dead_letters {
+            dead.extend(self.late_letters(late, reasons));
+            0
+        } else {
+            late.iter().map(|b| b.num_rows() as u64).sum()
+        }
+    }
+
+    /// The source positions after `chunks`: the newest chunk's position for this source.
+    fn positions_after(&self, chunks: &[Chunk]) -> BTreeMap<String, serde_json::Value> {
+        let mut positions = self.positions.clone();
+        if let Some(p) = chunks.iter().rev().find_map(|c| c.position.clone()) {
+            positions.insert(self.source.clone(), p);
+        }
+        positions
+    }
+
+    /// Runs the sink-side expectations over the epoch's output; the rows they fail join `dead`.
+    async fn check_sink(&self, output: Vec<RecordBatch>, epoch: u64, dead: &mut Vec<DeadLetter>) -> Result<SinkChecked> {
+        let produced: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        let checked = self.quality.sink.check(&self.name, output).await?;
+        let quarantined = checked.dead.iter().any(|f| f.quarantined);
+        let written: u64 = checked.kept.iter().map(|b| b.num_rows() as u64).sum();
+        let dropped = produced - written - checked.dead.len() as u64;
+        dead.extend(
+            checked
+                .dead
+                .into_iter()
+                .map(|f| self.expectation_letter(Side::Sink, epoch, f)),
+        );
+        Ok(SinkChecked {
+            kept: checked.kept,
+            written,
+            dropped,
+            violations: checked.violations,
+            quarantined,
         })
     }
 
@@ -1003,6 +1029,20 @@ impl Intake {
                 .collect(),
         }
     }
+}
+
+/// An epoch's output after the sink-side expectations.
+struct SinkChecked {
+    /// The rows that go to the sink.
+    kept: Vec<RecordBatch>,
+    /// How many.
+    written: u64,
+    /// Rows `ON VIOLATION DROP` dropped.
+    dropped: u64,
+    /// Violations per expectation.
+    violations: BTreeMap<String, crate::quality::expect::Violations>,
+    /// The epoch was quarantined whole (every event a dead letter, none archived).
+    quarantined: bool,
 }
 
 /// What an epoch did to the event-time state, recorded with it.
