@@ -229,7 +229,119 @@ pub async fn reconcile(
     progress: Progress<'_>,
 ) -> Result<ReconcileReport> {
     let (def, sink_def) = pipeline_and_sink(program, pipeline)?;
-    let key: Vec<String> = sink_def
+    let key = sink_key(sink_def);
+    let table = sink.table().clone();
+    let (log, lease) = open_log(&table, opts.repair).await?;
+    let snap = log.snapshot().await?;
+    let Range {
+        epochs,
+        windows,
+        live,
+        late_partitions,
+        archive_paths,
+        archive_events,
+    } = select_range(&table, def, snap.folded(), opts.range).await?;
+    let covered = |span: [u64; 2]| covers(epochs, span);
+
+    // The stream side is read and digested while the batch side is recomputed.
+    let seed = Seed::random();
+    let key: Arc<[String]> = key.into();
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stream_units: Vec<Unit> = live
+        .iter()
+        .filter(|(_, o)| covered(o.epochs))
+        .map(|(f, _)| Unit::Stream(partition_dir(f), f.path.clone(), snap.newest_epoch()))
+        .collect();
+    let stream_side = tokio::spawn(run_units(table.clone(), stream_units, key.clone(), seed.clone(), parallel));
+    let started = std::time::Instant::now();
+    progress("recomputing", 0, archive_paths.len() as u64);
+    // The batch side is digested as the recompute streams it, per partition of the plan; its
+    // rows are kept only for a repair (which stages them).
+    let computed = recompute_batch_side(
+        BatchSide {
+            ctx,
+            program,
+            def,
+            table: &table,
+            archive_paths: &archive_paths,
+            windows: windows.as_ref(),
+            sink: sink.clone(),
+        },
+        key.clone(),
+        seed.clone(),
+        opts,
+    )
+    .await?;
+    progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
+    let next_epoch = snap.newest_epoch() + 1;
+    let recomputed = started.elapsed();
+
+    // Both sides by partition.
+    let mut sides: BTreeMap<String, Vec<FileAction>> = BTreeMap::new();
+    for (f, origin) in &live {
+        if covered(origin.epochs) {
+            sides.entry(partition_dir(f)).or_default().push(f.clone());
+        }
+    }
+    for dir in computed.digests.keys() {
+        sides.entry(dir.clone()).or_default();
+    }
+    let total = sides.len() as u64;
+    progress("comparing", 0, total);
+    let mut digested = stream_side
+        .await
+        .map_err(|e| EngineError::Internal(format!("reading the stream side failed: {e}")))?;
+    digested.extend(computed.digests.into_iter().map(|(dir, d)| Ok((dir, Outcome::Batch(d)))));
+    let Compared {
+        partitions,
+        repair_parts,
+        strays,
+    } = compare(&table, &log, sides, digested, (&key, &seed, parallel)).await?;
+    progress("comparing", total, total);
+    tracing::debug!(
+        recompute_ms = recomputed.as_millis() as u64,
+        compare_ms = (started.elapsed() - recomputed).as_millis() as u64,
+        partitions = total,
+        "reconcile phases"
+    );
+    let differing = repair_parts.len();
+    let mut report = ReconcileReport {
+        pipeline: def.name.clone(),
+        sink: table.location.clone(),
+        range: opts.range,
+        epochs,
+        archive_files: archive_paths.len(),
+        archive_events,
+        partitions,
+        differing,
+        late_partitions,
+        repair: None,
+        warnings: volatile_calls(def),
+    };
+    if opts.repair && differing > 0 {
+        let origin = Origin {
+            pipeline: def.name.clone(),
+            epochs: epochs.unwrap_or([next_epoch, next_epoch]),
+        };
+        let schema = TableSchema::of(&shadow.stored_schema(), &sink_def.partition_by);
+        let planned = PlannedRepair {
+            origin,
+            schema,
+            epoch: next_epoch,
+            parts: repair_parts,
+            strays,
+        };
+        report.repair = Some(repair(&log, &shadow, planned, computed.rows).await?);
+    }
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    Ok(report)
+}
+
+/// The sink's `key` option: the columns that identify a row (none: rows compare whole).
+fn sink_key(sink_def: &sluice_sql::SinkDef) -> Vec<String> {
+    sink_def
         .options
         .get("key")
         .map(|k| {
@@ -238,30 +350,231 @@ pub async fn reconcile(
                 .filter(|s| !s.is_empty())
                 .collect()
         })
-        .unwrap_or_default();
-    let table = sink.table().clone();
-    // A repair holds the lease throughout (its commit is fenced by it); a report finishes an
-    // interrupted repair first when no maintenance job runs (else both versions of a partition
-    // would be compared).
-    let (log, lease) = if opts.repair {
-        let lease = WriterLease::acquire(&table, MAINTENANCE_WRITER).await?;
+        .unwrap_or_default()
+}
+
+/// The log a reconcile reads (and a repair commits to). A repair holds the maintenance lease
+/// throughout (its commit is fenced by it); a report finishes an interrupted repair first
+/// when no maintenance job runs (else both versions of a partition would be compared).
+async fn open_log(table: &TableStore, repair: bool) -> Result<(CommitLog, Option<WriterLease>)> {
+    if repair {
+        let lease = WriterLease::acquire(table, MAINTENANCE_WRITER).await?;
         let log = CommitLog::new(table.clone(), MAINTENANCE_WRITER).with_fence(lease.fence());
         log.recover().await?;
-        (log, Some(lease))
+        Ok((log, Some(lease)))
     } else {
-        finish_interrupted_maintenance(&table).await?;
-        (CommitLog::new(table.clone(), MAINTENANCE_WRITER), None)
-    };
-    let snap = log.snapshot().await?;
-    let folded = snap.folded();
+        finish_interrupted_maintenance(table).await?;
+        Ok((CommitLog::new(table.clone(), MAINTENANCE_WRITER), None))
+    }
+}
 
+/// What the comparison found: each partition's report, the files a repair would remove per
+/// differing partition, and the strays among them.
+struct Compared {
+    partitions: Vec<PartitionReport>,
+    repair_parts: Vec<(String, Vec<String>)>,
+    strays: BTreeSet<String>,
+}
+
+/// The comparison phase: files in the partition directories that no entry names are listed
+/// first, then the log is read again (a commit names its files before they move into place,
+/// so a file the stream committed meanwhile is named by the second read and is never taken
+/// for a stray); strays are digested like the stream's files, one per core at a time; with
+/// the stream's and the batch's digests (`digested`) each partition gets its verdict.
+async fn compare(
+    table: &TableStore,
+    log: &CommitLog,
+    sides: BTreeMap<String, Vec<FileAction>>,
+    digested: Vec<Result<(String, Outcome)>>,
+    (key, seed, parallel): (&Arc<[String]>, &Seed, usize),
+) -> Result<Compared> {
+    let mut listed = BTreeMap::new();
+    for dir in sides.keys() {
+        listed.insert(dir.clone(), list_parquet(table, dir).await?);
+    }
+    let again = log.snapshot().await?;
+    let mut named: BTreeSet<String> = again.live_paths().into_iter().collect();
+    named.extend(again.after.iter().flat_map(|e| e.add.iter().map(|a| a.path.clone())));
+    let mut units = Vec::new();
+    let mut partition_sides = Vec::with_capacity(sides.len());
+    for (dir, stream) in sides {
+        let stray: Vec<String> = listed
+            .remove(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !named.contains(p))
+            .collect();
+        units.extend(stray.iter().map(|p| Unit::Stray(dir.clone(), p.clone())));
+        partition_sides.push(Side { dir, stream, stray });
+    }
+    let mut outcomes = run_units(table.clone(), units, key.clone(), seed.clone(), parallel).await;
+    outcomes.extend(digested);
+    let mut acc: BTreeMap<String, Accumulated> = BTreeMap::new();
+    for next in outcomes {
+        let (dir, outcome) = next?;
+        let a = acc.entry(dir).or_default();
+        match outcome {
+            Outcome::Stream(d) => a.stream.merge(d),
+            Outcome::Batch(d) => a.batch.merge(d),
+            Outcome::Missing(path) => a.missing_files.push(path),
+            Outcome::Unreadable => a.unreadable = true,
+        }
+    }
+    let mut out = Compared {
+        partitions: Vec::new(),
+        repair_parts: Vec::new(),
+        strays: BTreeSet::new(),
+    };
+    for side in partition_sides {
+        let mut a = acc.remove(&side.dir).unwrap_or_default();
+        a.missing_files.sort();
+        let (report, remove) = verdict(side, a, !key.is_empty());
+        if let Some(remove) = remove {
+            out.strays.extend(report.stray_files.iter().cloned());
+            out.repair_parts.push((report.partition.clone(), remove));
+        }
+        out.partitions.push(report);
+    }
+    Ok(out)
+}
+
+/// What the batch side of a reconcile recomputes from.
+struct BatchSide<'a> {
+    ctx: &'a SessionContext,
+    program: &'a Program,
+    def: &'a PipelineDef,
+    table: &'a TableStore,
+    archive_paths: &'a [String],
+    windows: Option<&'a Windows>,
+    sink: Arc<dyn Sink>,
+}
+
+/// The batch side: the range recomputed from its archive files (on the cluster when `opts`
+/// says so), its windows closed for a windowed pipeline, through the sink's row-level
+/// expectations, digested per partition as it streams (its rows kept only for a repair).
+async fn recompute_batch_side(b: BatchSide<'_>, key: Arc<[String]>, seed: Seed, opts: &ReconcileOptions) -> Result<Computed> {
+    let BatchSide {
+        ctx,
+        program,
+        def,
+        table,
+        archive_paths,
+        windows,
+        sink,
+    } = b;
+    let computed = if archive_paths.is_empty() {
+        Computed::default()
+    } else {
+        let frame = recompute(
+            opts.exec.as_ref().unwrap_or(ctx),
+            opts.exec.is_some(),
+            program,
+            def,
+            table,
+            archive_paths,
+        )
+        .await?;
+        let frame = match (&def.window, windows) {
+            (Some(w), Some(bounds)) => {
+                let rows = recompute_windows(ctx, frame, w, bounds).await?;
+                (!rows.is_empty()).then(|| ctx.read_batches(rows)).transpose()?
+            }
+            _ => Some(frame),
+        };
+        match frame {
+            Some(frame) => {
+                // Through the sink's row-level expectations, as the stream's output goes.
+                let mut out = frame;
+                for e in removing_checks(program, &def.name) {
+                    out = out.filter(e.is_not_false())?;
+                }
+                digest_batch_side(out, sink, key, seed, opts.repair).await?
+            }
+            None => Computed::default(),
+        }
+    };
+    Ok(computed)
+}
+
+/// A repair as the comparison planned it: per differing partition, the files to remove; the
+/// strays among them; whose epochs the new files cover; the table's schema; its epoch.
+struct PlannedRepair {
+    origin: Origin,
+    schema: TableSchema,
+    epoch: u64,
+    parts: Vec<(String, Vec<String>)>,
+    strays: BTreeSet<String>,
+}
+
+/// Encodes the batch result with the sink itself on the scratch store, then commits the
+/// differing partitions' files in place of the stream's, as one maintenance commit.
+async fn repair(
+    log: &CommitLog,
+    shadow: &Arc<dyn Sink>,
+    plan: PlannedRepair,
+    rows: Vec<RecordBatch>,
+) -> Result<RepairReport> {
+    let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);
+    let files = shadow.stage(&shadow_log, plan.epoch, rows).await?;
+    let parts = plan
+        .parts
+        .into_iter()
+        .map(|(dir, remove)| {
+            (
+                remove,
+                files.iter().filter(|f| partition_dir(f) == dir).cloned().collect(),
+            )
+        })
+        .collect();
+    let job = Repair {
+        log,
+        shadow: shadow.table(),
+        shadow_log: &shadow_log,
+        origin: plan.origin,
+        schema: plan.schema,
+        epoch: plan.epoch,
+        strays: plan.strays,
+    };
+    job.commit(parts).await
+}
+
+/// The stream epochs a range covers, widened to whole files: the span `[lo, hi]`.
+fn covers(epochs: Option<[u64; 2]>, [a, b]: [u64; 2]) -> bool {
+    epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo)
+}
+
+/// What a range of a reconcile reads and compares (its first phase).
+struct Range {
+    /// The stream epochs covered, widened so that every file is whole in or out.
+    epochs: Option<[u64; 2]>,
+    /// For a windowed pipeline, the windows to recompute.
+    windows: Option<Windows>,
+    /// The pipeline's live files and the epochs they cover.
+    live: Vec<(FileAction, Origin)>,
+    /// Partitions late rows of the range would have written to.
+    late_partitions: Vec<String>,
+    /// The raw-archive files to recompute from.
+    archive_paths: Vec<String>,
+    /// Events in them.
+    archive_events: u64,
+}
+
+/// Selects the range: the stream epochs committed in `range` (widened to whole files), the
+/// windows a windowed pipeline emitted in them, and the archive files that recompute them;
+/// refused when the archive cannot (it was off, or is gone, or several instances wrote windows).
+async fn select_range(
+    table: &TableStore,
+    def: &PipelineDef,
+    folded: crate::log::checkpoint::Checkpoint,
+    range: TimeRange,
+) -> Result<Range> {
     // The stream epochs of the range, widened to whole files.
     let mine: Vec<&EntrySummary> = folded.index.iter().filter(|e| e.pipeline == def.name).collect();
     let in_range: Vec<u64> = mine
         .iter()
         .filter(|e| {
             chrono::DateTime::parse_from_rfc3339(&e.committed_at)
-                .is_ok_and(|t| opts.range.contains(t.timestamp_micros()))
+                .is_ok_and(|t| range.contains(t.timestamp_micros()))
         })
         .map(|e| e.epoch)
         .collect();
@@ -287,7 +600,7 @@ pub async fn reconcile(
         }
         _ => None,
     };
-    let covered = |[a, b]: [u64; 2]| epochs.is_some_and(|[lo, hi]| a <= hi && b >= lo);
+    let covered = |span: [u64; 2]| covers(epochs, span);
     // A windowed pipeline emitted, in the range's epochs, the windows ending after the
     // watermark before them and by the watermark after them; those windows take rows from
     // any later epoch (late rows included), so the archive is read from the first epoch that
@@ -385,183 +698,14 @@ pub async fn reconcile(
         }
     }
     let archive_events: u64 = archived.iter().filter_map(|e| e.archive.as_ref().map(|a| a.rows)).sum();
-
-    // The stream side is read and digested while the batch side is recomputed.
-    let seed = Seed::random();
-    let key: Arc<[String]> = key.into();
-    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let stream_units: Vec<Unit> = live
-        .iter()
-        .filter(|(_, o)| covered(o.epochs))
-        .map(|(f, _)| Unit::Stream(partition_dir(f), f.path.clone(), snap.newest_epoch()))
-        .collect();
-    let stream_side = tokio::spawn(run_units(
-        table.clone(),
-        stream_units,
-        key.clone(),
-        seed.clone(),
-        parallel,
-    ));
-    let started = std::time::Instant::now();
-    progress("recomputing", 0, archive_paths.len() as u64);
-    // The batch side is digested as the recompute streams it, per partition of the plan; its
-    // rows are kept only for a repair (which stages them).
-    let computed = if archive_paths.is_empty() {
-        Computed::default()
-    } else {
-        let frame = recompute(
-            opts.exec.as_ref().unwrap_or(ctx),
-            opts.exec.is_some(),
-            program,
-            def,
-            &table,
-            &archive_paths,
-        )
-        .await?;
-        let frame = match (&def.window, &windows) {
-            (Some(w), Some(bounds)) => {
-                let rows = recompute_windows(ctx, frame, w, bounds).await?;
-                (!rows.is_empty()).then(|| ctx.read_batches(rows)).transpose()?
-            }
-            _ => Some(frame),
-        };
-        match frame {
-            Some(frame) => {
-                // Through the sink's row-level expectations, as the stream's output goes.
-                let mut out = frame;
-                for e in removing_checks(program, &def.name) {
-                    out = out.filter(e.is_not_false())?;
-                }
-                digest_batch_side(out, sink.clone(), key.clone(), seed.clone(), opts.repair).await?
-            }
-            None => Computed::default(),
-        }
-    };
-    progress("recomputing", archive_paths.len() as u64, archive_paths.len() as u64);
-    let next_epoch = snap.newest_epoch() + 1;
-    let recomputed = started.elapsed();
-
-    // Both sides by partition.
-    let mut sides: BTreeMap<String, Vec<FileAction>> = BTreeMap::new();
-    for (f, origin) in &live {
-        if covered(origin.epochs) {
-            sides.entry(partition_dir(f)).or_default().push(f.clone());
-        }
-    }
-    for dir in computed.digests.keys() {
-        sides.entry(dir.clone()).or_default();
-    }
-    // Files in the partition directories that no entry names: listed first, then the log read
-    // again (a commit names its files before they move into place, so a file the stream
-    // committed meanwhile is named by the second read and is never taken for a stray).
-    let mut listed = BTreeMap::new();
-    for dir in sides.keys() {
-        listed.insert(dir.clone(), list_parquet(&table, dir).await?);
-    }
-    let again = log.snapshot().await?;
-    let mut named: BTreeSet<String> = again.live_paths().into_iter().collect();
-    named.extend(again.after.iter().flat_map(|e| e.add.iter().map(|a| a.path.clone())));
-    let total = sides.len() as u64;
-    let mut partitions = Vec::new();
-    let mut repair_parts: Vec<(String, Vec<String>)> = Vec::new();
-    let mut strays = BTreeSet::new();
-    // Stray files are read and digested like the stream's, one per core at a time.
-    let mut units = Vec::new();
-    let mut partition_sides = Vec::with_capacity(sides.len());
-    for (dir, stream) in sides {
-        let stray: Vec<String> = listed
-            .remove(&dir)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| !named.contains(p))
-            .collect();
-        units.extend(stray.iter().map(|p| Unit::Stray(dir.clone(), p.clone())));
-        partition_sides.push(Side { dir, stream, stray });
-    }
-    progress("comparing", 0, total);
-    let mut outcomes = run_units(table.clone(), units, key.clone(), seed.clone(), parallel).await;
-    outcomes.extend(
-        stream_side
-            .await
-            .map_err(|e| EngineError::Internal(format!("reading the stream side failed: {e}")))?,
-    );
-    outcomes.extend(computed.digests.into_iter().map(|(dir, d)| Ok((dir, Outcome::Batch(d)))));
-    progress("comparing", total, total);
-    let mut acc: BTreeMap<String, Accumulated> = BTreeMap::new();
-    for next in outcomes {
-        let (dir, outcome) = next?;
-        let a = acc.entry(dir).or_default();
-        match outcome {
-            Outcome::Stream(d) => a.stream.merge(d),
-            Outcome::Batch(d) => a.batch.merge(d),
-            Outcome::Missing(path) => a.missing_files.push(path),
-            Outcome::Unreadable => a.unreadable = true,
-        }
-    }
-    for side in partition_sides {
-        let mut a = acc.remove(&side.dir).unwrap_or_default();
-        a.missing_files.sort();
-        let (report, remove) = verdict(side, a, !key.is_empty());
-        if let Some(remove) = remove {
-            strays.extend(report.stray_files.iter().cloned());
-            repair_parts.push((report.partition.clone(), remove));
-        }
-        partitions.push(report);
-    }
-    tracing::debug!(
-        recompute_ms = recomputed.as_millis() as u64,
-        compare_ms = (started.elapsed() - recomputed).as_millis() as u64,
-        partitions = total,
-        "reconcile phases"
-    );
-    let differing = repair_parts.len();
-    let mut report = ReconcileReport {
-        pipeline: def.name.clone(),
-        sink: table.location.clone(),
-        range: opts.range,
+    Ok(Range {
         epochs,
-        archive_files: archive_paths.len(),
-        archive_events,
-        partitions,
-        differing,
+        windows,
+        live,
         late_partitions,
-        repair: None,
-        warnings: volatile_calls(def),
-    };
-    if opts.repair && differing > 0 {
-        let origin = Origin {
-            pipeline: def.name.clone(),
-            epochs: epochs.unwrap_or([next_epoch, next_epoch]),
-        };
-        let schema = TableSchema::of(&shadow.stored_schema(), &sink_def.partition_by);
-        // The batch result encoded by the sink itself on the scratch store; the files of the
-        // differing partitions are copied into the table's staging by the repair.
-        let shadow_log = CommitLog::new(shadow.table().clone(), MAINTENANCE_WRITER);
-        let files = shadow.stage(&shadow_log, next_epoch, computed.rows).await?;
-        let parts = repair_parts
-            .into_iter()
-            .map(|(dir, remove)| {
-                (
-                    remove,
-                    files.iter().filter(|f| partition_dir(f) == dir).cloned().collect(),
-                )
-            })
-            .collect();
-        let job = Repair {
-            log: &log,
-            shadow: shadow.table(),
-            shadow_log: &shadow_log,
-            origin,
-            schema,
-            epoch: next_epoch,
-            strays,
-        };
-        report.repair = Some(job.commit(parts).await?);
-    }
-    if let Some(lease) = lease {
-        lease.release().await;
-    }
-    Ok(report)
+        archive_paths,
+        archive_events,
+    })
 }
 
 /// Finishes the newest maintenance entry's moves when no maintenance job holds the lease (a
