@@ -329,7 +329,9 @@ pub fn run_to_exit(args: &[&str], cwd: &Path) -> (i32, String) {
         .stderr(err.reopen().expect("stderr"))
         .spawn()
         .expect("spawn sluice");
-    let status = wait_until(Duration::from_secs(60), "sluice to exit by itself", || {
+    // A deadline for a hang, not a speed check: a reconcile on the embedded Ballista cluster
+    // took over 60 s once under the full suite's load on 2 cores.
+    let status = wait_until(Duration::from_secs(180), "sluice to exit by itself", || {
         child.try_wait().ok().flatten()
     });
     let mut text = std::fs::read_to_string(out.path()).unwrap_or_default();
