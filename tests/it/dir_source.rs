@@ -286,9 +286,68 @@ async fn plan_failures_are_isolated_across_chunks() {
 // error ended the server with exit 0.
 #[test]
 fn contract_violations_are_never_silent() {
-    let (dir, incoming, sql, sink) = workspace(ndjson_pipeline);
+    contract_violations(Format::Ndjson);
+}
+
+// The same for CSV files (a header line first; appended rows have none).
+#[test]
+fn contract_violations_are_never_silent_for_csv() {
+    contract_violations(Format::Csv);
+}
+
+/// The two file formats of the directory source the contract test runs for.
+#[derive(Clone, Copy)]
+enum Format {
+    Ndjson,
+    Csv,
+}
+
+impl Format {
+    /// The file named `stem` in this format.
+    fn name(self, stem: &str) -> String {
+        match self {
+            Format::Ndjson => format!("{stem}.ndjson"),
+            Format::Csv => format!("{stem}.csv"),
+        }
+    }
+
+    /// A whole file of `ids` (CSV: with its header).
+    fn file(self, ids: std::ops::Range<i64>) -> String {
+        match self {
+            Format::Ndjson => lines(ids),
+            Format::Csv => format!("id,kind\n{}", self.appended(ids)),
+        }
+    }
+
+    /// Records of `ids` appended to a file (CSV: no header).
+    fn appended(self, ids: std::ops::Range<i64>) -> String {
+        match self {
+            Format::Ndjson => lines(ids),
+            Format::Csv => ids.map(|i| format!("{i},k{}\n", i % 3)).collect(),
+        }
+    }
+
+    /// The pipeline file of the events pipeline in this format.
+    fn pipeline(self, dir: &Path) -> String {
+        match self {
+            Format::Ndjson => ndjson_pipeline(dir),
+            Format::Csv => format!(
+                "CREATE UNBOUNDED EXTERNAL TABLE events (id BIGINT NOT NULL, kind VARCHAR)
+                 STORED AS CSV LOCATION '{incoming}'
+                 OPTIONS ('poll_interval' '50ms', 'batch.interval' '100ms');
+                 CREATE EXTERNAL TABLE events_out STORED AS PARQUET PARTITIONED BY (kind) LOCATION '{sink}';
+                 INSERT INTO events_out SELECT id, id * 2 AS doubled, kind FROM events WHERE kind IS NOT NULL;",
+                incoming = dir.join("incoming").display(),
+                sink = dir.join("lake/events_out").display()
+            ),
+        }
+    }
+}
+
+fn contract_violations(format: Format) {
+    let (dir, incoming, sql, sink) = workspace(|d| format.pipeline(d));
     let server = Server::start(&[&sql], dir.path());
-    drop_file(&incoming, "005.ndjson", &lines(0..10));
+    drop_file(&incoming, &format.name("005"), &format.file(0..10));
     wait_until(Duration::from_secs(30), "the first file committed", || {
         (committed_output(&sink) >= 10).then_some(())
     });
@@ -297,15 +356,15 @@ fn contract_violations_are_never_silent() {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
-            .open(incoming.join("005.ndjson"))
+            .open(incoming.join(format.name("005")))
             .unwrap();
-        f.write_all(lines(10..15).as_bytes()).unwrap();
+        f.write_all(format.appended(10..15).as_bytes()).unwrap();
     }
     wait_until(Duration::from_secs(30), "the appended lines committed", || {
         (committed_output(&sink) >= 15).then_some(())
     });
     // A late file (sorts before the position): not read, but reported.
-    drop_file(&incoming, "003.ndjson", &lines(100..110));
+    drop_file(&incoming, &format.name("003"), &format.file(100..110));
     let rt = crate::harness::runtime();
     let metrics_url = server.url("/metrics");
     wait_until(Duration::from_secs(30), "the late file reported", || {
@@ -321,8 +380,8 @@ fn contract_violations_are_never_silent() {
 
     // Replaced under the same name while stopped: the next start stops with an error (exit
     // code not 0) instead of reading the new file at the old offset.
-    std::fs::remove_file(incoming.join("003.ndjson")).unwrap();
-    drop_file(&incoming, "005.ndjson", &lines(200..230));
+    std::fs::remove_file(incoming.join(format.name("003"))).unwrap();
+    drop_file(&incoming, &format.name("005"), &format.file(200..230));
     let (code, err) =
         crate::harness::run_to_exit(&["run", sql.to_str().unwrap(), "--listen", "127.0.0.1:0"], dir.path());
     assert_ne!(code, 0, "{err}");
