@@ -350,7 +350,7 @@ async fn expire_log(
     // Old checkpoints first: a reader never finds a checkpoint whose following entries are
     // gone (it would see a gap, and look again).
     let mut checkpoints = 0;
-    for path in list(table, &table.path("_sluice/checkpoints")).await? {
+    for path in list(table, &table.checkpoint_dir()).await? {
         let epoch = path.filename().and_then(|n| n.strip_suffix(".json")?.parse::<u64>().ok());
         if epoch.is_some_and(&expired) {
             delete(table, lease, &path).await?;

@@ -20,7 +20,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -167,7 +166,7 @@ impl Snapshot {
 }
 
 fn checkpoint_dir(log: &CommitLog) -> object_store::path::Path {
-    log.table().path("_sluice/checkpoints")
+    log.table().checkpoint_dir()
 }
 
 /// The table-relative path of the newest-checkpoint hint.
@@ -250,28 +249,8 @@ impl CommitLog {
 
     /// The newest valid checkpoint among those from `hint` on (every one when `None`).
     async fn newest_checkpoint(&self, hint: Option<u64>) -> Result<Option<Checkpoint>> {
-        let table = self.table();
-        let dir = checkpoint_dir(self);
-        let metas: Vec<_> = self
-            .retry()
-            .run("listing checkpoints", || async {
-                let listed = match hint {
-                    Some(h) => table
-                        .store
-                        .list_with_offset(Some(&dir), &dir.clone().join(format!("{h:020}.json"))),
-                    None => table.store.list(Some(&dir)),
-                };
-                listed
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(EngineError::store("listing checkpoints"))
-            })
-            .await?;
-        let mut points: Vec<u64> = metas
-            .iter()
-            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
-            .chain(hint)
-            .collect();
+        let listed = self.list_epochs(&checkpoint_dir(self), hint.unwrap_or(0)).await?;
+        let mut points: Vec<u64> = listed.into_iter().chain(hint).collect();
         points.sort_unstable();
         points.dedup();
         for epoch in points.iter().rev() {
@@ -339,6 +318,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use bytes::Bytes;
+    use futures::TryStreamExt;
     use futures::stream::BoxStream;
     use object_store::memory::InMemory;
     use object_store::path::Path;

@@ -134,20 +134,25 @@ impl CommitLog {
     /// The epochs after `after`, in order: the store lists from `after`'s entry on (S3's
     /// `start-after`), so the cost is the count of newer entries, not the log's length.
     pub async fn epochs_after(&self, after: u64) -> Result<Vec<u64>> {
-        let log_dir = self.table.log_dir();
-        let offset = self.entry_path(after);
+        self.list_epochs(&self.table.log_dir(), after).await
+    }
+
+    /// The epochs of the `<epoch:020>.json` objects in `dir` (the log, the checkpoints) after
+    /// `after`, in order: the store lists from `after`'s name on (all of them when 0).
+    pub(crate) async fn list_epochs(&self, dir: &Path, after: u64) -> Result<Vec<u64>> {
+        let offset = dir.clone().join(format!("{after:020}.json"));
         let metas: Vec<_> = self
             .retry
             .run("listing the commit log", || async {
                 let listed = if after == 0 {
-                    self.table.store.list(Some(&log_dir))
+                    self.table.store.list(Some(dir))
                 } else {
-                    self.table.store.list_with_offset(Some(&log_dir), &offset)
+                    self.table.store.list_with_offset(Some(dir), &offset)
                 };
-                listed.try_collect::<Vec<_>>().await.map_err(EngineError::store(format!(
-                    "listing the commit log of {}",
-                    self.table.location
-                )))
+                listed
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(EngineError::store(format!("listing {dir} of {}", self.table.location)))
             })
             .await?;
         let mut epochs: Vec<u64> = metas
@@ -179,10 +184,15 @@ impl CommitLog {
     /// The newest `n` entries (fewer when the log is shorter), oldest first: a snapshot and
     /// a LIST from `n` before its newest epoch.
     pub async fn recent_entries(&self, n: usize) -> Result<Vec<CommitEntry>> {
-        let newest = self.snapshot().await?.newest_epoch();
+        let snap = self.snapshot().await?;
+        let from = snap.newest_epoch().saturating_sub(n as u64);
+        // The snapshot read the entries after its checkpoint already; only older ones are read.
         let mut out = Vec::new();
-        for epoch in self.epochs_after(newest.saturating_sub(n as u64)).await? {
-            out.push(self.read(epoch).await?);
+        for epoch in self.epochs_after(from).await? {
+            match snap.after.iter().find(|e| e.epoch == epoch) {
+                Some(e) => out.push(e.clone()),
+                None => out.push(self.read(epoch).await?),
+            }
         }
         Ok(out)
     }
@@ -408,24 +418,8 @@ impl CommitLog {
     /// Checkpoints are written only for epochs that exist and entries are contiguous, so a
     /// checkpoint at or after `epoch` means `epoch` was taken before, and expired.
     async fn covering_checkpoint(&self, epoch: u64) -> Result<Option<u64>> {
-        let dir = self.table.path("_sluice/checkpoints");
-        let offset = dir.clone().join(format!("{:020}.json", epoch.saturating_sub(1)));
-        let metas: Vec<_> = self
-            .retry
-            .run("listing checkpoints", || async {
-                self.table
-                    .store
-                    .list_with_offset(Some(&dir), &offset)
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(EngineError::store("listing checkpoints"))
-            })
-            .await?;
-        Ok(metas
-            .iter()
-            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse::<u64>().ok())
-            .filter(|e| *e >= epoch)
-            .max())
+        let after = self.list_epochs(&self.table.checkpoint_dir(), epoch.saturating_sub(1)).await?;
+        Ok(after.last().copied())
     }
 
     /// Commits `entry`: creates its log file with create-if-absent, then moves its staged files

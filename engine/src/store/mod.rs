@@ -413,6 +413,11 @@ impl TableStore {
         self.path("_sluice/log")
     }
 
+    /// `_sluice/checkpoints/`.
+    pub fn checkpoint_dir(&self) -> Path {
+        self.path("_sluice/checkpoints")
+    }
+
     /// The bytes of the object at `path`, or `None` when there is none.
     pub async fn get_if_exists(&self, path: &Path) -> Result<Option<Bytes>> {
         match self.store.get(path).await {
