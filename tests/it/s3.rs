@@ -48,6 +48,43 @@ fn table(moto: &Moto, name: &str) -> S3Table {
     }
 }
 
+/// A directory-source pipeline from `dir/in` (`ev (COLUMNS)`, extra source options) into
+/// `s3://lake/<table>/` (`out`, optionally partitioned, moto's settings then `sink_options`),
+/// `INSERT INTO out SELECT <select> FROM ev`; returns the pipeline file and `dir/in`.
+fn dir_pipeline_on_s3(dir: &Path, moto: &Moto, table: &str, p: DirPipeline<'_>) -> (std::path::PathBuf, std::path::PathBuf) {
+    let incoming = dir.join("in");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let sql = dir.join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ev ({}) STORED AS NDJSON LOCATION '{}'
+             OPTIONS ('poll_interval' '20ms', {});
+             CREATE EXTERNAL TABLE out STORED AS PARQUET {} LOCATION 's3://{BUCKET}/{table}/'
+             OPTIONS ({}, {});
+             INSERT INTO out SELECT {} FROM ev;",
+            p.columns,
+            incoming.display(),
+            p.source_options,
+            p.partitioned,
+            moto.options(),
+            p.sink_options,
+            p.select
+        ),
+    )
+    .unwrap();
+    (sql, incoming)
+}
+
+/// The parts of a [`dir_pipeline_on_s3`] pipeline that differ between tests.
+struct DirPipeline<'a> {
+    columns: &'a str,
+    source_options: &'a str,
+    partitioned: &'a str,
+    sink_options: &'a str,
+    select: &'a str,
+}
+
 // The HTTP → Parquet pipeline on S3 under kill -9: every acknowledged event is committed
 // exactly once, the hive view (every Parquet object outside `_sluice/`) equals the files the
 // log names, malformed records are dead letters once each, `sluice query` and `validate` work
@@ -451,24 +488,20 @@ async fn single_writer_mode_runs_without_conditional_put() {
 fn a_second_server_on_the_same_s3_sink_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(dir.path(), BUCKET);
-    let incoming = dir.path().join("in");
-    std::fs::create_dir_all(&incoming).unwrap();
+    let (sql, incoming) = dir_pipeline_on_s3(
+        dir.path(),
+        &moto,
+        "two",
+        DirPipeline {
+            columns: "id BIGINT NOT NULL",
+            source_options: "'batch.interval' '20ms', 'batch.max_rows' '300'",
+            partitioned: "",
+            sink_options: "'lease.ttl' '2s'",
+            select: "id",
+        },
+    );
     let lines = |r: std::ops::Range<i64>| r.map(|i| format!("{{\"id\": {i}}}")).collect::<Vec<_>>().join("\n");
     drop_file(&incoming, "000.ndjson", &lines(0..1000));
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
-             OPTIONS ('poll_interval' '20ms', 'batch.interval' '20ms', 'batch.max_rows' '300');
-             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION 's3://{BUCKET}/two/'
-             OPTIONS ({}, 'lease.ttl' '2s');
-             INSERT INTO out SELECT id FROM ev;",
-            incoming.display(),
-            moto.options()
-        ),
-    )
-    .unwrap();
     let t = table(&moto, "two");
     let rt = crate::harness::runtime();
     let first = Server::start(&[&sql], dir.path());
@@ -604,22 +637,18 @@ fn a_restarted_server_answers_at_once_and_takes_its_leases_together() {
 fn compaction_vacuum_and_a_repair_on_s3_while_the_server_writes_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(dir.path(), BUCKET);
-    let incoming = dir.path().join("in");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL, day BIGINT) STORED AS NDJSON LOCATION '{}'
-             OPTIONS ('poll_interval' '20ms', 'batch.interval' '50ms');
-             CREATE EXTERNAL TABLE out STORED AS PARQUET PARTITIONED BY (day) LOCATION 's3://{BUCKET}/m/'
-             OPTIONS ({}, 'lease.ttl' '2s', 'key' 'id');
-             INSERT INTO out SELECT id, day FROM ev;",
-            incoming.display(),
-            moto.options()
-        ),
-    )
-    .unwrap();
+    let (sql, incoming) = dir_pipeline_on_s3(
+        dir.path(),
+        &moto,
+        "m",
+        DirPipeline {
+            columns: "id BIGINT NOT NULL, day BIGINT",
+            source_options: "'batch.interval' '50ms'",
+            partitioned: "PARTITIONED BY (day)",
+            sink_options: "'lease.ttl' '2s', 'key' 'id'",
+            select: "id, day",
+        },
+    );
     let env = moto.env();
     let sluice = |args: &[&str]| {
         let out = std::process::Command::new(bin())
@@ -768,22 +797,18 @@ fn signal(child: &std::process::Child, sig: &str) {
 fn a_frozen_maintenance_process_deletes_nothing_after_its_lease_was_taken_over() {
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(dir.path(), BUCKET);
-    let incoming = dir.path().join("in");
-    std::fs::create_dir_all(&incoming).unwrap();
-    let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE ev (id BIGINT NOT NULL) STORED AS NDJSON LOCATION '{}'
-             OPTIONS ('poll_interval' '20ms', 'batch.interval' '50ms');
-             CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION 's3://{BUCKET}/frozen/'
-             OPTIONS ({}, 'lease.ttl' '3s');
-             INSERT INTO out SELECT id FROM ev;",
-            incoming.display(),
-            moto.options()
-        ),
-    )
-    .unwrap();
+    let (sql, incoming) = dir_pipeline_on_s3(
+        dir.path(),
+        &moto,
+        "frozen",
+        DirPipeline {
+            columns: "id BIGINT NOT NULL",
+            source_options: "'batch.interval' '50ms'",
+            partitioned: "",
+            sink_options: "'lease.ttl' '3s'",
+            select: "id",
+        },
+    );
     let t = table(&moto, "frozen");
     let rt = crate::harness::runtime();
     let server = Server::start(&[&sql], dir.path());
